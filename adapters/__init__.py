@@ -1,0 +1,1 @@
+"""Trainable modality adapters (image, video, speech) composed onto the frozen tower."""

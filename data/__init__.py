@@ -1,0 +1,1 @@
+"""Webdataset pipelines for image, video and audio training data."""

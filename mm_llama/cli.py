@@ -1,0 +1,126 @@
+"""`mm-llama` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cpu")
+
+
+def cmd_generate(args) -> int:
+    from .generate import StreamPrinter, generate
+    from .llama import Tokenizer, load_pretrained
+
+    model = load_pretrained(args.model, dtype=_dtype(args.dtype), device=args.device)
+    tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    for prompt in args.prompt:
+        if not args.chat:
+            sys.stdout.write(prompt)
+        else:
+            sys.stdout.write(f"> {prompt}\n")
+        sys.stdout.flush()
+        printer = StreamPrinter(tok, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        t0 = time.perf_counter()
+        generate(
+            model,
+            tok,
+            [prompt],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            chat=args.chat,
+            on_token=printer,
+        )
+        dt = time.perf_counter() - t0
+        sys.stdout.write("\n")
+        print(f"[{len(printer.ids)} tokens in {dt:.2f} s, {len(printer.ids) / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+DEMO_PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the ocean.",
+]
+
+
+def cmd_demo(args) -> int:
+    """Until the end-to-end multimodal demo lands: the real SmolLM2-135M tower answering prompts."""
+    from .assets import asset_path
+    from .generate import StreamPrinter, generate
+    from .llama import Tokenizer, load_pretrained
+
+    path = asset_path("smollm2_gguf")
+    t0 = time.perf_counter()
+    model = load_pretrained(path)
+    tok = Tokenizer.from_pretrained(path)
+    a = model.args
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"loaded {path.name} through mm_llama in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"  {a.n_layers} layers, d={a.dim}, {a.n_heads}/{a.n_kv_heads} heads, vocab {a.vocab_size}, {n_params:,} params"
+    )
+    print("raw completion:\n  The capital of France is", end="", flush=True)
+    printer = StreamPrinter(tok, lambda s: print(s, end="", flush=True))
+    generate(model, tok, ["The capital of France is"], max_new_tokens=16, on_token=printer)
+    print()
+    for prompt in args.prompt or DEMO_PROMPTS:
+        print(f"\nuser> {prompt}\nassistant> ", end="", flush=True)
+        printer = StreamPrinter(tok, lambda s: print(s, end="", flush=True))
+        t1 = time.perf_counter()
+        generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens, chat=True, on_token=printer)
+        dt = time.perf_counter() - t1
+        print(f"\n  [{len(printer.ids)} tokens, {len(printer.ids) / dt:.1f} tok/s]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mm-llama", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion from a Llama 3 tower (Meta dir | HF dir | .gguf)")
+    g.add_argument("--model", required=True)
+    g.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model path)")
+    g.add_argument("--prompt", action="append", required=True, help="may be given several times")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tower's chat format")
+    _add_sampling(g)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="run the offline demo on the embedded default model")
+    d.add_argument("--prompt", action="append", default=None)
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"mm-llama {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

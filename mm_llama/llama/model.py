@@ -1,0 +1,180 @@
+"""The Llama 3 language tower, with Meta's parameter names.
+
+Shape legend: B batch, T query length, S key length (cache + new), D model width, H query heads,
+G key/value heads, K head dim, V vocabulary.
+
+The module holds weights and the RoPE frequency table only. Caches belong to generation
+(`mm_llama.generate`): a cache object is passed into `forward` and the attention layers call
+`cache.update(layer_idx, k, v)` to append and read back keys/values. No process groups live here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs, RopeScaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies [K/2], with optional Llama 3.1 "llama3" scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(mid, smoothed, out)
+
+
+def apply_rope(x_BTHK: torch.Tensor, cos_BTK: torch.Tensor, sin_BTK: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as Meta's complex multiplication does, in fp32."""
+    xf = x_BTHK.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos_BTK.unsqueeze(2), sin_BTK.unsqueeze(2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x_BTHK.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(self, x_BTD, cos_BTK, sin_BTK, mask=None, cache=None, layer_idx: int = 0):
+        B, T, _ = x_BTD.shape
+        q_BTHK = apply_rope(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim), cos_BTK, sin_BTK)
+        k_BTGK = apply_rope(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos_BTK, sin_BTK)
+        v_BTGK = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        q_BHTK, k_BGSK, v_BGSK = (t.transpose(1, 2) for t in (q_BTHK, k_BTGK, v_BTGK))
+        if cache is not None:
+            k_BGSK, v_BGSK = cache.update(layer_idx, k_BGSK, v_BGSK)
+        is_causal = mask is None and T > 1  # with a cache: only valid for a first, unpadded prefill
+        o_BHTK = F.scaled_dot_product_attention(
+            q_BHTK,
+            k_BGSK,
+            v_BGSK,
+            attn_mask=mask,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(o_BHTK.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x_BTD, cos_BTK, sin_BTK, mask=None, cache=None, layer_idx: int = 0):
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), cos_BTK, sin_BTK, mask, cache, layer_idx)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Llama 3 decoder. `model(tokens)` -> logits [B, T, V] (causal, positions 0..T-1)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", torch.empty(args.head_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute non-persistent buffers, e.g. after building on the meta device."""
+        device = self.tok_embeddings.weight.device
+        if device.type == "meta":
+            self.inv_freq = torch.empty(self.args.head_dim // 2, device="meta")
+            return
+        self.inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta, self.args.rope_scaling).to(device)
+
+    def tie_weights(self) -> None:
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation (for tests, benchmarks and debug configs; real use loads a checkpoint)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+        self.reset_buffers()
+
+    def rope(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles_BTK = positions_BT.unsqueeze(-1).float() * self.inv_freq
+        return angles_BTK.cos(), angles_BTK.sin()
+
+    def forward(
+        self,
+        tokens: torch.Tensor | None = None,
+        *,
+        embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache=None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits for `tokens` [B, T] (or input embeddings `embeds` [B, T, D]).
+
+        positions: [B, T] RoPE positions (default 0..T-1).
+        mask: boolean [B, 1, T, S] (True = attend) or None for plain causal attention.
+        cache: a generation cache with `update(layer_idx, k, v)`; its owner provides `mask`.
+        last_only: compute logits for the last position only (decoding).
+        """
+        h_BTD = self.tok_embeddings(tokens) if embeds is None else embeds
+        B, T, _ = h_BTD.shape
+        if positions is None:
+            positions = torch.arange(T, device=h_BTD.device).expand(B, T)
+        cos_BTK, sin_BTK = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            h_BTD = layer(h_BTD, cos_BTK, sin_BTK, mask, cache, i)
+        if last_only:
+            h_BTD = h_BTD[:, -1:]
+        return self.output(self.norm(h_BTD)).float()
