@@ -384,7 +384,25 @@ def _scaling_from_rope_freqs(factors: torch.Tensor, head_dim: int, theta: float,
     raise CheckpointError(f"{source}: rope_freqs.weight does not match any llama3 RoPE scaling")
 
 
-def _gguf_stream(path: Path) -> tuple[ModelArgs, TensorStream]:
+def _dequantize_rows(t, dtype: torch.dtype, rows_per_chunk: int = 2048) -> torch.Tensor:
+    """Dequantise a GGUF tensor straight into a `dtype` tensor, a block of rows at a time (bounded temporaries)."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+    out = torch.empty(shape, dtype=dtype)
+    data = t.data
+    if len(shape) < 2 or data.ndim < 2:
+        out.copy_(torch.tensor(dequantize(data, t.tensor_type)).reshape(shape))
+        return out
+    flat_out = out.view(-1, shape[-1])
+    flat_data = data.reshape(flat_out.shape[0], -1)
+    for r in range(0, flat_out.shape[0], rows_per_chunk):
+        chunk = dequantize(flat_data[r : r + rows_per_chunk], t.tensor_type)
+        flat_out[r : r + rows_per_chunk].copy_(torch.from_numpy(chunk.reshape(-1, shape[-1])))
+    return out
+
+
+def _gguf_stream(path: Path, dtype: torch.dtype | None = None) -> tuple[ModelArgs, TensorStream]:
     import gguf
     from gguf.quants import dequantize
 
@@ -415,7 +433,8 @@ def _gguf_stream(path: Path) -> tuple[ModelArgs, TensorStream]:
     if scale_type not in (None, "none"):
         raise CheckpointError(f"{path}: unsupported RoPE scaling type {scale_type!r}")
     if "rope_freqs.weight" in tensors:
-        rf = torch.from_numpy(dequantize(tensors["rope_freqs.weight"].data, tensors["rope_freqs.weight"].tensor_type))
+        rft = tensors["rope_freqs.weight"]
+        rf = torch.tensor(dequantize(rft.data, rft.tensor_type))
         scaling = _scaling_from_rope_freqs(rf.reshape(-1), head_dim, theta, str(path))
     args = ModelArgs(
         dim=dim,
@@ -446,11 +465,7 @@ def _gguf_stream(path: Path) -> tuple[ModelArgs, TensorStream]:
                     f"{path}: tensor {name!r} has unsupported quantisation {qname} "
                     f"(supported: {', '.join(GGUF_SUPPORTED)})"
                 )
-            arr = dequantize(t.data, t.tensor_type)
-            if not arr.flags.writeable:  # F32/F16 come back as views of the read-only memory map
-                arr = arr.copy()
-            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-            yield key, torch.from_numpy(arr.reshape(shape))
+            yield key, _dequantize_rows(t, dtype or torch.float32)
 
     return args, stream()
 
@@ -459,8 +474,10 @@ def _gguf_stream(path: Path) -> tuple[ModelArgs, TensorStream]:
 # public entry points
 
 
-def read_checkpoint(path: str | Path) -> tuple[ModelArgs, TensorStream, str]:
-    """(ModelArgs, stream of (Meta key, tensor), format) for any supported checkpoint."""
+def read_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelArgs, TensorStream, str]:
+    """(ModelArgs, stream of (Meta key, tensor), format) for any supported checkpoint.
+
+    `dtype` lets formats that must convert anyway (GGUF dequantisation) produce the target dtype directly."""
     p = Path(path)
     fmt = detect_format(p)
     if fmt == "meta":
@@ -468,7 +485,7 @@ def read_checkpoint(path: str | Path) -> tuple[ModelArgs, TensorStream, str]:
     elif fmt == "hf":
         args, stream = _hf_stream(p)
     else:
-        args, stream = _gguf_stream(_gguf_file(p))
+        args, stream = _gguf_stream(_gguf_file(p), dtype)
     return args, stream, fmt
 
 
@@ -525,7 +542,7 @@ def load_pretrained(
 
     The tower is returned in eval mode with `requires_grad=False` (frozen) unless asked otherwise.
     """
-    args, stream, _ = read_checkpoint(path)
+    args, stream, _ = read_checkpoint(path, dtype)
     with torch.device("meta"):
         model = Transformer(args)
     load_state_into(model, stream, source=str(path), dtype=dtype, device=device)

@@ -47,6 +47,9 @@ class ModelArgs:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
 
     def replace(self, **kw) -> ModelArgs:
+        """A copy with fields changed; head_dim is re-derived when dim/n_heads change and it is not given."""
+        if ("dim" in kw or "n_heads" in kw) and "head_dim" not in kw:
+            kw["head_dim"] = None
         return dataclasses.replace(self, **kw)
 
     def num_params(self) -> int:

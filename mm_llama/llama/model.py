@@ -26,9 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalise in fp32, cast back, then scale (Meta and HF order)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
@@ -48,13 +47,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     return torch.where(mid, smoothed, out)
 
 
-def apply_rope(x_BTHK: torch.Tensor, cos_BTK: torch.Tensor, sin_BTK: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) as Meta's complex multiplication does, in fp32."""
-    xf = x_BTHK.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos_BTK.unsqueeze(2), sin_BTK.unsqueeze(2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x_BTHK.dtype)
+def apply_rope(x_BTHK: torch.Tensor, freqs_BTK: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by complex `freqs` (Meta's formulation), in fp32."""
+    xc = torch.view_as_complex(x_BTHK.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * freqs_BTK.unsqueeze(2)).flatten(-2).to(x_BTHK.dtype)
 
 
 class Attention(nn.Module):
@@ -66,10 +62,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def forward(self, x_BTD, cos_BTK, sin_BTK, mask=None, cache=None, layer_idx: int = 0):
+    def forward(self, x_BTD, freqs_BTK, mask=None, cache=None, layer_idx: int = 0):
         B, T, _ = x_BTD.shape
-        q_BTHK = apply_rope(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim), cos_BTK, sin_BTK)
-        k_BTGK = apply_rope(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos_BTK, sin_BTK)
+        q_BTHK = apply_rope(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim), freqs_BTK)
+        k_BTGK = apply_rope(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), freqs_BTK)
         v_BTGK = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         q_BHTK, k_BGSK, v_BGSK = (t.transpose(1, 2) for t in (q_BTHK, k_BTGK, v_BTGK))
         if cache is not None:
@@ -105,8 +101,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x_BTD, cos_BTK, sin_BTK, mask=None, cache=None, layer_idx: int = 0):
-        h = x_BTD + self.attention(self.attention_norm(x_BTD), cos_BTK, sin_BTK, mask, cache, layer_idx)
+    def forward(self, x_BTD, freqs_BTK, mask=None, cache=None, layer_idx: int = 0):
+        h = x_BTD + self.attention(self.attention_norm(x_BTD), freqs_BTK, mask, cache, layer_idx)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -147,9 +143,10 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std, generator=generator)
         self.reset_buffers()
 
-    def rope(self, positions_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions_BT: torch.Tensor) -> torch.Tensor:
+        """Complex rotations e^(i * pos * inv_freq), [B, T, K/2] (complex64)."""
         angles_BTK = positions_BT.unsqueeze(-1).float() * self.inv_freq
-        return angles_BTK.cos(), angles_BTK.sin()
+        return torch.polar(torch.ones_like(angles_BTK), angles_BTK)
 
     def forward(
         self,
@@ -172,9 +169,9 @@ class Transformer(nn.Module):
         B, T, _ = h_BTD.shape
         if positions is None:
             positions = torch.arange(T, device=h_BTD.device).expand(B, T)
-        cos_BTK, sin_BTK = self.rope(positions)
+        freqs_BTK = self.rope(positions)
         for i, layer in enumerate(self.layers):
-            h_BTD = layer(h_BTD, cos_BTK, sin_BTK, mask, cache, i)
+            h_BTD = layer(h_BTD, freqs_BTK, mask, cache, i)
         if last_only:
             h_BTD = h_BTD[:, -1:]
         return self.output(self.norm(h_BTD)).float()

@@ -140,6 +140,8 @@ class TiktokenTokenizer(Tokenizer):
             raise ValueError(f"{model_path}: not a tiktoken BPE file ({e})") from None
         n = len(ranks)
         self.special_tokens = {t: n + i for i, t in enumerate(llama3_special_tokens())}
+        # Llama 3.2 Vision: `<|image|>` is the first id past the text vocabulary (a learned extra embedding row)
+        self.special_tokens["<|image|>"] = n + LLAMA3_NUM_RESERVED
         self.model = tiktoken.Encoding(
             name=model_path.name, pat_str=LLAMA3_PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_tokens
         )

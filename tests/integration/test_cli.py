@@ -1,0 +1,38 @@
+"""The `mm-llama` console script, run as a user would."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+MM = [str(Path(sys.executable).parent / "mm-llama")]
+
+
+def run(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(MM + list(args), capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_generate_streams_completion(smollm_path):
+    r = run("generate", "--model", str(smollm_path), "--prompt", "The capital of France is", "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is") and "Paris" in r.stdout
+    assert "tok/s" in r.stderr
+
+
+def test_generate_chat_sampling(smollm_path):
+    r = run("generate", "--model", str(smollm_path), "--chat", "--prompt", "Say hi.", "--temperature", "0.7",
+            "--top-p", "0.9", "--seed", "1", "--max-new-tokens", "5")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("> Say hi.")
+
+
+def test_generate_bad_model_path(tmp_path):
+    r = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert r.returncode == 2
+    assert "does not exist" in r.stderr and "missing" in r.stderr
+
+
+def test_help_lists_subcommands():
+    r = run("--help")
+    assert r.returncode == 0 and "generate" in r.stdout and "demo" in r.stdout
