@@ -398,6 +398,8 @@ def _dequantize_rows(t, dtype: torch.dtype, rows_per_chunk: int = 2048) -> torch
     flat_data = data.reshape(flat_out.shape[0], -1)
     for r in range(0, flat_out.shape[0], rows_per_chunk):
         chunk = dequantize(flat_data[r : r + rows_per_chunk], t.tensor_type)
+        if not chunk.flags.writeable:  # F32 comes back as a view of the read-only memory map
+            chunk = chunk.copy()
         flat_out[r : r + rows_per_chunk].copy_(torch.from_numpy(chunk.reshape(-1, shape[-1])))
     return out
 

@@ -1,0 +1,18 @@
+"""Training engine: process-group set-up and the bucketed-overlap DDP wrapper."""
+
+from .buckets import compute_bucket_assignment_by_size, plan_buckets
+from .ddp import AllReduceHook, CompressHook, DistributedDataParallel
+from .dist import DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed
+
+__all__ = [
+    "AllReduceHook",
+    "CompressHook",
+    "DistInfo",
+    "DistributedDataParallel",
+    "compute_bucket_assignment_by_size",
+    "destroy_distributed",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "plan_buckets",
+]

@@ -1,0 +1,76 @@
+"""Gradient bucket plan: which trainable parameters share one flat all-reduce buffer.
+
+Same rule as torch's `dist._compute_bucket_assignment_by_size` (reducer.cpp): walk the tensors in the given
+order, keep one open bucket per (dtype, device); add the tensor; once the bucket's byte size reaches the current
+cap it closes (the crossing tensor stays in) and that (dtype, device) moves to the next cap in the list
+(1 MiB first, then 25 MiB for the rest). Open buckets are appended at the end. Without an explicit order the
+buckets are sorted by their smallest tensor index; with one (the gradient-ready order) they keep their order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class BucketSpec:
+    indices: list[int] = field(default_factory=list)  # parameter indices, in bucket layout order
+    size_bytes: int = 0
+    size_limit: int = 0
+
+
+def compute_bucket_assignment_by_size(
+    tensors: Sequence[torch.Tensor],
+    bucket_size_limits: Sequence[int],
+    tensor_indices: Sequence[int] | None = None,
+) -> tuple[list[list[int]], list[int]]:
+    """(bucket_indices, per_bucket_size_limits), as `dist._compute_bucket_assignment_by_size` returns.
+
+    `tensors` are walked in list order; `tensor_indices[i]`, when given, is the label recorded for `tensors[i]`
+    (torch passes the parameters already permuted into gradient-ready order plus their original indices)."""
+    if not bucket_size_limits:
+        raise ValueError("bucket_size_limits must not be empty")
+    if tensor_indices and len(tensor_indices) != len(tensors):
+        raise ValueError("tensor_indices must label every tensor")
+    labels = list(range(len(tensors))) if not tensor_indices else list(tensor_indices)
+    open_buckets: dict[tuple, BucketSpec] = {}
+    limit_pos: dict[tuple, int] = {}
+    result: list[BucketSpec] = []
+    for t, idx in zip(tensors, labels):
+        key = (t.dtype, t.device)
+        bucket = open_buckets.setdefault(key, BucketSpec())
+        bucket.indices.append(idx)
+        bucket.size_bytes += t.numel() * t.element_size()
+        pos = limit_pos.setdefault(key, 0)
+        bucket.size_limit = bucket_size_limits[pos]
+        if bucket.size_bytes >= bucket.size_limit:
+            result.append(bucket)
+            open_buckets[key] = BucketSpec()
+            limit_pos[key] = min(pos + 1, len(bucket_size_limits) - 1)
+    # remaining open buckets, in the order their (dtype, device) first appeared
+    result.extend(b for b in open_buckets.values() if b.indices)
+    if not tensor_indices:
+        result.sort(key=lambda b: b.indices[0])
+    return [b.indices for b in result], [b.size_limit for b in result]
+
+
+def plan_buckets(
+    params: Sequence[torch.Tensor],
+    *,
+    bucket_cap_bytes: int,
+    first_bucket_cap_bytes: int,
+    order: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Bucket plan in launch order. Default order: reverse registration order (gradients of the last layers
+    are ready first in backward); `order` replaces it with an observed gradient-ready order."""
+    if order is None:
+        order = list(range(len(params)))[::-1]
+    order = list(order)
+    if sorted(order) != list(range(len(params))):
+        raise ValueError("bucket order must be a permutation of the parameter indices")
+    limits = [first_bucket_cap_bytes, bucket_cap_bytes]
+    indices, _ = compute_bucket_assignment_by_size([params[i] for i in order], limits, order)
+    return indices
