@@ -272,6 +272,12 @@ class DistributedDataParallel(nn.Module):
                     p.grad = view
             self.buckets.append(_Bucket(bi, idxs, buf))
 
+    def remove_hooks(self) -> None:
+        """Detach the engine from the module's parameters (the module can then be wrapped again)."""
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
+
     def bucket_plan(self) -> list[list[str]]:
         """Parameter names per bucket, in launch order."""
         return [[self.param_names[i] for i in b.param_indices] for b in self.buckets]

@@ -1,0 +1,288 @@
+"""DDP engine benchmark: ours vs torch DDP vs a no-overlap baseline, CPU gloo, 2 processes, side by side.
+
+Workload: an adapter-training-like model -- a frozen trunk of Linear layers with trainable adapter blocks
+interleaved (tens of MB of trainable gradients). Each rank runs 1 thread; every figure is a median.
+
+Reported:
+  compute       forward + backward without any communication (T_fwd, T_backward)
+  comm          all-reduce of all trainable gradients alone, in 25 MiB buckets (T_comm)
+  ours / torch  full step (fwd + bwd + grads averaged) and the backward alone under DDP (T_step_backward)
+  no-overlap    local backward, then all-reduce of the gradient buckets after it
+  hidden        (T_backward + T_comm - T_step_backward) / T_comm   -- share of communication hidden by backward
+  sweeps        bucket cap 1/5/25/100 MiB; no_sync every 1/2/4 steps (time per micro-step)
+
+Links: loopback by default; `--slow-link RATE` puts the two ranks in two network namespaces joined by a veth
+pair shaped with `tc tbf` (needs root and iproute2); the namespaces are removed afterwards.
+
+Usage: python benchmarks/ddp.py [--slow-link 1gbit] [--iters 7] [--adapters 8] [--dim 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mm_llama.engine import DistributedDataParallel  # noqa: E402
+from mm_llama.engine.buckets import plan_buckets  # noqa: E402
+
+MiB = 1 << 20
+
+
+class FrozenTrunkWithAdapters(nn.Module):
+    def __init__(self, dim: int, n_adapters: int, trunk_per_adapter: int):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        for _ in range(n_adapters):
+            trunk = nn.Sequential(*[nn.Linear(dim, dim) for _ in range(trunk_per_adapter)]).requires_grad_(False)
+            self.blocks.append(nn.ModuleDict({"trunk": trunk, "adapter": nn.Linear(dim, dim)}))
+
+    def forward(self, x):
+        for b in self.blocks:
+            for lin in b["trunk"]:
+                x = torch.relu(lin(x))
+            x = x + torch.tanh(b["adapter"](x))
+        return x
+
+
+def median_time(fn, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    # every rank reports the median of its own steps; take the slowest rank's
+    t = torch.tensor([statistics.median(times)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def worker(args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = FrozenTrunkWithAdapters(args.dim, args.adapters, args.trunk)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_mb = sum(p.numel() * 4 for p in trainable) / MiB
+    x = torch.randn(args.batch, args.seq, args.dim, generator=torch.Generator().manual_seed(rank))
+    res: dict = {"world": world, "trainable_grad_MiB": round(grad_mb, 1), "iters": args.iters}
+
+    def zero(m):
+        for p in m.parameters():
+            p.grad = None
+
+    def backward_median(wrapper, m) -> float:
+        """Median time of loss.backward() alone (until grads are final, i.e. averaged under DDP)."""
+        times = []
+        for i in range(args.iters + 2):
+            zero(m)
+            loss = wrapper(x).square().mean()
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss.backward()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        t = torch.tensor([statistics.median(times)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    # --- compute alone ----------------------------------------------------------------------
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    def fwd_bwd_local():
+        zero(model)
+        model(x).square().mean().backward()
+
+    res["T_fwd"] = median_time(fwd, args.iters)
+    res["T_compute"] = median_time(fwd_bwd_local, args.iters)
+
+    # --- communication alone (the same buckets DDP would launch) ------------------------------
+    plan = plan_buckets(trainable, bucket_cap_bytes=25 * MiB, first_bucket_cap_bytes=1 * MiB)
+    bufs = [torch.zeros(sum(trainable[i].numel() for i in b)) for b in plan]
+
+    def comm():
+        works = [dist.all_reduce(b, async_op=True) for b in bufs]
+        for w in works:
+            w.wait()
+
+    res["T_comm"] = median_time(comm, args.iters)
+    res["T_backward"] = backward_median(model, model)
+
+    # --- no-overlap baseline: backward, then reduce the buckets ------------------------------
+    def no_overlap():
+        zero(model)
+        model(x).square().mean().backward()
+        for b, idxs in zip(bufs, plan):
+            torch.cat([trainable[i].grad.reshape(-1) for i in idxs], out=b).div_(world)
+        comm()
+
+    res["T_step_no_overlap"] = median_time(no_overlap, args.iters)
+
+    # --- ours vs torch DDP -------------------------------------------------------------------
+    def step_fn(ddp, m):
+        def step():
+            zero(m)
+            ddp(x).square().mean().backward()
+
+        return step
+
+    m_ours, m_torch = copy.deepcopy(model), copy.deepcopy(model)
+    ours = DistributedDataParallel(m_ours, bucket_cap_mb=25)
+    ref = nn.parallel.DistributedDataParallel(m_torch, bucket_cap_mb=25, broadcast_buffers=False)
+    for name, ddp, m in (("ours", ours, m_ours), ("torch", ref, m_torch)):
+        res[f"T_step_{name}"] = median_time(step_fn(ddp, m), args.iters)
+        res[f"T_step_backward_{name}"] = backward_median(ddp, m)
+    ours.remove_hooks()
+    del ref, ours, m_torch
+
+    # --- bucket-cap sweep: ours at 1/5/25/100 MiB, torch at the same caps ------------------------
+    for cap in (1, 5, 25, 100):
+        ddp = DistributedDataParallel(m_ours, bucket_cap_mb=cap)
+        res[f"cap_{cap}MiB"] = median_time(step_fn(ddp, m_ours), args.iters)
+        res[f"cap_{cap}MiB_backward"] = backward_median(ddp, m_ours)
+        ddp.remove_hooks()
+        m_t = copy.deepcopy(m_ours)
+        ref = nn.parallel.DistributedDataParallel(m_t, bucket_cap_mb=cap, broadcast_buffers=False)
+        res[f"torch_cap_{cap}MiB"] = median_time(step_fn(ref, m_t), args.iters)
+        del ref, m_t
+
+    # --- no_sync every k steps (time per micro-step) -------------------------------------------
+    ddp = DistributedDataParallel(m_ours, bucket_cap_mb=25)
+    for k in (1, 2, 4):
+
+        def accum_step(k=k):
+            zero(m_ours)
+            for micro in range(k):
+                ctx = ddp.no_sync() if micro < k - 1 else contextlib.nullcontext()
+                with ctx:
+                    ddp(x).square().mean().backward()
+
+        res[f"no_sync_every_{k}"] = median_time(accum_step, max(3, args.iters // k)) / k
+    if rank == 0:
+        print("RESULT " + json.dumps(res), flush=True)
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def sh(cmd: str, check: bool = True) -> None:
+    subprocess.run(cmd, shell=True, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def slow_link(rate: str, delay: str):
+    """Two namespaces mmbench0/1 joined by veth; both ends shaped with tbf. Yields per-rank command prefixes."""
+    ns = ("mmbench0", "mmbench1")
+    ips = ("10.231.0.1", "10.231.0.2")
+    for n in ns:
+        sh(f"ip netns del {n}", check=False)
+    try:
+        for n in ns:
+            sh(f"ip netns add {n}")
+            sh(f"ip -n {n} link set lo up")
+        sh(f"ip link add mmb0 netns {ns[0]} type veth peer name mmb1 netns {ns[1]}")
+        for i, n in enumerate(ns):
+            dev = f"mmb{i}"
+            sh(f"ip -n {n} addr add {ips[i]}/24 dev {dev}")
+            sh(f"ip -n {n} link set {dev} up")
+            sh(f"ip netns exec {n} tc qdisc add dev {dev} root tbf rate {rate} burst 256kb latency {delay}")
+        yield [(f"ip netns exec {ns[i]}", f"mmb{i}", ips[0]) for i in range(2)]
+    finally:
+        for n in ns:
+            sh(f"ip netns del {n}", check=False)
+
+
+def launch(args, link: str) -> dict:
+    port = 29400 + os.getpid() % 500
+    base_env = {**os.environ, "WORLD_SIZE": "2", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    worker_args = [sys.executable, __file__, "--worker"] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in ("iters", "adapters", "dim", "batch",
+                                                                                 "seq", "trunk")
+    ]  # fmt: skip
+    with slow_link(args.slow_link, args.delay) if link == "slow" else contextlib.nullcontext() as ns:
+        procs = []
+        for rank in range(2):
+            env = {**base_env, "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1"}
+            cmd = list(worker_args)
+            if ns is not None:
+                prefix, dev, master = ns[rank]
+                env.update(MASTER_ADDR=master, GLOO_SOCKET_IFNAME=dev)
+                cmd = prefix.split() + cmd
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"benchmark worker failed ({link} link)")
+    line = next(line for line in outs[0].splitlines() if line.startswith("RESULT "))
+    return json.loads(line[7:])
+
+
+def report(res: dict, link: str) -> None:
+    ms = lambda s: f"{s * 1e3:8.1f} ms"  # noqa: E731
+    print(f"\n== {link} link | 2 ranks x 1 thread | trainable grads {res['trainable_grad_MiB']} MiB | "
+          f"median of {res['iters']}")  # fmt: skip
+    print(f"compute fwd+bwd {ms(res['T_compute'])}  (fwd {ms(res['T_fwd'])}, backward {ms(res['T_backward'])})")
+    print(f"comm alone      {ms(res['T_comm'])}")
+    print(f"step no-overlap {ms(res['T_step_no_overlap'])}")
+    print(f"step torch DDP  {ms(res['T_step_torch'])}")
+    print(f"step ours       {ms(res['T_step_ours'])}   ratio ours/torch {res['T_step_ours'] / res['T_step_torch']:.3f}")
+    bound = max(res["T_compute"], res["T_comm"] + res["T_fwd"])
+    print(f"ours / max(compute, fwd+comm) = {res['T_step_ours'] / bound:.3f}   "
+          f"ours / no-overlap = {res['T_step_ours'] / res['T_step_no_overlap']:.3f}")  # fmt: skip
+    for name in ("ours", "torch"):
+        tsb = res[f"T_step_backward_{name}"]
+        hidden = (res["T_backward"] + res["T_comm"] - tsb) / res["T_comm"]
+        print(f"hidden communication ({name:5s}): {100 * hidden:5.1f}%   (backward under DDP {ms(tsb)})")
+    print("bucket cap sweep:   cap     ours step   torch step  ours/torch  hidden(ours)  ours/max(compute,fwd+comm)")
+    for c in (1, 5, 25, 100):
+        o, t = res[f"cap_{c}MiB"], res[f"torch_cap_{c}MiB"]
+        hid = (res["T_backward"] + res["T_comm"] - res[f"cap_{c}MiB_backward"]) / res["T_comm"]
+        print(f"                 {c:4d} MiB {ms(o)}  {ms(t)}  {o / t:10.3f}  {100 * hid:10.1f}%  {o / bound:10.3f}")
+    print("no_sync every k (per micro-step): " + "  ".join(f"k={k} {ms(res[f'no_sync_every_{k}'])}" for k in (1, 2, 4)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--iters", type=int, default=7)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--trunk", type=int, default=2, help="frozen layers before each adapter")
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--slow-link", default=None, help="e.g. 1gbit: also run over a shaped veth link (root)")
+    ap.add_argument("--delay", default="50ms", help="tbf latency for the slow link")
+    ap.add_argument("--skip-loopback", action="store_true")
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    if not args.skip_loopback:
+        report(launch(args, "loopback"), "loopback")
+    if args.slow_link:
+        if os.geteuid() != 0:
+            raise SystemExit("--slow-link needs root (network namespaces + tc)")
+        report(launch(args, "slow"), f"slow ({args.slow_link} veth + tbf)")
+
+
+if __name__ == "__main__":
+    main()
