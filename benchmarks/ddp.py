@@ -14,7 +14,7 @@ Reported:
 Links: loopback by default; `--slow-link RATE` puts the two ranks in two network namespaces joined by a veth
 pair shaped with `tc tbf` (needs root and iproute2); the namespaces are removed afterwards.
 
-Usage: python benchmarks/ddp.py [--slow-link 1gbit] [--iters 7] [--adapters 8] [--dim 1024]
+Usage: python benchmarks/ddp.py [--slow-link 1gbit] [--iters 7] [--layers 16] [--dim 1024]
 """
 
 from __future__ import annotations
@@ -44,18 +44,25 @@ MiB = 1 << 20
 
 
 class FrozenTrunkWithAdapters(nn.Module):
-    def __init__(self, dim: int, n_adapters: int, trunk_per_adapter: int):
+    """Adapter training in miniature: a frozen trunk of `layers` Linear blocks, a trainable adapter (two Linears)
+    before every 4th block counted from the top (the Llama 3 cross-attention schedule), and a few trainable rows
+    added at the input (like the learnable `<|image|>` embeddings) so backward runs down to the bottom."""
+
+    def __init__(self, dim: int, layers: int, every: int = 4):
         super().__init__()
-        self.blocks = nn.ModuleList()
-        for _ in range(n_adapters):
-            trunk = nn.Sequential(*[nn.Linear(dim, dim) for _ in range(trunk_per_adapter)]).requires_grad_(False)
-            self.blocks.append(nn.ModuleDict({"trunk": trunk, "adapter": nn.Linear(dim, dim)}))
+        self.trunk = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers)).requires_grad_(False)
+        self.schedule = list(range(layers))[::-1][::every][::-1]
+        self.adapters = nn.ModuleDict(
+            {str(i): nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim)) for i in self.schedule}
+        )
+        self.extra_rows = nn.Parameter(torch.zeros(8, dim))
 
     def forward(self, x):
-        for b in self.blocks:
-            for lin in b["trunk"]:
-                x = torch.relu(lin(x))
-            x = x + torch.tanh(b["adapter"](x))
+        x = x + self.extra_rows.mean(0)
+        for i, layer in enumerate(self.trunk):
+            if str(i) in self.adapters:
+                x = x + torch.tanh(self.adapters[str(i)](x))
+            x = torch.relu(layer(x))
         return x
 
 
@@ -79,7 +86,7 @@ def worker(args) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = FrozenTrunkWithAdapters(args.dim, args.adapters, args.trunk)
+    model = FrozenTrunkWithAdapters(args.dim, args.layers)
     trainable = [p for p in model.parameters() if p.requires_grad]
     grad_mb = sum(p.numel() * 4 for p in trainable) / MiB
     x = torch.randn(args.batch, args.seq, args.dim, generator=torch.Generator().manual_seed(rank))
@@ -217,8 +224,7 @@ def launch(args, link: str) -> dict:
     port = 29400 + os.getpid() % 500
     base_env = {**os.environ, "WORLD_SIZE": "2", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     worker_args = [sys.executable, __file__, "--worker"] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in ("iters", "adapters", "dim", "batch",
-                                                                                 "seq", "trunk")
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in ("iters", "layers", "dim", "batch", "seq")
     ]  # fmt: skip
     with slow_link(args.slow_link, args.delay) if link == "slow" else contextlib.nullcontext() as ns:
         procs = []
@@ -265,8 +271,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--iters", type=int, default=7)
-    ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--trunk", type=int, default=2, help="frozen layers before each adapter")
+    ap.add_argument("--layers", type=int, default=16, help="frozen trunk layers (an adapter before every 4th)")
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)

@@ -94,6 +94,42 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_shards_write(args) -> int:
+    import json as _json
+
+    from data.shards import folder_samples, manifest_samples, write_shards
+
+    src = args.input
+    from pathlib import Path
+
+    samples = folder_samples(src) if Path(src).is_dir() else manifest_samples(src)
+    rep = write_shards(
+        samples, args.out, prefix=args.prefix, maxcount=args.maxcount, maxsize=args.maxsize_mb * 1e6,
+        progress=not args.quiet,
+    )  # fmt: skip
+    summary = {
+        "written": rep.written, "skipped": rep.skipped, "reasons": dict(rep.reasons), "shards": len(rep.shards),
+        "index": str(Path(args.out) / "index.json"), "samples_per_s": round(rep.written / max(rep.seconds, 1e-9), 1),
+    }  # fmt: skip
+    print(_json.dumps(summary))
+    for e in rep.first_errors:
+        print(f"skipped: {e}", file=sys.stderr)
+    return 0 if rep.written else 1
+
+
+def cmd_shards_verify(args) -> int:
+    import json as _json
+
+    from data.shards import expand_urls, verify_shards
+
+    urls = expand_urls(args.urls, allow_pipe=args.allow_pipe)
+    rep = verify_shards(urls, allow_pipe=args.allow_pipe, video_frames=args.video_frames)
+    print(_json.dumps(rep.summary()))
+    for e in rep.examples[:20]:
+        print(f"bad: {e}", file=sys.stderr)
+    return 1 if rep.bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm-llama", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tower's chat format")
     _add_sampling(g)
     g.set_defaults(func=cmd_generate)
+
+    sh = sub.add_parser("shards", help="write or verify webdataset shards")
+    shsub = sh.add_subparsers(dest="shards_command", required=True)
+    w = shsub.add_parser("write", help="JSONL manifest or folder of paired files -> shards + index.json")
+    w.add_argument("input", help="manifest.jsonl ({image|video|audio: path, text: ...} per line) or a folder")
+    w.add_argument("--out", required=True, help="output folder")
+    w.add_argument("--prefix", default="shard")
+    w.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
+    w.add_argument("--maxsize-mb", type=float, default=512, help="shard size limit (MB)")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=cmd_shards_write)
+    v = shsub.add_parser("verify", help="decode every sample; JSON summary; exit 1 when anything is bad")
+    v.add_argument("urls", nargs="+", help="shard paths, brace patterns, globs or an index.json")
+    v.add_argument("--allow-pipe", action="store_true", help="accept pipe: URLs (runs shell commands)")
+    v.add_argument("--video-frames", type=int, default=1)
+    v.set_defaults(func=cmd_shards_verify)
 
     d = sub.add_parser("demo", help="run the offline demo on the embedded default model")
     d.add_argument("--prompt", action="append", default=None)

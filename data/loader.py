@@ -1,0 +1,317 @@
+"""Streaming training loader over webdataset shards, split across ranks and DataLoader workers, exactly resumable.
+
+Stream. Worker `g` of `G = world_size * num_workers` (g = rank * num_workers + worker) reads, for data-epoch
+e = 0, 1, 2, ..., the shards `perm_e[g::G]` where `perm_e` is the shard list shuffled with seed (seed, e). With
+fewer shards than workers every worker reads every shard and keeps sample i of shard position p when
+(p + i) mod G == g.
+Either way each sample appears exactly once per data-epoch across all ranks and workers. Streams never end: a
+worker moves on to the next data-epoch, so the trainer sees a fixed number of batches per rank per epoch
+(`batches_per_epoch`) and ranks never disagree on the number of steps (no DDP hang on uneven shards).
+
+Shuffle buffer. Raw (undecoded) samples go through a buffer of `shuffle_buffer` slots: once full, each new sample
+replaces a uniformly drawn slot whose content is emitted. Emitted samples are decoded/transformed by `map_fn` in
+the worker (bad ones counted and skipped), collated by `collate_fn` into batches of `batch_size`.
+
+Length bucketing (optional): a worker draws `bucket_batches` batches' worth of items, sorts them by `length_fn`,
+cuts them into batches and shuffles the batch order.
+
+Cursor. Every batch travels with its worker's state at the start of its batch group: data-epoch, shard position,
+sample offset in that shard, the ids (epoch, shard position, index) of the samples sitting in the shuffle buffer,
+the shuffle RNG state, and how many batches of the group were already handed out (`map_fn` must be
+deterministic for the regenerated group to be identical). The main process keeps the state of each worker's
+last CONSUMED batch. DataLoader hands out batches round-robin (batch c comes from worker c mod W), so after
+restoring, physical worker w takes the role of logical worker (w + consumed) mod W, and the stream continues
+exactly where it stopped: N batches == k batches + state_dict/load_state_dict + N-k batches. Restoring re-reads
+only the shards that hold the buffered samples.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .badsamples import BadSampleTracker, SampleError
+from .shards import TruncatedShard, expand_urls, iter_samples, open_url, read_index
+
+
+def _default_collate(items):
+    return items
+
+
+class ShardStream(IterableDataset):
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        map_fn: Callable[[dict], object],
+        collate_fn: Callable[[list], object] = _default_collate,
+        batch_size: int,
+        shuffle_buffer: int = 1000,
+        shuffle_shards: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        allow_pipe: bool = False,
+        max_bad_fraction: float = 0.01,
+        min_samples_for_limit: int = 200,
+        length_fn: Callable[[object], int] | None = None,
+        bucket_batches: int = 1,
+    ):
+        if not urls:
+            raise ValueError("no shards to read")
+        self.urls = list(urls)
+        self.map_fn, self.collate_fn = map_fn, collate_fn
+        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
+        self.shuffle_shards, self.seed = shuffle_shards, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(num_workers, 1)
+        self.allow_pipe = allow_pipe
+        self.max_bad_fraction, self.min_samples_for_limit = max_bad_fraction, min_samples_for_limit
+        self.length_fn = length_fn  # length-bucketed batching: sort `bucket_batches` batches' worth by length
+        self.bucket_batches = bucket_batches if length_fn is not None else 1
+        self.resume_states: dict[int, dict] = {}
+        self.rotation = 0
+
+    # --- which samples a worker reads ---------------------------------------------------------
+    def shard_plan(self, epoch: int, g: int) -> tuple[list[str], int | None]:
+        """(shards for global worker g in data-epoch `epoch`, sample modulus filter or None)."""
+        G = self.world_size * self.num_workers
+        order = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        if len(order) >= G:
+            return order[g::G], None
+        return order, g
+
+    def _raw_stream(self, g: int, epoch: int, pos: int, offset: int, tracker) -> Iterator[tuple]:
+        """Yields ((epoch, pos, index), raw sample, cursor_after) forever."""
+        G = self.world_size * self.num_workers
+        while True:
+            shards, modulo = self.shard_plan(epoch, g)
+            while pos < len(shards):
+                url = shards[pos]
+                try:
+                    stream = open_url(url, allow_pipe=self.allow_pipe)
+                except (OSError, ValueError) as e:
+                    tracker.skip("unreadable_shard", url, None, str(e))
+                    pos, offset = pos + 1, 0
+                    continue
+                try:
+                    for s in iter_samples(stream, url):
+                        idx = s["__index__"]
+                        if idx < offset:
+                            continue
+                        if modulo is not None and (pos + idx) % G != modulo:
+                            continue
+                        s["__sid__"] = (epoch, pos, idx)
+                        yield (epoch, pos, idx), s, (epoch, pos, idx + 1)
+                except TruncatedShard as e:
+                    tracker.skip("truncated_tar", url, None, str(e) + " -- rest of shard skipped")
+                finally:
+                    try:
+                        stream.close()
+                    except OSError as e:
+                        tracker.skip("unreadable_shard", url, None, str(e))
+                pos, offset = pos + 1, 0
+            epoch, pos, offset = epoch + 1, 0, 0
+
+    def _fetch(self, g: int, ids: list[tuple]) -> dict[tuple, dict]:
+        """Re-read the raw samples with the given (epoch, pos, index) ids (to restore a shuffle buffer)."""
+        out: dict[tuple, dict] = {}
+        by_shard: dict[tuple, set] = {}
+        for e, p, i in ids:
+            by_shard.setdefault((e, p), set()).add(i)
+        for (e, p), wanted in by_shard.items():
+            url = self.shard_plan(e, g)[0][p]
+            stream = open_url(url, allow_pipe=self.allow_pipe)
+            try:
+                for s in iter_samples(stream, url):
+                    if s["__index__"] in wanted:
+                        s["__sid__"] = (e, p, s["__index__"])
+                        out[(e, p, s["__index__"])] = s
+                        if len(out) == len(ids):
+                            break
+            finally:
+                stream.close()
+        return out
+
+    # --- the worker loop ------------------------------------------------------------------------
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (physical + self.rotation) % self.num_workers
+        g = self.rank * self.num_workers + logical
+        state = self.resume_states.get(logical)
+        tracker = BadSampleTracker(self.max_bad_fraction, self.min_samples_for_limit)
+        rng = random.Random(self.seed * 7919 + g)
+        buffer: list[tuple] = []  # (id, raw sample)
+        cursor = (0, 0, 0)
+        skip = 0
+        if state is not None:
+            rng.setstate(_to_rng_state(state["rng"]))
+            cursor = tuple(state["cursor"])
+            ids = [tuple(i) for i in state["buffer"]]
+            fetched = self._fetch(g, ids)
+            buffer = [(i, fetched[i]) for i in ids if i in fetched]
+            tracker.merge(state["seen"], state["bad"], state["reasons"])
+            skip = state["skip"]
+        stream = None
+        while True:
+            # snapshot at the start of a batch group: restoring it regenerates the same group
+            snap = {
+                "worker": logical,
+                "cursor": list(cursor),
+                "buffer": [list(i) for i, _ in buffer],
+                "rng": _from_rng_state(rng.getstate()),
+                "seen": tracker.seen,
+                "bad": tracker.bad,
+                "reasons": dict(tracker.reasons),
+            }
+            if stream is None:
+                stream = self._raw_stream(g, *cursor, tracker)
+            items = []
+            want = self.batch_size * self.bucket_batches
+            while len(items) < want:
+                sid, raw, cursor = next(stream)
+                if self.shuffle_buffer > 1:
+                    if len(buffer) < self.shuffle_buffer:
+                        buffer.append((sid, raw))
+                        continue
+                    j = rng.randrange(len(buffer))
+                    (sid, raw), buffer[j] = buffer[j], (sid, raw)
+                try:
+                    items.append(self.map_fn(raw))
+                    tracker.ok()
+                except SampleError as e:
+                    tracker.skip(e.reason, raw.get("__shard__", "?"), raw.get("__key__"), str(e))
+            if self.length_fn is not None:
+                items.sort(key=self.length_fn)
+            groups = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+            if self.length_fn is not None:
+                rng.shuffle(groups)
+            for j, group in enumerate(groups):
+                if j < skip:
+                    continue
+                yield self.collate_fn(group), {**snap, "skip": j + 1}
+            skip = 0
+
+
+def _from_rng_state(s):
+    return [s[0], list(s[1]), s[2]]
+
+
+def _to_rng_state(s):
+    return (s[0], tuple(s[1]), s[2])
+
+
+class StreamingLoader:
+    """A fixed number of batches per rank per epoch, from a ShardStream, with state_dict/load_state_dict."""
+
+    def __init__(
+        self,
+        shards,
+        *,
+        map_fn: Callable[[dict], object],
+        collate_fn: Callable[[list], object] = _default_collate,
+        batch_size: int,
+        batches_per_epoch: int | None = None,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        allow_pipe: bool = False,
+        max_bad_fraction: float = 0.01,
+        min_samples_for_limit: int = 200,
+        prefetch_factor: int = 2,
+        length_fn: Callable[[object], int] | None = None,
+        bucket_batches: int = 8,
+    ):
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        urls = expand_urls(shards, allow_pipe=allow_pipe)
+        if batches_per_epoch is None:
+            if isinstance(shards, str) and shards.removeprefix("file:").endswith(".json"):
+                total = sum(read_index(shards.removeprefix("file:"))[1])
+                batches_per_epoch = max(1, total // (world_size * batch_size))
+            else:
+                raise ValueError("batches_per_epoch is required unless the shards come from an index JSON")
+        self.batches_per_epoch = batches_per_epoch
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.dataset = ShardStream(
+            urls, map_fn=map_fn, collate_fn=collate_fn, batch_size=batch_size, shuffle_buffer=shuffle_buffer,
+            seed=seed, rank=rank, world_size=world_size, num_workers=num_workers, allow_pipe=allow_pipe,
+            max_bad_fraction=max_bad_fraction, min_samples_for_limit=min_samples_for_limit,
+            length_fn=length_fn, bucket_batches=bucket_batches,
+        )  # fmt: skip
+        self.tracker = BadSampleTracker(max_bad_fraction, min_samples_for_limit)
+        self.epoch = 0
+        self.in_epoch = 0
+        self.consumed = 0
+        self.worker_states: dict[int, dict] = {}
+        self.data_wait_s = 0.0
+        self._it = None
+
+    def _iterator(self):
+        if self._it is None:
+            self.dataset.resume_states = dict(self.worker_states)
+            self.dataset.rotation = self.consumed % max(self.num_workers, 1)
+            kw = dict(num_workers=self.num_workers, batch_size=None)
+            if self.num_workers > 0:
+                kw["prefetch_factor"] = self.prefetch_factor
+            self._it = iter(DataLoader(self.dataset, **kw))
+        return self._it
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        it = self._iterator()
+        while self.in_epoch < self.batches_per_epoch:
+            t0 = time.perf_counter()
+            batch, meta = next(it)
+            self.data_wait_s += time.perf_counter() - t0
+            self.worker_states[meta["worker"]] = meta
+            self.consumed += 1
+            self.in_epoch += 1
+            self._check_bad()
+            yield batch
+        self.epoch += 1
+        self.in_epoch = 0
+
+    def _check_bad(self) -> None:
+        t = BadSampleTracker(self.tracker.max_bad_fraction, self.tracker.min_samples)
+        for st in self.worker_states.values():
+            t.merge(st["seen"], st["bad"], st["reasons"])
+        t.examples = self.tracker.examples
+        self.tracker = t
+        t.check()
+
+    def metrics(self) -> dict:
+        return {**self.tracker.metrics(), "data_wait_s": self.data_wait_s, "batches": self.consumed}
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "in_epoch": self.in_epoch,
+            "consumed": self.consumed,
+            "num_workers": self.num_workers,
+            "rank": self.dataset.rank,
+            "world_size": self.dataset.world_size,
+            "workers": {str(k): v for k, v in self.worker_states.items()},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key in ("num_workers", "world_size", "rank"):
+            mine = self.num_workers if key == "num_workers" else getattr(self.dataset, key)
+            if sd[key] != mine:
+                raise ValueError(f"loader state was saved with {key}={sd[key]}, this loader has {key}={mine}")
+        self.epoch, self.in_epoch, self.consumed = sd["epoch"], sd["in_epoch"], sd["consumed"]
+        self.worker_states = {int(k): v for k, v in sd["workers"].items()}
+        self._it = None
