@@ -107,6 +107,11 @@ def train_pair(rank: int, world: int, port: int, cfg: dict) -> None:
             _compare(p1, p2, exact, f"param step {step} {n}")
     dist.barrier()
     dist.destroy_process_group()
+    if cfg.get("hook") in ("fp16", "bf16") or cfg.get("dtype", torch.float32) != torch.float32:
+        # torch 2.11 + gloo: after 16-bit all-reduces the interpreter's teardown sometimes aborts ("terminate
+        # called without an active exception", no Python frame) -- torch's own DDP with its fp16_compress_hook
+        # does it too. All checks above have passed; leave without the C++ static teardown.
+        os._exit(0)
 
 
 def _compare(a, b, exact, what):

@@ -47,7 +47,10 @@ def main():
         opt.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 6))
     checksum = sum(p.detach().double().sum().item() for p in model.parameters() if p.requires_grad)
-    print("RESULT " + json.dumps({"rank": info.rank, "world": info.world_size, "losses": losses, "checksum": checksum}))
+    print(
+        "RESULT " + json.dumps({"rank": info.rank, "world": info.world_size, "losses": losses, "checksum": checksum}),
+        flush=True,
+    )
     destroy_distributed()
 
 

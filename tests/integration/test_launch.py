@@ -3,6 +3,7 @@ rank that dies (the survivor must fail with a clear error, not hang)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MM_LLAMA_PG_TIMEOUT": "60"}
 
 
 def results(stdout: str) -> list[dict]:
-    return [json.loads(line[7:]) for line in stdout.splitlines() if line.startswith("RESULT ")]
+    # ranks share one stdout under torchrun: lines may interleave, so match the objects themselves
+    return [json.loads(m) for m in re.findall(r"RESULT (\{[^{}]*\})", stdout)]
 
 
 def check_consistent(res, world):
