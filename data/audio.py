@@ -69,15 +69,22 @@ def decode_audio(
         raise SampleError("decode_audio", f"{name}: cannot decode audio ({type(e).__name__}: {e})") from None
     x = torch.from_numpy(np.ascontiguousarray(wav)).float().mean(0)
     if sr != SAMPLE_RATE:
-        import torchaudio.functional as AF
-
-        x = AF.resample(x, sr, SAMPLE_RATE)
+        with torch.no_grad():
+            x = _resampler(int(sr))(x)
     if x.numel() == 0 or not torch.isfinite(x).all():
         raise SampleError("decode_audio", f"{name}: empty or non-finite audio")
     seconds = x.numel() / SAMPLE_RATE
     if seconds < min_seconds or (max_seconds is not None and seconds > max_seconds):
         raise SampleError("audio_duration", f"{name}: {seconds:.2f} s is outside [{min_seconds}, {max_seconds}] s")
     return x
+
+
+@lru_cache(maxsize=16)
+def _resampler(orig_sr: int):
+    """Cached resampler: the windowed-sinc kernel is built once per source rate."""
+    import torchaudio
+
+    return torchaudio.transforms.Resample(orig_sr, SAMPLE_RATE)
 
 
 @lru_cache(maxsize=4)

@@ -94,20 +94,29 @@ def fit_to_canvas(height: int, width: int, canvas_h: int, canvas_w: int, tile: i
     return target_h, min(math.floor(width * scale_h) or 1, target_w)
 
 
-def tile_image(img: Image.Image, *, tile: int = 448, max_tiles: int = 4, normalise: bool = True):
+def tile_image(img: Image.Image, *, tile: int = 448, max_tiles: int = 4, normalise: bool = True, uint8: bool = False):
     """Llama 3.2 Vision tiling: resize without distortion into the best canvas, pad, cut into tiles.
 
-    Returns (tiles [N, 3, tile, tile] with N = rows*cols, aspect_ratio (rows, cols), aspect_ratio_id 1-based)."""
+    Returns (tiles [N, 3, tile, tile] with N = rows*cols, aspect_ratio (rows, cols), aspect_ratio_id 1-based).
+    `uint8=True` returns raw 0..255 tiles (4x less to ship from DataLoader workers); `normalize_tiles` finishes
+    them on the consumer side (e.g. on the GPU) with identical results."""
     w, h = img.size
     rows, cols = best_canvas(h, w, tile, max_tiles)
     canvas_h, canvas_w = rows * tile, cols * tile
     new_h, new_w = fit_to_canvas(h, w, canvas_h, canvas_w, tile)
-    resized = to_tensor(img.resize((new_w, new_h), Image.BILINEAR))
-    padded = torch.zeros(3, canvas_h, canvas_w)  # pad with black, then normalise (as the HF processor does)
-    padded[:, :new_h, :new_w] = resized
-    if normalise:
-        padded = normalize(padded)
+    arr = torch.from_numpy(np.asarray(img.resize((new_w, new_h), Image.BILINEAR), dtype=np.uint8).copy())
+    padded = torch.zeros(3, canvas_h, canvas_w, dtype=torch.uint8)  # pad with black, then normalise (as HF does)
+    padded[:, :new_h, :new_w] = arr.permute(2, 0, 1)
     tiles = padded.unflatten(1, (rows, tile)).unflatten(3, (cols, tile))  # [3, rows, tile, cols, tile]
     tiles_NCHW = tiles.permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile, tile)
+    if not uint8:
+        tiles_NCHW = normalize_tiles(tiles_NCHW) if normalise else tiles_NCHW.float().div_(255.0)
     ratio_id = supported_aspect_ratios(max_tiles).index((rows, cols)) + 1
     return tiles_NCHW, (rows, cols), ratio_id
+
+
+def normalize_tiles(tiles_uint8: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
+    """uint8 tiles [..., 3, H, W] -> normalised float32 (rescale by 1/255, then (x - mean) / std)."""
+    x = tiles_uint8.float().div_(255.0)
+    shape = (3, 1, 1)
+    return x.sub_(torch.tensor(mean).view(shape)).div_(torch.tensor(std).view(shape))

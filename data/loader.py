@@ -42,6 +42,11 @@ def _default_collate(items):
     return items
 
 
+def _passthrough(batch):
+    """DataLoader's collate for already-batched items (its default_convert would walk every cursor field)."""
+    return batch
+
+
 class ShardStream(IterableDataset):
     def __init__(
         self,
@@ -197,7 +202,8 @@ class ShardStream(IterableDataset):
             for j, group in enumerate(groups):
                 if j < skip:
                     continue
-                yield self.collate_fn(group), {**snap, "skip": j + 1}
+                now = {"seen_now": tracker.seen, "bad_now": tracker.bad, "reasons_now": dict(tracker.reasons)}
+                yield self.collate_fn(group), {**snap, **now, "skip": j + 1}
             skip = 0
 
 
@@ -262,7 +268,7 @@ class StreamingLoader:
         if self._it is None:
             self.dataset.resume_states = dict(self.worker_states)
             self.dataset.rotation = self.consumed % max(self.num_workers, 1)
-            kw = dict(num_workers=self.num_workers, batch_size=None)
+            kw = dict(num_workers=self.num_workers, batch_size=None, collate_fn=_passthrough)
             if self.num_workers > 0:
                 kw["prefetch_factor"] = self.prefetch_factor
             self._it = iter(DataLoader(self.dataset, **kw))
@@ -287,8 +293,8 @@ class StreamingLoader:
 
     def _check_bad(self) -> None:
         t = BadSampleTracker(self.tracker.max_bad_fraction, self.tracker.min_samples)
-        for st in self.worker_states.values():
-            t.merge(st["seen"], st["bad"], st["reasons"])
+        for st in self.worker_states.values():  # counts up to the batch just consumed (metrics, limit)
+            t.merge(st["seen_now"], st["bad_now"], st["reasons_now"])
         t.examples = self.tracker.examples
         self.tracker = t
         t.check()

@@ -156,7 +156,7 @@ def iter_samples(stream, shard: str = "") -> Iterator[dict]:
     counter = _CountingReader(stream)
     end_of_last = 0
     try:
-        with tarfile.open(fileobj=counter, mode="r|*") as tf:
+        with tarfile.open(fileobj=io.BufferedReader(counter, 1 << 20), mode="r|*") as tf:
             for member in tf:
                 end_of_last = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not member.isfile():
