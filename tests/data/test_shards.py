@@ -165,3 +165,20 @@ def test_url_expansion_and_pipe_policy(shard_dir, tmp_path):
 def test_split_key():
     assert split_key("a/b/000001_x.seg.jpg") == ("a/b/000001_x", "seg.jpg")
     assert split_key("k.TXT") == ("k", "txt")
+
+
+def test_http_urls_stream(shard_dir):
+    """http(s) shards stream through urllib (a local server on 127.0.0.1 stands in for an object store)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shard_dir / "video"))
+    handler.log_message = lambda *a, **k: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{srv.server_address[1]}/shard-{{000000..000001}}.tar"
+        urls = expand_urls(url)
+        assert len(urls) == 2
+        assert verify_shards(urls, video_frames=2).summary() == {"shards": 2, "samples": 3, "bad": 0, "reasons": {}}
+        srv.shutdown()

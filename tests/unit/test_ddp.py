@@ -136,3 +136,21 @@ def test_no_trainable_params_error():
     m = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter with requires_grad"):
         DistributedDataParallel(m)
+
+
+def test_buckets_rebuilt_once_in_gradient_ready_order():
+    torch.manual_seed(0)
+    model = H.AdapterNet()
+    ddp = DistributedDataParallel(model, bucket_cap_mb=0.01, first_bucket_cap_mb=0.002)
+    before = ddp.bucket_plan()
+    x, y = H.batch(0, 0, 0)
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = None
+        torch.nn.functional.cross_entropy(ddp(x).flatten(0, 1), y.flatten()).backward()
+        if step == 0:
+            order = [ddp.param_names[i] for i in ddp._ready_order]
+    after = ddp.bucket_plan()
+    assert ddp._rebuilt and sorted(sum(before, [])) == sorted(sum(after, []))
+    assert sum(after, []) == order  # buckets now follow the observed ready order
+    assert order[0] == "branch.weight" or order[0].startswith("branch")  # the last layer's grads come first
