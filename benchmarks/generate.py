@@ -108,6 +108,21 @@ def run(args, dtype):
         (f"prefill {args.prefill_len} tokens", ids.numel() / t_o, ids.numel() / t_h, (lo - lh).abs().max().item())
     )
 
+    # the memory-bandwidth bound of batch-1 decode: stream every weight matrix once, nothing else
+    mats = [p for p in ours.parameters() if p.dim() == 2]
+    xs = {d: torch.randn(1, d, dtype=dtype) for d in {m.shape[1] for m in mats}}
+
+    def stream_weights():
+        for m in mats:
+            torch.nn.functional.linear(xs[m.shape[1]], m)
+
+    stream_weights()
+    t_bound, _ = median_time(stream_weights, args.repeats * 3)
+    nbytes = sum(m.numel() * m.element_size() for m in mats)
+    print(
+        f"weight-streaming bound at batch 1: {t_bound * 1e3:.1f} ms/token ({nbytes / t_bound / 1e9:.1f} GB/s) "
+        f"-> at most {1 / t_bound:.1f} tok/s for any implementation in {dtype}"
+    )
     print(f"{'measure':<22}{'ours tok/s':>12}{'hf tok/s':>12}{'ratio':>8}  identical tokens / max |dlogit|")
     for name, a, b, same in rows:
         print(f"{name:<22}{a:>12.1f}{b:>12.1f}{a / b:>7.2f}x  {same}")
