@@ -1,1 +1,15 @@
 """Trainable modality adapters (image, video, speech) composed onto the frozen tower."""
+
+from .checkpoint import load_pretrained
+from .fusion import FusedVisionModel, default_schedule
+from .vision import VisionArgs, VisionEncoder
+from .xattn import GatedCrossAttentionBlock
+
+__all__ = [
+    "FusedVisionModel",
+    "GatedCrossAttentionBlock",
+    "VisionArgs",
+    "VisionEncoder",
+    "default_schedule",
+    "load_pretrained",
+]

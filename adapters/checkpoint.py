@@ -1,0 +1,202 @@
+"""Load Llama 3.2 Vision-style checkpoints into `FusedVisionModel`.
+
+Supported now: Hugging Face Mllama folders (`config.json` with model_type "mllama" + safetensors), in both the
+transformers 4 key layout (`language_model.model.*`, `language_model.lm_head`, `vision_model.*`,
+`multi_modal_projector.*`) and the transformers 5 one (`model.language_model.*`, `model.vision_model.*`,
+`model.multi_modal_projector.*`, `lm_head`). HF keeps self- and cross-attention layers in ONE flat list
+(cross layers at e.g. [3, 8, 13, ...]); here the tower keeps its own layers and block k runs before tower layer
+`flat_k - k`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from data.image import supported_aspect_ratios
+from mm_llama.llama.checkpoint import CheckpointError, _hf_rope, hf_to_meta_key, permute_hf_to_meta
+from mm_llama.llama.config import ModelArgs
+from mm_llama.llama.model import Transformer
+
+from .fusion import NUM_EXTRA_TOKENS, FusedVisionModel
+from .vision import VisionArgs
+
+_XATTN_KEYS = {
+    "cross_attn.q_proj.weight": "attention.wq.weight",
+    "cross_attn.k_proj.weight": "attention.wk.weight",
+    "cross_attn.v_proj.weight": "attention.wv.weight",
+    "cross_attn.o_proj.weight": "attention.wo.weight",
+    "cross_attn.q_norm.weight": "attention.q_norm.weight",
+    "cross_attn.k_norm.weight": "attention.k_norm.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "cross_attn_attn_gate": "gate_attn",
+    "cross_attn_mlp_gate": "gate_ffwd",
+}
+
+
+def vision_args_from_hf(vc: dict, source: str) -> VisionArgs:
+    a = VisionArgs(
+        image_size=vc.get("image_size", 448),
+        patch_size=vc.get("patch_size", 14),
+        width=vc.get("hidden_size", 1280),
+        layers=vc.get("num_hidden_layers", 32),
+        heads=vc.get("attention_heads", 16),
+        mlp_dim=vc.get("intermediate_size", 5120),
+        global_layers=vc.get("num_global_layers", 8),
+        intermediate_layers=tuple(vc.get("intermediate_layers_indices", (3, 7, 15, 23, 30))),
+        max_num_tiles=vc.get("max_num_tiles", 4),
+        norm_eps=vc.get("norm_eps", 1e-5),
+        num_channels=vc.get("num_channels", 3),
+    )
+    ratios = [tuple(r) for r in vc.get("supported_aspect_ratios", supported_aspect_ratios(a.max_num_tiles))]
+    if ratios != supported_aspect_ratios(a.max_num_tiles):
+        raise CheckpointError(f"{source}: supported_aspect_ratios {ratios} differ from the Llama 3.2 Vision list")
+    if vc.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{source}: vision hidden_act {vc.get('hidden_act')!r} is not gelu")
+    if "vision_output_dim" in vc and vc["vision_output_dim"] != a.output_dim:
+        raise CheckpointError(f"{source}: vision_output_dim {vc['vision_output_dim']} != {a.output_dim}")
+    return a
+
+
+def _normalise_hf_key(key: str) -> tuple[str, str]:
+    """-> (part, rest) with part in {language, lm_head, vision, projector}."""
+    for prefix, part in (
+        ("model.language_model.", "language"),
+        ("language_model.model.", "language"),
+        ("model.vision_model.", "vision"),
+        ("vision_model.", "vision"),
+        ("model.multi_modal_projector.", "projector"),
+        ("multi_modal_projector.", "projector"),
+    ):
+        if key.startswith(prefix):
+            return part, key[len(prefix) :]
+    if key in ("lm_head.weight", "language_model.lm_head.weight"):
+        return "lm_head", "weight"
+    raise KeyError(key)
+
+
+def load_hf_mllama(folder: Path, dtype=torch.float32, device="cpu", hf_compat_masking: bool = False):
+    from safetensors import safe_open
+
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("model_type") != "mllama":
+        raise CheckpointError(f"{cfg_path}: model_type {cfg.get('model_type')!r} is not 'mllama'")
+    tc, vc = cfg.get("text_config", {}), cfg.get("vision_config", {})
+    cross = list(tc.get("cross_attention_layers", []))
+    n_flat = tc["num_hidden_layers"]
+    n_heads = tc["num_attention_heads"]
+    theta, scaling = _hf_rope(tc)
+    args = ModelArgs(
+        dim=tc["hidden_size"],
+        n_layers=n_flat - len(cross),
+        n_heads=n_heads,
+        n_kv_heads=tc.get("num_key_value_heads") or n_heads,
+        vocab_size=tc["vocab_size"],
+        ffn_dim=tc["intermediate_size"],
+        norm_eps=tc.get("rms_norm_eps", 1e-5),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_embeddings=bool(tc.get("tie_word_embeddings", False)),
+        max_seq_len=tc.get("max_position_embeddings", 131072),
+    )
+    schedule = [c - k for k, c in enumerate(cross)]
+    flat_to_self = {}
+    j = 0
+    for f in range(n_flat):
+        if f not in cross:
+            flat_to_self[f] = j
+            j += 1
+    vargs = vision_args_from_hf(vc, str(cfg_path))
+    with torch.device("meta"):
+        model = FusedVisionModel(Transformer(args), vargs, schedule, hf_compat_masking=hf_compat_masking)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    seen: set[str] = set()
+
+    def put(name: str, t: torch.Tensor, src: str):
+        if name not in params:
+            raise CheckpointError(f"{src}: no place for {name!r} in the fused model")
+        p = params[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"{src}: shape mismatch for {name!r}: checkpoint {tuple(t.shape)} vs {tuple(p.shape)}"
+            )
+        mod, _, pname = name.rpartition(".")
+        setattr(model.get_submodule(mod), pname, torch.nn.Parameter(t.to(device=device, dtype=dtype), False))
+        seen.add(name)
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors file")
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                src = f"{f}: {key}"
+                try:
+                    part, rest = _normalise_hf_key(key)
+                except KeyError:
+                    raise CheckpointError(f"{f}: unexpected key {key!r} for an Mllama checkpoint") from None
+                t = sf.get_tensor(key)
+                if part == "vision":
+                    put(f"vision_encoder.{rest}", t, src)
+                elif part == "projector":
+                    put(f"vision_projection.{rest}", t, src)
+                elif part == "lm_head":
+                    put("tower.output.weight", t, src)
+                elif rest == "embed_tokens.weight":
+                    V = args.vocab_size
+                    if t.shape[0] != V + NUM_EXTRA_TOKENS:
+                        raise CheckpointError(f"{src}: expected {V}+{NUM_EXTRA_TOKENS} rows, found {t.shape[0]}")
+                    put("tower.tok_embeddings.weight", t[:V], src)
+                    put("learnable_embedding.weight", t[V:], src)
+                elif rest == "norm.weight":
+                    put("tower.norm.weight", t, src)
+                elif "rotary_emb" in rest:
+                    continue
+                else:
+                    m = re.fullmatch(r"layers\.(\d+)\.(.+)", rest)
+                    if not m:
+                        raise CheckpointError(f"{f}: unexpected key {key!r}")
+                    flat, tail = int(m.group(1)), m.group(2)
+                    if flat in cross:
+                        k = cross.index(flat)
+                        if tail not in _XATTN_KEYS:
+                            raise CheckpointError(f"{f}: unexpected cross-attention key {key!r}")
+                        put(f"cross_attention_layers.{k}.{_XATTN_KEYS[tail]}", t, src)
+                    else:
+                        meta = hf_to_meta_key(f"layers.{flat_to_self[flat]}.{tail}")
+                        if meta is None:
+                            continue
+                        if meta.endswith("attention.wq.weight"):
+                            t = permute_hf_to_meta(t, args.n_heads)
+                        elif meta.endswith("attention.wk.weight"):
+                            t = permute_hf_to_meta(t, args.n_kv_heads)
+                        put(f"tower.{meta}", t, src)
+    if args.tie_embeddings:
+        seen.add("tower.output.weight")
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise CheckpointError(f"{folder}: missing keys: {', '.join(missing[:8])}")
+    model.tower.tie_weights()
+    model.tower.reset_buffers()
+    model.freeze_tower()
+    return model
+
+
+def load_pretrained(path, dtype=torch.float32, device="cpu", *, hf_compat_masking: bool = False):
+    """Llama 3.2 Vision-style model from a Hugging Face Mllama folder (Meta format: not supported yet)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {p}")
+    if (p / "config.json").is_file():
+        return load_hf_mllama(p, dtype, device, hf_compat_masking)
+    if (p / "params.json").is_file():
+        raise CheckpointError(f"{p}: Meta-format Llama 3.2 Vision checkpoints are not supported yet")
+    raise CheckpointError(f"{p}: not an Mllama checkpoint folder (config.json with model_type 'mllama')")

@@ -1,0 +1,161 @@
+"""Image adapter vs transformers' Mllama (tiny random configs through our HF loader), gates, freezing, counts."""
+
+import pytest
+import torch
+
+from adapters import FusedVisionModel, VisionEncoder, load_pretrained
+from adapters.builders import attach_image_adapter, get_vision_preset, xattn_schedule
+from adapters.xattn import GatedCrossAttentionBlock
+from data.collate import cross_attention_mask
+from mm_llama.llama import Transformer, get_preset
+
+transformers = pytest.importorskip("transformers")
+V = 120
+
+
+def hf_mllama(tmp_path, cross_layers, n_text_layers, kv_heads=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.MllamaConfig(
+        vision_config=dict(hidden_size=32, attention_heads=4, num_hidden_layers=5, num_global_layers=2,
+                           intermediate_size=64, image_size=28, patch_size=14, max_num_tiles=4,
+                           intermediate_layers_indices=[1, 3], vision_output_dim=96),
+        text_config=dict(vocab_size=V, hidden_size=64, num_hidden_layers=n_text_layers, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, intermediate_size=96, cross_attention_layers=cross_layers,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        image_token_index=V,
+    )  # fmt: skip
+    hf = transformers.MllamaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # open the gates: zero gates would hide every cross-attention bug
+        for n, p in hf.named_parameters():
+            if "gate" in n:
+                p.uniform_(-1.2, 1.2)
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def inputs(ids, images, seed=0, img=V):
+    """images: per sample a list of (num_tiles, aspect_ratio_id)."""
+    g = torch.Generator().manual_seed(seed)
+    B, I = len(ids), max(max((len(x) for x in images), default=0), 1)  # noqa: E741
+    px = torch.randn(B, I, 4, 3, 28, 28, generator=g)
+    ar_ids = torch.zeros(B, I, dtype=torch.long)
+    ar_mask = torch.zeros(B, I, 4, dtype=torch.long)
+    ar_mask[:, :, 0] = 1
+    for b, imgs in enumerate(images):
+        for i, (n, rid) in enumerate(imgs):
+            ar_ids[b, i], ar_mask[b, i, :n] = rid, 1
+    T = max(len(s) for s in ids)
+    padded = torch.tensor([s + [0] * (T - len(s)) for s in ids])
+    xm = cross_attention_mask(ids, img, [[n for n, _ in imgs] for imgs in images], 4, length=T)
+    return dict(input_ids=padded, pixel_values=px, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask,
+                cross_attention_mask=xm)  # fmt: skip
+
+
+CASES = {
+    "one_xattn_one_image_4_tiles": ([2], 5, [[V, 5, 6, 7, 8, 9]], [[(4, 6)]]),
+    "two_xattn_two_images": ([1, 4], 6, [[3, V, 5, V, 6, 7, 8, 9]], [[(2, 2), (1, 1)]]),
+    "consecutive_images_3_tiles": ([1, 4], 6, [[V, V, 5, 6, 7, V, 9, 10]], [[(3, 7), (1, 1), (4, 8)]]),
+    "mixed_batch_with_text_only": ([1, 4], 6, [[V, 5, 6, 7], [3, 4, 5, 6, 7, 8], [V, 9, V, 11, 12]],
+                                   [[(2, 5)], [], [(1, 1), (4, 6)]]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_logits_match_hf_mllama(tmp_path, name):
+    cross, n_layers, ids, images = CASES[name]
+    hf = hf_mllama(tmp_path, cross, n_layers)
+    ours = load_pretrained(tmp_path, hf_compat_masking=True)
+    assert ours.schedule == [c - k for k, c in enumerate(cross)]
+    x = inputs(ids, images)
+    with torch.no_grad():
+        ref = hf(**x).logits
+        got = ours(**x)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_text_only_request_matches_hf(tmp_path):
+    hf = hf_mllama(tmp_path, [1, 4], 6)
+    ours = load_pretrained(tmp_path)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert (ours(ids) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
+
+
+def test_meta_masking_differs_from_hf_only_on_rows_without_images(tmp_path):
+    """Meta zeroes both branches for text rows that see no image; HF zeroes only the FFN branch (#39379)."""
+    hf_mllama(tmp_path, [1, 4], 6)
+    meta, compat = load_pretrained(tmp_path), load_pretrained(tmp_path, hf_compat_masking=True)
+    late = inputs([[3, 4, 5, V, 6, 7]], [[(2, 2)]])  # rows 0-2 see no image
+    early = inputs([[V, 4, 5, 6, 7, 8]], [[(2, 2)]])  # every row sees the image
+    with torch.no_grad():
+        d_late = (meta(**late) - compat(**late)).abs().amax(-1)[0]
+        d_early = (meta(**early) - compat(**early)).abs().max()
+    assert d_late[:3].min() > 1e-3  # the leak changes the rows before the image ...
+    assert d_early == 0  # ... and nothing when no row is fully masked
+    # with Meta masking, rows before the first image equal the text-only model exactly
+    with torch.no_grad():
+        text_only = meta(late["input_ids"][:, :3])
+        assert torch.allclose(meta(**late)[:, :3], text_only, atol=1e-6)
+
+
+def test_vision_encoder_bitwise_equal_to_hf(tmp_path):
+    hf = hf_mllama(tmp_path, [2], 5)
+    ours = load_pretrained(tmp_path)
+    x = inputs([[V, 5]], [[(3, 7)]])
+    with torch.no_grad():
+        ref = hf.model.vision_model(pixel_values=x["pixel_values"], aspect_ratio_ids=x["aspect_ratio_ids"],
+                                    aspect_ratio_mask=x["aspect_ratio_mask"]).last_hidden_state  # fmt: skip
+        got = ours.vision_encoder(x["pixel_values"], x["aspect_ratio_ids"], x["aspect_ratio_mask"])
+    assert torch.equal(got, ref)
+
+
+def small_tower():
+    t = Transformer(get_preset("debug").replace(n_layers=8))
+    t.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    return t
+
+
+def test_zero_gates_equal_bare_tower_and_tower_frozen():
+    tower = small_tower()
+    model = attach_image_adapter(tower, "debug")
+    assert model.schedule == [3, 7]
+    x = inputs([[1, 512, 5, 6, 7], [512, 3, 4, 5, 6]], [[(2, 2)], [(1, 1)]], img=512)
+    with torch.no_grad():
+        fused = model(**x)
+        bare = tower(embeds=model.embed(x["input_ids"]))  # same inputs (<|image|> reads its learnable row)
+        text = torch.tensor([[1, 2, 3, 4, 5]])
+        assert torch.equal(model(text), tower(text))
+    assert torch.equal(fused, bare)  # gates at 0: the fused model IS the tower
+    assert not any(p.requires_grad for p in model.tower.parameters())
+    model.train()
+    assert not model.tower.training and model.vision_encoder.training
+    before = {k: v.clone() for k, v in model.tower.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = model(**x).logsumexp(-1).mean()
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(v, model.tower.state_dict()[k]) for k, v in before.items())
+    assert model.cross_attention_layers[0].gate_attn.grad is not None
+    assert "cross_attention_layers" in model.trainable_parameters_table()
+
+
+def test_parameter_counts():
+    with torch.device("meta"):
+        enc = VisionEncoder(get_vision_preset("llama3_2_vision"))
+        hf_vis = transformers.models.mllama.modeling_mllama.MllamaVisionModel(transformers.MllamaVisionConfig())
+    assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in hf_vis.parameters())
+    # paper arithmetic per cross-attention layer: 2d^2 + 2d(d/4) + 3d*FFN (norms and gates aside)
+    for preset, n_blocks, total in (("llama3_1_8b", 8, 1.75e9), ("llama3_1_70b", 20, 17.1e9),
+                                    ("llama3_1_405b", 31, 100e9)):  # fmt: skip
+        a = get_preset(preset)
+        with torch.device("meta"):
+            block = GatedCrossAttentionBlock.for_tower(a)
+        n = sum(p.numel() for p in block.parameters()) * len(xattn_schedule(a))
+        assert len(xattn_schedule(a)) == n_blocks
+        assert abs(n - total) / total < 0.03, (preset, n)
+
+
+def test_schedule_validation():
+    with pytest.raises(ValueError, match="schedule"):
+        FusedVisionModel(small_tower(), get_vision_preset("debug"), [5, 3])
