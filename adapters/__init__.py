@@ -1,6 +1,6 @@
 """Trainable modality adapters (image, video, speech) composed onto the frozen tower."""
 
-from .checkpoint import load_pretrained
+from .checkpoint import load_adapter, load_pretrained, save_adapter
 from .fusion import FusedVisionModel, default_schedule
 from .vision import VisionArgs, VisionEncoder
 from .xattn import GatedCrossAttentionBlock
@@ -11,5 +11,7 @@ __all__ = [
     "VisionArgs",
     "VisionEncoder",
     "default_schedule",
+    "load_adapter",
     "load_pretrained",
+    "save_adapter",
 ]

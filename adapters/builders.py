@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from mm_llama.llama.config import ModelArgs
 from mm_llama.llama.model import Transformer
 
@@ -54,4 +56,6 @@ def attach_image_adapter(tower: Transformer, vision: str | VisionArgs = "demo", 
     """A fresh image adapter (gates at 0) on any plain Llama 3 tower; the tower is frozen."""
     vargs = get_vision_preset(vision) if isinstance(vision, str) else vision
     model = FusedVisionModel(tower, vargs, xattn_schedule(tower.args, every), **kw)
+    with torch.no_grad():  # new token rows start at the scale of the frozen table
+        model.learnable_embedding.weight.normal_(0.0, float(tower.tok_embeddings.weight.float().std()))
     return model

@@ -200,3 +200,77 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", *, hf_compat_maskin
     if (p / "params.json").is_file():
         raise CheckpointError(f"{p}: Meta-format Llama 3.2 Vision checkpoints are not supported yet")
     raise CheckpointError(f"{p}: not an Mllama checkpoint folder (config.json with model_type 'mllama')")
+
+
+# ----------------------------------------------------------------------------------------------
+# adapter-only checkpoints: just the trainable weights, plus what is needed to rebuild the modules
+
+
+def _adapter_meta(model: FusedVisionModel) -> dict:
+    import dataclasses
+
+    v = dataclasses.asdict(model.vision_encoder.args)
+    v.pop("extra", None)
+    a = model.tower.args
+    return {
+        "format": "mm_llama.image_adapter.v1",
+        "vision": v,
+        "schedule": model.schedule,
+        "image_token_id": model.image_token_id,
+        "tower": {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+                  "vocab_size": a.vocab_size, "ffn_dim": a.ffn_dim},
+    }  # fmt: skip
+
+
+def save_adapter(model: FusedVisionModel, path: str | Path) -> None:
+    """Write the trainable (non-tower) weights to a safetensors file, atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("tower.")}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"mm_llama": json.dumps(_adapter_meta(model))})
+    tmp.replace(path)
+
+
+def read_adapter_meta(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter checkpoint does not exist: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("mm_llama")
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    if meta is None:
+        raise CheckpointError(f"{path}: no mm_llama adapter metadata (was it written by save_adapter?)")
+    return json.loads(meta)
+
+
+def load_adapter(tower: Transformer, path: str | Path, dtype=None, device=None) -> FusedVisionModel:
+    """Attach the image adapter stored at `path` to `tower` (checked against the tower it was trained on)."""
+    from safetensors.torch import load_file
+
+    meta = read_adapter_meta(path)
+    want = meta["tower"]
+    a = tower.args
+    have = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+            "vocab_size": a.vocab_size, "ffn_dim": a.ffn_dim}  # fmt: skip
+    diff = {k: (want[k], have[k]) for k in want if want[k] != have.get(k)}
+    if diff:
+        raise CheckpointError(f"{path}: adapter was trained on a different tower: {diff} (adapter, this tower)")
+    v = dict(meta["vision"])
+    v["intermediate_layers"] = tuple(v["intermediate_layers"])
+    model = FusedVisionModel(tower, VisionArgs(**v), meta["schedule"], image_token_id=meta["image_token_id"])
+    state = load_file(str(path))
+    expected = {k for k in model.state_dict() if not k.startswith("tower.")}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+    p = tower.tok_embeddings.weight
+    model.to(device=device or p.device, dtype=dtype or p.dtype)
+    model.freeze_tower()
+    return model.eval()

@@ -1,10 +1,10 @@
 """The fused image model: a frozen Llama 3 tower + image encoder + gated cross-attention layers.
 
 The tower is used as is (its checkpoint keys never change): the cross-attention blocks live in their own
-ModuleList and `schedule[k]` is the tower layer that block k runs BEFORE. The default schedule is the released
-one: `every`-th layer counted from the top (8B, 32 layers, every 4: before layers 3, 7, ..., 31). Token ids at or
-above the tower's vocabulary (`<|image|>` = 128256 and 7 more) read extra learnable embedding rows kept beside the
-frozen table.
+ModuleList and `schedule[k]` is the tower layer that block k runs BEFORE (n_layers: after the last layer).
+The default schedule is the released one: `every`-th layer counted from the top (8B, 32 layers, every 4:
+before layers 3, 7, ..., 31). Token ids at or above the tower's vocabulary (`<|image|>` = 128256 and 7 more)
+read extra learnable embedding rows kept beside the frozen table.
 
 Shape legend: B batch, T tokens, I images, N tiles, P tokens per tile, D tower width, V vocabulary.
 """
@@ -42,16 +42,29 @@ class FusedVisionModel(nn.Module):
         a = tower.args
         self.tower = tower
         self.schedule = list(schedule if schedule is not None else default_schedule(a.n_layers))
-        if sorted(set(self.schedule)) != self.schedule or not all(0 <= s < a.n_layers for s in self.schedule):
-            raise ValueError(f"schedule must be increasing tower layer indices in [0, {a.n_layers}): {self.schedule}")
+        if sorted(self.schedule) != self.schedule or not all(0 <= s <= a.n_layers for s in self.schedule):
+            raise ValueError(
+                f"schedule must be non-decreasing tower layer indices in [0, {a.n_layers}]: {self.schedule}"
+            )
         self.vision_encoder = VisionEncoder(vision_args)
         self.vision_projection = nn.Linear(vision_args.output_dim, a.dim, bias=True)
         self.cross_attention_layers = nn.ModuleList(GatedCrossAttentionBlock.for_tower(a) for _ in self.schedule)
         self.learnable_embedding = nn.Embedding(NUM_EXTRA_TOKENS, a.dim)
         self.image_token_id = image_token_id if image_token_id is not None else a.vocab_size
         self.hf_compat_masking = hf_compat_masking
-        self._xattn_at = {layer: k for k, layer in enumerate(self.schedule)}
+        self._xattn_at: dict[int, list[int]] = {}  # tower layer -> blocks run before it (n_layers: after the last)
+        for k, layer in enumerate(self.schedule):
+            self._xattn_at.setdefault(layer, []).append(k)
         self.freeze_tower()
+
+    # generation (mm_llama.generate) sizes its KV cache from these
+    @property
+    def args(self):
+        return self.tower.args
+
+    @property
+    def tok_embeddings(self):
+        return self.tower.tok_embeddings
 
     # --- frozen means frozen -----------------------------------------------------------------
     def freeze_tower(self) -> None:
@@ -104,6 +117,7 @@ class FusedVisionModel(nn.Module):
         aspect_ratio_mask: torch.Tensor | None = None,
         cross_attention_mask: torch.Tensor | None = None,
         *,
+        media: torch.Tensor | None = None,
         media_kv: list | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
@@ -112,11 +126,14 @@ class FusedVisionModel(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, T, V]; argument meanings as transformers' MllamaForConditionalGeneration.forward.
 
+        media: projected media tokens [B, S, D] from `encode_images` (K/V recomputed from them on this call).
         media_kv: precomputed `self.media_kv(...)` (generation reuses it at every step instead of pixel_values).
         positions / mask / cache: as `Transformer.forward` (the KV cache of the self-attention layers)."""
         tower = self.tower
         h = self.embed(input_ids)
         B, T, _ = h.shape
+        if media_kv is None and media is not None:
+            media_kv = self.media_kv(media)
         if media_kv is None and pixel_values is not None:
             if aspect_ratio_ids is None or aspect_ratio_mask is None:
                 raise ValueError("pixel_values need aspect_ratio_ids and aspect_ratio_mask")
@@ -131,11 +148,12 @@ class FusedVisionModel(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=h.device).expand(B, T)
         freqs = tower.rope(positions)
-        for i, layer in enumerate(tower.layers):
-            k = self._xattn_at.get(i)
-            if k is not None and media_kv is not None:  # text-only requests skip cross-attention entirely
-                h = self.cross_attention_layers[k](h, media_kv[k], xmask, row, hf_compat=self.hf_compat_masking)
-            h = layer(h, freqs, mask, cache, i)
+        for i in range(len(tower.layers) + 1):
+            if media_kv is not None:  # text-only requests skip cross-attention entirely
+                for k in self._xattn_at.get(i, ()):
+                    h = self.cross_attention_layers[k](h, media_kv[k], xmask, row, hf_compat=self.hf_compat_masking)
+            if i < len(tower.layers):
+                h = tower.layers[i](h, freqs, mask, cache, i)
         if last_only:
             h = h[:, -1:]
         return tower.output(tower.norm(h)).float()

@@ -80,8 +80,13 @@ def generate_ids(
     pad_id: int = 0,
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    forward_extra: Callable[[int, int, int], dict] | None = None,
 ) -> list[list[int]]:
-    """New token ids per prompt (stop token excluded). `on_token(seq_index, token_id)` streams them."""
+    """New token ids per prompt (stop token excluded). `on_token(seq_index, token_id)` streams them.
+
+    forward_extra(pad, start, length) -> extra keyword arguments for the model call that covers cache slots
+    [start, start + length) of a batch left-padded by `pad` slots (fused multimodal models pass their media K/V
+    and cross-attention masks this way; the text tower needs none)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt must contain at least one token")
     device = model.tok_embeddings.weight.device
@@ -112,7 +117,8 @@ def generate_ids(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    logits = model(tokens_BP, positions=positions_BP, mask=mask, cache=cache, last_only=True)
+    extra = (lambda start, n: forward_extra(P, start, n)) if forward_extra is not None else (lambda start, n: {})
+    logits = model(tokens_BP, positions=positions_BP, mask=mask, cache=cache, last_only=True, **extra(0, P))
     cache.advance(P)
     next_pos_B = positions_BP[:, -1] + 1
     out: list[list[int]] = [[] for _ in range(B)]
@@ -133,7 +139,8 @@ def generate_ids(
         S = cache.pos + 1
         valid_BS[:, cache.pos] = True
         step_mask = valid_BS[:, None, None, :S] if padded else None
-        logits = model(nxt_B[:, None], positions=next_pos_B[:, None], mask=step_mask, cache=cache)
+        logits = model(nxt_B[:, None], positions=next_pos_B[:, None], mask=step_mask, cache=cache,
+                       **extra(cache.pos, 1))  # fmt: skip
         cache.advance(1)
         next_pos_B = next_pos_B + 1
     return out

@@ -55,6 +55,7 @@ CASES = {
     "one_xattn_one_image_4_tiles": ([2], 5, [[V, 5, 6, 7, 8, 9]], [[(4, 6)]]),
     "two_xattn_two_images": ([1, 4], 6, [[3, V, 5, V, 6, 7, 8, 9]], [[(2, 2), (1, 1)]]),
     "consecutive_images_3_tiles": ([1, 4], 6, [[V, V, 5, 6, 7, V, 9, 10]], [[(3, 7), (1, 1), (4, 8)]]),
+    "adjacent_xattn_and_last": ([2, 3, 6], 7, [[V, 5, 6, 7, 8]], [[(4, 8)]]),
     "mixed_batch_with_text_only": ([1, 4], 6, [[V, 5, 6, 7], [3, 4, 5, 6, 7, 8], [V, 9, V, 11, 12]],
                                    [[(2, 5)], [], [(1, 1), (4, 6)]]),
 }  # fmt: skip
@@ -159,3 +160,68 @@ def test_parameter_counts():
 def test_schedule_validation():
     with pytest.raises(ValueError, match="schedule"):
         FusedVisionModel(small_tower(), get_vision_preset("debug"), [5, 3])
+
+
+def test_caption_generation_cached_equals_recomputed_and_full_forward():
+    from PIL import Image
+
+    from adapters.inference import build_prompt_ids, caption, image_inputs
+    from mm_llama.llama.tokenizer import GGUFTokenizer  # noqa: F401  (any tokenizer works; use a tiny stub)
+
+    class Tok:
+        bos_id, eos_id, pad_id, add_bos, stop_ids = 2, 1, 0, True, set()
+
+        def encode(self, text):
+            return [3 + (ord(c) % 500) for c in text]
+
+        def decode(self, ids):
+            return ",".join(map(str, ids))
+
+    torch.manual_seed(0)
+    model = attach_image_adapter(small_tower(), "debug")
+    with torch.no_grad():
+        for layer in model.cross_attention_layers:
+            layer.gate_attn.fill_(0.9)
+            layer.gate_ffwd.fill_(-0.7)
+    model.eval()
+    imgs = [Image.new("RGB", (40, 30), (200, 20, 20)), [], [Image.new("RGB", (20, 50), (20, 20, 200))] * 2]
+    prompts = ["a photo of", "text only prompt", "two images:"]
+    outs = {m: caption(model, Tok(), imgs, prompts, max_new_tokens=6, media_mode=m)
+            for m in ("cached", "recompute_kv", "recompute_all")}  # fmt: skip
+    assert outs["cached"] == outs["recompute_kv"] == outs["recompute_all"]
+    # the first sample, greedy step by step with full forwards (no caches at all)
+    ids = build_prompt_ids(Tok(), model, 1, prompts[0])
+    pix = image_inputs(model, [[imgs[0]]])
+    seq = list(ids)
+    for _ in range(6):
+        x = torch.tensor([seq])
+        xm = cross_attention_mask([seq], model.image_token_id, pix["num_tiles"], 4)
+        with torch.no_grad():
+            logits = model(x, pixel_values=pix["pixel_values"], aspect_ratio_ids=pix["aspect_ratio_ids"],
+                           aspect_ratio_mask=pix["aspect_ratio_mask"], cross_attention_mask=xm)  # fmt: skip
+        seq.append(int(logits[0, -1].argmax()))
+    assert outs["cached"][0] == ",".join(map(str, seq[len(ids) :]))
+
+
+def test_adapter_only_checkpoint_roundtrip(tmp_path):
+    from adapters import load_adapter, save_adapter
+    from mm_llama.llama import CheckpointError
+
+    tower = small_tower()
+    model = attach_image_adapter(tower, "debug")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    save_adapter(model, tmp_path / "adapter.safetensors")
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "adapter.safetensors").keys()
+    assert keys and not any(k.startswith("tower.") for k in keys)
+    back = load_adapter(small_tower(), tmp_path / "adapter.safetensors")
+    x = inputs([[512, 3, 4, 5]], [[(2, 2)]], img=512)
+    with torch.no_grad():
+        assert torch.equal(back(**x), model.eval()(**x))
+    other = Transformer(get_preset("debug").replace(n_layers=8, ffn_dim=96))
+    with pytest.raises(CheckpointError, match="different tower.*ffn_dim"):
+        load_adapter(other, tmp_path / "adapter.safetensors")

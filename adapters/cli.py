@@ -1,0 +1,53 @@
+"""`mm-llama caption`: caption images with a Llama 3.2 Vision folder, or a plain tower + a trained adapter."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+
+def cmd_caption(args) -> int:
+    import torch
+
+    from data.image import decode_image
+    from mm_llama.generate import StreamPrinter
+    from mm_llama.llama import Tokenizer
+    from mm_llama.llama import load_pretrained as load_tower
+
+    from .checkpoint import load_adapter, load_pretrained
+    from .inference import caption
+
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    if args.adapter:
+        model = load_adapter(load_tower(args.model, dtype=dtype, device=args.device), args.adapter)
+    else:
+        model = load_pretrained(args.model, dtype=dtype, device=args.device)
+    tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    print(f"[loaded in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    for path in args.images:
+        img = decode_image(Path(path).read_bytes(), str(path))
+        sys.stdout.write(f"{path}: ")
+        sys.stdout.flush()
+        printer = StreamPrinter(tok, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        caption(model, tok, [img], args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, seed=args.seed, on_token=printer)  # fmt: skip
+        sys.stdout.write("\n")
+    return 0
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("caption", help="caption images (Mllama folder, or a tower + --adapter)")
+    c.add_argument("--model", required=True, help="HF Mllama folder, or a Llama tower when --adapter is given")
+    c.add_argument("--adapter", default=None, help="image adapter checkpoint (safetensors) from training")
+    c.add_argument("--tokenizer", default=None)
+    c.add_argument("images", nargs="+")
+    c.add_argument("--prompt", default="", help="text after the image token(s)")
+    c.add_argument("--max-new-tokens", type=int, default=32)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(func=cmd_caption)
