@@ -1,6 +1,6 @@
 """Trainable modality adapters (image, video, speech) composed onto the frozen tower."""
 
-from .checkpoint import load_adapter, load_pretrained, save_adapter
+from .checkpoint import export_hf_mllama, load_adapter, load_pretrained, save_adapter
 from .fusion import FusedVisionModel, default_schedule
 from .vision import VisionArgs, VisionEncoder
 from .xattn import GatedCrossAttentionBlock
@@ -11,6 +11,7 @@ __all__ = [
     "VisionArgs",
     "VisionEncoder",
     "default_schedule",
+    "export_hf_mllama",
     "load_adapter",
     "load_pretrained",
     "save_adapter",

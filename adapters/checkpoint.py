@@ -274,3 +274,110 @@ def load_adapter(tower: Transformer, path: str | Path, dtype=None, device=None) 
     model.to(device=device or p.device, dtype=dtype or p.dtype)
     model.freeze_tower()
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# export: tower + trained adapter -> a Hugging Face Mllama folder transformers can load
+
+_XATTN_KEYS_INV = {v: k for k, v in _XATTN_KEYS.items()}
+
+
+def export_hf_mllama(
+    model: FusedVisionModel, folder: str | Path, *, dtype=None, bos_id=None, eos_id=None, pad_id=None
+) -> Path:
+    """Write config.json + model.safetensors in the Mllama layout (one flat layer list, cross-attention layers
+    at flat index schedule[k] + k; embed_tokens = frozen table + learnable rows; q/k rows permuted for HF RoPE)."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from mm_llama.llama.checkpoint import meta_to_hf_key, permute_meta_to_hf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    a, v = model.tower.args, model.vision_encoder.args
+    if a.head_dim != a.dim // a.n_heads:
+        raise CheckpointError("Mllama configs cannot express head_dim != hidden_size // num_attention_heads")
+    cross_flat = [s + k for k, s in enumerate(model.schedule)]
+    n_flat = a.n_layers + len(cross_flat)
+    self_flat = [f for f in range(n_flat) if f not in cross_flat]
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    sd: dict[str, torch.Tensor] = {}
+    tsd = model.tower.state_dict()
+    for key, t in tsd.items():
+        if key == "output.weight" and a.tie_embeddings:
+            continue
+        if key == "tok_embeddings.weight":
+            sd["language_model.model.embed_tokens.weight"] = torch.cat([t, model.learnable_embedding.weight], 0)
+            continue
+        if key == "output.weight":
+            sd["language_model.lm_head.weight"] = t
+            continue
+        hf = meta_to_hf_key(key)  # model.layers.J.* / model.norm.weight
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf)
+        if m:
+            hf = f"model.layers.{self_flat[int(m.group(1))]}.{m.group(2)}"
+        if key.endswith("attention.wq.weight"):
+            t = permute_meta_to_hf(t, a.n_heads)
+        elif key.endswith("attention.wk.weight"):
+            t = permute_meta_to_hf(t, a.n_kv_heads)
+        sd["language_model." + hf] = t
+    for k, block in enumerate(model.cross_attention_layers):
+        for name, t in block.state_dict().items():
+            sd[f"language_model.model.layers.{cross_flat[k]}.{_XATTN_KEYS_INV[name]}"] = t
+    for name, t in model.vision_encoder.state_dict().items():
+        sd[f"vision_model.{name}"] = t
+    for name, t in model.vision_projection.state_dict().items():
+        sd[f"multi_modal_projector.{name}"] = t
+    save_file({k: cast(t.detach().cpu().contiguous()) for k, t in sd.items()}, str(folder / "model.safetensors"))
+    text_config = {
+        "model_type": "mllama_text_model",
+        "vocab_size": a.vocab_size,
+        "hidden_size": a.dim,
+        "num_hidden_layers": n_flat,
+        "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads,
+        "intermediate_size": a.ffn_dim,
+        "rms_norm_eps": a.norm_eps,
+        "hidden_act": "silu",
+        "rope_theta": a.rope_theta,
+        "max_position_embeddings": a.max_seq_len,
+        "cross_attention_layers": cross_flat,
+        "tie_word_embeddings": a.tie_embeddings,
+    }
+    llama3 = a.vocab_size >= 128256  # Llama 3 special ids unless told otherwise
+    # (other vocabularies: transformers insists on an in-range pad id for its embedding's padding_idx)
+    for name, given, default in (("bos_token_id", bos_id, 128000 if llama3 else None),
+                                 ("eos_token_id", eos_id, 128001 if llama3 else None),
+                                 ("pad_token_id", pad_id, 128004 if llama3 else 0)):  # fmt: skip
+        value = given if given is not None else default
+        if value is not None:
+            text_config[name] = value
+    if a.rope_scaling is not None:
+        text_config["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(a.rope_scaling)}
+    vision_config = {
+        "model_type": "mllama_vision_model",
+        "hidden_size": v.width,
+        "num_hidden_layers": v.layers,
+        "num_global_layers": v.global_layers,
+        "attention_heads": v.heads,
+        "intermediate_size": v.mlp_dim,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": v.num_channels,
+        "max_num_tiles": v.max_num_tiles,
+        "norm_eps": v.norm_eps,
+        "intermediate_layers_indices": list(v.intermediate_layers),
+        "vision_output_dim": v.output_dim,
+        "supported_aspect_ratios": [list(r) for r in supported_aspect_ratios(v.max_num_tiles)],
+        "hidden_act": "gelu",
+    }
+    config = {
+        "model_type": "mllama",
+        "architectures": ["MllamaForConditionalGeneration"],
+        "image_token_index": model.image_token_id,
+        "text_config": text_config,
+        "vision_config": vision_config,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -225,3 +225,32 @@ def test_adapter_only_checkpoint_roundtrip(tmp_path):
     other = Transformer(get_preset("debug").replace(n_layers=8, ffn_dim=96))
     with pytest.raises(CheckpointError, match="different tower.*ffn_dim"):
         load_adapter(other, tmp_path / "adapter.safetensors")
+
+
+@pytest.mark.parametrize("scaling", [False, True])
+def test_export_roundtrip_through_transformers(tmp_path, scaling):
+    """ours -> HF Mllama folder -> transformers logits == ours; and back through our loader."""
+    from adapters import export_hf_mllama
+    from mm_llama.llama import RopeScaling
+
+    args = get_preset("debug").replace(n_layers=7, rope_scaling=RopeScaling(factor=8.0) if scaling else None)
+    tower = Transformer(args)
+    tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(1))
+    model = attach_image_adapter(tower, "debug", hf_compat_masking=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+        for block in model.cross_attention_layers:
+            block.gate_attn.fill_(0.8)
+            block.gate_ffwd.fill_(-0.6)
+    model.eval()
+    export_hf_mllama(model, tmp_path / "hf")
+    hf = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    x = inputs([[512, 3, 4, 512, 5, 6], [7, 512, 8, 9, 10, 11]], [[(2, 2), (1, 1)], [(4, 6)]], img=512)
+    with torch.no_grad():
+        got = model(**x)
+        assert (hf(**x).logits - got).abs().max().item() <= 1e-4
+        back = load_pretrained(tmp_path / "hf", hf_compat_masking=True)
+        assert back.schedule == model.schedule
+        assert (back(**x) - got).abs().max().item() <= 1e-5
