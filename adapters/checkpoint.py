@@ -41,7 +41,7 @@ _XATTN_KEYS = {
 }
 
 
-def vision_args_from_hf(vc: dict, source: str) -> VisionArgs:
+def vision_args_from_hf(vc: dict, source: str, intermediate_from: str = "input") -> VisionArgs:
     a = VisionArgs(
         image_size=vc.get("image_size", 448),
         patch_size=vc.get("patch_size", 14),
@@ -54,6 +54,7 @@ def vision_args_from_hf(vc: dict, source: str) -> VisionArgs:
         max_num_tiles=vc.get("max_num_tiles", 4),
         norm_eps=vc.get("norm_eps", 1e-5),
         num_channels=vc.get("num_channels", 3),
+        intermediate_from=intermediate_from,
     )
     ratios = [tuple(r) for r in vc.get("supported_aspect_ratios", supported_aspect_ratios(a.max_num_tiles))]
     if ratios != supported_aspect_ratios(a.max_num_tiles):
@@ -82,7 +83,9 @@ def _normalise_hf_key(key: str) -> tuple[str, str]:
     raise KeyError(key)
 
 
-def load_hf_mllama(folder: Path, dtype=torch.float32, device="cpu", hf_compat_masking: bool = False):
+def load_hf_mllama(
+    folder: Path, dtype=torch.float32, device="cpu", hf_compat_masking: bool = False, intermediate_from: str = "input"
+):
     from safetensors import safe_open
 
     cfg_path = folder / "config.json"
@@ -114,7 +117,7 @@ def load_hf_mllama(folder: Path, dtype=torch.float32, device="cpu", hf_compat_ma
         if f not in cross:
             flat_to_self[f] = j
             j += 1
-    vargs = vision_args_from_hf(vc, str(cfg_path))
+    vargs = vision_args_from_hf(vc, str(cfg_path), intermediate_from)
     with torch.device("meta"):
         model = FusedVisionModel(Transformer(args), vargs, schedule, hf_compat_masking=hf_compat_masking)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -190,13 +193,19 @@ def load_hf_mllama(folder: Path, dtype=torch.float32, device="cpu", hf_compat_ma
     return model
 
 
-def load_pretrained(path, dtype=torch.float32, device="cpu", *, hf_compat_masking: bool = False):
-    """Llama 3.2 Vision-style model from a Hugging Face Mllama folder (Meta format: not supported yet)."""
+def load_pretrained(
+    path, dtype=torch.float32, device="cpu", *, hf_compat_masking: bool = False, intermediate_from: str = "input"
+):
+    """Llama 3.2 Vision-style model from a Hugging Face Mllama folder (Meta format: not supported yet).
+
+    Defaults follow Meta's reference code. To reproduce transformers 5.x numerics exactly pass
+    `hf_compat_masking=True` (its cross-attention row leak) and `intermediate_from="output"` (its vision encoder
+    takes each listed layer's output where Meta and transformers 4.x take its input)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {p}")
     if (p / "config.json").is_file():
-        return load_hf_mllama(p, dtype, device, hf_compat_masking)
+        return load_hf_mllama(p, dtype, device, hf_compat_masking, intermediate_from)
     if (p / "params.json").is_file():
         raise CheckpointError(f"{p}: Meta-format Llama 3.2 Vision checkpoints are not supported yet")
     raise CheckpointError(f"{p}: not an Mllama checkpoint folder (config.json with model_type 'mllama')")

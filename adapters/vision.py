@@ -5,7 +5,8 @@ Flow per image (B batch, I images per sample, N tiles, P = (size/14)^2 + 1 token
   -> + gated positional embedding (shared + per-tile part) -> LayerNorm -> pad tokens to a multiple of 8
   -> ViT layers over all tiles of an image jointly (padded tiles/tokens masked) -> LayerNorm
   -> + post-tile aspect-ratio embedding (gated) -> gated global layers -> strip padding
-  -> concat [final output, intermediate layer features] -> [B, I, N, P, W * (1 + len(intermediate_layers))]
+  -> concat [final output, intermediate features (inputs of the listed layers, interleaved per channel)]
+  -> [B, I, N, P, W * (1 + len(intermediate_layers))]
 
 Module and parameter names follow the Hugging Face `MllamaVisionModel` layout (the released weights' precomputed
 per-aspect-ratio embeddings), so HF checkpoints map onto it one to one.
@@ -36,6 +37,9 @@ class VisionArgs:
     max_num_tiles: int = 4
     norm_eps: float = 1e-5
     num_channels: int = 3
+    # which hidden state of layer i is an intermediate feature: its INPUT (Meta's reference code, and
+    # transformers 4.x) or its OUTPUT (what transformers 5.x's MllamaVisionModel takes: one layer later)
+    intermediate_from: str = "input"
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -180,9 +184,12 @@ class VisionEncoder(nn.Module):
         h = x.reshape(M, N * L, a.width)
         wanted = set(a.intermediate_layers)
         feats = []
+        after = a.intermediate_from == "output"
         for i, layer in enumerate(self.transformer.layers):
+            if i in wanted and not after:
+                feats.append(h)
             h = layer(h, mask)
-            if i in wanted:  # the layer's OUTPUT, as transformers' MllamaVisionModel takes it
+            if i in wanted and after:
                 feats.append(h)
         h = self.layernorm_post(h)
         h = self.post_tile_positional_embedding(h.reshape(M, N, L, a.width), ratio_ids).reshape(M, N * L, a.width)

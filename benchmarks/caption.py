@@ -2,7 +2,7 @@
 transformers' Mllama `generate`, on the same tiny-but-not-trivial random Mllama checkpoint (CPU, fp32, greedy).
 
 Both models load the same `save_pretrained` folder (ours through `adapters.load_pretrained`); generated tokens
-must be identical (ours runs with `hf_compat_masking=True` so the numerics are HF's).
+must be identical (ours runs with transformers-5 compatibility switches so the numerics are HF's).
 Usage: python benchmarks/caption.py [--new-tokens 48] [--repeats 3]
 """
 
@@ -72,7 +72,7 @@ def bench(args, dim: int, layers: int):
                 p.fill_(0.5)
     d = tempfile.mkdtemp()
     hf.save_pretrained(d)
-    ours = load_pretrained(d, hf_compat_masking=True)
+    ours = load_pretrained(d, hf_compat_masking=True, intermediate_from="output")
     img = Image.fromarray((torch.rand(224, 300, 3) * 255).byte().numpy())
     n = args.new_tokens
 

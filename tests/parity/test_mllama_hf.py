@@ -65,7 +65,7 @@ CASES = {
 def test_logits_match_hf_mllama(tmp_path, name):
     cross, n_layers, ids, images = CASES[name]
     hf = hf_mllama(tmp_path, cross, n_layers)
-    ours = load_pretrained(tmp_path, hf_compat_masking=True)
+    ours = load_pretrained(tmp_path, hf_compat_masking=True, intermediate_from="output")
     assert ours.schedule == [c - k for k, c in enumerate(cross)]
     x = inputs(ids, images)
     with torch.no_grad():
@@ -83,10 +83,30 @@ def test_text_only_request_matches_hf(tmp_path):
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
 
 
+def test_intermediate_features_are_layer_inputs_as_in_meta(tmp_path):
+    """Meta's reference encoder (and transformers 4.x) collects the INPUT of layers [3, 7, 15, 23, 30];
+    transformers 5.x collects their OUTPUT. Ours (default, Meta) with indices [k] equals transformers 5.x
+    with indices [k - 1], which pins both semantics down exactly."""
+    hf_mllama(tmp_path, [2], 5)  # our indices [1, 3] (inputs) == transformers 5.x indices [0, 2] (outputs)
+    ours = load_pretrained(tmp_path)
+    assert ours.vision_encoder.args.intermediate_from == "input"
+    cfg = transformers.MllamaVisionConfig(hidden_size=32, attention_heads=4, num_hidden_layers=5, num_global_layers=2,
+                                          intermediate_size=64, image_size=28, patch_size=14, max_num_tiles=4,
+                                          intermediate_layers_indices=[0, 2], vision_output_dim=96)  # fmt: skip
+    shifted = transformers.models.mllama.modeling_mllama.MllamaVisionModel(cfg).eval()
+    shifted.load_state_dict(ours.vision_encoder.state_dict())
+    x = inputs([[V, 5]], [[(2, 2)]])
+    args = (x["pixel_values"], x["aspect_ratio_ids"], x["aspect_ratio_mask"])
+    with torch.no_grad():
+        ref = shifted(pixel_values=args[0], aspect_ratio_ids=args[1], aspect_ratio_mask=args[2]).last_hidden_state
+        assert torch.equal(ours.vision_encoder(*args), ref)
+
+
 def test_meta_masking_differs_from_hf_only_on_rows_without_images(tmp_path):
     """Meta zeroes both branches for text rows that see no image; HF zeroes only the FFN branch (#39379)."""
     hf_mllama(tmp_path, [1, 4], 6)
-    meta, compat = load_pretrained(tmp_path), load_pretrained(tmp_path, hf_compat_masking=True)
+    meta = load_pretrained(tmp_path, intermediate_from="output")  # Meta masking; same vision features as HF
+    compat = load_pretrained(tmp_path, hf_compat_masking=True, intermediate_from="output")
     late = inputs([[3, 4, 5, V, 6, 7]], [[(2, 2)]])  # rows 0-2 see no image
     early = inputs([[V, 4, 5, 6, 7, 8]], [[(2, 2)]])  # every row sees the image
     with torch.no_grad():
@@ -102,7 +122,7 @@ def test_meta_masking_differs_from_hf_only_on_rows_without_images(tmp_path):
 
 def test_vision_encoder_bitwise_equal_to_hf(tmp_path):
     hf = hf_mllama(tmp_path, [2], 5)
-    ours = load_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path, intermediate_from="output")
     x = inputs([[V, 5]], [[(3, 7)]])
     with torch.no_grad():
         ref = hf.model.vision_model(pixel_values=x["pixel_values"], aspect_ratio_ids=x["aspect_ratio_ids"],
@@ -236,7 +256,12 @@ def test_export_roundtrip_through_transformers(tmp_path, scaling):
     args = get_preset("debug").replace(n_layers=7, rope_scaling=RopeScaling(factor=8.0) if scaling else None)
     tower = Transformer(args)
     tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(1))
-    model = attach_image_adapter(tower, "debug", hf_compat_masking=True)
+    import dataclasses
+
+    # transformers 5.x takes intermediate features one layer later than Meta (see the test above): build the
+    # adapter with its convention so its logits can be compared with transformers'
+    vision = dataclasses.replace(get_vision_preset("debug"), intermediate_from="output")
+    model = attach_image_adapter(tower, vision, hf_compat_masking=True)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -251,6 +276,6 @@ def test_export_roundtrip_through_transformers(tmp_path, scaling):
     with torch.no_grad():
         got = model(**x)
         assert (hf(**x).logits - got).abs().max().item() <= 1e-4
-        back = load_pretrained(tmp_path / "hf", hf_compat_masking=True)
+        back = load_pretrained(tmp_path / "hf", hf_compat_masking=True, intermediate_from="output")
         assert back.schedule == model.schedule
         assert (back(**x) - got).abs().max().item() <= 1e-5
