@@ -196,7 +196,7 @@ def load_hf_mllama(
 def load_pretrained(
     path, dtype=torch.float32, device="cpu", *, hf_compat_masking: bool = False, intermediate_from: str = "input"
 ):
-    """Llama 3.2 Vision-style model from a Hugging Face Mllama folder (Meta format: not supported yet).
+    """Llama 3.2 Vision model from a Hugging Face Mllama folder or a Meta folder (params.json + consolidated.pth).
 
     Defaults follow Meta's reference code. To reproduce transformers 5.x numerics exactly pass
     `hf_compat_masking=True` (its cross-attention row leak) and `intermediate_from="output"` (its vision encoder
@@ -207,7 +207,9 @@ def load_pretrained(
     if (p / "config.json").is_file():
         return load_hf_mllama(p, dtype, device, hf_compat_masking, intermediate_from)
     if (p / "params.json").is_file():
-        raise CheckpointError(f"{p}: Meta-format Llama 3.2 Vision checkpoints are not supported yet")
+        from .meta_format import load_meta_vision
+
+        return load_meta_vision(p, dtype, device)
     raise CheckpointError(f"{p}: not an Mllama checkpoint folder (config.json with model_type 'mllama')")
 
 

@@ -86,6 +86,8 @@ _META_KEYS_USED = {
 # keys llama-models' ModelArgs knows but the text tower does not use
 _META_KEYS_IGNORED = {"max_batch_size", "use_scaled_rope_v2", "vision_chunk_size", "vision_max_num_chunks"}
 _META_KEYS_IGNORED |= {"vision_num_cross_attention_layers", "quantization_args", "lora_args"}
+# mm_llama's own additions for small vision models (Meta's sizes imply 16 heads and layers 3,7,15,23,30)
+_META_KEYS_IGNORED |= {"vision_heads", "vision_return_intermediate"}
 
 
 def args_from_meta_params(params: dict, source: str = "params.json") -> ModelArgs:
