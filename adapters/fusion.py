@@ -119,6 +119,7 @@ class FusedVisionModel(nn.Module):
         *,
         media: torch.Tensor | None = None,
         media_kv: list | None = None,
+        media_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache=None,
@@ -128,6 +129,7 @@ class FusedVisionModel(nn.Module):
 
         media: projected media tokens [B, S, D] from `encode_images` (K/V recomputed from them on this call).
         media_kv: precomputed `self.media_kv(...)` (generation reuses it at every step instead of pixel_values).
+        media_mask: precomputed `media_attention_mask(...)` rows for these tokens (instead of cross_attention_mask).
         positions / mask / cache: as `Transformer.forward` (the KV cache of the self-attention layers)."""
         tower = self.tower
         h = self.embed(input_ids)
@@ -139,7 +141,9 @@ class FusedVisionModel(nn.Module):
                 raise ValueError("pixel_values need aspect_ratio_ids and aspect_ratio_mask")
             media_kv = self.media_kv(self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
         xmask = row = None
-        if media_kv is not None:
+        if media_kv is not None and media_mask is not None:
+            xmask, row = media_mask
+        elif media_kv is not None:
             if cross_attention_mask is None:
                 raise ValueError("images were given without a cross_attention_mask")
             xmask, row = media_attention_mask(

@@ -13,6 +13,7 @@ from data.image import resize_plain, tile_image
 from mm_llama.generate import generate_ids
 
 from .fusion import FusedVisionModel
+from .xattn import media_attention_mask
 
 
 def image_inputs(model: FusedVisionModel, images: Sequence[Sequence[Image.Image]]) -> dict:
@@ -79,11 +80,14 @@ def caption(
         tensors = {k: pix[k].to(device) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
         media = model.encode_images(**tensors) if media_mode != "recompute_all" else None
         media_kv = model.media_kv(media) if media_mode == "cached" else None
+        if media_mode == "cached":  # the expanded additive mask and row mask, once for every position
+            bias, row = media_attention_mask(xmask, a.num_patches, model.tower.tok_embeddings.weight.dtype)
 
         def forward_extra(pad: int, start: int, n: int) -> dict:
             extra = {"cross_attention_mask": xmask[:, start : start + n]}
             if media_mode == "cached":
                 extra["media_kv"] = media_kv
+                extra["media_mask"] = (bias[:, :, start : start + n], row[:, start : start + n])
             elif media_mode == "recompute_kv":
                 extra["media"] = media
             else:
