@@ -61,6 +61,8 @@ bench: install-dev
 	$(PY) benchmarks/load.py
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/ddp.py
+	$(PY) benchmarks/caption.py
+	$(PY) benchmarks/speech.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -51,3 +51,37 @@ def add_parser(sub) -> None:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cmd_caption)
+
+
+def cmd_asr(args) -> int:
+    import torch
+
+    from data.audio import decode_audio
+    from mm_llama.llama import Tokenizer
+    from mm_llama.llama import load_pretrained as load_tower
+
+    from .asr import load_speech_adapter, transcribe
+
+    model = load_speech_adapter(load_tower(args.model, dtype=getattr(torch, args.dtype)), args.adapter)
+    tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    for path in args.audio:
+        p = Path(path)
+        wave = decode_audio(p.read_bytes(), str(p), p.suffix.lstrip("."))
+        t0 = time.perf_counter()
+        (text,) = transcribe(model, tok, [wave], language=args.language, max_new_tokens=args.max_new_tokens)
+        rtf = (time.perf_counter() - t0) / (wave.numel() / 16000)
+        print(f"{path}: {text}")
+        print(f"[real-time factor {rtf:.2f}]", file=sys.stderr)
+    return 0
+
+
+def add_asr_parser(sub) -> None:
+    a = sub.add_parser("asr", help="transcribe audio files with a tower + a trained speech adapter")
+    a.add_argument("--model", required=True, help="the Llama tower (Meta dir | HF dir | .gguf)")
+    a.add_argument("--adapter", required=True, help="speech adapter checkpoint (safetensors)")
+    a.add_argument("--tokenizer", default=None)
+    a.add_argument("audio", nargs="+", help="any common audio format, any rate, mono or stereo")
+    a.add_argument("--language", default="English")
+    a.add_argument("--max-new-tokens", type=int, default=96)
+    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    a.set_defaults(func=cmd_asr)

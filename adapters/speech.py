@@ -166,6 +166,7 @@ class SpeechAdapter(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, a: AdapterArgs):
         super().__init__()
+        self.args = a
         self.conv = nn.Conv1d(in_dim, a.width, 3, stride=2, padding=1)
         self.attn_norm = nn.LayerNorm(a.width)
         self.attn = RotaryAttention(a.width, a.heads, a.rope_theta)

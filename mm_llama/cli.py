@@ -158,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--video-frames", type=int, default=1)
     v.set_defaults(func=cmd_shards_verify)
 
-    from adapters.cli import add_parser as add_caption  # application layer: the library core never imports adapters
+    from adapters.cli import add_asr_parser  # application layer: the library core never imports adapters
+    from adapters.cli import add_parser as add_caption
 
     add_caption(sub)
+    add_asr_parser(sub)
 
     d = sub.add_parser("demo", help="run the offline demo on the embedded default model")
     d.add_argument("--prompt", action="append", default=None)

@@ -1,0 +1,148 @@
+"""Speech recognition / translation with a fused speech model: audio -> features -> adapter embeddings spliced at
+prefill (encoded once per request) -> greedy or sampled decoding; WER/CER after standard text normalisation."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from data.audio import log_mel
+from mm_llama.generate import generate_ids
+from mm_llama.llama.model import Transformer
+
+from .speech import AdapterArgs, ConformerArgs, ConformerEncoder, SpeechAdapter
+from .speech_fusion import ASR_PROMPT, FusedSpeechModel
+from .whisper import WhisperEncoder, whisper_log_mel
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+        "seventeen eighteen nineteen".split()  # fmt: skip
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def _number_words(n: int) -> str:
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10 - 2] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
+    if n < 1000:
+        return _ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + _number_words(n % 100))
+    if n < 1_000_000:
+        return _number_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + _number_words(n % 1000))
+    return " ".join(_ONES[int(d)] for d in str(n))
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, digits spelled out, punctuation dropped (apostrophes inside words kept), spaces collapsed."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"\d+", lambda m: " " + _number_words(int(m.group())) + " ", text)
+    text = re.sub(r"[^\w\s']|_", " ", text)
+    text = re.sub(r"(?<!\w)'|'(?!\w)", " ", text)
+    return " ".join(text.split())
+
+
+def wer_cer(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    """Word and character error rates (jiwer) over normalised texts."""
+    import jiwer
+
+    refs = [normalize_text(r) or "<empty>" for r in references]
+    hyps = [normalize_text(h) for h in hypotheses]
+    return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps)), "n": len(refs)}
+
+
+def features_for(model: FusedSpeechModel, wave: torch.Tensor) -> torch.Tensor:
+    """[frames, n_mels] features of a 16 kHz clip for this model's encoder."""
+    if isinstance(model.encoder, WhisperEncoder):
+        return whisper_log_mel(wave).transpose(0, 1)
+    return log_mel(wave)
+
+
+def prompt_ids(tok, model: FusedSpeechModel, n_speech: int, language: str = "English", template: str = ASR_PROMPT):
+    ids = [tok.bos_id] if (tok.add_bos and tok.bos_id is not None) else []
+    return ids + tok.encode(template.format(language=language)) + [model.placeholder_id] * n_speech
+
+
+@torch.inference_mode()
+def transcribe(model: FusedSpeechModel, tok, waves: Sequence[torch.Tensor], *, language="English",
+               template=ASR_PROMPT, max_new_tokens=64, temperature=0.0, on_token=None) -> list[str]:  # fmt: skip
+    feats = [features_for(model, w) for w in waves]
+    lengths = torch.tensor([f.shape[0] for f in feats])
+    batch = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1])
+    for b, f in enumerate(feats):
+        batch[b, : f.shape[0]] = f
+    dev = model.tower.tok_embeddings.weight.device
+    speech = model.encode_speech(batch.to(dev), lengths.to(dev))
+    ids = [prompt_ids(tok, model, s.shape[0], language, template) for s in speech]
+
+    def forward_extra(pad, start, n):
+        return {"speech": speech} if start == 0 else {}
+
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    out = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=set(tok.stop_ids),
+                       pad_id=pad, on_token=on_token, forward_extra=forward_extra)  # fmt: skip
+    return [tok.decode(o).strip() for o in out]
+
+
+# --- speech adapter checkpoints (trainable weights + what rebuilds the modules) ----------------------------
+
+
+def save_speech_adapter(model: FusedSpeechModel, path: str | Path) -> None:
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    enc = model.encoder
+    meta = {
+        "format": "mm_llama.speech_adapter.v1",
+        "encoder": "whisper" if isinstance(enc, WhisperEncoder) else "conformer",
+        "encoder_args": dataclasses.asdict(enc.args),
+        "adapter_args": dataclasses.asdict(model.adapter.args),
+        "freeze_encoder": model.freeze_encoder,
+        "tower": {"dim": model.tower.args.dim, "vocab_size": model.tower.args.vocab_size},
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("tower.")}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"mm_llama": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def build_speech_model(tower: Transformer, encoder: torch.nn.Module, adapter_args: AdapterArgs, **kw):
+    """Tower + encoder (Conformer or Whisper) + a fresh speech adapter (tower frozen)."""
+    return FusedSpeechModel(tower, encoder, SpeechAdapter(encoder.args.width, tower.args.dim, adapter_args), **kw)
+
+
+def load_speech_adapter(tower: Transformer, path: str | Path) -> FusedSpeechModel:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mm_llama.llama.checkpoint import CheckpointError
+
+    from .whisper import WhisperArgs
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("mm_llama")
+    if raw is None:
+        raise CheckpointError(f"{path}: no mm_llama speech adapter metadata")
+    meta = json.loads(raw)
+    want = meta["tower"]
+    if (want["dim"], want["vocab_size"]) != (tower.args.dim, tower.args.vocab_size):
+        raise CheckpointError(f"{path}: adapter was trained on a tower with {want}, this one has "
+                              f"dim={tower.args.dim}, vocab_size={tower.args.vocab_size}")  # fmt: skip
+    if meta["encoder"] == "whisper":
+        enc = WhisperEncoder(WhisperArgs(**meta["encoder_args"]))
+    else:
+        enc = ConformerEncoder(ConformerArgs(**meta["encoder_args"]))
+    model = build_speech_model(tower, enc, AdapterArgs(**meta["adapter_args"]), freeze_encoder=meta["freeze_encoder"])
+    state = load_file(str(path))
+    expected = {k for k in model.state_dict() if not k.startswith("tower.")}
+    if set(state) != expected:
+        raise CheckpointError(f"{path}: missing {sorted(expected - set(state))[:5]}, "
+                              f"unexpected {sorted(set(state) - expected)[:5]}")  # fmt: skip
+    model.load_state_dict(state, strict=False)
+    model.to(tower.tok_embeddings.weight.device)
+    return model.eval()
