@@ -86,8 +86,12 @@ def test_splice_and_text_only_equal_tower_and_tower_frozen():
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
     m.train()
     assert not m.tower.training
+    before = {k: v.clone() for k, v in m.tower.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     loss.backward()
+    opt.step()
     assert all(p.grad is None for p in m.tower.parameters())
+    assert all(torch.equal(v, m.tower.state_dict()[k]) for k, v in before.items())
     assert m.adapter.proj.weight.grad is not None and m.encoder.input_proj.weight.grad is not None
     with pytest.raises(ValueError, match="sample 0: 2 speech placeholder tokens but the adapter produced"):
         m(torch.tensor([[1, P, P, 3]]), feats[:1], frames[:1])
