@@ -25,8 +25,34 @@ def cmd_caption(args) -> int:
     else:
         model = load_pretrained(args.model, dtype=dtype, device=args.device)
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    video_model = None
+    if args.video_adapter:
+        from .video import load_video_adapter
+
+        video_model = load_video_adapter(model, args.video_adapter)
     print(f"[loaded in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    from data.video import VIDEO_EXTS
+
     for path in args.images:
+        if Path(path).suffix.lower().lstrip(".") in VIDEO_EXTS:
+            if video_model is None:
+                print(f"{path}: a video needs --video-adapter", file=sys.stderr)
+                return 2
+            from data.image import normalize_tiles
+            from data.video import decode_video
+
+            from .inference import caption_video
+
+            size = model.vision_encoder.args.image_size
+            frames = normalize_tiles(
+                decode_video(Path(path).read_bytes(), str(path), num_frames=args.frames, size=size)
+            )
+            sys.stdout.write(f"{path}: ")
+            printer = StreamPrinter(tok, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            caption_video(video_model, tok, frames, args.prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, on_token=printer)  # fmt: skip
+            sys.stdout.write("\n")
+            continue
         img = decode_image(Path(path).read_bytes(), str(path))
         sys.stdout.write(f"{path}: ")
         sys.stdout.flush()
@@ -42,7 +68,9 @@ def add_parser(sub) -> None:
     c.add_argument("--model", required=True, help="HF Mllama folder, or a Llama tower when --adapter is given")
     c.add_argument("--adapter", default=None, help="image adapter checkpoint (safetensors) from training")
     c.add_argument("--tokenizer", default=None)
-    c.add_argument("images", nargs="+")
+    c.add_argument("--video-adapter", default=None, help="video adapter checkpoint (aggregator + video blocks)")
+    c.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from a video")
+    c.add_argument("images", nargs="+", help="image or video files")
     c.add_argument("--prompt", default="", help="text after the image token(s)")
     c.add_argument("--max-new-tokens", type=int, default=32)
     c.add_argument("--temperature", type=float, default=0.0)

@@ -100,3 +100,24 @@ def caption(
         stop_ids=set(tok.stop_ids), pad_id=pad, seed=seed, on_token=on_token, forward_extra=forward_extra,
     )  # fmt: skip
     return [tok.decode(o) for o in out]
+
+
+@torch.inference_mode()
+def caption_video(model, tok, frames_FCHW: torch.Tensor, prompt: str = "", *, max_new_tokens: int = 32,
+                  temperature: float = 0.0, on_token=None) -> str:  # fmt: skip
+    """Caption one video with a FusedVideoModel: frames encoded and aggregated once; K/V reused at every step."""
+    ids = [tok.bos_id] if (tok.add_bos and tok.bos_id is not None) else []
+    ids = ids + [model.video_token_id] + tok.encode(prompt)
+    tokens = model.encode_video(frames_FCHW.to(model.tok_embeddings.weight.device))
+    full = torch.tensor([ids + [0] * max_new_tokens], device=tokens.device)  # positions after the prompt see it
+    kvs, bias, row = model.video_inputs([tokens], full)
+
+    def forward_extra(pad: int, start: int, n: int) -> dict:
+        return {"video_state": (kvs, bias[:, :, start : start + n], row[:, start : start + n])}
+
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    (out,) = generate_ids(
+        model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=set(tok.stop_ids),
+        pad_id=pad, on_token=on_token, forward_extra=forward_extra,
+    )  # fmt: skip
+    return tok.decode(out)

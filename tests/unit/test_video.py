@@ -96,3 +96,30 @@ def test_real_clip_through_video_model():
     with torch.no_grad():
         tokens = vm.encode_video(x)
     assert tokens.shape[0] == 2 * vm.image_model.vision_encoder.args.num_patches and torch.isfinite(tokens).all()
+
+
+def test_video_caption_cached_equals_full_forward():
+    from adapters.inference import caption_video
+
+    class Tok:
+        bos_id, eos_id, pad_id, add_bos, stop_ids = 2, 1, 0, True, set()
+
+        def encode(self, text):
+            return [3 + (ord(c) % 400) for c in text]
+
+        def decode(self, ids):
+            return ",".join(map(str, ids))
+
+    vm = FusedVideoModel(image_model(), AggregatorArgs(merge=4, heads=4)).eval()
+    with torch.no_grad():
+        for blk in vm.video_cross_attention_layers:
+            blk.gate_attn.fill_(0.9)
+            blk.gate_ffwd.fill_(0.9)
+    vid = moving_square("left")
+    out = caption_video(vm, Tok(), vid, "it moves", max_new_tokens=5)
+    seq = [2, vm.video_token_id] + Tok().encode("it moves")
+    n0 = len(seq)
+    with torch.no_grad():
+        for _ in range(5):
+            seq.append(int(vm(torch.tensor([seq]), videos=[vid])[0, -1].argmax()))
+    assert out == ",".join(map(str, seq[n0:]))
