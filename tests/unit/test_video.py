@@ -123,3 +123,32 @@ def test_video_caption_cached_equals_full_forward():
         for _ in range(5):
             seq.append(int(vm(torch.tensor([seq]), videos=[vid])[0, -1].argmax()))
     assert out == ",".join(map(str, seq[n0:]))
+
+
+def test_mixed_batch_image_video_text():
+    from data.collate import cross_attention_mask
+
+    im = image_model()
+    vm = FusedVideoModel(im, AggregatorArgs(merge=4, heads=4)).eval()
+    with torch.no_grad():
+        for blk in vm.video_cross_attention_layers:
+            blk.gate_attn.fill_(0.7)
+    V = im.tower.args.vocab_size
+    rows = [[V, 5, 6, 7, 8], [3, V + 1, 6, 7, 8], [3, 4, 5, 6, 7]]  # image-only, video-only, text-only
+    ids = torch.tensor(rows)
+    px = torch.randn(3, 1, 4, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    ar_ids = torch.tensor([[1], [0], [0]])
+    ar_mask = torch.zeros(3, 1, 4, dtype=torch.long)
+    ar_mask[:, :, 0] = 1
+    xm = cross_attention_mask(rows, V, [[1], [], []], 4)
+    vid = moving_square("right")
+    with torch.no_grad():
+        batch = vm(ids, videos=[None, vid, None], pixel_values=px, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask,
+                   cross_attention_mask=xm)  # fmt: skip
+        img_only = vm(ids[:1], pixel_values=px[:1], aspect_ratio_ids=ar_ids[:1], aspect_ratio_mask=ar_mask[:1],
+                      cross_attention_mask=xm[:1])  # fmt: skip
+        vid_only = vm(ids[1:2], videos=[vid])
+        text_only = vm(ids[2:])
+    assert torch.allclose(batch[0], img_only[0], atol=1e-5)
+    assert torch.allclose(batch[1], vid_only[0], atol=1e-5)
+    assert torch.allclose(batch[2], text_only[0], atol=1e-5)
