@@ -49,7 +49,7 @@ def get_vision_preset(name: str) -> VisionArgs:
 def xattn_schedule(tower: ModelArgs, every: int = 4) -> list[int]:
     """The paper's placement: a cross-attention block before every `every`-th tower layer (8B: 8, 70B: 20,
     405B: 31 blocks), counted from the top as the released code does."""
-    return default_schedule(tower.n_layers, every)
+    return default_schedule(tower.n_layers, every, max(1, tower.n_layers // every))  # small towers: at least one
 
 
 def attach_image_adapter(tower: Transformer, vision: str | VisionArgs = "demo", every: int = 4, **kw):

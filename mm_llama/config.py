@@ -1,0 +1,91 @@
+"""Typed configs: YAML values -> nested dataclasses, `key.sub=value` overrides, unknown keys are errors.
+
+Defaults live in the dataclasses; a YAML file lists only what differs. Values in overrides are parsed as YAML
+scalars (`lr=3e-4`, `engine=ours`, `tower.path=null`, `steps=[1,2]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        sub = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, sub)
+        else:
+            kwargs[name] = _coerce(value, hint, sub)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, where):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if hint is type(None) or (origin in (typing.Union, getattr(__import__("types"), "UnionType", None))
+                                   and type(None) in args):  # fmt: skip
+            return None
+        raise ConfigError(f"{where}: null is not allowed here")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    return value
+
+
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    d = data
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    d[keys[-1]] = value
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not key=value")
+        key, raw = ov.split("=", 1)
+        set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return _build(cls, data, "")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

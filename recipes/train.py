@@ -1,0 +1,356 @@
+"""ONE training recipe for image and speech adapters on a frozen Llama 3 tower (video: next step).
+
+    python recipes/train.py --config recipes/configs/debug_image.yaml [key=value ...]
+    torchrun --nproc_per_node 2 recipes/train.py --config ... engine=ours
+    accelerate launch --multi_gpu --num_processes 2 recipes/train.py --config ...
+
+Stages: batch iterator (webdataset stream, resumable) -> forward_backward (micro-batches, no_sync for
+accumulation) -> train_step (clip, AdamW step, warmup + cosine schedule; non-finite losses skipped and counted)
+-> train (checkpoints, metrics JSONL, progress bar on rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mm_llama.config import load_config, save_config  # noqa: E402
+
+
+@dataclass
+class TowerCfg:
+    path: str | None = None  # Meta dir | HF dir | .gguf; None: a random preset (tests, debug)
+    preset: str = "debug"
+    vocab_size: int | None = None  # random preset: match the tokenizer's vocabulary
+    seed: int = 0
+
+
+@dataclass
+class ModelCfg:
+    modality: str = "image"  # image | speech
+    tokenizer: str = ""
+    vision: str = "debug"  # image encoder preset
+    speech_encoder: str = "conformer:debug"  # conformer:PRESET | whisper:PATH
+    speech_adapter: str = "debug"
+    freeze_speech_encoder: bool = False
+
+
+@dataclass
+class DataCfg:
+    train: str = ""
+    batch_size: int = 2
+    num_workers: int = 0
+    shuffle_buffer: int = 16
+    max_bad_fraction: float = 0.01
+    prompt: str = ""
+    max_text_tokens: int = 64
+
+
+@dataclass
+class OptimCfg:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 2
+    grad_accum: int = 1
+    clip: float = 1.0
+    max_nonfinite: int = 5
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/debug"
+    steps: int = 10
+    seed: int = 0
+    engine: str = "ours"  # ours | torch
+    bucket_cap_mb: float = 25.0
+    log_every: int = 1
+    ckpt_every: int = 5
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | a checkpoint folder
+    stop_after: int | None = None  # stop (as if killed) after this many steps: resume tests
+    tower: TowerCfg = field(default_factory=TowerCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+
+
+def resolve(path: str) -> str:
+    """`asset:NAME` -> the installed offline asset's path (see mm_llama.assets); anything else unchanged."""
+    if path.startswith("asset:"):
+        from mm_llama.assets import asset_path
+
+        return str(asset_path(path[6:]))
+    return path
+
+
+def build_tower(cfg: TrainConfig):
+    from mm_llama.llama import Transformer, get_preset, load_pretrained
+
+    if cfg.tower.path:
+        return load_pretrained(resolve(cfg.tower.path))
+    args = get_preset(cfg.tower.preset)
+    if cfg.tower.vocab_size:
+        args = args.replace(vocab_size=cfg.tower.vocab_size)
+    tower = Transformer(args)
+    tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(cfg.tower.seed))
+    return tower.requires_grad_(False).eval()
+
+
+def build_model(cfg: TrainConfig, tower):
+    m = cfg.model
+    if m.modality == "image":
+        from adapters.builders import attach_image_adapter
+
+        return attach_image_adapter(tower, m.vision)
+    if m.modality == "speech":
+        from adapters.asr import build_speech_model
+        from adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
+        from adapters.whisper import load_whisper_encoder
+
+        kind, _, arg = m.speech_encoder.partition(":")
+        enc = ConformerEncoder(CONFORMER_PRESETS[arg]) if kind == "conformer" else load_whisper_encoder(resolve(arg))
+        return build_speech_model(tower, enc, ADAPTER_PRESETS[m.speech_adapter], freeze_encoder=m.freeze_speech_encoder)
+    raise ValueError(f"model.modality must be image or speech, not {m.modality!r}")
+
+
+class SampleMaker:
+    """raw webdataset sample -> training item (runs in DataLoader workers; picklable)."""
+
+    def __init__(self, cfg: TrainConfig, model, tok):
+        self.modality, self.prompt, self.max_text = cfg.model.modality, cfg.data.prompt, cfg.data.max_text_tokens
+        self.tok = tok
+        if self.modality == "image":
+            self.image_size = model.vision_encoder.args.image_size
+            self.image_token = model.image_token_id
+        else:
+            self.placeholder = model.placeholder_id
+            self.whisper = type(model.encoder).__name__ == "WhisperEncoder"
+            self.expected = model.expected_speech_tokens
+
+    def __call__(self, raw: dict) -> dict:
+        from data.badsamples import SampleError
+        from data.collate import build_example
+
+        if "txt" not in raw:
+            raise SampleError("missing_text", f"{raw['__shard__']}:{raw['__key__']}: no .txt")
+        target = self.tok.encode(" " + raw["txt"].decode("utf-8").strip())[: self.max_text] + [self.tok.eos_id]
+        bos = [self.tok.bos_id] if (self.tok.add_bos and self.tok.bos_id is not None) else []
+        if self.modality == "image":
+            from data.image import IMAGE_EXTS, decode_image, resize_plain
+
+            ext = next((e for e in IMAGE_EXTS if e in raw), None)
+            if ext is None:
+                raise SampleError("missing_image", f"{raw['__shard__']}:{raw['__key__']}: no image member")
+            pixels = resize_plain(decode_image(raw[ext], raw["__key__"]), self.image_size)
+            prompt = bos + [self.image_token] + self.tok.encode(self.prompt)
+            return {**build_example(prompt, target), "pixels": pixels}
+        from adapters.asr import ASR_PROMPT
+        from data.audio import AUDIO_EXTS, decode_audio, log_mel
+
+        ext = next((e for e in AUDIO_EXTS if e in raw), None)
+        if ext is None:
+            raise SampleError("missing_audio", f"{raw['__shard__']}:{raw['__key__']}: no audio member")
+        wave = decode_audio(raw[ext], raw["__key__"], ext)
+        if self.whisper:
+            from adapters.whisper import whisper_log_mel
+
+            feats = whisper_log_mel(wave).transpose(0, 1)
+        else:
+            feats = log_mel(wave)
+        n = int(self.expected(torch.tensor([feats.shape[0]]))[0])
+        prompt = bos + self.tok.encode(ASR_PROMPT.format(language="English")) + [self.placeholder] * n
+        return {**build_example(prompt, target), "features": feats}
+
+
+def collate(items: list[dict]) -> dict:
+    from data.collate import collate_text
+
+    out = collate_text(items, pad_id=0)
+    if "pixels" in items[0]:
+        out["pixels"] = torch.stack([it["pixels"] for it in items])
+    if "features" in items[0]:
+        lens = torch.tensor([it["features"].shape[0] for it in items])
+        feats = torch.zeros(len(items), int(lens.max()), items[0]["features"].shape[1])
+        for b, it in enumerate(items):
+            feats[b, : it["features"].shape[0]] = it["features"]
+        out["features"], out["feature_lengths"] = feats, lens
+    return out
+
+
+def forward_loss(model, batch) -> tuple[torch.Tensor, int]:
+    ids, labels = batch["input_ids"], batch["labels"]
+    if "pixels" in batch:
+        B = ids.shape[0]
+        a = model.module.vision_encoder.args if hasattr(model, "module") else model.vision_encoder.args
+        px = torch.zeros(B, 1, a.max_num_tiles, *batch["pixels"].shape[1:])
+        px[:, 0, 0] = batch["pixels"]
+        ar_mask = torch.zeros(B, 1, a.max_num_tiles, dtype=torch.long)
+        ar_mask[:, :, 0] = 1
+        image_token = getattr(model, "module", model).image_token_id
+        from data.collate import cross_attention_mask
+
+        xm = cross_attention_mask(ids.tolist(), image_token, [[1]] * B, a.max_num_tiles)
+        logits = model(ids, pixel_values=px, aspect_ratio_ids=torch.ones(B, 1, dtype=torch.long),
+                       aspect_ratio_mask=ar_mask, cross_attention_mask=xm)  # fmt: skip
+    else:
+        logits = model(ids, batch["features"], batch["feature_lengths"])
+    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+    n_tokens = int((shift_labels != -100).sum())
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, n_tokens
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    w = cfg.optim.warmup_steps
+    if step < w:
+        return (step + 1) / w
+    progress = (step - w) / max(1, cfg.steps - w)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> list[float]:
+    import torch.distributed as dist
+
+    from data.loader import StreamingLoader
+    from mm_llama.engine import DistributedDataParallel, init_distributed
+    from mm_llama.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+    from mm_llama.llama import Tokenizer
+
+    info = init_distributed(device="cpu" if not torch.cuda.is_available() else None)
+    torch.manual_seed(cfg.seed)
+    run = Path(cfg.run_dir)
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+    tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
+    tower = build_tower(cfg)
+    model = build_model(cfg, tower)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.engine == "ours":
+        wrapped = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
+    elif cfg.engine == "torch" and info.distributed:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
+    elif cfg.engine == "torch":
+        wrapped = model
+    else:
+        raise ValueError(f"engine must be ours or torch, not {cfg.engine!r}")
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg))
+    loader = StreamingLoader(
+        cfg.data.train, map_fn=SampleMaker(cfg, model, tok), collate_fn=collate, batch_size=cfg.data.batch_size,
+        batches_per_epoch=10**9, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.seed, rank=info.rank, world_size=info.world_size, max_bad_fraction=cfg.data.max_bad_fraction,
+    )  # fmt: skip
+    step, losses, nonfinite = 0, [], 0
+    ckpt = None
+    if cfg.resume == "auto":
+        ckpt = latest_checkpoint(run)
+    elif cfg.resume not in ("none", ""):
+        ckpt = Path(cfg.resume)
+    if ckpt is not None:
+        weights, state, data_state = load_checkpoint(ckpt, info.rank)
+        model.load_state_dict(weights, strict=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        loader.load_state_dict(data_state)
+        step, losses, nonfinite = state["step"], list(state["losses"]), state["nonfinite"]
+    barrier = dist.barrier if info.distributed else None
+    metrics = (run / "metrics.jsonl").open("a") if info.is_main else None
+    batches = iter(loader)
+    bar = None
+    if info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not sys.stderr.isatty())
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        total_loss, total_tokens = 0.0, 0
+        for micro in range(cfg.optim.grad_accum):
+            batch = next(batches)
+            last = micro == cfg.optim.grad_accum - 1
+            ctx = wrapped.no_sync() if (not last and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
+            with ctx:
+                loss_sum, n_tok = forward_loss(wrapped, batch)
+                (loss_sum / max(n_tok, 1) / cfg.optim.grad_accum).backward()
+            total_loss += float(loss_sum.detach())
+            total_tokens += n_tok
+        loss = total_loss / max(total_tokens, 1)
+        loss_t = torch.tensor([loss])
+        if info.distributed:
+            dist.all_reduce(loss_t)
+            loss_t /= info.world_size
+        if not math.isfinite(float(loss_t)):
+            nonfinite += 1
+            if nonfinite > cfg.optim.max_nonfinite:
+                raise RuntimeError(f"{nonfinite} non-finite losses (last at step {step}): stopping; check lr/data")
+            opt.zero_grad(set_to_none=True)
+            continue
+        gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip))
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(float(loss_t))
+        dt = time.perf_counter() - t0
+        if metrics is not None and step % cfg.log_every == 0:
+            rec = {"step": step, "loss": losses[-1], "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+                   "tokens_per_s": total_tokens * info.world_size / dt, "nonfinite": nonfinite}  # fmt: skip
+            rec.update(loader.metrics())
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            weights = {k: v for k, v in model.state_dict().items() if k in {n for n, p in model.named_parameters()
+                                                                             if p.requires_grad}}  # fmt: skip
+            save_checkpoint(run, step, weights=weights, optimizer=opt, scheduler=sched,
+                            extra={"losses": losses, "nonfinite": nonfinite}, data_states=loader.state_dict(),
+                            rank=info.rank, is_main=info.is_main, keep=cfg.keep_last, barrier=barrier)  # fmt: skip
+        if cfg.stop_after is not None and step >= cfg.stop_after:
+            break
+    if info.is_main:
+        (run / "losses.json").write_text(json.dumps(losses))
+        print("LOSSES " + json.dumps(losses), flush=True)
+    return losses
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML file (values only; defaults live in TrainConfig)")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4 engine=torch")
+    args = ap.parse_args(argv)
+    from mm_llama.config import ConfigError
+
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"train.py: config error: {e}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
