@@ -80,3 +80,25 @@ def _port():
     from tests.ddp_helpers import free_port
 
     return free_port()
+
+
+def test_accelerate_two_launchers_on_localhost(tmp_path):
+    port = _port()
+    procs = []
+    for machine_rank in (0, 1):
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+               str(machine_rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN,
+               "--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path}", "steps=2"]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                      env=ENV))  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "LOSSES" in outs[0][0]
+
+
+def test_engine_torch_runs(tmp_path):
+    losses, _ = train("--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path}", "steps=2",
+                      "engine=torch")  # fmt: skip
+    assert len(losses) == 2
