@@ -78,6 +78,12 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "auto"  # auto | none | a checkpoint folder
     stop_after: int | None = None  # stop (as if killed) after this many steps: resume tests
+    profile: bool = False  # torch profiler trace of steps 2-4 into RUN/profile/
+    tensorboard: bool = True
+    peak_tflops: float | None = None  # for MFU; default: 0.1 on CPU, 989 (H100 bf16 dense) on CUDA
+    debug_nan_steps: list = field(default_factory=list)  # inject non-finite losses at these steps (tests)
+    debug_kill_rank: int = -1  # SIGKILL this rank at debug_kill_step (robustness tests)
+    debug_kill_step: int = -1
     tower: TowerCfg = field(default_factory=TowerCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -216,6 +222,14 @@ def forward_loss(model, batch) -> tuple[torch.Tensor, int]:
     return loss, n_tokens
 
 
+def _peak_mem_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e6
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     w = cfg.optim.warmup_steps
     if step < w:
@@ -277,14 +291,34 @@ def train(cfg: TrainConfig) -> list[float]:
         step, losses, nonfinite = state["step"], list(state["losses"]), state["nonfinite"]
     barrier = dist.barrier if info.distributed else None
     metrics = (run / "metrics.jsonl").open("a") if info.is_main else None
+    tb = None
+    if info.is_main and cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(run / "tensorboard"))
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = cfg.peak_tflops or (989.0 if torch.cuda.is_available() else 0.1)
+    prof = contextlib.nullcontext()
+    if cfg.profile and info.is_main:
+        from torch.profiler import profile, schedule, tensorboard_trace_handler
+
+        prof = profile(schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                       on_trace_ready=tensorboard_trace_handler(str(run / "profile")))  # fmt: skip
+    prof = prof.__enter__()
     batches = iter(loader)
     bar = None
     if info.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not sys.stderr.isatty())
+    data_wait0 = loader.data_wait_s
     while step < cfg.steps:
         t0 = time.perf_counter()
+        if info.rank == cfg.debug_kill_rank and step == cfg.debug_kill_step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         opt.zero_grad(set_to_none=True)
         total_loss, total_tokens = 0.0, 0
         for micro in range(cfg.optim.grad_accum):
@@ -297,12 +331,16 @@ def train(cfg: TrainConfig) -> list[float]:
             total_loss += float(loss_sum.detach())
             total_tokens += n_tok
         loss = total_loss / max(total_tokens, 1)
+        if step in cfg.debug_nan_steps and nonfinite < len(cfg.debug_nan_steps):
+            loss = float("nan")
         loss_t = torch.tensor([loss])
         if info.distributed:
             dist.all_reduce(loss_t)
             loss_t /= info.world_size
         if not math.isfinite(float(loss_t)):
             nonfinite += 1
+            if info.is_main:
+                print(f"step {step}: non-finite loss, step skipped ({nonfinite} so far)", file=sys.stderr)
             if nonfinite > cfg.optim.max_nonfinite:
                 raise RuntimeError(f"{nonfinite} non-finite losses (last at step {step}): stopping; check lr/data")
             opt.zero_grad(set_to_none=True)
@@ -313,10 +351,21 @@ def train(cfg: TrainConfig) -> list[float]:
         step += 1
         losses.append(float(loss_t))
         dt = time.perf_counter() - t0
+        if hasattr(prof, "step"):
+            prof.step()
         if metrics is not None and step % cfg.log_every == 0:
+            tps = total_tokens * info.world_size / dt
+            wait = loader.data_wait_s - data_wait0
+            data_wait0 = loader.data_wait_s
             rec = {"step": step, "loss": losses[-1], "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
-                   "tokens_per_s": total_tokens * info.world_size / dt, "nonfinite": nonfinite}  # fmt: skip
+                   "tokens_per_s": tps, "mfu": 6 * n_params * tps / (peak * 1e12 * info.world_size),
+                   "data_wait_fraction": wait / dt, "nonfinite": nonfinite,
+                   "peak_mem_mb": _peak_mem_mb()}  # fmt: skip
             rec.update(loader.metrics())
+            if tb is not None:
+                for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_fraction", "peak_mem_mb"):
+                    tb.add_scalar(f"train/{k}", rec[k], step)
+                tb.add_scalar("train/bad_samples", rec["bad_samples"], step)
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
         if bar is not None:
@@ -330,6 +379,10 @@ def train(cfg: TrainConfig) -> list[float]:
                             rank=info.rank, is_main=info.is_main, keep=cfg.keep_last, barrier=barrier)  # fmt: skip
         if cfg.stop_after is not None and step >= cfg.stop_after:
             break
+    if hasattr(prof, "__exit__"):
+        prof.__exit__(None, None, None)
+    if tb is not None:
+        tb.close()
     if info.is_main:
         (run / "losses.json").write_text(json.dumps(losses))
         print("LOSSES " + json.dumps(losses), flush=True)
@@ -339,12 +392,13 @@ def train(cfg: TrainConfig) -> list[float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="YAML file (values only; defaults live in TrainConfig)")
+    ap.add_argument("--profile", action="store_true", help="torch profiler trace of a few steps into RUN/profile/")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4 engine=torch")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     from mm_llama.config import ConfigError
 
     try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg = load_config(TrainConfig, args.config, args.overrides + (["profile=true"] if args.profile else []))
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2

@@ -102,3 +102,41 @@ def test_engine_torch_runs(tmp_path):
     losses, _ = train("--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path}", "steps=2",
                       "engine=torch")  # fmt: skip
     assert len(losses) == 2
+
+
+def test_nonfinite_losses_skipped_then_stop(tmp_path):
+    losses, r = train(
+        "--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path / 'a'}", "debug_nan_steps=[2]"
+    )
+    assert len(losses) == 6 and "non-finite loss, step skipped" in r.stderr
+    _, r = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path / 'b'}", "optim.max_nonfinite=2",
+                 "debug_nan_steps=[1,2,3,4]", check=False)  # fmt: skip
+    assert r.returncode != 0 and "non-finite losses" in r.stderr and "stopping" in r.stderr
+
+
+def test_killed_rank_makes_the_other_exit_with_an_error(tmp_path):
+    import time
+
+    port = _port()
+    procs = []
+    t0 = time.monotonic()
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "MM_LLAMA_PG_TIMEOUT": "60"}  # fmt: skip
+        cmd = [sys.executable, TRAIN, "--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path}",
+               "steps=20", "debug_kill_rank=1", "debug_kill_step=3"]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                      env=env))  # fmt: skip
+    out0, err0 = procs[0].communicate(timeout=300)
+    procs[1].communicate(timeout=60)
+    assert procs[1].returncode == -9 and procs[0].returncode != 0
+    assert "LOSSES" not in out0 and ("peer" in err0 or "Connection" in err0 or "DistributedDataParallel" in err0)
+    assert time.monotonic() - t0 < 200
+
+
+def test_profile_and_tensorboard_outputs(tmp_path):
+    train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "--profile", "steps=5")
+    assert list((tmp_path / "profile").glob("*.json")) and list((tmp_path / "tensorboard").iterdir())
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("mfu", "data_wait_fraction", "peak_mem_mb", "bad_samples", "grad_norm", "lr"):
+        assert key in rec
