@@ -77,6 +77,8 @@ class TrainConfig:
     ckpt_every: int = 5
     keep_last: int = 3
     resume: str = "auto"  # auto | none | a checkpoint folder
+    dtype: str = "auto"  # frozen tower dtype: auto = bfloat16 on CUDA, float32 on CPU
+    activation_checkpointing: bool = False
     stop_after: int | None = None  # stop (as if killed) after this many steps: resume tests
     profile: bool = False  # torch profiler trace of steps 2-4 into RUN/profile/
     tensorboard: bool = True
@@ -197,20 +199,31 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
+def _checkpoint_tower_layers(tower) -> None:
+    """Recompute each frozen tower layer in backward instead of storing its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in tower.layers:
+        fwd = layer.forward
+        layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
 def forward_loss(model, batch) -> tuple[torch.Tensor, int]:
+    dev = next(p for p in model.parameters()).device
+    batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
     ids, labels = batch["input_ids"], batch["labels"]
     if "pixels" in batch:
         B = ids.shape[0]
         a = model.module.vision_encoder.args if hasattr(model, "module") else model.vision_encoder.args
-        px = torch.zeros(B, 1, a.max_num_tiles, *batch["pixels"].shape[1:])
+        px = torch.zeros(B, 1, a.max_num_tiles, *batch["pixels"].shape[1:], device=dev)
         px[:, 0, 0] = batch["pixels"]
-        ar_mask = torch.zeros(B, 1, a.max_num_tiles, dtype=torch.long)
+        ar_mask = torch.zeros(B, 1, a.max_num_tiles, dtype=torch.long, device=dev)
         ar_mask[:, :, 0] = 1
         image_token = getattr(model, "module", model).image_token_id
         from data.collate import cross_attention_mask
 
-        xm = cross_attention_mask(ids.tolist(), image_token, [[1]] * B, a.max_num_tiles)
-        logits = model(ids, pixel_values=px, aspect_ratio_ids=torch.ones(B, 1, dtype=torch.long),
+        xm = cross_attention_mask(ids.tolist(), image_token, [[1]] * B, a.max_num_tiles).to(dev)
+        logits = model(ids, pixel_values=px, aspect_ratio_ids=torch.ones(B, 1, dtype=torch.long, device=dev),
                        aspect_ratio_mask=ar_mask, cross_attention_mask=xm)  # fmt: skip
     else:
         logits = model(ids, batch["features"], batch["feature_lengths"])
@@ -256,8 +269,17 @@ def train(cfg: TrainConfig) -> list[float]:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
     tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     tower = build_tower(cfg)
+    tower_dtype = {"auto": torch.bfloat16 if info.device.type == "cuda" else torch.float32,
+                   "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]  # fmt: skip
+    tower.to(dtype=tower_dtype)
     model = build_model(cfg, tower)
+    model.to(info.device)
+    if cfg.activation_checkpointing:
+        _checkpoint_tower_layers(model.tower)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.engine == "ours":
@@ -325,7 +347,10 @@ def train(cfg: TrainConfig) -> list[float]:
             batch = next(batches)
             last = micro == cfg.optim.grad_accum - 1
             ctx = wrapped.no_sync() if (not last and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
-            with ctx:
+            amp = (
+                torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else contextlib.nullcontext()
+            )
+            with ctx, amp:
                 loss_sum, n_tok = forward_loss(wrapped, batch)
                 (loss_sum / max(n_tok, 1) / cfg.optim.grad_accum).backward()
             total_loss += float(loss_sum.detach())
@@ -333,7 +358,7 @@ def train(cfg: TrainConfig) -> list[float]:
         loss = total_loss / max(total_tokens, 1)
         if step in cfg.debug_nan_steps and nonfinite < len(cfg.debug_nan_steps):
             loss = float("nan")
-        loss_t = torch.tensor([loss])
+        loss_t = torch.tensor([loss], device=info.device)
         if info.distributed:
             dist.all_reduce(loss_t)
             loss_t /= info.world_size

@@ -1,0 +1,95 @@
+"""One GPU: training throughput of the image adapter on a Llama-3-8B-shaped frozen tower (random weights, bf16).
+
+Prints tokens/s, MFU and peak memory for our DDP engine and for torch's DDP (world size 1, same step otherwise).
+Exits cleanly with a message on machines without CUDA.
+Usage: python benchmarks/gpu_train.py [--steps 10] [--seq 512] [--batch 2] [--preset llama3_1_8b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--preset", default="llama3_1_8b")
+    ap.add_argument("--vision", default="llama3_2_vision")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/gpu_train.py: no CUDA device on this machine; nothing to measure.")
+        return 0
+    import torch.distributed as dist
+
+    from adapters.builders import attach_image_adapter
+    from data.collate import cross_attention_mask
+    from mm_llama.engine import DistributedDataParallel
+    from mm_llama.llama import Transformer, get_preset
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    a = get_preset(args.preset)
+    with torch.device(dev):
+        tower = Transformer(a).to(torch.bfloat16)
+    tower.init_weights(std=0.02)
+    model = attach_image_adapter(tower, args.vision).to(dev)
+    v = model.vision_encoder.args
+    B, T = args.batch, args.seq
+    ids = torch.randint(0, a.vocab_size, (B, T), device=dev)
+    ids[:, 1] = model.image_token_id
+    px = torch.randn(B, 1, v.max_num_tiles, 3, v.image_size, v.image_size, device=dev)
+    ar_ids = torch.full((B, 1), 1, dtype=torch.long, device=dev)
+    ar_mask = torch.zeros(B, 1, v.max_num_tiles, dtype=torch.long, device=dev)
+    ar_mask[:, :, 0] = 1
+    xm = cross_attention_mask(ids.tolist(), model.image_token_id, [[1]] * B, v.max_num_tiles).to(dev)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_all = sum(p.numel() for p in model.parameters())
+    peak_flops = float(os.environ.get("PEAK_TFLOPS", 989)) * 1e12  # H100 SXM dense bf16
+    print(f"{torch.cuda.get_device_name()} | tower {args.preset} bf16 frozen | trainable "
+          f"{sum(p.numel() for p in trainable) / 1e9:.2f}B | batch {B} x {T} tokens, 1 tile of {v.image_size}px")  # fmt: skip
+    for engine in ("ours", "torch"):
+        wrapped = (DistributedDataParallel(model) if engine == "ours"
+                   else torch.nn.parallel.DistributedDataParallel(model))  # fmt: skip
+        opt = torch.optim.AdamW(trainable, lr=1e-5)
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for step in range(args.steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = wrapped(ids, pixel_values=px, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask,
+                                 cross_attention_mask=xm)  # fmt: skip
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if step >= 2:
+                times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        tps = B * T / t
+        print(f"engine={engine:<6} {tps:9.0f} tokens/s  MFU {6 * n_all * tps / peak_flops:6.1%}  "
+              f"peak memory {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB  step {t * 1e3:.0f} ms")  # fmt: skip
+        if engine == "ours":
+            wrapped.remove_hooks()
+        del wrapped, opt
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
