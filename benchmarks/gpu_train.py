@@ -59,8 +59,9 @@ def main():
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_all = sum(p.numel() for p in model.parameters())
     peak_flops = float(os.environ.get("PEAK_TFLOPS", 989)) * 1e12  # H100 SXM dense bf16
-    print(f"{torch.cuda.get_device_name()} | tower {args.preset} bf16 frozen | trainable "
-          f"{sum(p.numel() for p in trainable) / 1e9:.2f}B | batch {B} x {T} tokens, 1 tile of {v.image_size}px")  # fmt: skip
+    n_train = sum(p.numel() for p in trainable) / 1e9
+    print(f"{torch.cuda.get_device_name()} | tower {args.preset} bf16 frozen | trainable {n_train:.2f}B | "
+          f"batch {B} x {T} tokens, 1 tile of {v.image_size}px")  # fmt: skip
     for engine in ("ours", "torch"):
         wrapped = (DistributedDataParallel(model) if engine == "ours"
                    else torch.nn.parallel.DistributedDataParallel(model))  # fmt: skip
