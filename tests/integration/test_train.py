@@ -140,3 +140,18 @@ def test_profile_and_tensorboard_outputs(tmp_path):
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("mfu", "data_wait_fraction", "peak_mem_mb", "bad_samples", "grad_norm", "lr"):
         assert key in rec
+
+
+@pytest.mark.parametrize("modality", ["image", "speech"])
+def test_evaluate_after_training(tmp_path, modality):
+    cfg = f"recipes/configs/debug_{modality}.yaml"
+    train("--config", cfg, f"run_dir={tmp_path}", "steps=2", "ckpt_every=2")
+    data = f"tests/assets/shards/{modality if modality == 'image' else 'audio'}/index.json"
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "evaluate.py"), "--config", cfg, "--checkpoint",
+                        str(tmp_path / "checkpoints" / "step_00000002"), "--data", data, f"run_dir={tmp_path}",
+                        "--max-new-tokens", "3"], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(re.findall(r"EVAL (\{.*\})", r.stdout)[-1])
+    assert ("bleu" in res and "exact_match" in res) if modality == "image" else ("wer" in res and "cer" in res)
+    assert res["n"] == (6 if modality == "image" else 5)
