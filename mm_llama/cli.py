@@ -160,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from adapters.cli import add_asr_parser  # application layer: the library core never imports adapters
     from adapters.cli import add_parser as add_caption
+    from adapters.serve import add_serve_parser
 
     add_caption(sub)
     add_asr_parser(sub)
+    add_serve_parser(sub)
 
     d = sub.add_parser("demo", help="run the offline demo on the embedded default model")
     d.add_argument("--prompt", action="append", default=None)
