@@ -90,7 +90,7 @@ class TemporalAggregator(nn.Module):
 def video_schedule(image_schedule: list[int], every: int = 4) -> list[int]:
     """Tower layers of the video blocks: before every `every`-th image block, counted from the top
     (8B: 8 image blocks -> 2 video blocks; 70B: 20 -> 5)."""
-    picks = default_schedule(len(image_schedule), every)
+    picks = default_schedule(len(image_schedule), every, max(1, len(image_schedule) // every))
     return [image_schedule[k] for k in picks]
 
 

@@ -37,12 +37,16 @@ class TowerCfg:
 
 @dataclass
 class ModelCfg:
-    modality: str = "image"  # image | speech
+    modality: str = "image"  # image | speech | video
     tokenizer: str = ""
     vision: str = "debug"  # image encoder preset
     speech_encoder: str = "conformer:debug"  # conformer:PRESET | whisper:PATH
     speech_adapter: str = "debug"
     freeze_speech_encoder: bool = False
+    image_adapter: str | None = None  # video stage: the trained image adapter to start from (frozen)
+    video_frames: int = 8
+    video_merge: int = 4  # frames per effective frame (32 for 64-frame SFT input, 16 for pretraining)
+    video_heads: int = 4
 
 
 @dataclass
@@ -54,6 +58,7 @@ class DataCfg:
     max_bad_fraction: float = 0.01
     prompt: str = ""
     max_text_tokens: int = 64
+    split_by_rank: bool = True  # False: every rank reads the same stream (engine checks: N ranks == 1 rank)
 
 
 @dataclass
@@ -132,7 +137,16 @@ def build_model(cfg: TrainConfig, tower):
         kind, _, arg = m.speech_encoder.partition(":")
         enc = ConformerEncoder(CONFORMER_PRESETS[arg]) if kind == "conformer" else load_whisper_encoder(resolve(arg))
         return build_speech_model(tower, enc, ADAPTER_PRESETS[m.speech_adapter], freeze_encoder=m.freeze_speech_encoder)
-    raise ValueError(f"model.modality must be image or speech, not {m.modality!r}")
+    if m.modality == "video":
+        from adapters.builders import attach_image_adapter
+        from adapters.checkpoint import load_adapter
+        from adapters.video import AggregatorArgs, FusedVideoModel
+
+        image = (
+            load_adapter(tower, resolve(m.image_adapter)) if m.image_adapter else attach_image_adapter(tower, m.vision)
+        )
+        return FusedVideoModel(image, AggregatorArgs(merge=m.video_merge, heads=m.video_heads))
+    raise ValueError(f"model.modality must be image, speech or video, not {m.modality!r}")
 
 
 class SampleMaker:
@@ -144,6 +158,10 @@ class SampleMaker:
         if self.modality == "image":
             self.image_size = model.vision_encoder.args.image_size
             self.image_token = model.image_token_id
+        elif self.modality == "video":
+            self.image_size = model.image_model.vision_encoder.args.image_size
+            self.video_token = model.video_token_id
+            self.frames = cfg.model.video_frames
         else:
             self.placeholder = model.placeholder_id
             self.whisper = type(model.encoder).__name__ == "WhisperEncoder"
@@ -166,6 +184,16 @@ class SampleMaker:
             pixels = resize_plain(decode_image(raw[ext], raw["__key__"]), self.image_size)
             prompt = bos + [self.image_token] + self.tok.encode(self.prompt)
             return {**build_example(prompt, target), "pixels": pixels}
+        if self.modality == "video":
+            from data.image import normalize_tiles
+            from data.video import VIDEO_EXTS, decode_video
+
+            ext = next((e for e in VIDEO_EXTS if e in raw), None)
+            if ext is None:
+                raise SampleError("missing_video", f"{raw['__shard__']}:{raw['__key__']}: no video member")
+            frames = decode_video(raw[ext], raw["__key__"], num_frames=self.frames, size=self.image_size)
+            prompt = bos + [self.video_token] + self.tok.encode(self.prompt)
+            return {**build_example(prompt, target), "video": normalize_tiles(frames)}
         from adapters.asr import ASR_PROMPT
         from data.audio import AUDIO_EXTS, decode_audio, log_mel
 
@@ -190,6 +218,8 @@ def collate(items: list[dict]) -> dict:
     out = collate_text(items, pad_id=0)
     if "pixels" in items[0]:
         out["pixels"] = torch.stack([it["pixels"] for it in items])
+    if "video" in items[0]:
+        out["videos"] = [it["video"] for it in items]
     if "features" in items[0]:
         lens = torch.tensor([it["features"].shape[0] for it in items])
         feats = torch.zeros(len(items), int(lens.max()), items[0]["features"].shape[1])
@@ -212,7 +242,9 @@ def forward_loss(model, batch) -> tuple[torch.Tensor, int]:
     dev = next(p for p in model.parameters()).device
     batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
     ids, labels = batch["input_ids"], batch["labels"]
-    if "pixels" in batch:
+    if "videos" in batch:
+        logits = model(ids, videos=[v.to(dev) for v in batch["videos"]])
+    elif "pixels" in batch:
         B = ids.shape[0]
         a = model.module.vision_encoder.args if hasattr(model, "module") else model.vision_encoder.args
         px = torch.zeros(B, 1, a.max_num_tiles, *batch["pixels"].shape[1:], device=dev)
@@ -295,7 +327,8 @@ def train(cfg: TrainConfig) -> list[float]:
     loader = StreamingLoader(
         cfg.data.train, map_fn=SampleMaker(cfg, model, tok), collate_fn=collate, batch_size=cfg.data.batch_size,
         batches_per_epoch=10**9, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.seed, rank=info.rank, world_size=info.world_size, max_bad_fraction=cfg.data.max_bad_fraction,
+        seed=cfg.seed, rank=info.rank if cfg.data.split_by_rank else 0,
+        world_size=info.world_size if cfg.data.split_by_rank else 1, max_bad_fraction=cfg.data.max_bad_fraction,
     )  # fmt: skip
     step, losses, nonfinite = 0, [], 0
     ckpt = None

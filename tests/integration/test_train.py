@@ -155,3 +155,22 @@ def test_evaluate_after_training(tmp_path, modality):
     res = json.loads(re.findall(r"EVAL (\{.*\})", r.stdout)[-1])
     assert ("bleu" in res and "exact_match" in res) if modality == "image" else ("wer" in res and "cer" in res)
     assert res["n"] == (6 if modality == "image" else 5)
+
+
+def test_video_stage_trains_only_video_parts(tmp_path):
+    losses, _ = train("--config", "recipes/configs/debug_video.yaml", f"run_dir={tmp_path}")
+    assert len(losses) == 4
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "checkpoints" / "step_00000004" / "adapter.safetensors").keys()
+    assert keys and all(k.startswith(("aggregator.", "video_cross_attention_layers.")) for k in keys)
+
+
+def test_two_ranks_same_stream_equal_one_rank(tmp_path):
+    """Every rank reading the same batches, DDP-averaged gradients equal the single-process ones."""
+    one, _ = train("--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path / 'one'}", "steps=3",
+                   "data.split_by_rank=false")  # fmt: skip
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port())]
+    two, _ = train("--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path / 'two'}", "steps=3",
+                   "data.split_by_rank=false", launcher=launcher)  # fmt: skip
+    assert two == pytest.approx(one, rel=1e-6, abs=1e-6)
