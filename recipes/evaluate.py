@@ -3,9 +3,9 @@
     python recipes/evaluate.py --config recipes/configs/debug_image.yaml --checkpoint RUN/checkpoints/step_N \
         --data tests/assets/shards/image/index.json [--max-new-tokens 24] [key=value ...]
 
-Captioning: corpus BLEU (sacrebleu) and exact match after normalisation. Speech: WER and CER (jiwer) after
-normalisation. Ranks split the shards; results are gathered on rank 0, which prints one JSON line and writes
-RUN/eval.json. (CIDEr: not yet.)
+Captioning: corpus BLEU (sacrebleu), CIDEr (pycocoevalcap) and exact match after normalisation. Speech: WER and
+CER (jiwer) after normalisation. Ranks split the shards; results are gathered on rank 0, which prints one JSON
+line and writes RUN/eval.json.
 """
 
 from __future__ import annotations
@@ -27,12 +27,17 @@ from mm_llama.config import load_config  # noqa: E402
 
 def caption_metrics(refs: list[str], hyps: list[str]) -> dict:
     import sacrebleu
+    from pycocoevalcap.cider.cider import Cider
 
     from adapters.asr import normalize_text
 
-    bleu = sacrebleu.corpus_bleu([normalize_text(h) for h in hyps], [[normalize_text(r) for r in refs]])
-    exact = sum(normalize_text(r) == normalize_text(h) for r, h in zip(refs, hyps)) / max(len(refs), 1)
-    return {"bleu": bleu.score, "exact_match": exact, "n": len(refs)}
+    r_norm, h_norm = [normalize_text(r) for r in refs], [normalize_text(h) for h in hyps]
+    bleu = sacrebleu.corpus_bleu(h_norm, [r_norm])
+    exact = sum(r == h for r, h in zip(r_norm, h_norm)) / max(len(refs), 1)
+    gts = {i: [r] for i, r in enumerate(r_norm)}
+    res = {i: [h or "<empty>"] for i, h in enumerate(h_norm)}
+    cider = Cider().compute_score(gts, res)[0] if refs else 0.0
+    return {"bleu": bleu.score, "cider": float(cider), "exact_match": exact, "n": len(refs)}
 
 
 def main(argv=None) -> int:
