@@ -174,3 +174,9 @@ def test_two_ranks_same_stream_equal_one_rank(tmp_path):
     two, _ = train("--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path / 'two'}", "steps=3",
                    "data.split_by_rank=false", launcher=launcher)  # fmt: skip
     assert two == pytest.approx(one, rel=1e-6, abs=1e-6)
+
+
+def test_activation_checkpointing_same_losses(tmp_path):
+    losses, _ = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "steps=3",
+                      "activation_checkpointing=true")  # fmt: skip
+    assert losses == pytest.approx(GOLDEN_IMAGE[:3], abs=1e-3)
