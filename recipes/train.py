@@ -461,7 +461,22 @@ def main(argv=None) -> int:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
     train(cfg)
+    _exit_distributed()
     return 0
+
+
+def _exit_distributed() -> None:
+    """After a distributed run: tear the process group down and leave without C++ static destructors
+    (torch 2.11 + gloo sometimes aborts in interpreter teardown: "terminate called without an active exception")."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -105,13 +105,18 @@ def train_pair(rank: int, world: int, port: int, cfg: dict) -> None:
             opt.zero_grad(set_to_none=True)
         for (n, p1), (_, p2) in zip(ours_m.named_parameters(), ref_m.named_parameters()):
             _compare(p1, p2, exact, f"param step {step} {n}")
-    dist.barrier()
-    dist.destroy_process_group()
-    if cfg.get("hook") in ("fp16", "bf16") or cfg.get("dtype", torch.float32) != torch.float32:
-        # torch 2.11 + gloo: after 16-bit all-reduces the interpreter's teardown sometimes aborts ("terminate
-        # called without an active exception", no Python frame) -- torch's own DDP with its fp16_compress_hook
-        # does it too. All checks above have passed; leave without the C++ static teardown.
-        os._exit(0)
+    finish()
+
+
+def finish() -> None:
+    """End a spawned worker whose checks all passed.
+
+    torch 2.11 + gloo: the interpreter's teardown after a process group was used sometimes aborts ("terminate called
+    without an active exception", no Python frame) -- torch's own DDP does it too (seen most with its
+    fp16_compress_hook). Tear the group down, then leave without the C++ static destructors."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os._exit(0)
 
 
 def _compare(a, b, exact, what):
@@ -145,7 +150,7 @@ def unused_param_error(rank: int, world: int, port: int, who_skips: str) -> None
         loss.backward()  # completes: the skipping rank still reduced its buckets
         assert ddp.module.branch.weight.grad is not None
     dist.barrier()
-    dist.destroy_process_group()
+    finish()
 
 
 def mismatch_error(rank: int, world: int, port: int) -> None:
@@ -160,7 +165,7 @@ def mismatch_error(rank: int, world: int, port: int) -> None:
         assert "branch.weight" in msg and "rank 0" in msg and "rank 1" in msg and "(16, 32)" in msg, msg
     else:
         raise AssertionError("expected a mismatch error")
-    dist.destroy_process_group()
+    finish()
 
 
 def broadcast_check(rank: int, world: int, port: int) -> None:
@@ -175,4 +180,4 @@ def broadcast_check(rank: int, world: int, port: int) -> None:
         dist.all_gather(gathered, p.detach())
         assert all(torch.equal(g, gathered[0]) for g in gathered)
     assert torch.equal(model.trunk[0].weight, frozen_before)
-    dist.destroy_process_group()
+    finish()
