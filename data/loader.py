@@ -81,6 +81,8 @@ class ShardStream(IterableDataset):
         self.bucket_batches = bucket_batches if length_fn is not None else 1
         self.resume_states: dict[int, dict] = {}
         self.rotation = 0
+        # split="interleave": every rank reads the same stream and keeps every world-th sample after shuffling
+        self.keep_rank, self.keep_world = 0, 1
 
     # --- which samples a worker reads ---------------------------------------------------------
     def shard_plan(self, epoch: int, g: int) -> tuple[list[str], int | None]:
@@ -157,6 +159,7 @@ class ShardStream(IterableDataset):
         buffer: list[tuple] = []  # (id, raw sample)
         cursor = (0, 0, 0)
         skip = 0
+        emitted = 0  # samples out of the shuffle buffer so far (interleave split)
         if state is not None:
             rng.setstate(_to_rng_state(state["rng"]))
             cursor = tuple(state["cursor"])
@@ -165,6 +168,7 @@ class ShardStream(IterableDataset):
             buffer = [(i, fetched[i]) for i in ids if i in fetched]
             tracker.merge(state["seen"], state["bad"], state["reasons"])
             skip = state["skip"]
+            emitted = state.get("emitted", 0)
         stream = None
         while True:
             # snapshot at the start of a batch group: restoring it regenerates the same group
@@ -176,6 +180,7 @@ class ShardStream(IterableDataset):
                 "seen": tracker.seen,
                 "bad": tracker.bad,
                 "reasons": dict(tracker.reasons),
+                "emitted": emitted,
             }
             if stream is None:
                 stream = self._raw_stream(g, *cursor, tracker)
@@ -189,6 +194,9 @@ class ShardStream(IterableDataset):
                         continue
                     j = rng.randrange(len(buffer))
                     (sid, raw), buffer[j] = buffer[j], (sid, raw)
+                emitted += 1
+                if (emitted - 1) % self.keep_world != self.keep_rank:
+                    continue
                 try:
                     items.append(self.map_fn(raw))
                     tracker.ok()
@@ -237,9 +245,17 @@ class StreamingLoader:
         prefetch_factor: int = 2,
         length_fn: Callable[[object], int] | None = None,
         bucket_batches: int = 8,
+        split: str = "shards",
     ):
+        """split: "shards" (each rank and worker reads its own shards: the normal case), "interleave" (every rank
+        reads the same stream and keeps every world-th sample, so N ranks x batch B/N see exactly the global batches
+        of one process with batch B; use 0 workers), or "none" (every rank reads everything)."""
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        if split not in ("shards", "interleave", "none"):
+            raise ValueError(f"split must be shards, interleave or none, not {split!r}")
+        self.rank, self.world_size, self.split = rank, world_size, split
+        stream_rank, stream_world = (rank, world_size) if split == "shards" else (0, 1)
         urls = expand_urls(shards, allow_pipe=allow_pipe)
         if batches_per_epoch is None:
             if isinstance(shards, str) and shards.removeprefix("file:").endswith(".json"):
@@ -252,10 +268,12 @@ class StreamingLoader:
         self.prefetch_factor = prefetch_factor
         self.dataset = ShardStream(
             urls, map_fn=map_fn, collate_fn=collate_fn, batch_size=batch_size, shuffle_buffer=shuffle_buffer,
-            seed=seed, rank=rank, world_size=world_size, num_workers=num_workers, allow_pipe=allow_pipe,
+            seed=seed, rank=stream_rank, world_size=stream_world, num_workers=num_workers, allow_pipe=allow_pipe,
             max_bad_fraction=max_bad_fraction, min_samples_for_limit=min_samples_for_limit,
             length_fn=length_fn, bucket_batches=bucket_batches,
         )  # fmt: skip
+        if split == "interleave":
+            self.dataset.keep_rank, self.dataset.keep_world = rank, world_size
         self.tracker = BadSampleTracker(max_bad_fraction, min_samples_for_limit)
         self.epoch = 0
         self.in_epoch = 0
@@ -308,14 +326,14 @@ class StreamingLoader:
             "in_epoch": self.in_epoch,
             "consumed": self.consumed,
             "num_workers": self.num_workers,
-            "rank": self.dataset.rank,
-            "world_size": self.dataset.world_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
             "workers": {str(k): v for k, v in self.worker_states.items()},
         }
 
     def load_state_dict(self, sd: dict) -> None:
         for key in ("num_workers", "world_size", "rank"):
-            mine = self.num_workers if key == "num_workers" else getattr(self.dataset, key)
+            mine = self.num_workers if key == "num_workers" else getattr(self, key)
             if sd[key] != mine:
                 raise ValueError(f"loader state was saved with {key}={sd[key]}, this loader has {key}={mine}")
         self.epoch, self.in_epoch, self.consumed = sd["epoch"], sd["in_epoch"], sd["consumed"]

@@ -58,7 +58,7 @@ class DataCfg:
     max_bad_fraction: float = 0.01
     prompt: str = ""
     max_text_tokens: int = 64
-    split_by_rank: bool = True  # False: every rank reads the same stream (engine checks: N ranks == 1 rank)
+    split: str = "shards"  # shards | interleave (N ranks x B/N == 1 rank x B, for checks) | none (same stream)
 
 
 @dataclass
@@ -327,8 +327,8 @@ def train(cfg: TrainConfig) -> list[float]:
     loader = StreamingLoader(
         cfg.data.train, map_fn=SampleMaker(cfg, model, tok), collate_fn=collate, batch_size=cfg.data.batch_size,
         batches_per_epoch=10**9, num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.seed, rank=info.rank if cfg.data.split_by_rank else 0,
-        world_size=info.world_size if cfg.data.split_by_rank else 1, max_bad_fraction=cfg.data.max_bad_fraction,
+        seed=cfg.seed, rank=info.rank, world_size=info.world_size, max_bad_fraction=cfg.data.max_bad_fraction,
+        split=cfg.data.split,
     )  # fmt: skip
     step, losses, nonfinite = 0, [], 0
     ckpt = None
@@ -385,16 +385,21 @@ def train(cfg: TrainConfig) -> list[float]:
             )
             with ctx, amp:
                 loss_sum, n_tok = forward_loss(wrapped, batch)
-                (loss_sum / max(n_tok, 1) / cfg.optim.grad_accum).backward()
+                n_glob = n_tok
+                if info.distributed:  # normalise by the GLOBAL token count: the DDP average is then the global mean
+                    t = torch.tensor([n_tok], device=info.device)
+                    dist.all_reduce(t)
+                    n_glob = int(t.item())
+                (loss_sum * info.world_size / max(n_glob, 1) / cfg.optim.grad_accum).backward()
             total_loss += float(loss_sum.detach())
             total_tokens += n_tok
-        loss = total_loss / max(total_tokens, 1)
+        sums = torch.tensor([total_loss, float(total_tokens)], dtype=torch.float64, device=info.device)
+        if info.distributed:
+            dist.all_reduce(sums)
+        loss = float(sums[0] / max(sums[1], 1.0))
         if step in cfg.debug_nan_steps and nonfinite < len(cfg.debug_nan_steps):
             loss = float("nan")
-        loss_t = torch.tensor([loss], device=info.device)
-        if info.distributed:
-            dist.all_reduce(loss_t)
-            loss_t /= info.world_size
+        loss_t = torch.tensor([loss])
         if not math.isfinite(float(loss_t)):
             nonfinite += 1
             if info.is_main:
