@@ -17,8 +17,13 @@ from pathlib import Path
 import torch
 
 from data.image import supported_aspect_ratios
-from mm_llama.llama.checkpoint import CheckpointError, _hf_rope, hf_to_meta_key, permute_hf_to_meta
-from mm_llama.llama.config import ModelArgs
+from mm_llama.llama.checkpoint import (
+    CheckpointError,
+    ParamFiller,
+    args_from_hf_config,
+    hf_to_meta_key,
+    permute_hf_to_meta,
+)
 from mm_llama.llama.model import Transformer
 
 from .fusion import NUM_EXTRA_TOKENS, FusedVisionModel
@@ -95,21 +100,13 @@ def load_hf_mllama(
     tc, vc = cfg.get("text_config", {}), cfg.get("vision_config", {})
     cross = list(tc.get("cross_attention_layers", []))
     n_flat = tc["num_hidden_layers"]
-    n_heads = tc["num_attention_heads"]
-    theta, scaling = _hf_rope(tc)
-    args = ModelArgs(
-        dim=tc["hidden_size"],
-        n_layers=n_flat - len(cross),
-        n_heads=n_heads,
-        n_kv_heads=tc.get("num_key_value_heads") or n_heads,
-        vocab_size=tc["vocab_size"],
-        ffn_dim=tc["intermediate_size"],
-        norm_eps=tc.get("rms_norm_eps", 1e-5),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        tie_embeddings=bool(tc.get("tie_word_embeddings", False)),
-        max_seq_len=tc.get("max_position_embeddings", 131072),
-    )
+    # the text tower is a plain Llama once the cross-attention layers are taken out of the flat list
+    text = {**tc, "model_type": "llama", "num_hidden_layers": n_flat - len(cross),
+            "max_position_embeddings": tc.get("max_position_embeddings", 131072)}  # fmt: skip
+    try:
+        args = args_from_hf_config(text, f"{cfg_path} text_config")
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_path}: text_config misses required key {e}") from None
     schedule = [c - k for k, c in enumerate(cross)]
     flat_to_self = {}
     j = 0
@@ -120,47 +117,32 @@ def load_hf_mllama(
     vargs = vision_args_from_hf(vc, str(cfg_path), intermediate_from)
     with torch.device("meta"):
         model = FusedVisionModel(Transformer(args), vargs, schedule, hf_compat_masking=hf_compat_masking)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    seen: set[str] = set()
-
-    def put(name: str, t: torch.Tensor, src: str):
-        if name not in params:
-            raise CheckpointError(f"{src}: no place for {name!r} in the fused model")
-        p = params[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise CheckpointError(
-                f"{src}: shape mismatch for {name!r}: checkpoint {tuple(t.shape)} vs {tuple(p.shape)}"
-            )
-        mod, _, pname = name.rpartition(".")
-        setattr(model.get_submodule(mod), pname, torch.nn.Parameter(t.to(device=device, dtype=dtype), False))
-        seen.add(name)
-
+    filler = ParamFiller(model, source=str(folder), dtype=dtype, device=device, requires_grad=False)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors file")
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
-                src = f"{f}: {key}"
                 try:
                     part, rest = _normalise_hf_key(key)
                 except KeyError:
                     raise CheckpointError(f"{f}: unexpected key {key!r} for an Mllama checkpoint") from None
                 t = sf.get_tensor(key)
                 if part == "vision":
-                    put(f"vision_encoder.{rest}", t, src)
+                    filler.put(f"vision_encoder.{rest}", t, key)
                 elif part == "projector":
-                    put(f"vision_projection.{rest}", t, src)
+                    filler.put(f"vision_projection.{rest}", t, key)
                 elif part == "lm_head":
-                    put("tower.output.weight", t, src)
+                    filler.put("tower.output.weight", t, key)
                 elif rest == "embed_tokens.weight":
                     V = args.vocab_size
                     if t.shape[0] != V + NUM_EXTRA_TOKENS:
-                        raise CheckpointError(f"{src}: expected {V}+{NUM_EXTRA_TOKENS} rows, found {t.shape[0]}")
-                    put("tower.tok_embeddings.weight", t[:V], src)
-                    put("learnable_embedding.weight", t[V:], src)
+                        raise CheckpointError(f"{f}: {key}: expected {V}+{NUM_EXTRA_TOKENS} rows, found {t.shape[0]}")
+                    filler.put("tower.tok_embeddings.weight", t[:V], key)
+                    filler.put("learnable_embedding.weight", t[V:], key)
                 elif rest == "norm.weight":
-                    put("tower.norm.weight", t, src)
+                    filler.put("tower.norm.weight", t, key)
                 elif "rotary_emb" in rest:
                     continue
                 else:
@@ -172,7 +154,7 @@ def load_hf_mllama(
                         k = cross.index(flat)
                         if tail not in _XATTN_KEYS:
                             raise CheckpointError(f"{f}: unexpected cross-attention key {key!r}")
-                        put(f"cross_attention_layers.{k}.{_XATTN_KEYS[tail]}", t, src)
+                        filler.put(f"cross_attention_layers.{k}.{_XATTN_KEYS[tail]}", t, key)
                     else:
                         meta = hf_to_meta_key(f"layers.{flat_to_self[flat]}.{tail}")
                         if meta is None:
@@ -181,12 +163,10 @@ def load_hf_mllama(
                             t = permute_hf_to_meta(t, args.n_heads)
                         elif meta.endswith("attention.wk.weight"):
                             t = permute_hf_to_meta(t, args.n_kv_heads)
-                        put(f"tower.{meta}", t, src)
+                        filler.put(f"tower.{meta}", t, key)
     if args.tie_embeddings:
-        seen.add("tower.output.weight")
-    missing = sorted(set(params) - seen)
-    if missing:
-        raise CheckpointError(f"{folder}: missing keys: {', '.join(missing[:8])}")
+        filler.skip("tower.output.weight")
+    filler.finish()
     model.tower.tie_weights()
     model.tower.reset_buffers()
     model.freeze_tower()

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from data.image import supported_aspect_ratios
-from mm_llama.llama.checkpoint import CheckpointError, args_from_meta_params
+from mm_llama.llama.checkpoint import CheckpointError, ParamFiller, args_from_meta_params
 from mm_llama.llama.model import Transformer
 
 from .fusion import FusedVisionModel, default_schedule
@@ -170,31 +170,21 @@ def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> FusedVi
                        max_num_tiles=max_tiles)  # fmt: skip
     with torch.device("meta"):
         model = FusedVisionModel(Transformer(args), vargs, schedule)
-    params_ = dict(model.named_parameters(remove_duplicate=False))
-    seen = set()
-
-    def put(name, t, src):
-        if name not in params_:
-            raise CheckpointError(f"{folder}: {src}: no place for {name!r}")
-        if tuple(t.shape) != tuple(params_[name].shape):
-            raise CheckpointError(
-                f"{folder}: shape mismatch for {src!r}: {tuple(t.shape)} vs {tuple(params_[name].shape)}"
-            )
-        mod, _, pname = name.rpartition(".")
-        setattr(model.get_submodule(mod), pname, torch.nn.Parameter(t.to(device=device, dtype=dtype), False))
-        seen.add(name)
-
+    filler = ParamFiller(model, source=str(folder), dtype=dtype, device=device, requires_grad=False)
+    params_ = filler.params
     for key, t in sd.items():
         if key.startswith("text_model."):
             rest = key[len("text_model.") :]
             if rest in ("rope.freqs", "freqs"):
                 continue
             if rest.startswith("learnable_embedding."):
-                put("learnable_embedding.weight", t[: params_["learnable_embedding.weight"].shape[0]], key)
+                filler.put("learnable_embedding.weight", t[: params_["learnable_embedding.weight"].shape[0]], key)
             elif rest.startswith("cross_attention_layers."):
-                put(rest, t.reshape(params_[rest].shape) if rest.endswith(("gate_attn", "gate_ffwd")) else t, key)
+                filler.put(
+                    rest, t.reshape(params_[rest].shape) if rest.endswith(("gate_attn", "gate_ffwd")) else t, key
+                )
             else:
-                put(f"tower.{rest}", t, key)
+                filler.put(f"tower.{rest}", t, key)
         elif key.startswith(ve):
             rest = key[len(ve) :]
             try:
@@ -202,29 +192,27 @@ def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> FusedVi
             except KeyError:
                 raise CheckpointError(f"{folder}: unexpected vision key {key!r}") from None
             if ours is not None:
-                put(f"vision_encoder.{ours}", t.reshape(params_[f"vision_encoder.{ours}"].shape), key)
+                filler.put(f"vision_encoder.{ours}", t.reshape(params_[f"vision_encoder.{ours}"].shape), key)
             elif rest == "conv1._linear.weight":
-                put("vision_encoder.patch_embedding.weight", t.reshape(width, 3, patch, patch), key)
+                filler.put("vision_encoder.patch_embedding.weight", t.reshape(width, 3, patch, patch), key)
             elif rest == "gated_positional_embedding":
-                put(
+                filler.put(
                     "vision_encoder.gated_positional_embedding.tile_embedding.weight", _grid_to_table(t, max_tiles), key
                 )
             else:
                 which = "pre" if rest.startswith("pre") else "post"
-                put(
+                filler.put(
                     f"vision_encoder.{which}_tile_positional_embedding.embedding.weight",
                     _grid_to_table(t, max_tiles),
                     key,
                 )
         elif key.startswith("vision_model.vision_projection."):
-            put("vision_projection." + key.rsplit(".", 1)[1], t, key)
+            filler.put("vision_projection." + key.rsplit(".", 1)[1], t, key)
         else:
             raise CheckpointError(f"{folder}: unexpected key {key!r}")
     if args.tie_embeddings:
-        seen.add("tower.output.weight")
-    missing = sorted(set(params_) - seen)
-    if missing:
-        raise CheckpointError(f"{folder}: missing keys: {', '.join(missing[:8])}")
+        filler.skip("tower.output.weight")
+    filler.finish()
     model.tower.tie_weights()
     model.tower.reset_buffers()
     model.freeze_tower()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -493,45 +493,64 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     return args, stream, fmt
 
 
-def load_state_into(
-    model: Transformer,
-    stream: TensorStream,
-    *,
-    source: str,
-    dtype: torch.dtype,
-    device: torch.device | str,
-    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-) -> None:
-    """Materialise a meta-device model tensor by tensor from `stream`, checking keys and shapes."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tied = model.args.tie_embeddings
-    expected = set(params)
-    seen: set[str] = set()
-    for key, t in stream:
-        if key not in params:
-            raise CheckpointError(f"{source}: unexpected key {key!r}")
-        if tied and key == "output.weight":
-            # some tied checkpoints still store the output matrix; it must equal the embedding
-            seen.add(key)
-            continue
-        p = params[key]
+class ParamFiller:
+    """Materialise the parameters of a model built on the meta device, one tensor at a time.
+
+    `put` checks the name and shape and assigns the tensor in its final dtype/device; `finish` names every
+    parameter nothing was put into. Shared by every checkpoint loader (tower, Mllama HF and Meta formats)."""
+
+    def __init__(self, model: torch.nn.Module, *, source: str, dtype: torch.dtype, device, requires_grad=None):
+        """requires_grad: None keeps each parameter's flag from the meta model; a bool sets it on all."""
+        self.model, self.source, self.dtype, self.device = model, source, dtype, device
+        self.requires_grad = requires_grad
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.seen: set[str] = set()
+
+    def put(self, name: str, t: torch.Tensor, key: str | None = None) -> None:
+        """`key`: the checkpoint's own name for the tensor, when it differs (quoted in errors)."""
+        what = repr(name) if key is None or key == name else f"{name!r} (checkpoint key {key!r})"
+        p = self.params.get(name)
+        if p is None:
+            raise CheckpointError(f"{self.source}: unexpected key {what}")
         if tuple(t.shape) != tuple(p.shape):
             raise CheckpointError(
-                f"{source}: shape mismatch for {key!r}: checkpoint {tuple(t.shape)} vs model {tuple(p.shape)}"
+                f"{self.source}: shape mismatch for {what}: checkpoint {tuple(t.shape)} vs model {tuple(p.shape)}"
             )
-        if transform is not None:
-            t = transform(key, t)
-        new = torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=p.requires_grad)
-        module_name, _, pname = key.rpartition(".")
-        setattr(model.get_submodule(module_name), pname, new)
-        seen.add(key)
+        module_name, _, pname = name.rpartition(".")
+        grad = p.requires_grad if self.requires_grad is None else self.requires_grad
+        new = torch.nn.Parameter(t.to(device=self.device, dtype=self.dtype), requires_grad=grad)
+        setattr(self.model.get_submodule(module_name), pname, new)
+        self.seen.add(name)
+
+    def skip(self, name: str) -> None:
+        """Count `name` as provided without assigning it (a tied weight)."""
+        self.seen.add(name)
+
+    def finish(self) -> None:
+        missing = sorted(set(self.params) - self.seen)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+            raise CheckpointError(f"{self.source}: missing keys: {shown}")
+
+
+def load_state_into(
+    model: Transformer, stream: TensorStream, *, source: str, dtype: torch.dtype, device: torch.device | str
+) -> None:
+    """Materialise a meta-device model tensor by tensor from `stream`, checking keys and shapes."""
+    filler = ParamFiller(model, source=source, dtype=dtype, device=device)
+    tied = model.args.tie_embeddings
+    for key, t in stream:
+        if tied and key == "output.weight":
+            # some tied checkpoints still store the output matrix; it must equal the embedding
+            if key not in filler.params:
+                raise CheckpointError(f"{source}: unexpected key {key!r}")
+            filler.skip(key)
+            continue
+        filler.put(key, t)
         del t
     if tied:
-        seen.add("output.weight")
-    missing = sorted(expected - seen)
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
-        raise CheckpointError(f"{source}: missing keys: {shown}")
+        filler.skip("output.weight")
+    filler.finish()
     model.tie_weights()
 
 
