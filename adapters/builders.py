@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from mm_llama.llama.config import ModelArgs
 from mm_llama.llama.model import Transformer
 
-from .fusion import FusedVisionModel, default_schedule
+from .fusion import FusedVisionModel, default_schedule, init_extra_rows
 from .vision import VisionArgs
 
 VISION_PRESETS: dict[str, VisionArgs] = {
@@ -49,13 +47,12 @@ def get_vision_preset(name: str) -> VisionArgs:
 def xattn_schedule(tower: ModelArgs, every: int = 4) -> list[int]:
     """The paper's placement: a cross-attention block before every `every`-th tower layer (8B: 8, 70B: 20,
     405B: 31 blocks), counted from the top as the released code does."""
-    return default_schedule(tower.n_layers, every, max(1, tower.n_layers // every))  # small towers: at least one
+    return default_schedule(tower.n_layers, every)
 
 
 def attach_image_adapter(tower: Transformer, vision: str | VisionArgs = "demo", every: int = 4, **kw):
     """A fresh image adapter (gates at 0) on any plain Llama 3 tower; the tower is frozen."""
     vargs = get_vision_preset(vision) if isinstance(vision, str) else vision
     model = FusedVisionModel(tower, vargs, xattn_schedule(tower.args, every), **kw)
-    with torch.no_grad():  # new token rows start at the scale of the frozen table
-        model.learnable_embedding.weight.normal_(0.0, float(tower.tok_embeddings.weight.float().std()))
+    init_extra_rows(model.learnable_embedding, tower)
     return model

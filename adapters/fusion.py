@@ -22,9 +22,26 @@ from .xattn import GatedCrossAttentionBlock, media_attention_mask
 NUM_EXTRA_TOKENS = 8
 
 
+def embed_with_extra_rows(tower: Transformer, extra_rows: nn.Embedding, ids_BT: torch.Tensor) -> torch.Tensor:
+    """Token embeddings where ids >= the tower's vocabulary read learnable rows kept beside the frozen table."""
+    V = tower.args.vocab_size
+    extra = ids_BT >= V
+    h = tower.tok_embeddings(ids_BT.clamp(max=V - 1))
+    if extra.any():
+        h = torch.where(extra[..., None], extra_rows((ids_BT - V).clamp(min=0)).to(h.dtype), h)
+    return h
+
+
+@torch.no_grad()
+def init_extra_rows(extra_rows: nn.Embedding, tower: Transformer) -> None:
+    """New token rows start at the scale of the frozen table."""
+    extra_rows.weight.normal_(0.0, float(tower.tok_embeddings.weight.float().std()))
+
+
 def default_schedule(n_layers: int, every: int = 4, n_xattn: int | None = None) -> list[int]:
-    """Tower layers that get a cross-attention block before them, counted from the top as the released code does."""
-    n_xattn = n_xattn if n_xattn is not None else n_layers // every
+    """Tower layers that get a cross-attention block before them, counted from the top as the released code does
+    (by default one every `every` layers; towers shorter than `every` still get one)."""
+    n_xattn = n_xattn if n_xattn is not None else max(1, n_layers // every)
     return list(range(n_layers))[::-1][::every][:n_xattn][::-1]
 
 
@@ -91,12 +108,7 @@ class FusedVisionModel(nn.Module):
 
     # --- pieces --------------------------------------------------------------------------------
     def embed(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        V = self.tower.args.vocab_size
-        extra = input_ids_BT >= V
-        h = self.tower.tok_embeddings(input_ids_BT.clamp(max=V - 1))
-        if extra.any():
-            h = torch.where(extra[..., None], self.learnable_embedding((input_ids_BT - V).clamp(min=0)).to(h.dtype), h)
-        return h
+        return embed_with_extra_rows(self.tower, self.learnable_embedding, input_ids_BT)
 
     def encode_images(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask) -> torch.Tensor:
         """-> media tokens [B, I*N*P, D] (projected to the tower width)."""

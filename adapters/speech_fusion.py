@@ -13,7 +13,7 @@ from torch import nn
 
 from mm_llama.llama.model import Transformer
 
-from .fusion import NUM_EXTRA_TOKENS
+from .fusion import NUM_EXTRA_TOKENS, embed_with_extra_rows, init_extra_rows
 from .speech import SpeechAdapter
 from .whisper import WhisperEncoder
 
@@ -26,8 +26,7 @@ class FusedSpeechModel(nn.Module):
         super().__init__()
         self.tower, self.encoder, self.adapter = tower, encoder, adapter
         self.learnable_embedding = nn.Embedding(NUM_EXTRA_TOKENS, tower.args.dim)
-        with torch.no_grad():
-            self.learnable_embedding.weight.normal_(0.0, float(tower.tok_embeddings.weight.float().std()))
+        init_extra_rows(self.learnable_embedding, tower)
         self.placeholder_id = tower.args.vocab_size  # the first extra row: <|speech|>
         self.freeze_encoder = freeze_encoder
         self.tower.requires_grad_(False)
@@ -65,11 +64,7 @@ class FusedSpeechModel(nn.Module):
         return [out[b, : int(n)] for b, n in enumerate(out_len)]
 
     def embed(self, input_ids_BT: torch.Tensor, speech: list[torch.Tensor] | None) -> torch.Tensor:
-        V = self.tower.args.vocab_size
-        extra = input_ids_BT >= V
-        h = self.tower.tok_embeddings(input_ids_BT.clamp(max=V - 1))
-        if extra.any():
-            h = torch.where(extra[..., None], self.learnable_embedding((input_ids_BT - V).clamp(min=0)).to(h.dtype), h)
+        h = embed_with_extra_rows(self.tower, self.learnable_embedding, input_ids_BT)
         if speech is not None:
             h = h.clone()
             for b, emb in enumerate(speech):

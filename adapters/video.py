@@ -21,7 +21,7 @@ from torch import nn
 from mm_llama.llama.model import RMSNorm
 
 from .fusion import FusedVisionModel, default_schedule
-from .xattn import GatedCrossAttentionBlock
+from .xattn import GatedCrossAttentionBlock, masks_from_allowed
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class TemporalAggregator(nn.Module):
 def video_schedule(image_schedule: list[int], every: int = 4) -> list[int]:
     """Tower layers of the video blocks: before every `every`-th image block, counted from the top
     (8B: 8 image blocks -> 2 video blocks; 70B: 20 -> 5)."""
-    picks = default_schedule(len(image_schedule), every, max(1, len(image_schedule) // every))
+    picks = default_schedule(len(image_schedule), every)
     return [image_schedule[k] for k in picks]
 
 
@@ -154,12 +154,9 @@ class FusedVideoModel(nn.Module):
             if v is not None:
                 media[b, : v.shape[0]], key_ok[b, : v.shape[0]] = v, True
         seen = (input_ids == self.video_token_id).long().cumsum(1) > 0
-        allowed = seen[:, :, None] & key_ok[:, None, :]
-        row = allowed.any(-1, keepdim=True)
-        bias = torch.zeros(allowed.shape, dtype=media.dtype, device=media.device)
-        bias = bias.masked_fill(~allowed & row, torch.finfo(media.dtype).min)[:, None]
+        bias, row = masks_from_allowed(seen[:, :, None] & key_ok[:, None, :], media.dtype)
         kvs = [blk.media_kv(media) for blk in self.video_cross_attention_layers]
-        return kvs, bias, row.to(media.dtype)
+        return kvs, bias, row
 
     def forward(self, input_ids, *, videos=None, video_tokens=None, video_state=None, **kw):
         """videos: per sample frames [F, 3, S, S] or None; video_tokens: precomputed `encode_video` outputs;

@@ -80,7 +80,13 @@ def media_attention_mask(cross_attention_mask_BTIN: torch.Tensor, tokens_per_til
     their branch outputs are zeroed by the row mask."""
     B, T = cross_attention_mask_BTIN.shape[:2]
     allowed = cross_attention_mask_BTIN.bool().repeat_interleave(tokens_per_tile, dim=3).reshape(B, T, -1)
-    row = allowed.any(-1, keepdim=True)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    bias = bias.masked_fill(~allowed & row, torch.finfo(dtype).min)
+    return masks_from_allowed(allowed, dtype)
+
+
+def masks_from_allowed(allowed_BTS: torch.Tensor, dtype: torch.dtype):
+    """Boolean [B, T, S] (True = may attend) -> (additive [B, 1, T, S] bias, row mask [B, T, 1]); rows that may
+    attend to nothing are opened (bias 0) and zeroed by the row mask instead."""
+    row = allowed_BTS.any(-1, keepdim=True)
+    bias = torch.zeros(allowed_BTS.shape, dtype=dtype, device=allowed_BTS.device)
+    bias = bias.masked_fill(~allowed_BTS & row, torch.finfo(dtype).min)
     return bias.unsqueeze(1), row.to(dtype)
