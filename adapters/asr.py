@@ -3,7 +3,6 @@ prefill (encoded once per request) -> greedy or sampled decoding; WER/CER after 
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -93,9 +92,8 @@ def transcribe(model: FusedSpeechModel, tok, waves: Sequence[torch.Tensor], *, l
 def save_speech_adapter(model: FusedSpeechModel, path: str | Path) -> None:
     import dataclasses
 
-    from safetensors.torch import save_file
+    from .checkpoint import save_trainable
 
-    path = Path(path)
     enc = model.encoder
     meta = {
         "format": "mm_llama.speech_adapter.v1",
@@ -105,10 +103,7 @@ def save_speech_adapter(model: FusedSpeechModel, path: str | Path) -> None:
         "freeze_encoder": model.freeze_encoder,
         "tower": {"dim": model.tower.args.dim, "vocab_size": model.tower.args.vocab_size},
     }
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("tower.")}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"mm_llama": json.dumps(meta)})
-    tmp.replace(path)
+    save_trainable(model, path, meta, "tower.")
 
 
 def build_speech_model(tower: Transformer, encoder: torch.nn.Module, adapter_args: AdapterArgs, **kw):
@@ -117,18 +112,12 @@ def build_speech_model(tower: Transformer, encoder: torch.nn.Module, adapter_arg
 
 
 def load_speech_adapter(tower: Transformer, path: str | Path) -> FusedSpeechModel:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from mm_llama.llama.checkpoint import CheckpointError
 
+    from .checkpoint import load_trainable, read_adapter_meta
     from .whisper import WhisperArgs
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("mm_llama")
-    if raw is None:
-        raise CheckpointError(f"{path}: no mm_llama speech adapter metadata")
-    meta = json.loads(raw)
+    meta = read_adapter_meta(path)
     want = meta["tower"]
     if (want["dim"], want["vocab_size"]) != (tower.args.dim, tower.args.vocab_size):
         raise CheckpointError(f"{path}: adapter was trained on a tower with {want}, this one has "
@@ -138,11 +127,6 @@ def load_speech_adapter(tower: Transformer, path: str | Path) -> FusedSpeechMode
     else:
         enc = ConformerEncoder(ConformerArgs(**meta["encoder_args"]))
     model = build_speech_model(tower, enc, AdapterArgs(**meta["adapter_args"]), freeze_encoder=meta["freeze_encoder"])
-    state = load_file(str(path))
-    expected = {k for k in model.state_dict() if not k.startswith("tower.")}
-    if set(state) != expected:
-        raise CheckpointError(f"{path}: missing {sorted(expected - set(state))[:5]}, "
-                              f"unexpected {sorted(set(state) - expected)[:5]}")  # fmt: skip
-    model.load_state_dict(state, strict=False)
+    load_trainable(model, path, "tower.")
     model.to(tower.tok_embeddings.weight.device)
     return model.eval()

@@ -213,18 +213,36 @@ def _adapter_meta(model: FusedVisionModel) -> dict:
     }  # fmt: skip
 
 
-def save_adapter(model: FusedVisionModel, path: str | Path) -> None:
-    """Write the trainable (non-tower) weights to a safetensors file, atomically (temp file + rename)."""
+def save_trainable(model: torch.nn.Module, path: str | Path, meta: dict, frozen_prefix: str) -> None:
+    """Write every weight outside `frozen_prefix` to a safetensors file with `meta`, atomically (temp + rename)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("tower.")}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(frozen_prefix)}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"mm_llama": json.dumps(_adapter_meta(model))})
+    save_file(state, str(tmp), metadata={"mm_llama": json.dumps(meta)})
     tmp.replace(path)
 
 
+def load_trainable(model: torch.nn.Module, path: str | Path, frozen_prefix: str) -> None:
+    """Load what `save_trainable` wrote; the file must hold exactly the weights outside `frozen_prefix`."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    expected = {k for k in model.state_dict() if not k.startswith(frozen_prefix)}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+def save_adapter(model: FusedVisionModel, path: str | Path) -> None:
+    """Write the trainable (non-tower) weights to a safetensors file, atomically (temp file + rename)."""
+    save_trainable(model, path, _adapter_meta(model), "tower.")
+
+
 def read_adapter_meta(path: str | Path) -> dict:
+    """The mm_llama metadata of an adapter checkpoint (image, video or speech)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -236,14 +254,12 @@ def read_adapter_meta(path: str | Path) -> dict:
     except Exception as e:
         raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
     if meta is None:
-        raise CheckpointError(f"{path}: no mm_llama adapter metadata (was it written by save_adapter?)")
+        raise CheckpointError(f"{path}: no mm_llama adapter metadata (was it written by an mm_llama save_* function?)")
     return json.loads(meta)
 
 
 def load_adapter(tower: Transformer, path: str | Path, dtype=None, device=None) -> FusedVisionModel:
     """Attach the image adapter stored at `path` to `tower` (checked against the tower it was trained on)."""
-    from safetensors.torch import load_file
-
     meta = read_adapter_meta(path)
     want = meta["tower"]
     a = tower.args
@@ -255,12 +271,7 @@ def load_adapter(tower: Transformer, path: str | Path, dtype=None, device=None) 
     v = dict(meta["vision"])
     v["intermediate_layers"] = tuple(v["intermediate_layers"])
     model = FusedVisionModel(tower, VisionArgs(**v), meta["schedule"], image_token_id=meta["image_token_id"])
-    state = load_file(str(path))
-    expected = {k for k in model.state_dict() if not k.startswith("tower.")}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    model.load_state_dict(state, strict=False)
+    load_trainable(model, path, "tower.")
     p = tower.tok_embeddings.weight
     model.to(device=device or p.device, dtype=dtype or p.dtype)
     model.freeze_tower()

@@ -179,43 +179,23 @@ class FusedVideoModel(nn.Module):
 def save_video_adapter(model: FusedVideoModel, path) -> None:
     """Aggregator + video blocks only (the image stage is saved with `save_adapter`)."""
     import dataclasses
-    import json
-    from pathlib import Path
 
-    from safetensors.torch import save_file
+    from .checkpoint import save_trainable
 
-    path = Path(path)
-    state = {
-        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("image_model.")
-    }
     meta = {"format": "mm_llama.video_adapter.v1", "aggregator": dataclasses.asdict(model.aggregator.args),
             "video_schedule": model.video_schedule}  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"mm_llama": json.dumps(meta)})
-    tmp.replace(path)
+    save_trainable(model, path, meta, "image_model.")
 
 
 def load_video_adapter(image_model: FusedVisionModel, path) -> FusedVideoModel:
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from mm_llama.llama.checkpoint import CheckpointError
 
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("mm_llama")
-    if raw is None:
-        raise CheckpointError(f"{path}: no mm_llama video adapter metadata")
-    meta = json.loads(raw)
+    from .checkpoint import load_trainable, read_adapter_meta
+
+    meta = read_adapter_meta(path)
     model = FusedVideoModel(image_model, AggregatorArgs(**meta["aggregator"]))
     if model.video_schedule != meta["video_schedule"]:
         raise CheckpointError(f"{path}: video schedule {meta['video_schedule']} does not fit this image model")
-    state = load_file(str(path))
-    expected = {k for k in model.state_dict() if not k.startswith("image_model.")}
-    if set(state) != expected:
-        raise CheckpointError(f"{path}: missing {sorted(expected - set(state))[:5]}, "
-                              f"unexpected {sorted(set(state) - expected)[:5]}")  # fmt: skip
-    model.load_state_dict(state, strict=False)
+    load_trainable(model, path, "image_model.")
     model.to(image_model.tok_embeddings.weight.device)
     return model.eval()
