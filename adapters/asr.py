@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from data.audio import log_mel
-from mm_llama.generate import generate_ids
+from mm_llama.generate import bos_prefix, generate_ids, padding_id
 from mm_llama.llama.model import Transformer
 
 from .speech import AdapterArgs, ConformerArgs, ConformerEncoder, SpeechAdapter
@@ -61,7 +61,7 @@ def features_for(model: FusedSpeechModel, wave: torch.Tensor) -> torch.Tensor:
 
 
 def prompt_ids(tok, model: FusedSpeechModel, n_speech: int, language: str = "English", template: str = ASR_PROMPT):
-    ids = [tok.bos_id] if (tok.add_bos and tok.bos_id is not None) else []
+    ids = bos_prefix(tok)
     return ids + tok.encode(template.format(language=language)) + [model.placeholder_id] * n_speech
 
 
@@ -80,7 +80,7 @@ def transcribe(model: FusedSpeechModel, tok, waves: Sequence[torch.Tensor], *, l
     def forward_extra(pad, start, n):
         return {"speech": speech} if start == 0 else {}
 
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = padding_id(tok)
     out = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=set(tok.stop_ids),
                        pad_id=pad, on_token=on_token, forward_extra=forward_extra)  # fmt: skip
     return [tok.decode(o).strip() for o in out]

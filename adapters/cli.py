@@ -34,31 +34,27 @@ def cmd_caption(args) -> int:
     from data.video import VIDEO_EXTS
 
     for path in args.images:
-        if Path(path).suffix.lower().lstrip(".") in VIDEO_EXTS:
-            if video_model is None:
-                print(f"{path}: a video needs --video-adapter", file=sys.stderr)
-                return 2
+        is_video = Path(path).suffix.lower().lstrip(".") in VIDEO_EXTS
+        if is_video and video_model is None:
+            print(f"{path}: a video needs --video-adapter", file=sys.stderr)
+            return 2
+        sys.stdout.write(f"{path}: ")
+        sys.stdout.flush()
+        printer = StreamPrinter(tok, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        data = Path(path).read_bytes()
+        if is_video:
             from data.image import normalize_tiles
             from data.video import decode_video
 
             from .inference import caption_video
 
             size = model.vision_encoder.args.image_size
-            frames = normalize_tiles(
-                decode_video(Path(path).read_bytes(), str(path), num_frames=args.frames, size=size)
-            )
-            sys.stdout.write(f"{path}: ")
-            printer = StreamPrinter(tok, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            frames = normalize_tiles(decode_video(data, str(path), num_frames=args.frames, size=size))
             caption_video(video_model, tok, frames, args.prompt, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, on_token=printer)  # fmt: skip
-            sys.stdout.write("\n")
-            continue
-        img = decode_image(Path(path).read_bytes(), str(path))
-        sys.stdout.write(f"{path}: ")
-        sys.stdout.flush()
-        printer = StreamPrinter(tok, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        caption(model, tok, [img], args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, seed=args.seed, on_token=printer)  # fmt: skip
+        else:
+            caption(model, tok, [decode_image(data, str(path))], args.prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=printer)  # fmt: skip
         sys.stdout.write("\n")
     return 0
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from data.collate import collate_images, cross_attention_mask
 from data.image import resize_plain, tile_image
-from mm_llama.generate import generate_ids
+from mm_llama.generate import bos_prefix, generate_ids, padding_id
 
 from .fusion import FusedVisionModel
 from .xattn import media_attention_mask
@@ -34,7 +34,7 @@ def image_inputs(model: FusedVisionModel, images: Sequence[Sequence[Image.Image]
 
 def build_prompt_ids(tok, model: FusedVisionModel, n_images: int, prompt: str) -> list[int]:
     """[BOS] + one image token per image + the prompt text."""
-    ids = [tok.bos_id] if (tok.add_bos and tok.bos_id is not None) else []
+    ids = bos_prefix(tok)
     return ids + [model.image_token_id] * n_images + tok.encode(prompt)
 
 
@@ -94,7 +94,7 @@ def caption(
                 extra.update(tensors)
             return extra
 
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = padding_id(tok)
     out = generate_ids(
         model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_ids=set(tok.stop_ids), pad_id=pad, seed=seed, on_token=on_token, forward_extra=forward_extra,
@@ -106,7 +106,7 @@ def caption(
 def caption_video(model, tok, frames_FCHW: torch.Tensor, prompt: str = "", *, max_new_tokens: int = 32,
                   temperature: float = 0.0, on_token=None) -> str:  # fmt: skip
     """Caption one video with a FusedVideoModel: frames encoded and aggregated once; K/V reused at every step."""
-    ids = [tok.bos_id] if (tok.add_bos and tok.bos_id is not None) else []
+    ids = bos_prefix(tok)
     ids = ids + [model.video_token_id] + tok.encode(prompt)
     tokens = model.encode_video(frames_FCHW.to(model.tok_embeddings.weight.device))
     full = torch.tensor([ids + [0] * max_new_tokens], device=tokens.device)  # positions after the prompt see it
@@ -115,7 +115,7 @@ def caption_video(model, tok, frames_FCHW: torch.Tensor, prompt: str = "", *, ma
     def forward_extra(pad: int, start: int, n: int) -> dict:
         return {"video_state": (kvs, bias[:, :, start : start + n], row[:, start : start + n])}
 
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = padding_id(tok)
     (out,) = generate_ids(
         model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=set(tok.stop_ids),
         pad_id=pad, on_token=on_token, forward_extra=forward_extra,

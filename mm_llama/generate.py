@@ -146,6 +146,16 @@ def generate_ids(
     return out
 
 
+def bos_prefix(tok) -> list[int]:
+    """[BOS] when the tokenizer's model expects one, else []."""
+    return [tok.bos_id] if (tok.add_bos and tok.bos_id is not None) else []
+
+
+def padding_id(tok) -> int:
+    """The id used to left-pad batched prompts (never attended to): pad, else EOS, else 0."""
+    return tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+
+
 def encode_prompts(tok, prompts: Sequence[str], *, chat: bool = False, system: str | None = None) -> list[list[int]]:
     if chat:
         msgs = [[{"role": "system", "content": system}] if system else [] for _ in prompts]
@@ -171,7 +181,7 @@ def generate(
     if isinstance(prompts, str):
         raise TypeError("generate() takes a list of prompts; wrap a single prompt in a list")
     ids = encode_prompts(tok, prompts, chat=chat, system=system)
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = padding_id(tok)
     out = generate_ids(
         model,
         ids,

@@ -174,7 +174,9 @@ class SampleMaker:
         if "txt" not in raw:
             raise SampleError("missing_text", f"{raw['__shard__']}:{raw['__key__']}: no .txt")
         target = self.tok.encode(" " + raw["txt"].decode("utf-8").strip())[: self.max_text] + [self.tok.eos_id]
-        bos = [self.tok.bos_id] if (self.tok.add_bos and self.tok.bos_id is not None) else []
+        from mm_llama.generate import bos_prefix
+
+        bos = bos_prefix(self.tok)
         if self.modality == "image":
             from data.image import IMAGE_EXTS, decode_image, resize_plain
 
@@ -314,6 +316,7 @@ def train(cfg: TrainConfig) -> list[float]:
         _checkpoint_tower_layers(model.tower)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
     if cfg.engine == "ours":
         wrapped = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
     elif cfg.engine == "torch" and info.distributed:
@@ -435,8 +438,7 @@ def train(cfg: TrainConfig) -> list[float]:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            weights = {k: v for k, v in model.state_dict().items() if k in {n for n, p in model.named_parameters()
-                                                                             if p.requires_grad}}  # fmt: skip
+            weights = {k: v for k, v in model.state_dict().items() if k in trainable_names}
             save_checkpoint(run, step, weights=weights, optimizer=opt, scheduler=sched,
                             extra={"losses": losses, "nonfinite": nonfinite}, data_states=loader.state_dict(),
                             rank=info.rank, is_main=info.is_main, keep=cfg.keep_last, barrier=barrier)  # fmt: skip
@@ -471,17 +473,12 @@ def main(argv=None) -> int:
 
 
 def _exit_distributed() -> None:
-    """After a distributed run: tear the process group down and leave without C++ static destructors
-    (torch 2.11 + gloo sometimes aborts in interpreter teardown: "terminate called without an active exception")."""
-    import os
-
     import torch.distributed as dist
 
+    from mm_llama.engine import exit_process
+
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_process(0)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mm_llama.engine import DistributedDataParallel
+from mm_llama.engine import DistributedDataParallel, exit_process
 
 
 def free_port() -> int:
@@ -109,14 +109,8 @@ def train_pair(rank: int, world: int, port: int, cfg: dict) -> None:
 
 
 def finish() -> None:
-    """End a spawned worker whose checks all passed.
-
-    torch 2.11 + gloo: the interpreter's teardown after a process group was used sometimes aborts ("terminate called
-    without an active exception", no Python frame) -- torch's own DDP does it too (seen most with its
-    fp16_compress_hook). Tear the group down, then leave without the C++ static destructors."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os._exit(0)
+    """End a spawned worker whose checks all passed (see mm_llama.engine.exit_process)."""
+    exit_process(0)
 
 
 def _compare(a, b, exact, what):

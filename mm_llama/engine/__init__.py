@@ -2,7 +2,7 @@
 
 from .buckets import compute_bucket_assignment_by_size, plan_buckets
 from .ddp import AllReduceHook, CompressHook, DistributedDataParallel
-from .dist import DistInfo, destroy_distributed, get_rank, get_world_size, init_distributed
+from .dist import DistInfo, destroy_distributed, exit_process, get_rank, get_world_size, init_distributed
 
 __all__ = [
     "AllReduceHook",
@@ -11,6 +11,7 @@ __all__ = [
     "DistributedDataParallel",
     "compute_bucket_assignment_by_size",
     "destroy_distributed",
+    "exit_process",
     "get_rank",
     "get_world_size",
     "init_distributed",

@@ -95,6 +95,18 @@ def destroy_distributed() -> None:
             pass
 
 
+def exit_process(code: int = 0) -> None:
+    """End a process that used a process group: tear the group down, flush, and leave WITHOUT the interpreter's
+    C++ static teardown. torch 2.11 + gloo sometimes aborts there ("terminate called without an active
+    exception", no Python frame), torch's own DDP included, which would turn a finished run into a crash."""
+    import sys
+
+    destroy_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 

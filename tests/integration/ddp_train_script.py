@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mm_llama.engine import DistributedDataParallel, destroy_distributed, init_distributed  # noqa: E402
+from mm_llama.engine import DistributedDataParallel, exit_process, init_distributed  # noqa: E402
 from tests.ddp_helpers import AdapterNet, batch  # noqa: E402
 
 
@@ -51,9 +51,7 @@ def main():
         "RESULT " + json.dumps({"rank": info.rank, "world": info.world_size, "losses": losses, "checksum": checksum}),
         flush=True,
     )
-    destroy_distributed()
-    sys.stdout.flush()
-    os._exit(0)  # see tests/ddp_helpers.finish: skip gloo's occasionally aborting teardown
+    exit_process(0)
 
 
 if __name__ == "__main__":
