@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mm_llama.engine.checkpoint import py_rng_state_from_list, py_rng_state_to_list
+
 from .badsamples import BadSampleTracker, SampleError
 from .shards import TruncatedShard, expand_urls, iter_samples, open_url, read_index
 
@@ -161,7 +163,7 @@ class ShardStream(IterableDataset):
         skip = 0
         emitted = 0  # samples out of the shuffle buffer so far (interleave split)
         if state is not None:
-            rng.setstate(_to_rng_state(state["rng"]))
+            rng.setstate(py_rng_state_from_list(state["rng"]))
             cursor = tuple(state["cursor"])
             ids = [tuple(i) for i in state["buffer"]]
             fetched = self._fetch(g, ids)
@@ -176,7 +178,7 @@ class ShardStream(IterableDataset):
                 "worker": logical,
                 "cursor": list(cursor),
                 "buffer": [list(i) for i, _ in buffer],
-                "rng": _from_rng_state(rng.getstate()),
+                "rng": py_rng_state_to_list(rng.getstate()),
                 "seen": tracker.seen,
                 "bad": tracker.bad,
                 "reasons": dict(tracker.reasons),
@@ -213,14 +215,6 @@ class ShardStream(IterableDataset):
                 now = {"seen_now": tracker.seen, "bad_now": tracker.bad, "reasons_now": dict(tracker.reasons)}
                 yield self.collate_fn(group), {**snap, **now, "skip": j + 1}
             skip = 0
-
-
-def _from_rng_state(s):
-    return [s[0], list(s[1]), s[2]]
-
-
-def _to_rng_state(s):
-    return (s[0], tuple(s[1]), s[2])
 
 
 class StreamingLoader:

@@ -33,17 +33,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": list(_py_state_to_list(random.getstate()))}
+    return {"torch": torch.get_rng_state(), "python": py_rng_state_to_list(random.getstate())}
 
 
-def _py_state_to_list(s):
-    return [s[0], list(s[1]), s[2]]
+def py_rng_state_to_list(state: tuple) -> list:
+    """`random.Random.getstate()` as plain lists (JSON and weights-only torch.load both accept it)."""
+    return [state[0], list(state[1]), state[2]]
+
+
+def py_rng_state_from_list(state: list) -> tuple:
+    version, inner, gauss = state
+    return (version, tuple(inner), gauss)
 
 
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    v, inner, gauss = st["python"]
-    random.setstate((v, tuple(inner), gauss))
+    random.setstate(py_rng_state_from_list(st["python"]))
 
 
 def save_checkpoint(
