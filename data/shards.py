@@ -339,7 +339,8 @@ def write_shards(
 ) -> WriteReport:
     """Write samples into `out_dir/{prefix}-NNNNNN.tar` with webdataset's ShardWriter + `out_dir/index.json`.
 
-    Each sample's media is decoded once before writing; undecodable ones are skipped and reported."""
+    Media fields hold a file path or a `(name, bytes)` pair. Each sample's media is decoded once before writing;
+    undecodable ones are skipped and reported."""
     import webdataset as wds
     from tqdm import tqdm
 
@@ -373,14 +374,19 @@ def write_shards(
                 skip("empty_text", f"{src}: missing or empty text")
                 continue
             media = [m for m in MEDIA_FIELDS if m in rec]
-            out = {"__key__": sanitize_key(Path(str(rec.get(media[0]) if media else src)).stem, rep.written)}
+            first = rec.get(media[0]) if media else src
+            first = first[0] if isinstance(first, tuple) else first
+            out = {"__key__": sanitize_key(Path(str(first)).stem, rep.written)}
             try:
                 for m in media:
-                    path = Path(rec[m])
-                    try:
-                        data = path.read_bytes()
-                    except OSError as e:
-                        raise SampleError("missing_file", f"{src}: cannot read {path} ({e.strerror})") from None
+                    if isinstance(rec[m], tuple):  # (name, bytes): made in memory (data.corpora)
+                        path, data = Path(rec[m][0]), rec[m][1]
+                    else:
+                        path = Path(rec[m])
+                        try:
+                            data = path.read_bytes()
+                        except OSError as e:
+                            raise SampleError("missing_file", f"{src}: cannot read {path} ({e.strerror})") from None
                     ext = path.suffix.lower().lstrip(".") or "bin"
                     if m == "image":
                         decode_image(data, str(path))
