@@ -107,8 +107,11 @@ def save_speech_adapter(model: FusedSpeechModel, path: str | Path) -> None:
 
 
 def build_speech_model(tower: Transformer, encoder: torch.nn.Module, adapter_args: AdapterArgs, **kw):
-    """Tower + encoder (Conformer or Whisper) + a fresh speech adapter (tower frozen)."""
-    return FusedSpeechModel(tower, encoder, SpeechAdapter(encoder.args.width, tower.args.dim, adapter_args), **kw)
+    """Tower + encoder (Conformer or Whisper) + a fresh speech adapter (tower frozen; outputs start at the scale of
+    the tower's token table)."""
+    adapter = SpeechAdapter(encoder.args.width, tower.args.dim, adapter_args)
+    adapter.init_output_scale(float(tower.tok_embeddings.weight.float().std()))
+    return FusedSpeechModel(tower, encoder, adapter, **kw)
 
 
 def load_speech_adapter(tower: Transformer, path: str | Path) -> FusedSpeechModel:

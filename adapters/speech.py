@@ -41,6 +41,7 @@ class AdapterArgs:
     heads: int = 20
     ffn_dim: int = 10240
     rope_theta: float = 10000.0
+    stack: int = 1  # encoder frames concatenated before the conv: 2 turns Whisper's 20 ms frames into 80 ms tokens
 
 
 CONFORMER_PRESETS = {
@@ -51,6 +52,7 @@ CONFORMER_PRESETS = {
 ADAPTER_PRESETS = {
     "paper": AdapterArgs(),  # ~100M with the paper encoder and an 8B tower
     "small": AdapterArgs(width=256, heads=4, ffn_dim=1024),
+    "small_whisper": AdapterArgs(width=256, heads=4, ffn_dim=1024, stack=2),  # 20 ms Whisper frames -> 80 ms
     "debug": AdapterArgs(width=32, heads=4, ffn_dim=64),
 }
 
@@ -162,30 +164,45 @@ class ConformerEncoder(nn.Module):
 
 
 class SpeechAdapter(nn.Module):
-    """Conv1d k3 s2 (40 -> 80 ms) -> one rotary pre-norm Transformer layer -> Linear to the tower width."""
+    """[stack frames] -> Conv1d k3 s2 (40 -> 80 ms) -> one rotary pre-norm Transformer layer (+ final norm) ->
+    Linear to the tower width."""
 
     def __init__(self, in_dim: int, out_dim: int, a: AdapterArgs):
         super().__init__()
         self.args = a
-        self.conv = nn.Conv1d(in_dim, a.width, 3, stride=2, padding=1)
+        self.conv = nn.Conv1d(in_dim * a.stack, a.width, 3, stride=2, padding=1)
         self.attn_norm = nn.LayerNorm(a.width)
         self.attn = RotaryAttention(a.width, a.heads, a.rope_theta)
         self.ffn_norm = nn.LayerNorm(a.width)
         self.ffn = nn.Sequential(nn.Linear(a.width, a.ffn_dim), nn.GELU(), nn.Linear(a.ffn_dim, a.width))
+        self.out_norm = nn.LayerNorm(a.width)  # the pre-norm layer's final norm: the projection sees unit scale
         self.proj = nn.Linear(a.width, out_dim)
 
-    @staticmethod
-    def output_lengths(lengths: torch.Tensor) -> torch.Tensor:
-        return (lengths - 1) // 2 + 1
+    @torch.no_grad()
+    def init_output_scale(self, target_std: float) -> None:
+        """Start the outputs at the scale of the frozen token table they are spliced between (a frozen LM reads
+        100x-too-large rows as noise, and learning to shrink them costs most of a short run)."""
+        self.proj.weight.normal_(0.0, target_std / self.args.width**0.5)
+        self.proj.bias.zero_()
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        s = self.args.stack
+        return ((lengths + s - 1) // s - 1) // 2 + 1
 
     def forward(self, x_BTD: torch.Tensor, lengths: torch.Tensor):
         ok_in = torch.arange(x_BTD.shape[1], device=x_BTD.device)[None] < lengths[:, None]
-        h = self.conv((x_BTD * ok_in[..., None]).transpose(1, 2)).transpose(1, 2)
-        out_len = self.output_lengths(lengths)
+        x = x_BTD * ok_in[..., None]
+        s = self.args.stack
+        if s > 1:  # [B, T, D] -> [B, ceil(T/s), s*D] (zero-padded tail)
+            B, T, D = x.shape
+            x = F.pad(x, (0, 0, 0, -T % s)).reshape(B, -1, s * D)
+            lengths = (lengths + s - 1) // s
+        h = self.conv(x.transpose(1, 2)).transpose(1, 2)
+        out_len = ((lengths - 1) // 2) + 1
         ok, key_mask = _masks(out_len, h.shape[1])
         h = h + self.attn(self.attn_norm(h), key_mask)
         h = h + self.ffn(self.ffn_norm(h))
-        return self.proj(h) * ok[..., None], out_len
+        return self.proj(self.out_norm(h)) * ok[..., None], out_len
 
 
 def count_params(m: nn.Module) -> int:

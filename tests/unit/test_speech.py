@@ -103,3 +103,19 @@ def test_paper_preset_parameter_counts():
         ad = SpeechAdapter(enc.out_dim, get_preset("llama3_1_8b").dim, ADAPTER_PRESETS["paper"])
     assert 0.9e9 < count_params(enc) < 1.1e9
     assert 85e6 < count_params(ad) < 115e6
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 7, 50, 51])
+def test_frame_stacking_lengths_and_padding(frames):
+    """stack=2 (Whisper's 20 ms frames -> 80 ms tokens): exact lengths, and padding never leaks into a clip."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    ad = SpeechAdapter(16, 24, dataclasses.replace(ADAPTER_PRESETS["debug"], stack=2)).eval()
+    x = torch.randn(1, frames, 16)
+    out, n = ad(x, torch.tensor([frames]))
+    want = ((frames + 1) // 2 - 1) // 2 + 1
+    assert int(n[0]) == want == int(ad.output_lengths(torch.tensor([frames]))[0])
+    padded = torch.cat([x, torch.randn(1, 9, 16)], dim=1)
+    out2, n2 = ad(padded, torch.tensor([frames]))
+    assert int(n2[0]) == want and torch.allclose(out2[0, :want], out[0, :want], atol=1e-5)
