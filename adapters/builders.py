@@ -11,15 +11,16 @@ from .vision import VisionArgs
 VISION_PRESETS: dict[str, VisionArgs] = {
     # Llama 3.2 Vision 11B and 90B share this encoder: ViT-H/14, 32 + 8 gated global layers, 448 px tiles
     "llama3_2_vision": VisionArgs(),
-    # CPU demo size: a small ViT for 28-224 px images (one 56 px tile of 4x4 patches by default)
+    # CPU demo size: a small ViT for 28-224 px images (one 56 px tile of 2x2 patches: one token per 28 px
+    # Fashion-MNIST cell)
     "demo": VisionArgs(
         image_size=56,
-        patch_size=14,
-        width=192,
-        layers=6,
-        heads=6,
-        mlp_dim=768,
-        global_layers=2,
+        patch_size=28,
+        width=128,
+        layers=4,
+        heads=4,
+        mlp_dim=512,
+        global_layers=1,
         intermediate_layers=(1, 3),
         max_num_tiles=1,
     ),  # fmt: skip
@@ -44,15 +45,17 @@ def get_vision_preset(name: str) -> VisionArgs:
         raise KeyError(f"unknown vision preset {name!r}; known: {', '.join(sorted(VISION_PRESETS))}") from None
 
 
-def xattn_schedule(tower: ModelArgs, every: int = 4) -> list[int]:
+def xattn_schedule(tower: ModelArgs, every: int = 4, n_xattn: int | None = None) -> list[int]:
     """The paper's placement: a cross-attention block before every `every`-th tower layer (8B: 8, 70B: 20,
     405B: 31 blocks), counted from the top as the released code does."""
-    return default_schedule(tower.n_layers, every)
+    return default_schedule(tower.n_layers, every, n_xattn)
 
 
-def attach_image_adapter(tower: Transformer, vision: str | VisionArgs = "demo", every: int = 4, **kw):
+def attach_image_adapter(
+    tower: Transformer, vision: str | VisionArgs = "demo", every: int = 4, n_xattn: int | None = None, **kw
+):
     """A fresh image adapter (gates at 0) on any plain Llama 3 tower; the tower is frozen."""
     vargs = get_vision_preset(vision) if isinstance(vision, str) else vision
-    model = FusedVisionModel(tower, vargs, xattn_schedule(tower.args, every), **kw)
+    model = FusedVisionModel(tower, vargs, xattn_schedule(tower.args, every, n_xattn), **kw)
     init_extra_rows(model.learnable_embedding, tower)
     return model

@@ -136,6 +136,7 @@ class FusedVisionModel(nn.Module):
         mask: torch.Tensor | None = None,
         cache=None,
         last_only: bool = False,
+        select: torch.Tensor | None = None,
         extra_blocks: dict | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V]; argument meanings as transformers' MllamaForConditionalGeneration.forward.
@@ -174,6 +175,4 @@ class FusedVisionModel(nn.Module):
                     h = self.cross_attention_layers[k](h, media_kv[k], xmask, row, hf_compat=self.hf_compat_masking)
             if i < len(tower.layers):
                 h = tower.layers[i](h, freqs, mask, cache, i)
-        if last_only:
-            h = h[:, -1:]
-        return tower.output(tower.norm(h)).float()
+        return tower.logits(h, last_only, select)

@@ -78,10 +78,10 @@ class FusedSpeechModel(nn.Module):
         return h
 
     def forward(self, input_ids, features=None, feature_lengths=None, *, speech=None, positions=None, mask=None,
-                cache=None, last_only=False):  # fmt: skip
+                cache=None, last_only=False, select=None):  # fmt: skip
         """Logits [B, T, V]. features/feature_lengths: one clip per sample (length 0: no audio);
         speech: precomputed `encode_speech` output (generation encodes once, then splices at prefill only)."""
         if speech is None and features is not None:
             speech = self.encode_speech(features, feature_lengths)
         h = self.embed(input_ids, speech)
-        return self.tower(embeds=h, positions=positions, mask=mask, cache=cache, last_only=last_only)
+        return self.tower(embeds=h, positions=positions, mask=mask, cache=cache, last_only=last_only, select=select)

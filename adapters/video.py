@@ -65,7 +65,8 @@ class TemporalAggregator(nn.Module):
         self.args = a
         L = a.latents or tokens_per_frame
         self.latents = nn.Parameter(torch.randn(L, d) * d**-0.5)
-        self.time_embedding = nn.Parameter(torch.randn(a.merge, d) * d**-0.5)
+        # unit scale: comparable to the frame tokens it is added to, so frame order is visible from the first step
+        self.time_embedding = nn.Parameter(torch.randn(a.merge, d))
         self.layers = nn.ModuleList(PerceiverLayer(d, a.heads, a.ffn_mult) for _ in range(a.depth))
         self.norm = RMSNorm(d)
 
@@ -97,12 +98,14 @@ def video_schedule(image_schedule: list[int], every: int = 4) -> list[int]:
 class FusedVideoModel(nn.Module):
     """An image-stage FusedVisionModel + temporal aggregator + video cross-attention blocks."""
 
-    def __init__(self, image_model: FusedVisionModel, agg: AggregatorArgs, every: int = 4):
+    def __init__(self, image_model: FusedVisionModel, agg: AggregatorArgs, every: int = 4,
+                 schedule: list[int] | None = None):  # fmt: skip
+        """schedule: explicit tower layers for the video blocks (default: before every `every`-th image block)."""
         super().__init__()
         self.image_model = image_model
         a = image_model.tower.args
         self.aggregator = TemporalAggregator(a.dim, image_model.vision_encoder.args.num_patches, agg)
-        self.video_schedule = video_schedule(image_model.schedule, every)
+        self.video_schedule = list(schedule) if schedule is not None else video_schedule(image_model.schedule, every)
         self.video_cross_attention_layers = nn.ModuleList(
             GatedCrossAttentionBlock.for_tower(a) for _ in self.video_schedule
         )
@@ -193,9 +196,11 @@ def load_video_adapter(image_model: FusedVisionModel, path) -> FusedVideoModel:
     from .checkpoint import load_trainable, read_adapter_meta
 
     meta = read_adapter_meta(path)
-    model = FusedVideoModel(image_model, AggregatorArgs(**meta["aggregator"]))
-    if model.video_schedule != meta["video_schedule"]:
-        raise CheckpointError(f"{path}: video schedule {meta['video_schedule']} does not fit this image model")
+    bad = [k for k in meta["video_schedule"] if k not in image_model.schedule]
+    if bad:
+        raise CheckpointError(f"{path}: video blocks at tower layers {bad} have no image block in this image model "
+                              f"(its schedule: {image_model.schedule})")  # fmt: skip
+    model = FusedVideoModel(image_model, AggregatorArgs(**meta["aggregator"]), schedule=meta["video_schedule"])
     load_trainable(model, path, "image_model.")
     model.to(image_model.tok_embeddings.weight.device)
     return model.eval()

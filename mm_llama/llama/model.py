@@ -157,6 +157,7 @@ class Transformer(nn.Module):
         mask: torch.Tensor | None = None,
         cache=None,
         last_only: bool = False,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [B, T] (or input embeddings `embeds` [B, T, D]).
 
@@ -164,6 +165,7 @@ class Transformer(nn.Module):
         mask: boolean [B, 1, T, S] (True = attend) or None for plain causal attention.
         cache: a generation cache with `update(layer_idx, k, v)`; its owner provides `mask`.
         last_only: compute logits for the last position only (decoding).
+        select: boolean [B, T]: logits only where True, as [N, V] (training: only positions that have a label).
         """
         h_BTD = self.tok_embeddings(tokens) if embeds is None else embeds
         B, T, _ = h_BTD.shape
@@ -172,6 +174,12 @@ class Transformer(nn.Module):
         freqs_BTK = self.rope(positions)
         for i, layer in enumerate(self.layers):
             h_BTD = layer(h_BTD, freqs_BTK, mask, cache, i)
+        return self.logits(h_BTD, last_only, select)
+
+    def logits(self, h_BTD: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None):
+        """Final norm + output projection of the chosen positions (all, the last, or `select`)."""
         if last_only:
             h_BTD = h_BTD[:, -1:]
+        elif select is not None:
+            h_BTD = h_BTD[select]
         return self.output(self.norm(h_BTD)).float()
