@@ -3,7 +3,7 @@ adapters on the frozen SmolLM2-135M tower -> held-out evaluation -> runs/demo/re
 
     python recipes/demo.py                       # every stage; stages whose outputs exist are skipped
     python recipes/demo.py --stages image,report # only these (still skipped when done; --force redoes them)
-    python recipes/demo.py --config recipes/configs/demo_tiny.yaml run_dir=/tmp/d   # the reduced test version
+    python recipes/demo.py --config recipes/configs/demo/tiny.yaml run_dir=/tmp/d   # the reduced test version
 
 Stages (outputs under run_dir):
   corpora    Fashion-MNIST composites (train split / test split), moving-item clips, fortune sentences read by

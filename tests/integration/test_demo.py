@@ -1,4 +1,4 @@
-"""The reduced end-to-end demo (recipes/configs/demo_tiny.yaml): every stage of `make demo` on tiny corpora with a
+"""The reduced end-to-end demo (recipes/configs/demo/tiny.yaml): every stage of `make demo` on tiny corpora with a
 few steps of 2-process DDP training through `accelerate launch`; the full demo is not part of `make test`."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = [sys.executable, str(ROOT / "recipes/demo.py"), "--config", str(ROOT / "recipes/configs/demo_tiny.yaml")]
+DEMO = [sys.executable, str(ROOT / "recipes/demo.py"), "--config", str(ROOT / "recipes/configs/demo/tiny.yaml")]
 ENV = {**os.environ, "MM_LLAMA_PG_TIMEOUT": "120"}
 
 

@@ -76,6 +76,17 @@ def test_every_shipped_config_loads(path):
     assert cfg.steps > 0
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs" / "demo").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_demo_config_loads(path):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from demo import DemoConfig
+
+    from mm_llama.config import load_config
+
+    cfg = load_config(DemoConfig, path)
+    assert cfg.image_steps > 0 and cfg.nproc >= 1
+
+
 def _port():
     from tests.ddp_helpers import free_port
 
