@@ -1,11 +1,24 @@
 """The paper's video path: frames -> image encoder -> perceiver temporal aggregator -> video cross-attention.
 
 Each sampled frame goes through the (frozen) image encoder and projection. The aggregator merges every `merge`
-consecutive frames into one "effective frame": learned latents (one per output token) cross-attend to the tokens
-of the group's frames, which carry learned frame-in-group (time) embeddings; frames missing from a short last
-group are masked. Video cross-attention blocks (own tanh gates, initialised to 0) run before every `every`-th
-image cross-attention block and read all effective frames; text sees a video only after its `<|video|>` token.
-In the video stage only the aggregator and the video blocks train.
+consecutive frames into one "effective frame": latents (one per output token) cross-attend to the tokens of the
+group's frames, which carry learned frame-in-group (time) embeddings; frames missing from a short last group are
+masked. Video cross-attention blocks (own tanh gates) run before every `every`-th image cross-attention block and
+read all effective frames; text sees a video only after its `<|video|>` token. In the video stage only the
+aggregator and the video blocks train.
+
+Two start points (`AggregatorArgs.query_init`):
+- "learned" (default): free latents, the perceiver's own output norm; the video blocks start with closed gates.
+  The paper leaves the initialisation open; from here the blocks see nearly the same summary for every clip at
+  first (an average over mostly background tokens), and a short run learns little from it.
+- "frame_mean": latent p starts as the group's time-averaged token p (plus a learned offset, zero at first), the
+  perceiver's output projections start at zero and there is no output norm, so an untrained aggregator hands on
+  the averaged frame itself, at the image tokens' scale; with `FusedVideoModel(init_from_image=True)` the video
+  blocks start as copies of the trained image blocks at their layers, so the model reads a clip like a still
+  image from the first step and training only has to add what changes over time.
+`max_groups` > 0 adds a learned order embedding per effective frame, in units of each token's RMS and random at
+half that scale at first: without it the video blocks see a set of effective frames and cannot tell the first from
+the second.
 
 Shape legend: B batch, F frames, G groups (effective frames), P tokens per frame, L latents, D tower width.
 """
@@ -31,6 +44,8 @@ class AggregatorArgs:
     heads: int = 32
     ffn_mult: int = 2
     latents: int | None = None  # tokens per effective frame (default: the image encoder's tokens per frame)
+    query_init: str = "learned"  # "learned" | "frame_mean" (see the module docstring)
+    max_groups: int = 0  # > 0: learned order embeddings for up to this many effective frames
 
 
 class PerceiverLayer(nn.Module):
@@ -47,10 +62,12 @@ class PerceiverLayer(nn.Module):
         self.w1 = nn.Linear(d, ffn_mult * d, bias=False)
         self.w2 = nn.Linear(ffn_mult * d, d, bias=False)
 
-    def forward(self, lat_GLD, tok_GSD, key_ok_GS):
+    def forward(self, lat_GLD, tok_GSD, time_GSD, key_ok_GS):
+        """time embeddings are added to the normalised tokens, so their scale does not depend on the encoder's."""
         G, L, D = lat_GLD.shape
         q = self.wq(self.norm_latents(lat_GLD)).view(G, L, self.heads, -1).transpose(1, 2)
-        kv_in = torch.cat([self.norm_tokens(tok_GSD), self.norm_latents(lat_GLD)], 1)  # latents also attend to selves
+        toks = self.norm_tokens(tok_GSD) + time_GSD
+        kv_in = torch.cat([toks, self.norm_latents(lat_GLD)], 1)  # latents also attend to themselves
         k = self.wk(kv_in).view(G, kv_in.shape[1], self.heads, -1).transpose(1, 2)
         v = self.wv(kv_in).view(G, kv_in.shape[1], self.heads, -1).transpose(1, 2)
         ok = torch.cat([key_ok_GS, torch.ones(G, L, dtype=torch.bool, device=key_ok_GS.device)], 1)
@@ -64,11 +81,23 @@ class TemporalAggregator(nn.Module):
         super().__init__()
         self.args = a
         L = a.latents or tokens_per_frame
-        self.latents = nn.Parameter(torch.randn(L, d) * d**-0.5)
-        # unit scale: comparable to the frame tokens it is added to, so frame order is visible from the first step
+        if a.query_init not in ("learned", "frame_mean"):
+            raise ValueError(f"AggregatorArgs.query_init must be 'learned' or 'frame_mean', not {a.query_init!r}")
+        self.frame_mean = a.query_init == "frame_mean"
+        if self.frame_mean and L != tokens_per_frame:
+            raise ValueError(f"query_init='frame_mean' needs one latent per frame token ({tokens_per_frame}), not {L}")
+        self.latents = nn.Parameter(torch.zeros(L, d) if self.frame_mean else torch.randn(L, d) * d**-0.5)
+        # unit scale, like the normalised frame tokens it is added to: frame order is visible from the first step
         self.time_embedding = nn.Parameter(torch.randn(a.merge, d))
         self.layers = nn.ModuleList(PerceiverLayer(d, a.heads, a.ffn_mult) for _ in range(a.depth))
-        self.norm = RMSNorm(d)
+        if self.frame_mean:  # each layer starts as the identity: the output is the averaged frame
+            for layer in self.layers:
+                nn.init.zeros_(layer.wo.weight)
+                nn.init.zeros_(layer.w2.weight)
+        self.norm = nn.Identity() if self.frame_mean else RMSNorm(d)
+        # order embeddings act in units of each token's RMS (frame tokens of a trained encoder can sit far from
+        # unit scale); they start random at half that scale, so the first and second effective frame differ at once
+        self.group_embedding = nn.Parameter(0.5 * torch.randn(a.max_groups, d)) if a.max_groups else None
 
     def num_groups(self, n_frames: int) -> int:
         return -(-n_frames // self.args.merge)
@@ -78,14 +107,27 @@ class TemporalAggregator(nn.Module):
         Fr, P, D = frames_FPD.shape
         m = self.args.merge
         G = self.num_groups(Fr)
+        if self.group_embedding is not None and G > self.group_embedding.shape[0]:
+            raise ValueError(f"{Fr} frames make {G} effective frames (merge {m}), but this aggregator has order "
+                             f"embeddings for {self.group_embedding.shape[0]}: sample at most "
+                             f"{self.group_embedding.shape[0] * m} frames")  # fmt: skip
         pad = G * m - Fr
         x = torch.cat([frames_FPD, frames_FPD.new_zeros(pad, P, D)]) if pad else frames_FPD
-        x = x.view(G, m, P, D) + self.time_embedding[None, :, None, :].to(x.dtype)
-        ok = (torch.arange(G * m, device=x.device) < Fr).view(G, m, 1).expand(G, m, P).reshape(G, m * P)
+        x = x.view(G, m, P, D)
+        valid = torch.arange(G * m, device=x.device) < Fr  # [G*m]
+        ok = valid.view(G, m, 1).expand(G, m, P).reshape(G, m * P)
+        time = self.time_embedding[None, :, None, :].to(x.dtype).expand(G, m, P, D).reshape(G, m * P, D)
         lat = self.latents[None].expand(G, -1, -1).to(x.dtype)
+        if self.frame_mean:  # latent p starts at the group's average of frame token p (real frames only)
+            n = valid.view(G, m).sum(1).clamp(min=1).to(x.dtype)
+            lat = lat + x.sum(1) / n[:, None, None]  # padded frames are zeros
         for layer in self.layers:
-            lat = layer(lat, x.reshape(G, m * P, D), ok)
-        return self.norm(lat)
+            lat = layer(lat, x.reshape(G, m * P, D), time, ok)
+        out = self.norm(lat)
+        if self.group_embedding is not None:
+            rms = out.float().pow(2).mean(-1, keepdim=True).sqrt().to(out.dtype)
+            out = out + rms * self.group_embedding[:G, None, :].to(out.dtype)
+        return out
 
 
 def video_schedule(image_schedule: list[int], every: int = 4) -> list[int]:
@@ -99,8 +141,9 @@ class FusedVideoModel(nn.Module):
     """An image-stage FusedVisionModel + temporal aggregator + video cross-attention blocks."""
 
     def __init__(self, image_model: FusedVisionModel, agg: AggregatorArgs, every: int = 4,
-                 schedule: list[int] | None = None):  # fmt: skip
-        """schedule: explicit tower layers for the video blocks (default: before every `every`-th image block)."""
+                 schedule: list[int] | None = None, init_from_image: bool = False):  # fmt: skip
+        """schedule: explicit tower layers for the video blocks (default: before every `every`-th image block);
+        init_from_image: each video block starts as a copy of the image block at its layer (gates included)."""
         super().__init__()
         self.image_model = image_model
         a = image_model.tower.args
@@ -110,6 +153,13 @@ class FusedVideoModel(nn.Module):
             GatedCrossAttentionBlock.for_tower(a) for _ in self.video_schedule
         )
         self.video_token_id = a.vocab_size + 1  # the second extra learnable row
+        if init_from_image:
+            for layer, blk in zip(self.video_schedule, self.video_cross_attention_layers, strict=True):
+                if layer not in image_model.schedule:
+                    raise ValueError(f"init_from_image: tower layer {layer} has no image block "
+                                     f"(image schedule {image_model.schedule})")  # fmt: skip
+                src = image_model.cross_attention_layers[image_model.schedule.index(layer)]
+                blk.load_state_dict(src.state_dict())
         self.video_stage()
 
     def video_stage(self) -> None:

@@ -68,6 +68,7 @@ class DemoConfig:
     speech_batch: int = 8
     conformer_steps: int = 100  # the 30-minute budget leaves less than the Whisper run for it
     eval_limit: int | None = None  # cap each held-out set (reduced runs)
+    eval_dtype: str | None = None  # None: the dtype the adapters were trained in (bf16 autocast on capable CPUs)
     max_new_tokens: int = 40
     extra_train_args: dict = field(default_factory=dict)  # stage -> list of key=value for train.py
 
@@ -290,8 +291,18 @@ def stage_conformer(cfg, run):
         "model.freeze_speech_encoder=false"])  # fmt: skip
 
 
+def _eval_dtype(cfg) -> str:
+    return cfg.eval_dtype or _device_ok_dtype(cfg)
+
+
+def _eval_autocast(cfg):
+    """Score the adapters in the precision they were trained in (fp32 weights, bf16 autocast): the video adapter
+    trained under bf16 autocast reads some clips differently at full fp32 precision (see the closing notes)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=_eval_dtype(cfg) == "bfloat16")
+
+
 def _load_tower(cfg):
-    """The frozen tower for evaluation, in float32 (training used `cfg.dtype`; scoring runs at full precision)."""
+    """The frozen tower for evaluation: fp32 weights; `_eval_autocast` picks the compute precision."""
     from mm_llama.llama import Tokenizer, load_pretrained
 
     sys.path.insert(0, str(ROOT / "recipes"))
@@ -389,14 +400,14 @@ def stage_evaluate(cfg, run) -> dict:
             print(f"  {name}: no trained adapter, not evaluated", flush=True)
             continue
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), _eval_autocast(cfg):
             res = fn(cfg, run, tower, tok, name) if fn is eval_speech else fn(cfg, run, tower, tok)
         res["seconds"] = time.perf_counter() - t0
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
         summary[name] = {k: v for k, v in res.items() if k not in ("rows", "by_voice")}
         print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                           for k, v in summary[name].items()}), flush=True)  # fmt: skip
-    with torch.inference_mode():
+    with torch.inference_mode(), _eval_autocast(cfg):
         (out / "qualitative.json").write_text(json.dumps(qualitative(cfg, run, tower, tok), indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -516,8 +527,8 @@ def stage_report(cfg, run) -> dict:
         _caption_grid(run, img["rows"], run / "caption_grid.png")
     q = ev("qualitative")
     L = ["# mm_llama demo report", "",
-         f"Frozen tower: SmolLM2-135M ({cfg.tower}), trained in {_device_ok_dtype(cfg)}, evaluated in float32; "
-         f"{cfg.nproc} processes of our DDP engine "
+         f"Frozen tower: SmolLM2-135M ({cfg.tower}), trained in {_device_ok_dtype(cfg)}, "
+         f"evaluated in {_eval_dtype(cfg)}; {cfg.nproc} processes of our DDP engine "
          f"(`accelerate launch`, gloo); {os.cpu_count()} CPU cores, torch {torch.__version__}.", "",
          "## Time per stage", "", "| stage | seconds |", "|---|---:|"]  # fmt: skip
     L += [f"| {k} | {v['seconds']:.0f} |" for k, v in timings.items()]

@@ -54,6 +54,9 @@ class ModelCfg:
     video_merge: int = 4  # frames per effective frame (32 for 64-frame SFT input, 16 for pretraining)
     video_heads: int = 4
     video_every: int = 4  # a video block before every N-th image block (counted from the top)
+    video_query_init: str = "learned"  # aggregator start: learned | frame_mean (adapters/video.py)
+    video_max_groups: int = 0  # > 0: order embeddings for up to this many effective frames
+    video_init_from_image: bool = False  # video blocks start as copies of the image blocks at their layers
 
 
 @dataclass
@@ -160,7 +163,9 @@ def build_model(cfg: TrainConfig, tower):
         image = (
             load_adapter(tower, resolve(m.image_adapter)) if m.image_adapter else attach_image_adapter(tower, m.vision)
         )
-        return FusedVideoModel(image, AggregatorArgs(merge=m.video_merge, heads=m.video_heads), every=m.video_every)
+        agg = AggregatorArgs(merge=m.video_merge, heads=m.video_heads, query_init=m.video_query_init,
+                             max_groups=m.video_max_groups)  # fmt: skip
+        return FusedVideoModel(image, agg, every=m.video_every, init_from_image=m.video_init_from_image)
     raise ValueError(f"model.modality must be image, speech or video, not {m.modality!r}")
 
 

@@ -152,3 +152,45 @@ def test_mixed_batch_image_video_text():
     assert torch.allclose(batch[0], img_only[0], atol=1e-5)
     assert torch.allclose(batch[1], vid_only[0], atol=1e-5)
     assert torch.allclose(batch[2], text_only[0], atol=1e-5)
+
+
+def test_frame_mean_start_hands_on_the_averaged_frame_and_copied_blocks():
+    im = image_model()
+    agg = AggregatorArgs(merge=4, heads=4, query_init="frame_mean", max_groups=2)
+    vm = FusedVideoModel(im, agg, every=1, init_from_image=True).eval()
+    for layer, blk in zip(vm.video_schedule, vm.video_cross_attention_layers, strict=True):
+        src = im.cross_attention_layers[im.schedule.index(layer)]
+        assert all(torch.equal(a, b) for a, b in zip(blk.state_dict().values(), src.state_dict().values(), strict=True))
+    clip = moving_square("right", frames=6)  # groups of 4 and 2 frames
+    with torch.no_grad():
+        order = vm.aggregator.group_embedding.clone()
+        vm.aggregator.group_embedding.zero_()
+        tokens = vm.encode_video(clip)
+        P = im.vision_encoder.args.num_patches
+        per_frame = [vm.encode_video(f[None]) for f in clip]  # one frame: its own tokens
+        assert torch.allclose(tokens[:P], torch.stack(per_frame[:4]).mean(0), atol=1e-5)
+        assert torch.allclose(tokens[P:], torch.stack(per_frame[4:]).mean(0), atol=1e-5)
+        vm.aggregator.group_embedding.copy_(order)  # order embeddings, in units of each token's RMS
+        rms = tokens.pow(2).mean(-1, keepdim=True).sqrt()
+        expect = tokens + rms * order.repeat_interleave(P, 0)
+        assert torch.allclose(vm.encode_video(clip), expect, atol=1e-5)
+    try:
+        vm.encode_video(moving_square("right", frames=9))  # 3 effective frames, order embeddings for 2
+        raise AssertionError("expected an error")
+    except ValueError as e:
+        assert "at most 8 frames" in str(e)
+    vm.train()
+    loss = vm(torch.tensor([[1, im.tower.args.vocab_size + 1, 5, 6]]), videos=[clip]).float().logsumexp(-1).sum()
+    loss.backward()  # zero-started projections still get gradients, so the perceiver can learn
+    assert vm.aggregator.layers[0].wo.weight.grad.abs().sum() > 0
+
+
+def test_bad_aggregator_options():
+    im = image_model()
+    P = im.vision_encoder.args.num_patches
+    for bad in (AggregatorArgs(query_init="mean"), AggregatorArgs(query_init="frame_mean", latents=P + 1)):
+        try:
+            TemporalAggregator(im.tower.args.dim, P, bad)
+            raise AssertionError(f"expected an error for {bad}")
+        except ValueError as e:
+            assert "query_init" in str(e)
