@@ -22,6 +22,7 @@ Training stages run `accelerate launch --multi_gpu --num_processes N recipes/tra
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -73,14 +74,18 @@ class DemoConfig:
     extra_train_args: dict = field(default_factory=dict)  # stage -> list of key=value for train.py
 
 
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _device_ok_dtype(cfg: DemoConfig) -> str:
-    if cfg.dtype == "bfloat16" and not torch.cuda.is_available():
-        try:  # CPUs without bf16 units emulate it slowly: fall back to fp32
-            flags = Path("/proc/cpuinfo").read_text()
-            if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-                return "float32"
-        except OSError:
-            return "float32"
+    if cfg.dtype == "bfloat16" and not torch.cuda.is_available() and not _cpu_has_bf16():
+        return "float32"  # CPUs without bf16 units emulate it slowly
     return cfg.dtype
 
 
