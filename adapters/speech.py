@@ -196,9 +196,8 @@ class SpeechAdapter(nn.Module):
         if s > 1:  # [B, T, D] -> [B, ceil(T/s), s*D] (zero-padded tail)
             B, T, D = x.shape
             x = F.pad(x, (0, 0, 0, -T % s)).reshape(B, -1, s * D)
-            lengths = (lengths + s - 1) // s
         h = self.conv(x.transpose(1, 2)).transpose(1, 2)
-        out_len = ((lengths - 1) // 2) + 1
+        out_len = self.output_lengths(lengths)
         ok, key_mask = _masks(out_len, h.shape[1])
         h = h + self.attn(self.attn_norm(h), key_mask)
         h = h + self.ffn(self.ffn_norm(h))

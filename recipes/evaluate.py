@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from adapters.inference import caption
     from data.audio import decode_audio
     from data.image import IMAGE_EXTS, decode_image
-    from data.shards import expand_urls, iter_samples, open_url
+    from data.shards import expand_urls, read_samples
     from mm_llama.engine import init_distributed
     from mm_llama.engine.checkpoint import load_checkpoint
     from mm_llama.llama import Tokenizer
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     model.load_state_dict(weights, strict=False)
     model.eval()
     urls = expand_urls(args.data)[info.rank :: info.world_size]
-    samples = [s for u in urls for s in iter_samples(open_url(u), u)][: args.limit]
+    samples = read_samples(urls, args.limit)
     refs, hyps = [], []
     for i in range(0, len(samples), args.batch_size):
         chunk = samples[i : i + args.batch_size]

@@ -194,3 +194,13 @@ def test_bad_aggregator_options():
             raise AssertionError(f"expected an error for {bad}")
         except ValueError as e:
             assert "query_init" in str(e)
+
+
+def test_video_blocks_need_an_image_block_at_their_layer():
+    im = image_model()
+    free = next(k for k in range(im.tower.args.n_layers) if k not in im.schedule)
+    try:
+        FusedVideoModel(im, AggregatorArgs(merge=4, heads=4), schedule=[free])
+        raise AssertionError("expected an error")
+    except ValueError as e:
+        assert f"tower layers [{free}] have no image block" in str(e)
