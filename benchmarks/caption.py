@@ -3,6 +3,9 @@ transformers' Mllama `generate`, on the same tiny-but-not-trivial random Mllama 
 
 Both models load the same `save_pretrained` folder (ours through `adapters.load_pretrained`); generated tokens
 must be identical (ours runs with transformers-5 compatibility switches so the numerics are HF's).
+A last line per size says how much of our time is dense math (matmuls, attention, convolutions: the same fp32
+kernels on both sides, measured with torch.profiler) and the ratio to transformers if all other time were zero --
+the ceiling for any framework-overhead saving on this machine.
 Usage: python benchmarks/caption.py [--new-tokens 48] [--repeats 3]
 """
 
@@ -110,6 +113,27 @@ def bench(args, dim: int, layers: int):
     base = rows["transformers"]
     for name, r in rows.items():
         print(f"{name:<30}{r:>9.1f} tok/s{r / base:>8.2f}x transformers")
+    share = dense_share(lambda: run("cached"))
+    print(
+        f"dense math is {100 * share:.0f}% of ours (K/V cached); with zero other time ours would be "
+        f"{rows['ours, K/V cached'] / share / base:.2f}x transformers"
+    )
+
+
+DENSE = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+         "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
+         "aten::mkldnn_convolution", "aten::convolution_overrideable")  # fmt: skip
+
+
+def dense_share(fn) -> float:
+    """Fraction of self CPU time spent in dense-math kernels during one call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in DENSE) / total
 
 
 if __name__ == "__main__":

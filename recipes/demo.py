@@ -479,6 +479,12 @@ def _plot_losses(run: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def _distinct(rows: list[dict]) -> str:
+    from adapters.asr import normalize_text
+
+    return f"{len({normalize_text(r['hyp']) for r in rows})} of {len(rows)}"
+
+
 def _caption_grid(run: Path, rows: list[dict], path: Path, n: int = 12) -> None:
     import matplotlib
 
@@ -562,10 +568,18 @@ def stage_report(cfg, run) -> dict:
     if sp:
         L += [f"| ASR, Whisper tiny.en (frozen) + adapter ({sp['n']} clips, unseen voices and sentences) | WER | "
               f"<= 15% | {_pct(sp['wer'])} |", f"| | CER | | {_pct(sp['cer'])} |"]  # fmt: skip
+    if sp.get("rows"):
+        L += [f"| | distinct transcripts (few = the tower ignores the audio) | | {_distinct(sp['rows'])} |"]
     if cf:
         L += [f"| ASR, from-scratch Conformer (small) + adapter, {cfg.conformer_steps} steps (Whisper run: "
               f"{cfg.speech_steps}) | WER | (comparison) | {_pct(cf['wer'])} |",
               f"| | CER | | {_pct(cf['cer'])} |"]  # fmt: skip
+    if cf.get("rows"):
+        L += [f"| | distinct transcripts | | {_distinct(cf['rows'])} |"]
+    ref = ev("asr_reference")
+    if ref:
+        L += [f"| complete pretrained Whisper tiny.en, its own decoder (`benchmarks/asr_reference.py`, same "
+              f"{ref['n']} clips) | WER | (reference) | {_pct(ref['wer'])} |"]  # fmt: skip
     L += ["", "![loss curves](loss_curves.png)", ""]
     if img.get("rows"):
         L += [
