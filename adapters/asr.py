@@ -53,6 +53,14 @@ def wer_cer(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
     return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps)), "n": len(refs)}
 
 
+def wer_cer_by(references: Sequence[str], hypotheses: Sequence[str], groups: Sequence[str]) -> dict[str, dict]:
+    """`wer_cer` per group (e.g. per voice), groups in sorted order."""
+    return {
+        g: wer_cer([r for r, x in zip(references, groups) if x == g], [h for h, x in zip(hypotheses, groups) if x == g])
+        for g in sorted(set(groups))
+    }
+
+
 def features_for(model: FusedSpeechModel, wave: torch.Tensor) -> torch.Tensor:
     """[frames, n_mels] features of a 16 kHz clip for this model's encoder."""
     if isinstance(model.encoder, WhisperEncoder):

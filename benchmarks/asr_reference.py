@@ -37,14 +37,14 @@ def main():
     import tokenizers
     import torch
 
-    from adapters.asr import wer_cer
+    from adapters.asr import wer_cer, wer_cer_by
     from adapters.whisper import whisper_log_mel
     from data.audio import AUDIO_EXTS, decode_audio
     from data.shards import read_index, read_samples
     from mm_llama.assets import asset_path
 
     if not Path(args.shards).exists():
-        sys.exit(f"{args.shards}: no such index (run `python recipes/demo.py --stage corpora` first)")
+        sys.exit(f"{args.shards}: no such index (run `python recipes/demo.py --stages corpora` first)")
     model_dir = Path(asset_path("whisper_tiny_en_ct2")).parent
     model = ctranslate2.models.Whisper(str(model_dir), device="cpu", compute_type="float32",
                                        intra_threads=torch.get_num_threads())  # fmt: skip
@@ -68,15 +68,13 @@ def main():
     total = wer_cer(refs, hyps)
     print(f"\nComplete Whisper tiny.en (CTranslate2, beam {args.beam}) on {total['n']} clips of {args.shards} "
           f"({seconds:.0f} s): WER {100 * total['wer']:.1f}%  CER {100 * total['cer']:.1f}%")  # fmt: skip
-    by_voice = {}
-    for v in sorted(set(voices)):
-        idx = [i for i, x in enumerate(voices) if x == v]
-        r = wer_cer([refs[i] for i in idx], [hyps[i] for i in idx])
-        by_voice[v] = r["wer"]
-        print(f"  {v:<22}{len(idx):>4} clips  WER {100 * r['wer']:5.1f}%  CER {100 * r['cer']:5.1f}%")
+    per_voice = wer_cer_by(refs, hyps, voices)
+    for v, r in per_voice.items():
+        print(f"  {v:<22}{r['n']:>4} clips  WER {100 * r['wer']:5.1f}%  CER {100 * r['cer']:5.1f}%")
     out = Path(args.out) if args.out else Path(args.shards).resolve().parents[2] / "eval" / "asr_reference.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {**total, "by_voice": by_voice, "beam": args.beam, "shards": args.shards, "seconds": seconds,
+    result = {**total, "by_voice": {v: r["wer"] for v, r in per_voice.items()}, "beam": args.beam,
+              "shards": args.shards, "seconds": seconds,
               "rows": [{"ref": r, "hyp": h, "voice": v} for r, h, v in zip(refs, hyps, voices)]}  # fmt: skip
     out.write_text(json.dumps(result, indent=1))
     print(f"  -> {out}")

@@ -365,7 +365,7 @@ def eval_video(cfg, run, model, tok) -> dict:
 
 def eval_speech(cfg, run, model, tok) -> dict:
     """Transcribe the held-out clips (unseen voices and sentences) with a trained FusedSpeechModel."""
-    from adapters.asr import transcribe, wer_cer
+    from adapters.asr import transcribe, wer_cer, wer_cer_by
     from data.audio import decode_audio
 
     samples = _shard_samples(run / "shards/speech_test/index.json", cfg.eval_limit)
@@ -378,12 +378,7 @@ def eval_speech(cfg, run, model, tok) -> dict:
         refs += [s["txt"].decode() for s in chunk]
         meta += [json.loads(s["json"]) for s in chunk]
     res = wer_cer(refs, hyps)
-    by_voice = {}
-    for r, h, m in zip(refs, hyps, meta):
-        by_voice.setdefault(m["voice"], ([], []))
-        by_voice[m["voice"]][0].append(r)
-        by_voice[m["voice"]][1].append(h)
-    res["by_voice"] = {v: wer_cer(*rh)["wer"] for v, rh in sorted(by_voice.items())}
+    res["by_voice"] = {v: r["wer"] for v, r in wer_cer_by(refs, hyps, [m["voice"] for m in meta]).items()}
     res["rows"] = [{"ref": r, "hyp": h, "voice": m["voice"]} for r, h, m in zip(refs, hyps, meta)]
     return res
 

@@ -15,6 +15,7 @@ from adapters.asr import (
     save_speech_adapter,
     transcribe,
     wer_cer,
+    wer_cer_by,
 )
 from adapters.speech import ADAPTER_PRESETS
 from adapters.whisper import load_whisper_encoder
@@ -29,6 +30,10 @@ def test_normalisation_and_error_rates():
     r = wer_cer(["the cat sat", "Twenty-one dogs"], ["The cat sat.", "21 dogs"])
     assert r["wer"] == 0.0 and r["cer"] == 0.0
     assert wer_cer(["a b c d"], ["a x c"])["wer"] == 0.5
+    by = wer_cer_by(["a b", "c d", "e f"], ["a b", "c x", "e"], ["v2", "v1", "v2"])
+    assert list(by) == ["v1", "v2"]
+    assert by["v1"]["wer"] == 0.5 and by["v1"]["n"] == 1
+    assert by["v2"] == wer_cer(["a b", "e f"], ["a b", "e"])
 
 
 def clip():
