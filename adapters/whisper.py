@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm_llama.deps import import_torchaudio
+
 
 @dataclass(frozen=True)
 class WhisperArgs:
@@ -175,7 +177,7 @@ def load_whisper_encoder(path: str | Path, dtype=torch.float32, device="cpu") ->
 def whisper_log_mel(wave: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     """Whisper's features for a 16 kHz clip: |STFT|^2 (400/160, Hann) -> Slaney mel -> log10, floor at max-8,
     (x + 4) / 4. -> [n_mels, frames] with frames = samples // 160 (the last STFT frame is dropped, as Whisper does)."""
-    import torchaudio.functional as AF
+    AF = import_torchaudio("Whisper features").functional
 
     window = torch.hann_window(400, device=wave.device)
     stft = torch.stft(wave.float(), 400, 160, window=window, return_complex=True)

@@ -11,6 +11,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from mm_llama.deps import import_torchaudio
+
 from .badsamples import SampleError
 
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", "opus", "m4a", "aac", "webm")
@@ -82,15 +84,13 @@ def decode_audio(
 @lru_cache(maxsize=16)
 def _resampler(orig_sr: int):
     """Cached resampler: the windowed-sinc kernel is built once per source rate."""
-    import torchaudio
-
+    torchaudio = import_torchaudio("resampling audio")
     return torchaudio.transforms.Resample(orig_sr, SAMPLE_RATE)
 
 
 @lru_cache(maxsize=4)
 def _mel(n_mels: int):
-    import torchaudio
-
+    torchaudio = import_torchaudio("log-mel features")
     return torchaudio.transforms.MelSpectrogram(
         sample_rate=SAMPLE_RATE, n_fft=WIN, win_length=WIN, hop_length=HOP, n_mels=n_mels, power=2.0
     )
