@@ -14,6 +14,7 @@ from data.audio import log_mel
 from mm_llama.generate import bos_prefix, generate_ids, padding_id
 from mm_llama.llama.model import Transformer
 
+from .fusion import TOKEN_ROWS
 from .speech import AdapterArgs, ConformerArgs, ConformerEncoder, SpeechAdapter
 from .speech_fusion import ASR_PROMPT, FusedSpeechModel
 from .whisper import WhisperEncoder, whisper_log_mel
@@ -105,6 +106,7 @@ def save_speech_adapter(model: FusedSpeechModel, path: str | Path) -> None:
     enc = model.encoder
     meta = {
         "format": "mm_llama.speech_adapter.v1",
+        "token_rows": {"speech": list(TOKEN_ROWS["speech"])},
         "encoder": "whisper" if isinstance(enc, WhisperEncoder) else "conformer",
         "encoder_args": dataclasses.asdict(enc.args),
         "adapter_args": dataclasses.asdict(model.adapter.args),

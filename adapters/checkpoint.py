@@ -26,7 +26,7 @@ from mm_llama.llama.checkpoint import (
 )
 from mm_llama.llama.model import Transformer
 
-from .fusion import NUM_EXTRA_TOKENS, FusedVisionModel
+from .fusion import NUM_EXTRA_TOKENS, TOKEN_ROWS, FusedVisionModel
 from .vision import VisionArgs
 
 _XATTN_KEYS = {
@@ -205,6 +205,7 @@ def _adapter_meta(model: FusedVisionModel) -> dict:
     a = model.tower.args
     return {
         "format": "mm_llama.image_adapter.v1",
+        "token_rows": {"image": list(TOKEN_ROWS["image"])},
         "vision": v,
         "schedule": model.schedule,
         "image_token_id": model.image_token_id,

@@ -1,4 +1,13 @@
-"""`mm-llama caption`: caption images with a Llama 3.2 Vision folder, or a plain tower + a trained adapter."""
+"""`mm-llama caption` / `mm-llama asr`: one tower, any adapters, any media they handle.
+
+    mm-llama caption --model TOWER --adapter IMAGE.safetensors --adapter VIDEO.safetensors --adapter SPEECH.safetensors
+                     photo.jpg clip.mp4 talk.wav
+    mm-llama caption --model Llama-3.2-11B-Vision/ photo.jpg      (an HF/Meta Mllama folder: its own image adapter)
+
+`--adapter` may be given any number of times, in any order (each file's kind is read from its metadata); the
+adapters are composed on one tower (adapters/composed.py). Images and videos get captions, audio gets transcripts;
+one line per input, `PATH: TEXT`. The two commands differ only in their defaults (asr: a longer output).
+"""
 
 from __future__ import annotations
 
@@ -7,105 +16,95 @@ import time
 from pathlib import Path
 
 
-def cmd_caption(args) -> int:
+def load_model(args):
+    """(ComposedModel, Tokenizer) from --model and the --adapter files."""
     import torch
 
-    from data.image import decode_image
-    from mm_llama.generate import StreamPrinter
     from mm_llama.llama import Tokenizer
     from mm_llama.llama import load_pretrained as load_tower
 
-    from .checkpoint import load_adapter, load_pretrained
-    from .inference import caption
+    from .composed import ComposedModel, load_composed
 
     dtype = getattr(torch, args.dtype)
-    t0 = time.perf_counter()
-    if args.adapter:
-        model = load_adapter(load_tower(args.model, dtype=dtype, device=args.device), args.adapter)
+    files = list(args.adapter or []) + [f for f in (getattr(args, "video_adapter", None),) if f]
+    if files:
+        model = load_composed(load_tower(args.model, dtype=dtype, device=args.device), files)
+    elif (Path(args.model) / "config.json").is_file() or (Path(args.model) / "params.json").is_file():
+        from mm_llama.llama.checkpoint import CheckpointError
+
+        from .checkpoint import load_pretrained
+
+        try:
+            image = load_pretrained(args.model, dtype=dtype, device=args.device)
+        except CheckpointError as e:  # e.g. a plain tower folder: say what to add
+            raise ValueError(f"{e}; a plain tower needs --adapter FILE (image, video or speech adapter)") from None
+        model = ComposedModel(image.tower, image=image)
     else:
-        model = load_pretrained(args.model, dtype=dtype, device=args.device)
+        raise ValueError(f"{args.model}: a plain tower needs --adapter FILE (image, video or speech adapter)")
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
-    video_model = None
-    if args.video_adapter:
-        from .video import load_video_adapter
-
-        video_model = load_video_adapter(model, args.video_adapter)
-    print(f"[loaded in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
-    from data.video import VIDEO_EXTS
-
-    for path in args.images:
-        is_video = Path(path).suffix.lower().lstrip(".") in VIDEO_EXTS
-        if is_video and video_model is None:
-            print(f"{path}: a video needs --video-adapter", file=sys.stderr)
-            return 2
-        sys.stdout.write(f"{path}: ")
-        sys.stdout.flush()
-        printer = StreamPrinter(tok, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        data = Path(path).read_bytes()
-        if is_video:
-            from data.image import normalize_tiles
-            from data.video import decode_video
-
-            from .inference import caption_video
-
-            size = model.vision_encoder.args.image_size
-            frames = normalize_tiles(decode_video(data, str(path), num_frames=args.frames, size=size))
-            caption_video(video_model, tok, frames, args.prompt, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, on_token=printer)  # fmt: skip
-        else:
-            caption(model, tok, [decode_image(data, str(path))], args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=printer)  # fmt: skip
-        sys.stdout.write("\n")
-    return 0
+    return model, tok
 
 
-def add_parser(sub) -> None:
-    c = sub.add_parser("caption", help="caption images (Mllama folder, or a tower + --adapter)")
-    c.add_argument("--model", required=True, help="HF Mllama folder, or a Llama tower when --adapter is given")
-    c.add_argument("--adapter", default=None, help="image adapter checkpoint (safetensors) from training")
+def cmd_describe(args) -> int:
+    from data.badsamples import SampleError
+
+    from .describe import check_handled, describe
+
+    missing = [p for p in args.inputs if not Path(p).is_file()]
+    if missing:
+        print(f"mm-llama {args.command}: error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    model, tok = load_model(args)
+    print(f"[loaded {'+'.join(model.modalities)} adapters in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    for path in args.inputs:
+        check_handled(model, path)  # every input is handled before any work starts (ValueError -> exit 2)
+    failed = 0
+    for path in args.inputs:
+        t0 = time.perf_counter()
+        try:
+            answer = describe(model, tok, path, Path(path).read_bytes(), prompt=args.prompt, frames=args.frames,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  seed=args.seed, language=args.language)  # fmt: skip
+        except SampleError as e:
+            print(f"mm-llama {args.command}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        dt = time.perf_counter() - t0
+        print(f"{path}: {answer.text}", flush=True)
+        rtf = f", real-time factor {dt / answer.media_seconds:.2f}" if answer.media_seconds else ""
+        print(f"[{answer.kind}: {dt:.2f} s{rtf}]", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _add_common(c, max_new_tokens: int) -> None:
+    c.add_argument("--model", required=True, help="the Llama tower (Meta dir | HF dir | .gguf), or an Mllama folder")
+    c.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="adapter file (image, video or speech; kind read from the file); repeat for several",
+    )
     c.add_argument("--tokenizer", default=None)
-    c.add_argument("--video-adapter", default=None, help="video adapter checkpoint (aggregator + video blocks)")
+    c.add_argument("inputs", nargs="+", metavar="FILE", help="images, videos and audio files")
+    c.add_argument("--prompt", default="", help="text after the image/video token")
+    c.add_argument("--language", default="English", help="speech: the language named in the ASR prompt")
     c.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from a video")
-    c.add_argument("images", nargs="+", help="image or video files")
-    c.add_argument("--prompt", default="", help="text after the image token(s)")
-    c.add_argument("--max-new-tokens", type=int, default=32)
+    c.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--top-p", type=float, default=1.0)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--device", default="cpu")
-    c.set_defaults(func=cmd_caption)
+    c.set_defaults(func=cmd_describe)
 
 
-def cmd_asr(args) -> int:
-    import torch
-
-    from data.audio import decode_audio
-    from mm_llama.llama import Tokenizer
-    from mm_llama.llama import load_pretrained as load_tower
-
-    from .asr import load_speech_adapter, transcribe
-
-    model = load_speech_adapter(load_tower(args.model, dtype=getattr(torch, args.dtype)), args.adapter)
-    tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
-    for path in args.audio:
-        p = Path(path)
-        wave = decode_audio(p.read_bytes(), str(p), p.suffix.lstrip("."))
-        t0 = time.perf_counter()
-        (text,) = transcribe(model, tok, [wave], language=args.language, max_new_tokens=args.max_new_tokens)
-        rtf = (time.perf_counter() - t0) / (wave.numel() / 16000)
-        print(f"{path}: {text}")
-        print(f"[real-time factor {rtf:.2f}]", file=sys.stderr)
-    return 0
+def add_parser(sub) -> None:
+    c = sub.add_parser("caption", help="caption images and videos (and transcribe audio) with a tower + adapters")
+    _add_common(c, max_new_tokens=32)
+    c.add_argument("--video-adapter", default=None, help="same as another --adapter (kept for old scripts)")
 
 
 def add_asr_parser(sub) -> None:
-    a = sub.add_parser("asr", help="transcribe audio files with a tower + a trained speech adapter")
-    a.add_argument("--model", required=True, help="the Llama tower (Meta dir | HF dir | .gguf)")
-    a.add_argument("--adapter", required=True, help="speech adapter checkpoint (safetensors)")
-    a.add_argument("--tokenizer", default=None)
-    a.add_argument("audio", nargs="+", help="any common audio format, any rate, mono or stereo")
-    a.add_argument("--language", default="English")
-    a.add_argument("--max-new-tokens", type=int, default=96)
-    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    a.set_defaults(func=cmd_asr)
+    a = sub.add_parser("asr", help="transcribe audio (and caption images and videos) with a tower + adapters")
+    _add_common(a, max_new_tokens=96)

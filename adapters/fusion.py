@@ -20,6 +20,9 @@ from .vision import VisionArgs, VisionEncoder
 from .xattn import GatedCrossAttentionBlock, media_attention_mask
 
 NUM_EXTRA_TOKENS = 8
+# Each modality's token ids when adapters are composed on one tower (adapters/composed.py): kind -> (first id - V,
+# number of ids, row of the adapter's table that the first id reads). Saved in every adapter file.
+TOKEN_ROWS: dict[str, tuple[int, int, int]] = {"image": (0, 8, 0), "video": (8, 1, 1), "speech": (9, 1, 0)}
 
 
 def embed_with_extra_rows(tower: Transformer, extra_rows: nn.Embedding, ids_BT: torch.Tensor) -> torch.Tensor:
@@ -69,9 +72,6 @@ class FusedVisionModel(nn.Module):
         self.learnable_embedding = nn.Embedding(NUM_EXTRA_TOKENS, a.dim)
         self.image_token_id = image_token_id if image_token_id is not None else a.vocab_size
         self.hf_compat_masking = hf_compat_masking
-        self._xattn_at: dict[int, list[int]] = {}  # tower layer -> blocks run before it (n_layers: after the last)
-        for k, layer in enumerate(self.schedule):
-            self._xattn_at.setdefault(layer, []).append(k)
         self.freeze_tower()
 
     # generation (mm_llama.generate) sizes its KV cache from these
@@ -120,6 +120,16 @@ class FusedVisionModel(nn.Module):
         """Per cross-attention layer keys/values for the media tokens (computed once per request)."""
         return [layer.media_kv(media_BSD) for layer in self.cross_attention_layers]
 
+    def blocks(self, media_kv, bias_B1TS, row_BT1) -> dict[int, list]:
+        """{tower layer: [h -> h]}: the cross-attention blocks for these media, for the tower's `inject=`."""
+        out: dict[int, list] = {}
+        for k, layer in enumerate(self.schedule):
+            blk, kv = self.cross_attention_layers[k], media_kv[k]
+            out.setdefault(layer, []).append(
+                lambda h, blk=blk, kv=kv: blk(h, kv, bias_B1TS, row_BT1, hf_compat=self.hf_compat_masking)
+            )
+        return out
+
     # --- forward -------------------------------------------------------------------------------
     def forward(
         self,
@@ -146,9 +156,8 @@ class FusedVisionModel(nn.Module):
         media_mask: precomputed `media_attention_mask(...)` rows for these tokens (instead of cross_attention_mask).
         extra_blocks: {tower layer: [fn(h) -> h]} run before that layer, ahead of its image blocks (video).
         positions / mask / cache: as `Transformer.forward` (the KV cache of the self-attention layers)."""
-        tower = self.tower
         h = self.embed(input_ids)
-        B, T, _ = h.shape
+        T = h.shape[1]
         if media_kv is None and media is not None:
             media_kv = self.media_kv(media)
         if media_kv is None and pixel_values is not None:
@@ -164,15 +173,9 @@ class FusedVisionModel(nn.Module):
             xmask, row = media_attention_mask(
                 cross_attention_mask[:, -T:], self.vision_encoder.args.num_patches, h.dtype
             )
-        if positions is None:
-            positions = torch.arange(T, device=h.device).expand(B, T)
-        freqs = tower.rope(positions)
-        for i in range(len(tower.layers) + 1):
-            for fn in (extra_blocks or {}).get(i, ()):
-                h = fn(h)
-            if media_kv is not None:  # text-only requests skip cross-attention entirely
-                for k in self._xattn_at.get(i, ()):
-                    h = self.cross_attention_layers[k](h, media_kv[k], xmask, row, hf_compat=self.hf_compat_masking)
-            if i < len(tower.layers):
-                h = tower.layers[i](h, freqs, mask, cache, i)
-        return tower.logits(h, last_only, select)
+        inject = {i: list(fns) for i, fns in (extra_blocks or {}).items()}
+        if media_kv is not None:  # text-only requests skip cross-attention entirely
+            for layer, fns in self.blocks(media_kv, xmask, row).items():
+                inject.setdefault(layer, []).extend(fns)
+        return self.tower(embeds=h, positions=positions, mask=mask, cache=cache, last_only=last_only, select=select,
+                          inject=inject)  # fmt: skip

@@ -1,7 +1,9 @@
 """`mm-llama serve`: a small local web page where a person drops an image, a video or an audio file and sees the
 caption or transcript. Stdlib HTTP server on 127.0.0.1; models are loaded once at start-up.
 
-    mm-llama serve --model TOWER [--adapter IMAGE_CKPT] [--video-adapter VIDEO_CKPT] [--speech-adapter SPEECH_CKPT]
+    mm-llama serve --model TOWER --adapter FILE [--adapter FILE ...]     (image, video, speech: any subset)
+
+The adapters are composed on one tower, as in `mm-llama caption` (adapters/cli.py, adapters/describe.py).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>mm_llama</title>
@@ -48,61 +49,26 @@ drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('
 
 class App:
     def __init__(self, args):
-        import torch
-
-        from mm_llama.llama import Tokenizer
-        from mm_llama.llama import load_pretrained as load_tower
+        from .cli import load_model
 
         self.args = args
         self.lock = threading.Lock()  # one request at a time on the model
-        self.tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
-        tower = load_tower(args.model, dtype=torch.float32)
-        self.image = self.video = self.speech = None
-        if args.adapter:
-            from .checkpoint import load_adapter
-
-            self.image = load_adapter(tower, args.adapter)
-            if args.video_adapter:
-                from .video import load_video_adapter
-
-                self.video = load_video_adapter(self.image, args.video_adapter)
-        if args.speech_adapter:
-            from .asr import load_speech_adapter
-
-            self.speech = load_speech_adapter(tower, args.speech_adapter)
+        args.adapter = list(args.adapter or []) + [f for f in (args.video_adapter, args.speech_adapter) if f]
+        args.device = "cpu"
+        self.model, self.tok = load_model(args)
 
     def process(self, name: str, data: bytes) -> dict:
-        from data.audio import AUDIO_EXTS, decode_audio
         from data.badsamples import SampleError
-        from data.image import IMAGE_EXTS, decode_image, normalize_tiles
-        from data.video import VIDEO_EXTS, decode_video
 
-        ext = Path(name).suffix.lower().lstrip(".")
+        from .describe import WHAT, describe
+
         try:
             with self.lock:
-                if ext in IMAGE_EXTS and self.image is not None:
-                    from .inference import caption
-
-                    text = caption(self.image, self.tok, [decode_image(data, name)], self.args.prompt,
-                                   max_new_tokens=self.args.max_new_tokens)[0]  # fmt: skip
-                    return {"kind": "caption", "text": text.strip()}
-                if ext in VIDEO_EXTS and self.video is not None:
-                    from .inference import caption_video
-
-                    size = self.image.vision_encoder.args.image_size
-                    frames = normalize_tiles(decode_video(data, name, num_frames=self.args.frames, size=size))
-                    text = caption_video(self.video, self.tok, frames, self.args.prompt,
-                                         max_new_tokens=self.args.max_new_tokens)  # fmt: skip
-                    return {"kind": "video caption", "text": text.strip()}
-                if ext in AUDIO_EXTS and self.speech is not None:
-                    from .asr import transcribe
-
-                    (text,) = transcribe(self.speech, self.tok, [decode_audio(data, name, ext)],
-                                         max_new_tokens=self.args.max_new_tokens)  # fmt: skip
-                    return {"kind": "transcript", "text": text}
-        except SampleError as e:
+                answer = describe(self.model, self.tok, name, data, prompt=self.args.prompt,
+                                      frames=self.args.frames, max_new_tokens=self.args.max_new_tokens)  # fmt: skip
+        except (SampleError, ValueError) as e:
             return {"error": str(e)}
-        return {"error": f"{name}: no loaded model handles .{ext} files"}
+        return {"kind": WHAT[answer.kind], "text": answer.text}
 
 
 def make_handler(app: App):
@@ -155,9 +121,10 @@ def add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="local web page: drop an image, video or audio file")
     s.add_argument("--model", required=True)
     s.add_argument("--tokenizer", default=None)
-    s.add_argument("--adapter", default=None, help="image adapter checkpoint")
-    s.add_argument("--video-adapter", default=None)
-    s.add_argument("--speech-adapter", default=None)
+    s.add_argument("--adapter", action="append", default=[], help="adapter file (image, video or speech); repeat")
+    s.add_argument("--video-adapter", default=None, help="same as another --adapter (kept for old scripts)")
+    s.add_argument("--speech-adapter", default=None, help="same as another --adapter (kept for old scripts)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     s.add_argument("--prompt", default="")
     s.add_argument("--frames", type=int, default=8)
     s.add_argument("--max-new-tokens", type=int, default=32)

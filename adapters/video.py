@@ -33,7 +33,7 @@ from torch import nn
 
 from mm_llama.llama.model import RMSNorm
 
-from .fusion import FusedVisionModel, default_schedule
+from .fusion import TOKEN_ROWS, FusedVisionModel, default_schedule
 from .xattn import GatedCrossAttentionBlock, masks_from_allowed
 
 
@@ -197,9 +197,9 @@ class FusedVideoModel(nn.Module):
             feats = feats[:, :P]
         return self.aggregator(feats).reshape(-1, feats.shape[-1])
 
-    def video_inputs(self, video_tokens: list, input_ids: torch.Tensor):
-        """Padded media [B, S, D], per-layer K/V, and the additive mask / row mask for every position of
-        `input_ids` (text sees a sample's video from its `<|video|>` token on)."""
+    def video_inputs(self, video_tokens: list, input_ids: torch.Tensor, token_id: int | None = None):
+        """Per-block K/V of the padded media, and the additive mask / row mask for every position of `input_ids`
+        (text sees a sample's video from its `<|video|>` token on; `token_id`: its id, default this model's)."""
         B = input_ids.shape[0]
         S = max(v.shape[0] for v in video_tokens if v is not None)
         media = torch.zeros(B, S, self.args.dim, dtype=self.tok_embeddings.weight.dtype, device=input_ids.device)
@@ -207,7 +207,8 @@ class FusedVideoModel(nn.Module):
         for b, v in enumerate(video_tokens):
             if v is not None:
                 media[b, : v.shape[0]], key_ok[b, : v.shape[0]] = v, True
-        seen = (input_ids == self.video_token_id).long().cumsum(1) > 0
+        token_id = self.video_token_id if token_id is None else token_id
+        seen = (input_ids == token_id).long().cumsum(1) > 0
         bias, row = masks_from_allowed(seen[:, :, None] & key_ok[:, None, :], media.dtype)
         kvs = [blk.media_kv(media) for blk in self.video_cross_attention_layers]
         return kvs, bias, row
@@ -220,14 +221,17 @@ class FusedVideoModel(nn.Module):
                 video_tokens = [None if v is None else self.encode_video(v) for v in videos]
             if video_tokens is not None and any(v is not None for v in video_tokens):
                 video_state = self.video_inputs(video_tokens, input_ids)
-        extra = None
-        if video_state is not None:
-            kvs, bias, rowf = video_state
-            extra = {}
-            for k, layer in enumerate(self.video_schedule):
-                blk = self.video_cross_attention_layers[k]
-                extra.setdefault(layer, []).append(lambda h, blk=blk, kv=kvs[k]: blk(h, kv, bias, rowf))
+        extra = self.blocks(video_state) if video_state is not None else None
         return self.image_model(input_ids, extra_blocks=extra, **kw)
+
+    def blocks(self, video_state) -> dict[int, list]:
+        """{tower layer: [h -> h]}: the video blocks for `video_inputs(...)`, for the tower's `inject=`."""
+        kvs, bias, row = video_state
+        out: dict[int, list] = {}
+        for k, layer in enumerate(self.video_schedule):
+            blk, kv = self.video_cross_attention_layers[k], kvs[k]
+            out.setdefault(layer, []).append(lambda h, blk=blk, kv=kv: blk(h, kv, bias, row))
+        return out
 
 
 def save_video_adapter(model: FusedVideoModel, path) -> None:
@@ -237,7 +241,7 @@ def save_video_adapter(model: FusedVideoModel, path) -> None:
     from .checkpoint import save_trainable
 
     meta = {"format": "mm_llama.video_adapter.v1", "aggregator": dataclasses.asdict(model.aggregator.args),
-            "video_schedule": model.video_schedule}  # fmt: skip
+            "video_schedule": model.video_schedule, "token_rows": {"video": list(TOKEN_ROWS["video"])}}  # fmt: skip
     save_trainable(model, path, meta, "image_model.")
 
 

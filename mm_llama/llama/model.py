@@ -6,11 +6,18 @@ G key/value heads, K head dim, V vocabulary.
 The module holds weights and the RoPE frequency table only. Caches belong to generation
 (`mm_llama.generate`): a cache object is passed into `forward` and the attention layers call
 `cache.update(layer_idx, k, v)` to append and read back keys/values. No process groups live here.
+
+Extension points for composed models (`mm_llama.adapters.composed`); there is one layer loop, this one:
+- input rows: `forward(embeds=...)` takes the input embeddings instead of token ids (modality token rows,
+  spliced speech rows);
+- added blocks: `forward(inject={i: [block, ...]})` runs each `block(h) -> h` before tower layer i, in list
+  order (i == n_layers: after the last layer, before the final norm). The tower's own weights never change.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +165,7 @@ class Transformer(nn.Module):
         cache=None,
         last_only: bool = False,
         select: torch.Tensor | None = None,
+        inject: Mapping[int, Sequence[Callable[[torch.Tensor], torch.Tensor]]] | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` [B, T] (or input embeddings `embeds` [B, T, D]).
 
@@ -166,14 +174,20 @@ class Transformer(nn.Module):
         cache: a generation cache with `update(layer_idx, k, v)`; its owner provides `mask`.
         last_only: compute logits for the last position only (decoding).
         select: boolean [B, T]: logits only where True, as [N, V] (training: only positions that have a label).
+        inject: {layer i: [block(h) -> h]} run before layer i (n_layers: after the last), e.g. cross-attention.
         """
         h_BTD = self.tok_embeddings(tokens) if embeds is None else embeds
         B, T, _ = h_BTD.shape
         if positions is None:
             positions = torch.arange(T, device=h_BTD.device).expand(B, T)
         freqs_BTK = self.rope(positions)
+        inject = inject or {}
         for i, layer in enumerate(self.layers):
+            for block in inject.get(i, ()):
+                h_BTD = block(h_BTD)
             h_BTD = layer(h_BTD, freqs_BTK, mask, cache, i)
+        for block in inject.get(len(self.layers), ()):
+            h_BTD = block(h_BTD)
         return self.logits(h_BTD, last_only, select)
 
     def logits(self, h_BTD: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None):

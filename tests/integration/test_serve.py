@@ -101,4 +101,4 @@ def test_drop_image_and_audio_in_the_browser(server):
         drv.quit()
     assert results["red.png"][0].lower() == "caption" and "Paris" in results["red.png"][1]  # zero gates
     assert results["tone.flac"][0].lower() == "transcript"
-    assert results["not_media.py"][0].lower() == "error" and "no loaded model handles .py" in results["not_media.py"][1]
+    assert results["not_media.py"][0].lower() == "error" and "unknown file type" in results["not_media.py"][1]
