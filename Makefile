@@ -74,12 +74,12 @@ test-slow: install-dev
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo: install
-	$(PY) recipes/demo.py
+	$(PY) -m recipes.demo
 
 # the complete pretrained Whisper tiny.en on the demo's speech test set (a reference for the adapter's WER)
 asr-reference: install
 	$(PIP) install -q -c $(LOCK) ctranslate2
-	$(PY) recipes/demo.py --stages corpora
+	$(PY) -m recipes.demo --stages corpora
 	$(PY) benchmarks/asr_reference.py
 
 bench: install-dev

@@ -46,7 +46,7 @@ def load_model(args):
 
 
 def cmd_describe(args) -> int:
-    from data.badsamples import SampleError
+    from mm_llama.data.badsamples import SampleError
 
     from .describe import check_handled, describe
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from data.audio import AUDIO_EXTS
-from data.image import IMAGE_EXTS
-from data.video import VIDEO_EXTS
+from mm_llama.data.audio import AUDIO_EXTS
+from mm_llama.data.image import IMAGE_EXTS
+from mm_llama.data.video import VIDEO_EXTS
 
 from .composed import ComposedModel
 
@@ -63,15 +63,15 @@ def describe(
     kind = check_handled(model, name)
     seconds = None
     if kind == "image":
-        from data.image import decode_image
+        from mm_llama.data.image import decode_image
 
         from .inference import caption
 
         (text,) = caption(model.image, tok, [decode_image(data, name)], prompt, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, seed=seed, on_token=on_token)  # fmt: skip
     elif kind == "video":
-        from data.image import normalize_tiles
-        from data.video import decode_video
+        from mm_llama.data.image import normalize_tiles
+        from mm_llama.data.video import decode_video
 
         from .inference import caption_video
 
@@ -80,7 +80,7 @@ def describe(
         text = caption_video(model.video, tok, clip, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                              on_token=on_token)  # fmt: skip
     else:
-        from data.audio import decode_audio
+        from mm_llama.data.audio import decode_audio
 
         from .asr import transcribe
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from mm_llama.data.collate import collate_images, cross_attention_mask
+from mm_llama.data.image import resize_plain, tile_image
 from PIL import Image
 
-from data.collate import collate_images, cross_attention_mask
-from data.image import resize_plain, tile_image
 from mm_llama.generate import bos_prefix, generate_ids, padding_id
 
 from .fusion import FusedVisionModel

@@ -58,7 +58,7 @@ class App:
         self.model, self.tok = load_model(args)
 
     def process(self, name: str, data: bytes) -> dict:
-        from data.badsamples import SampleError
+        from mm_llama.data.badsamples import SampleError
 
         from .describe import WHAT, describe
 

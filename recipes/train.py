@@ -22,9 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mm_llama.config import load_config, save_config  # noqa: E402
+from mm_llama.assets import resolve
+from mm_llama.config import load_config, save_config
 
 
 @dataclass
@@ -111,15 +110,6 @@ class TrainConfig:
 # building
 
 
-def resolve(path: str) -> str:
-    """`asset:NAME` -> the installed offline asset's path (see mm_llama.assets); anything else unchanged."""
-    if path.startswith("asset:"):
-        from mm_llama.assets import asset_path
-
-        return str(asset_path(path[6:]))
-    return path
-
-
 def build_tower(cfg: TrainConfig):
     from mm_llama.llama import Transformer, get_preset, load_pretrained
 
@@ -136,7 +126,7 @@ def build_tower(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, tower):
     m = cfg.model
     if m.modality == "image":
-        from adapters.builders import attach_image_adapter
+        from mm_llama.adapters.builders import attach_image_adapter
 
         model = attach_image_adapter(tower, m.vision, every=m.xattn_every, n_xattn=m.xattn_count)
         model.learnable_embedding.requires_grad_(m.train_token_rows)
@@ -148,17 +138,17 @@ def build_model(cfg: TrainConfig, tower):
             model.vision_encoder.requires_grad_(False)
         return model
     if m.modality == "speech":
-        from adapters.asr import build_speech_model
-        from adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
-        from adapters.whisper import load_whisper_encoder
+        from mm_llama.adapters.asr import build_speech_model
+        from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
+        from mm_llama.adapters.whisper import load_whisper_encoder
 
         kind, _, arg = m.speech_encoder.partition(":")
         enc = ConformerEncoder(CONFORMER_PRESETS[arg]) if kind == "conformer" else load_whisper_encoder(resolve(arg))
         return build_speech_model(tower, enc, ADAPTER_PRESETS[m.speech_adapter], freeze_encoder=m.freeze_speech_encoder)
     if m.modality == "video":
-        from adapters.builders import attach_image_adapter
-        from adapters.checkpoint import load_adapter
-        from adapters.video import AggregatorArgs, FusedVideoModel
+        from mm_llama.adapters.builders import attach_image_adapter
+        from mm_llama.adapters.checkpoint import load_adapter
+        from mm_llama.adapters.video import AggregatorArgs, FusedVideoModel
 
         image = (
             load_adapter(tower, resolve(m.image_adapter)) if m.image_adapter else attach_image_adapter(tower, m.vision)
@@ -188,8 +178,8 @@ class SampleMaker:
             self.expected = model.expected_speech_tokens
 
     def __call__(self, raw: dict) -> dict:
-        from data.badsamples import SampleError
-        from data.collate import build_example
+        from mm_llama.data.badsamples import SampleError
+        from mm_llama.data.collate import build_example
 
         if "txt" not in raw:
             raise SampleError("missing_text", f"{raw['__shard__']}:{raw['__key__']}: no .txt")
@@ -198,7 +188,7 @@ class SampleMaker:
 
         bos = bos_prefix(self.tok)
         if self.modality == "image":
-            from data.image import IMAGE_EXTS, decode_image, resize_plain
+            from mm_llama.data.image import IMAGE_EXTS, decode_image, resize_plain
 
             ext = next((e for e in IMAGE_EXTS if e in raw), None)
             if ext is None:
@@ -207,8 +197,8 @@ class SampleMaker:
             prompt = bos + [self.image_token] + self.tok.encode(self.prompt)
             return {**build_example(prompt, target), "pixels": pixels}
         if self.modality == "video":
-            from data.image import normalize_tiles
-            from data.video import VIDEO_EXTS, decode_video
+            from mm_llama.data.image import normalize_tiles
+            from mm_llama.data.video import VIDEO_EXTS, decode_video
 
             ext = next((e for e in VIDEO_EXTS if e in raw), None)
             if ext is None:
@@ -216,15 +206,15 @@ class SampleMaker:
             frames = decode_video(raw[ext], raw["__key__"], num_frames=self.frames, size=self.image_size)
             prompt = bos + [self.video_token] + self.tok.encode(self.prompt)
             return {**build_example(prompt, target), "video": normalize_tiles(frames)}
-        from adapters.asr import ASR_PROMPT
-        from data.audio import AUDIO_EXTS, decode_audio, log_mel
+        from mm_llama.adapters.asr import ASR_PROMPT
+        from mm_llama.data.audio import AUDIO_EXTS, decode_audio, log_mel
 
         ext = next((e for e in AUDIO_EXTS if e in raw), None)
         if ext is None:
             raise SampleError("missing_audio", f"{raw['__shard__']}:{raw['__key__']}: no audio member")
         wave = decode_audio(raw[ext], raw["__key__"], ext)
         if self.whisper:
-            from adapters.whisper import whisper_log_mel
+            from mm_llama.adapters.whisper import whisper_log_mel
 
             feats = whisper_log_mel(wave).transpose(0, 1)
         else:
@@ -235,7 +225,7 @@ class SampleMaker:
 
 
 def collate(items: list[dict]) -> dict:
-    from data.collate import collate_text
+    from mm_llama.data.collate import collate_text
 
     out = collate_text(items, pad_id=0)
     if "pixels" in items[0]:
@@ -276,7 +266,7 @@ def forward_loss(model, batch) -> tuple[torch.Tensor, int]:
         ar_mask = torch.zeros(B, 1, a.max_num_tiles, dtype=torch.long, device=dev)
         ar_mask[:, :, 0] = 1
         image_token = getattr(model, "module", model).image_token_id
-        from data.collate import cross_attention_mask
+        from mm_llama.data.collate import cross_attention_mask
 
         xm = cross_attention_mask(ids.tolist(), image_token, [[1]] * B, a.max_num_tiles).to(dev)
         logits = model(ids, pixel_values=px, aspect_ratio_ids=torch.ones(B, 1, dtype=torch.long, device=dev),
@@ -309,8 +299,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def train(cfg: TrainConfig) -> list[float]:
     import torch.distributed as dist
+    from mm_llama.data.loader import StreamingLoader
 
-    from data.loader import StreamingLoader
     from mm_llama.engine import DistributedDataParallel, init_distributed
     from mm_llama.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
     from mm_llama.llama import Tokenizer
@@ -480,15 +470,15 @@ def save_adapter_file(cfg: TrainConfig, model, path: Path) -> None:
     """The trained weights in the modality's adapter format (what `mm-llama caption/asr --adapter` and the video
     stage's `model.image_adapter` load)."""
     if cfg.model.modality == "image":
-        from adapters.checkpoint import save_adapter
+        from mm_llama.adapters.checkpoint import save_adapter
 
         save_adapter(model, path)
     elif cfg.model.modality == "speech":
-        from adapters.asr import save_speech_adapter
+        from mm_llama.adapters.asr import save_speech_adapter
 
         save_speech_adapter(model, path)
     else:
-        from adapters.video import save_video_adapter
+        from mm_llama.adapters.video import save_video_adapter
 
         save_video_adapter(model, path)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from mm_llama.rng import py_rng_state_from_list, py_rng_state_to_list
+
 _STEP_DIR = re.compile(r"step_(\d{8})$")
 
 
@@ -34,16 +36,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": py_rng_state_to_list(random.getstate())}
-
-
-def py_rng_state_to_list(state: tuple) -> list:
-    """`random.Random.getstate()` as plain lists (JSON and weights-only torch.load both accept it)."""
-    return [state[0], list(state[1]), state[2]]
-
-
-def py_rng_state_from_list(state: list) -> tuple:
-    version, inner, gauss = state
-    return (version, tuple(inner), gauss)
 
 
 def set_rng_state(st: dict) -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from data.shards import write_shards  # noqa: E402
+from mm_llama.data.shards import write_shards  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "shards"
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
@@ -134,7 +134,7 @@ def main():
         ):
             manifest = tmp / f"{name}.jsonl"
             manifest.write_text("".join(json.dumps(r) + "\n" for r in recs))
-            from data.shards import manifest_samples
+            from mm_llama.data.shards import manifest_samples
 
             rep = write_shards(manifest_samples(manifest), OUT / name, maxcount=maxcount, progress=False)
             print(f"{name}: {rep.written} samples in {len(rep.shards)} shards, skipped {rep.skipped}")

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from data.collate import (
+from mm_llama.data.collate import (
     IGNORE_INDEX,
     build_example,
     collate_images,

@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
-from data import corpora
-from data.shards import iter_samples, open_url, read_index, write_shards
+from mm_llama.data import corpora
+from mm_llama.data.shards import iter_samples, open_url, read_index, write_shards
 
 
 def test_every_layout_caption_parses_back():
@@ -79,7 +78,7 @@ def test_speech_corpus_is_open_vocabulary_with_disjoint_splits():
 
 
 def test_tts_engines_give_decodable_speech():
-    from data.audio import decode_audio
+    from mm_llama.data.audio import decode_audio
 
     for rec in corpora.speech_records([("A man paints with his brains.", "espeak", "en-us+m3", 160, 50),
                                        ("A man paints with his brains.", "piper", "joe", 1.0, 0)], "t"):  # fmt: skip

@@ -5,9 +5,8 @@ import json
 import tarfile
 
 import pytest
-
-from data.badsamples import DataError, SampleError
-from data.loader import StreamingLoader
+from mm_llama.data.badsamples import DataError, SampleError
+from mm_llama.data.loader import StreamingLoader
 
 
 def write_text_shards(tmp_path, counts, bad=None):

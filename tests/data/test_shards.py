@@ -8,9 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
-from data.shards import (
+from mm_llama.data.shards import (
     expand_urls,
     iter_samples,
     manifest_samples,
@@ -20,6 +18,7 @@ from data.shards import (
     verify_shards,
     write_shards,
 )
+from PIL import Image
 
 MM = str(Path(sys.executable).parent / "mm-llama")
 

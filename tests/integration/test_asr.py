@@ -5,8 +5,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-from adapters.asr import (
+from mm_llama.adapters.asr import (
     build_speech_model,
     features_for,
     load_speech_adapter,
@@ -17,9 +16,10 @@ from adapters.asr import (
     wer_cer,
     wer_cer_by,
 )
-from adapters.speech import ADAPTER_PRESETS
-from adapters.whisper import load_whisper_encoder
-from data.shards import iter_samples, open_url
+from mm_llama.adapters.speech import ADAPTER_PRESETS
+from mm_llama.adapters.whisper import load_whisper_encoder
+from mm_llama.data.shards import iter_samples, open_url
+
 from mm_llama.assets import asset_path
 
 SHARDS = Path(__file__).resolve().parents[1] / "assets" / "shards" / "audio"
@@ -39,7 +39,7 @@ def test_normalisation_and_error_rates():
 def clip():
     url = str(SHARDS / "shard-000000.tar")
     s = next(iter(iter_samples(open_url(url), url)))
-    from data.audio import decode_audio
+    from mm_llama.data.audio import decode_audio
 
     return decode_audio(s["flac"], "tone", "flac")
 

@@ -40,10 +40,10 @@ def test_help_lists_subcommands():
 
 def test_caption_cli_with_adapter(tmp_path, smollm_path):
     """A fresh image adapter on the real SmolLM2 tower, saved and used through `mm-llama caption`."""
+    from mm_llama.adapters import save_adapter
+    from mm_llama.adapters.builders import attach_image_adapter
     from PIL import Image
 
-    from adapters import save_adapter
-    from adapters.builders import attach_image_adapter
     from mm_llama.llama import load_pretrained
 
     model = attach_image_adapter(load_pretrained(smollm_path), "debug")
@@ -60,9 +60,10 @@ def test_caption_cli_video(tmp_path, smollm_path):
     """Image adapter + video adapter on the real SmolLM2 tower; `mm-llama caption` on a real mp4 clip."""
     import importlib.metadata as md
 
-    from adapters import save_adapter
-    from adapters.builders import attach_image_adapter
-    from adapters.video import AggregatorArgs, FusedVideoModel, save_video_adapter
+    from mm_llama.adapters import save_adapter
+    from mm_llama.adapters.builders import attach_image_adapter
+    from mm_llama.adapters.video import AggregatorArgs, FusedVideoModel, save_video_adapter
+
     from mm_llama.llama import load_pretrained
 
     image = attach_image_adapter(load_pretrained(smollm_path), "debug")
@@ -86,17 +87,16 @@ def test_one_call_with_three_adapters_equals_three_single_adapter_models(tmp_pat
 
     import soundfile as sf
     import torch
+    from mm_llama.adapters import save_adapter
+    from mm_llama.adapters.asr import build_speech_model, save_speech_adapter, transcribe
+    from mm_llama.adapters.builders import attach_image_adapter
+    from mm_llama.adapters.inference import caption, caption_video
+    from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
+    from mm_llama.adapters.video import AggregatorArgs, FusedVideoModel, save_video_adapter
+    from mm_llama.data.audio import decode_audio
+    from mm_llama.data.image import decode_image, normalize_tiles
+    from mm_llama.data.video import decode_video
     from PIL import Image
-
-    from adapters import save_adapter
-    from adapters.asr import build_speech_model, save_speech_adapter, transcribe
-    from adapters.builders import attach_image_adapter
-    from adapters.inference import caption, caption_video
-    from adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
-    from adapters.video import AggregatorArgs, FusedVideoModel, save_video_adapter
-    from data.audio import decode_audio
-    from data.image import decode_image, normalize_tiles
-    from data.video import decode_video
 
     torch.manual_seed(0)
     image = attach_image_adapter(smollm, "debug")

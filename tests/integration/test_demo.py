@@ -20,8 +20,7 @@ def run(*args):
 
 def test_reduced_demo_every_stage(tmp_path):
     out = run(f"run_dir={tmp_path}")
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from demo import DONE, STAGES
+    from recipes.demo import DONE, STAGES
 
     for stage in STAGES:
         assert (tmp_path / DONE[stage]).exists(), stage

@@ -67,10 +67,8 @@ def test_config_errors_name_the_key(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from train import TrainConfig
-
     from mm_llama.config import load_config
+    from recipes.train import TrainConfig
 
     cfg = load_config(TrainConfig, path)
     assert cfg.steps > 0
@@ -78,10 +76,8 @@ def test_every_shipped_config_loads(path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs" / "demo").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_demo_config_loads(path):
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from demo import DemoConfig
-
     from mm_llama.config import load_config
+    from recipes.demo import DemoConfig
 
     cfg = load_config(DemoConfig, path)
     assert cfg.image_steps > 0 and cfg.nproc >= 1
@@ -158,7 +154,7 @@ def test_evaluate_after_training(tmp_path, modality):
     cfg = f"recipes/configs/debug_{modality}.yaml"
     train("--config", cfg, f"run_dir={tmp_path}", "steps=2", "ckpt_every=2")
     data = f"tests/assets/shards/{modality if modality == 'image' else 'audio'}/index.json"
-    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "evaluate.py"), "--config", cfg, "--checkpoint",
+    r = subprocess.run([sys.executable, "-m", "recipes.evaluate", "--config", cfg, "--checkpoint",
                         str(tmp_path / "checkpoints" / "step_00000002"), "--data", data, f"run_dir={tmp_path}",
                         "--max-new-tokens", "3"], capture_output=True, text=True, cwd=ROOT, env=ENV,
                        timeout=600)  # fmt: skip

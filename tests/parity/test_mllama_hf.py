@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from mm_llama.adapters import FusedVisionModel, VisionEncoder, load_pretrained
+from mm_llama.adapters.builders import attach_image_adapter, get_vision_preset, xattn_schedule
+from mm_llama.adapters.xattn import GatedCrossAttentionBlock
+from mm_llama.data.collate import cross_attention_mask
 
-from adapters import FusedVisionModel, VisionEncoder, load_pretrained
-from adapters.builders import attach_image_adapter, get_vision_preset, xattn_schedule
-from adapters.xattn import GatedCrossAttentionBlock
-from data.collate import cross_attention_mask
 from mm_llama.llama import Transformer, get_preset
 
 transformers = pytest.importorskip("transformers")
@@ -183,9 +183,9 @@ def test_schedule_validation():
 
 
 def test_caption_generation_cached_equals_recomputed_and_full_forward():
+    from mm_llama.adapters.inference import build_prompt_ids, caption, image_inputs
     from PIL import Image
 
-    from adapters.inference import build_prompt_ids, caption, image_inputs
     from mm_llama.llama.tokenizer import GGUFTokenizer  # noqa: F401  (any tokenizer works; use a tiny stub)
 
     class Tok:
@@ -224,7 +224,8 @@ def test_caption_generation_cached_equals_recomputed_and_full_forward():
 
 
 def test_adapter_only_checkpoint_roundtrip(tmp_path):
-    from adapters import load_adapter, save_adapter
+    from mm_llama.adapters import load_adapter, save_adapter
+
     from mm_llama.llama import CheckpointError
 
     tower = small_tower()
@@ -250,7 +251,8 @@ def test_adapter_only_checkpoint_roundtrip(tmp_path):
 @pytest.mark.parametrize("scaling", [False, True])
 def test_export_roundtrip_through_transformers(tmp_path, scaling):
     """ours -> HF Mllama folder -> transformers logits == ours; and back through our loader."""
-    from adapters import export_hf_mllama
+    from mm_llama.adapters import export_hf_mllama
+
     from mm_llama.llama import RopeScaling
 
     args = get_preset("debug").replace(n_layers=7, rope_scaling=RopeScaling(factor=8.0) if scaling else None)
@@ -284,14 +286,14 @@ def test_export_roundtrip_through_transformers(tmp_path, scaling):
 @pytest.mark.parametrize("mp", [1, 2])
 def test_meta_format_roundtrip_equals_hf_folder(tmp_path, mp):
     """HF folder -> ours -> Meta layout (consolidated.pth or 2 model-parallel shards) -> ours: same logits."""
-    from adapters.meta_format import save_meta_vision
+    from mm_llama.adapters.meta_format import save_meta_vision
 
     hf_mllama(tmp_path / "hf", [1, 4], 6)  # cross layers before tower layers 1 and 3 = Meta's uniform schedule
     a = load_pretrained(tmp_path / "hf")
     assert a.schedule == [1, 3]
     # HF's random init fills table entries no aspect ratio owns (e.g. tile 4 of a 3x1 image); converted real
     # checkpoints have zeros there, as Meta's grids imply: make the random model representable first
-    from adapters.meta_format import _grid_to_table, table_to_grid
+    from mm_llama.adapters.meta_format import _grid_to_table, table_to_grid
 
     ve, P, W = a.vision_encoder, a.vision_encoder.args.num_patches, a.vision_encoder.args.width
     with torch.no_grad():
@@ -309,7 +311,7 @@ def test_meta_format_roundtrip_equals_hf_folder(tmp_path, mp):
 
 def test_meta_tile_grid_semantics():
     """Meta indexes its [T, T, ...] tile grids as grid[:rows, :cols] in row-major tile order."""
-    from adapters.meta_format import _grid_to_table, table_to_grid
+    from mm_llama.adapters.meta_format import _grid_to_table, table_to_grid
 
     grid = torch.arange(4 * 4 * 1 * 2, dtype=torch.float32).reshape(4, 4, 1, 2)
     table = _grid_to_table(grid, 4).reshape(9, 4, 1, 2)

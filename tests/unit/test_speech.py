@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from adapters.speech import (
+from mm_llama.adapters.speech import (
     ADAPTER_PRESETS,
     CONFORMER_PRESETS,
     ConformerEncoder,
@@ -11,8 +10,9 @@ from adapters.speech import (
     SpeechAdapter,
     count_params,
 )
-from adapters.speech_fusion import FusedSpeechModel
-from data.collate import build_example, collate_text, expand_placeholders
+from mm_llama.adapters.speech_fusion import FusedSpeechModel
+from mm_llama.data.collate import build_example, collate_text, expand_placeholders
+
 from mm_llama.llama import Transformer, get_preset
 
 
@@ -50,7 +50,8 @@ def test_batched_equals_unbatched():
 
 def test_rotary_attention_relative_positions():
     """RoPE scores depend only on the distance between positions; identical tokens give identical outputs."""
-    from adapters.speech import _rope
+    from mm_llama.adapters.speech import _rope
+
     from mm_llama.llama.model import apply_rope
 
     g = torch.Generator().manual_seed(0)

