@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from mm_llama.data.audio import log_mel
 
+from mm_llama.data.audio import log_mel
 from mm_llama.generate import bos_prefix, generate_ids, padding_id
 from mm_llama.llama.model import Transformer
 

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 import torch
-from mm_llama.data.image import supported_aspect_ratios
 
+from mm_llama.data.image import supported_aspect_ratios
 from mm_llama.llama.checkpoint import (
     CheckpointError,
     ParamFiller,

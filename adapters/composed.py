@@ -15,7 +15,8 @@ Token rows (`TOKEN_ROWS`, offsets from V; saved in each adapter file, so any com
     speech  V+9        `<|speech|>` placeholder: row 0 of the speech adapter's table; each placeholder position
                        receives one output row of the speech adapter
 The single-modality models keep their own ids (image V, video V+1, speech V); `ComposedModel.token_id(kind)`
-gives the composed ones.
+gives the composed ones. What each modality does here is its plug-in's (adapters/modalities/, listed in
+adapters/registry.py): this module names none of them.
 
 Composition is exact: a sequence with no media of a kind is untouched by that kind's adapter (its cross-attention
 blocks are skipped when no sample in the batch has such media, and give exactly zero for rows that see none when
@@ -38,12 +39,7 @@ from torch import nn
 
 from mm_llama.llama.model import Transformer
 
-from .fusion import TOKEN_ROWS, FusedVisionModel
-from .speech_fusion import FusedSpeechModel
-from .video import FusedVideoModel
-from .xattn import media_attention_mask
-
-MODALITIES = ("image", "video", "speech")
+from .registry import MODALITIES, get_modality, modality_for_format
 
 
 @dataclass
@@ -65,33 +61,33 @@ def label_positions(labels_BT: torch.Tensor) -> torch.Tensor:
 
 
 class ComposedModel(nn.Module):
-    """tower + {image: FusedVisionModel, video: FusedVideoModel, speech: FusedSpeechModel} (any subset), all on
-    ONE tower object. A video model brings its image model; an image model given beside it must be that one."""
+    """tower + one part per loaded modality (`model.image`, `model.video`, `model.speech`: the single-modality
+    models, all on ONE tower object). A part's `requires` (video: image) must be given or be reachable from it."""
 
-    def __init__(
-        self,
-        tower: Transformer,
-        *,
-        image: FusedVisionModel | None = None,
-        video: FusedVideoModel | None = None,
-        speech: FusedSpeechModel | None = None,
-        token_rows: dict[str, tuple[int, int, int]] | None = None,
-    ):
+    def __init__(self, tower: Transformer, token_rows: dict[str, tuple[int, int, int]] | None = None, **parts):
         super().__init__()
-        if video is not None:
-            if image is not None and image is not video.image_model:
+        parts = {k: v for k, v in parts.items() if v is not None}
+        for kind in parts:
+            get_modality(kind)  # a known modality
+        if "video" in parts:  # the video model brings its image model
+            image = parts["video"].image_model
+            if parts.get("image", image) is not image:
                 raise ValueError("the video adapter was built on another image model than the one given")
-            image = video.image_model
-        parts = {"image": image, "video": video, "speech": speech}
+            parts["image"] = image
         for kind, part in parts.items():
-            if part is not None and part.tok_embeddings is not tower.tok_embeddings:
+            if part.tok_embeddings is not tower.tok_embeddings:
                 raise ValueError(f"the {kind} adapter sits on another tower object; compose adapters on one tower")
-        if image is not None and image.image_token_id != tower.args.vocab_size:
-            raise ValueError(f"the image adapter's <|image|> id is {image.image_token_id}, composition needs "
-                             f"{tower.args.vocab_size} (the first id after the tower's vocabulary)")  # fmt: skip
+            for need in get_modality(kind).requires:
+                if need not in parts:
+                    raise ValueError(f"the {kind} adapter needs a {need} adapter")
+        if "image" in parts and parts["image"].image_token_id != tower.args.vocab_size:
+            raise ValueError(f"the image adapter's <|image|> id is {parts['image'].image_token_id}, composition "
+                             f"needs {tower.args.vocab_size} (the first id after the tower's vocabulary)")  # fmt: skip
         self.tower = tower
-        self.image, self.video, self.speech = image, video, speech
-        rows = {k: tuple(v) for k, v in (token_rows or TOKEN_ROWS).items() if parts.get(k) is not None}
+        self.kinds = [k for k in MODALITIES if k in parts]  # registry order
+        for kind in self.kinds:
+            self.add_module(kind, parts[kind])
+        rows = {k: tuple((token_rows or {}).get(k, MODALITIES[k].token_rows)) for k in self.kinds}
         spans = sorted((start, start + n, k) for k, (start, n, _) in rows.items())
         for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
             if start < end:
@@ -111,23 +107,24 @@ class ComposedModel(nn.Module):
 
     @property
     def modalities(self) -> list[str]:
-        return [k for k in MODALITIES if getattr(self, k) is not None]
+        return list(self.kinds)
+
+    def part(self, kind: str) -> nn.Module:
+        if kind not in self.kinds:
+            raise KeyError(f"no {kind} adapter in this model (it has: {', '.join(self.kinds) or 'none'})")
+        return getattr(self, kind)
 
     def token_id(self, kind: str) -> int:
         """The composed id of a modality's first token (`<|image|>`, `<|video|>`, `<|speech|>`)."""
-        if kind not in self.token_rows:
-            raise KeyError(f"no {kind} adapter in this model (it has: {', '.join(self.modalities) or 'none'})")
+        self.part(kind)
         return self.tower.args.vocab_size + self.token_rows[kind][0]
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.tower.eval()  # frozen means frozen: the parts keep their own frozen pieces in eval mode
-        for kind in self.modalities:
+        for kind in self.kinds:
             getattr(self, kind).train(mode)
         return self
-
-    def _row_table(self, kind: str) -> nn.Embedding:
-        return self.speech.learnable_embedding if kind == "speech" else self.image.learnable_embedding
 
     # --- pieces ------------------------------------------------------------------------------
     def embed(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
@@ -137,64 +134,34 @@ class ComposedModel(nn.Module):
         for kind, (start, n, local) in self.token_rows.items():
             sel = (input_ids_BT >= V + start) & (input_ids_BT < V + start + n)
             if sel.any():
-                table = self._row_table(kind)
+                table = MODALITIES[kind].row_table(getattr(self, kind))
                 rows = table((input_ids_BT - V - start + local).clamp(0, table.num_embeddings - 1))
                 h = torch.where(sel[..., None], rows.to(h.dtype), h)
         return h
 
-    def splice_speech(self, h_BTD, input_ids_BT, speech: list[torch.Tensor | None]) -> torch.Tensor:
-        """Speech adapter rows into the `<|speech|>` positions of each sample (None: a sample without audio)."""
-        placeholder = self.token_id("speech")
-        h_BTD = h_BTD.clone()
-        for b, rows in enumerate(speech):
-            where = (input_ids_BT[b] == placeholder).nonzero().squeeze(-1)
-            n = 0 if rows is None else rows.shape[0]
-            if len(where) != n:
-                raise ValueError(f"sample {b}: {len(where)} <|speech|> placeholders but {n} speech rows "
-                                 "(expand the placeholder with expected_speech_tokens)")  # fmt: skip
-            if n:
-                h_BTD[b, where] = rows.to(h_BTD.dtype)
-        return h_BTD
-
-    def encode_speech(self, features: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """Per sample features [frames, n_mels] or None -> adapter rows [n, D] or None (one batched encoder call)."""
-        idx = [b for b, f in enumerate(features) if f is not None]
-        out: list[torch.Tensor | None] = [None] * len(features)
-        if not idx:
-            return out
-        dev = self.tower.tok_embeddings.weight.device
-        lens = torch.tensor([features[b].shape[0] for b in idx], device=dev)
-        batch = torch.zeros(len(idx), int(lens.max()), features[idx[0]].shape[1], device=dev)
-        for i, b in enumerate(idx):
-            batch[i, : features[b].shape[0]] = features[b]
-        for b, rows in zip(idx, self.speech.encode_speech(batch, lens), strict=True):
-            out[b] = rows
+    def states(self, input_ids_BT: torch.Tensor, media: dict) -> dict:
+        """Each loaded modality's state for these inputs (modalities without inputs are left out)."""
+        known = {k for m in self.kinds for k in MODALITIES[m].inputs}
+        unknown = sorted(k for k, v in media.items() if v is not None and k not in known)
+        if unknown:
+            raise ValueError(
+                f"inputs {unknown} belong to no loaded adapter (loaded: {', '.join(self.kinds) or 'none'})"
+            )
+        out = {}
+        for kind in self.kinds:
+            spec = MODALITIES[kind]
+            state = spec.prepare(self, input_ids_BT, {k: media.get(k) for k in spec.inputs})
+            if state is not None:
+                out[kind] = state
         return out
 
-    def image_state(self, input_ids_BT, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask):
-        """(per-block K/V, additive mask, row mask) of the images for these positions."""
-        im = self.image
-        media_kv = im.media_kv(im.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask))
-        T = input_ids_BT.shape[1]
-        dtype = self.tower.tok_embeddings.weight.dtype
-        bias, row = media_attention_mask(cross_attention_mask[:, -T:], im.vision_encoder.args.num_patches, dtype)
-        return media_kv, bias, row
-
-    def video_state(self, input_ids_BT, videos: list[torch.Tensor | None]):
-        """(per-block K/V, additive mask, row mask) of the videos: text sees a sample's video from its <|video|> on."""
-        tokens = [None if v is None else self.video.encode_video(v) for v in videos]
-        if all(t is None for t in tokens):
-            return None
-        return self.video.video_inputs(tokens, input_ids_BT, token_id=self.token_id("video"))
-
-    def blocks(self, image_state=None, video_state=None) -> dict[int, list]:
-        """The cross-attention blocks to inject into the tower's layer loop for these media (video blocks first)."""
+    def blocks(self, states: dict) -> dict[int, list]:
+        """The blocks to inject into the tower's layer loop (later modalities first where they share a layer)."""
         inject: dict[int, list] = {}
-        for part, state in ((self.video, video_state), (self.image, image_state)):
-            if state is not None:
-                fns = part.blocks(state) if part is self.video else part.blocks(*state)
-                for layer, f in fns.items():
-                    inject.setdefault(layer, []).extend(f)
+        for kind in reversed(self.kinds):
+            if kind in states:
+                for layer, fns in MODALITIES[kind].blocks(self, states[kind]).items():
+                    inject.setdefault(layer, []).extend(fns)
         return inject
 
     # --- forward ------------------------------------------------------------------------------
@@ -202,51 +169,28 @@ class ComposedModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         *,
-        pixel_values: torch.Tensor | None = None,
-        aspect_ratio_ids: torch.Tensor | None = None,
-        aspect_ratio_mask: torch.Tensor | None = None,
-        cross_attention_mask: torch.Tensor | None = None,
-        videos: list[torch.Tensor | None] | None = None,
-        speech_features: list[torch.Tensor | None] | None = None,
         labels: torch.Tensor | None = None,
-        image_state=None,
-        video_state=None,
-        speech: list[torch.Tensor | None] | None = None,
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache=None,
         last_only: bool = False,
         select: torch.Tensor | None = None,
+        **media,
     ) -> ModelOutput:
-        """input_ids [B, T] with composed token ids. Media (any may be absent):
-        images as transformers' Mllama (pixel_values [B, I, N, C, H, W], aspect_ratio_ids/mask [B, I(, N)],
-        cross_attention_mask [B, T, I, N]; samples without images have all-zero mask rows);
-        videos: per sample frames [F, C, H, W] or None; speech_features: per sample [frames, n_mels] or None.
-        Precomputed forms for generation: image_state / video_state (see the methods of those names; rows for
-        exactly these positions), speech (adapter rows per sample, at prefill).
+        """input_ids [B, T] with composed token ids; media keyword arguments as the plug-ins name them (any may be
+        absent): images as transformers' Mllama (pixel_values [B, I, N, C, H, W], aspect_ratio_ids/mask,
+        cross_attention_mask [B, T, I, N]; samples without images have all-zero mask rows); videos: per sample
+        frames [F, C, H, W] or None; speech_features: per sample [frames, n_mels] or None. Precomputed forms for
+        generation: image_state / video_state (rows for exactly these positions), speech (adapter rows, prefill).
         labels [B, T] (-100 ignored): logits only where the next token is a label, plus the loss."""
-        if pixel_values is not None and image_state is None:
-            if self.image is None:
-                raise ValueError("images were given, but no image adapter is loaded")
-            if aspect_ratio_ids is None or aspect_ratio_mask is None or cross_attention_mask is None:
-                raise ValueError("pixel_values need aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask")
-            image_state = self.image_state(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
-                                           cross_attention_mask)  # fmt: skip
-        if videos is not None and video_state is None:
-            if self.video is None:
-                raise ValueError("videos were given, but no video adapter is loaded")
-            video_state = self.video_state(input_ids, videos)
-        if speech_features is not None and speech is None:
-            if self.speech is None:
-                raise ValueError("speech features were given, but no speech adapter is loaded")
-            speech = self.encode_speech(speech_features)
+        states = self.states(input_ids, media)
         h = self.embed(input_ids)
-        if speech is not None and "speech" in self.token_rows:
-            h = self.splice_speech(h, input_ids, speech)
+        for kind, state in states.items():
+            h = MODALITIES[kind].input_rows(self, h, input_ids, state)
         if labels is not None and select is None:
             select = label_positions(labels)
         logits = self.tower(embeds=h, positions=positions, mask=mask, cache=cache, last_only=last_only,
-                            select=select, inject=self.blocks(image_state, video_state))  # fmt: skip
+                            select=select, inject=self.blocks(states))  # fmt: skip
         if labels is None:
             return ModelOutput(logits)
         targets = labels[:, 1:][select[:, :-1]]  # row-major, as logits[select]
@@ -256,49 +200,47 @@ class ComposedModel(nn.Module):
 
 
 # --- adapter files of any kind, in any order, onto one tower ----------------------------------------------
-ADAPTER_FORMATS = {
-    "mm_llama.image_adapter.v1": "image",
-    "mm_llama.video_adapter.v1": "video",
-    "mm_llama.speech_adapter.v1": "speech",
-}
-
-
 def adapter_kind(path) -> str:
-    """image | video | speech, read from the adapter file's metadata."""
+    """The modality of an adapter file, read from its metadata."""
     from mm_llama.llama.checkpoint import CheckpointError
 
     from .checkpoint import read_adapter_meta
 
     fmt = read_adapter_meta(path).get("format")
-    if fmt not in ADAPTER_FORMATS:
-        raise CheckpointError(f"{path}: unknown adapter format {fmt!r} (known: {', '.join(ADAPTER_FORMATS)})")
-    return ADAPTER_FORMATS[fmt]
+    spec = modality_for_format(fmt)
+    if spec is None:
+        known = ", ".join(m.format for m in MODALITIES.values())
+        raise CheckpointError(f"{path}: unknown adapter format {fmt!r} (known: {known})")
+    return spec.name
 
 
 def load_composed(tower: Transformer, paths) -> ComposedModel:
-    """Load adapter files of any kind (read from each file) onto `tower`: at most one per kind; a video adapter
-    needs its image adapter among them. Token rows come from the files (files written before they were saved
-    get the default layout)."""
+    """Load adapter files of any kind (read from each file) onto `tower`: at most one per kind, a part's
+    `requires` among them. Token rows come from the files (files written before they were saved get the
+    default layout)."""
     from mm_llama.llama.checkpoint import CheckpointError
 
-    from .asr import load_speech_adapter
-    from .checkpoint import load_adapter, read_adapter_meta
-    from .video import load_video_adapter
+    from .checkpoint import read_adapter_meta
 
     by_kind: dict[str, str] = {}
-    rows = dict(TOKEN_ROWS)
+    rows: dict[str, tuple] = {}
     for p in paths:
         kind = adapter_kind(p)
         if kind in by_kind:
             raise CheckpointError(f"two {kind} adapters given: {by_kind[kind]} and {p} (one per kind)")
         by_kind[kind] = str(p)
         rows.update({k: tuple(v) for k, v in read_adapter_meta(p).get("token_rows", {}).items()})
-    if "video" in by_kind and "image" not in by_kind:
-        raise CheckpointError(f"{by_kind['video']}: a video adapter runs on its image adapter: pass that one too")
-    image = load_adapter(tower, by_kind["image"]) if "image" in by_kind else None
-    video = load_video_adapter(image, by_kind["video"]) if "video" in by_kind else None
-    speech = load_speech_adapter(tower, by_kind["speech"]) if "speech" in by_kind else None
+    parts: dict[str, nn.Module] = {}
+    for kind, spec in MODALITIES.items():  # registry order: what a part requires loads first
+        if kind not in by_kind:
+            continue
+        for need in spec.requires:
+            if need not in by_kind:
+                raise CheckpointError(
+                    f"{by_kind[kind]}: a {kind} adapter runs on its {need} adapter: pass that one too"
+                )
+        parts[kind] = spec.load(tower, by_kind[kind], parts)
     try:
-        return ComposedModel(tower, image=image, video=video, speech=speech, token_rows=rows).eval()
+        return ComposedModel(tower, token_rows=rows, **parts).eval()
     except ValueError as e:
         raise CheckpointError(f"{', '.join(by_kind.values())}: {e}") from None

@@ -6,30 +6,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from mm_llama.data.collate import collate_images, cross_attention_mask
-from mm_llama.data.image import resize_plain, tile_image
 from PIL import Image
 
+from mm_llama.data.collate import collate_images, cross_attention_mask
+from mm_llama.data.image import resize_plain, tile_image
 from mm_llama.generate import bos_prefix, generate_ids, padding_id
 
 from .fusion import FusedVisionModel
 from .xattn import media_attention_mask
 
 
+def image_tiles(img: Image.Image, a) -> tuple[torch.Tensor, int]:
+    """One RGB image -> (normalised tiles [n, 3, S, S], aspect-ratio id) for an encoder with VisionArgs `a`: the
+    same in training (adapters/modalities/image.py) and inference. One-tile encoders get a square resize."""
+    if a.max_num_tiles == 1:
+        return resize_plain(img, a.image_size)[None], 1
+    tiles, _, rid = tile_image(img, tile=a.image_size, max_tiles=a.max_num_tiles)
+    return tiles, rid
+
+
 def image_inputs(model: FusedVisionModel, images: Sequence[Sequence[Image.Image]]) -> dict:
     """Per sample a list of RGB images -> pixel_values / aspect_ratio_ids / aspect_ratio_mask / num_tiles."""
     a = model.vision_encoder.args
-    per_sample = []
-    for imgs in images:
-        row = []
-        for img in imgs:
-            if a.max_num_tiles == 1:
-                row.append((resize_plain(img, a.image_size)[None], 1))
-            else:
-                tiles, _, rid = tile_image(img, tile=a.image_size, max_tiles=a.max_num_tiles)
-                row.append((tiles, rid))
-        per_sample.append(row)
-    return collate_images(per_sample, a.max_num_tiles)
+    return collate_images([[image_tiles(img, a) for img in imgs] for imgs in images], a.max_num_tiles)
 
 
 def build_prompt_ids(tok, model: FusedVisionModel, n_images: int, prompt: str) -> list[int]:

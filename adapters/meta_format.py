@@ -24,8 +24,8 @@ import re
 from pathlib import Path
 
 import torch
-from mm_llama.data.image import supported_aspect_ratios
 
+from mm_llama.data.image import supported_aspect_ratios
 from mm_llama.llama.checkpoint import CheckpointError, ParamFiller, args_from_meta_params
 from mm_llama.llama.model import Transformer
 

@@ -60,7 +60,8 @@ class App:
     def process(self, name: str, data: bytes) -> dict:
         from mm_llama.data.badsamples import SampleError
 
-        from .describe import WHAT, describe
+        from .describe import describe
+        from .registry import MODALITIES
 
         try:
             with self.lock:
@@ -68,7 +69,7 @@ class App:
                                       frames=self.args.frames, max_new_tokens=self.args.max_new_tokens)  # fmt: skip
         except (SampleError, ValueError) as e:
             return {"error": str(e)}
-        return {"kind": WHAT[answer.kind], "text": answer.text}
+        return {"kind": MODALITIES[answer.kind].what, "text": answer.text}
 
 
 def make_handler(app: App):

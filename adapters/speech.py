@@ -132,6 +132,16 @@ def _masks(lengths: torch.Tensor, T: int):
     return ok, (None if bool(ok.all()) else ok[:, None, None, :])
 
 
+def conformer_frames(mel_lengths, stack: int):
+    """Conformer output frames for `mel_lengths` log-mel frames (stacked by `stack`)."""
+    return (mel_lengths + stack - 1) // stack
+
+
+def adapter_frames(lengths, stack: int):
+    """Speech adapter output rows for `lengths` encoder frames (stack, then conv k3 s2)."""
+    return ((lengths + stack - 1) // stack - 1) // 2 + 1
+
+
 class ConformerEncoder(nn.Module):
     def __init__(self, a: ConformerArgs):
         super().__init__()
@@ -140,7 +150,7 @@ class ConformerEncoder(nn.Module):
         self.layers = nn.ModuleList(ConformerLayer(a) for _ in range(a.layers))
 
     def output_lengths(self, mel_lengths: torch.Tensor) -> torch.Tensor:
-        return (mel_lengths + self.args.stack - 1) // self.args.stack
+        return conformer_frames(mel_lengths, self.args.stack)
 
     @property
     def out_dim(self) -> int:
@@ -186,8 +196,7 @@ class SpeechAdapter(nn.Module):
         self.proj.bias.zero_()
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        s = self.args.stack
-        return ((lengths + s - 1) // s - 1) // 2 + 1
+        return adapter_frames(lengths, self.args.stack)
 
     def forward(self, x_BTD: torch.Tensor, lengths: torch.Tensor):
         ok_in = torch.arange(x_BTD.shape[1], device=x_BTD.device)[None] < lengths[:, None]

@@ -14,11 +14,30 @@ from torch import nn
 from mm_llama.llama.model import Transformer
 
 from .fusion import NUM_EXTRA_TOKENS, embed_with_extra_rows, init_extra_rows
-from .speech import SpeechAdapter
+from .speech import SpeechAdapter, adapter_frames, conformer_frames
 from .whisper import WhisperEncoder
 
 ASR_PROMPT = "Repeat after me in {language}:"
-AST_PROMPT = "Translate the following sentence into {language}:"
+
+
+class SpeechTokenCount:
+    """Clip frames -> number of `<|speech|>` rows the encoder + adapter produce; picklable (holds args, no
+    modules), so data workers can expand placeholders without the model."""
+
+    def __init__(self, whisper: bool, encoder_stack: int, adapter_stack: int):
+        self.whisper, self.encoder_stack, self.adapter_stack = whisper, encoder_stack, adapter_stack
+
+    @classmethod
+    def of(cls, model: FusedSpeechModel) -> SpeechTokenCount:
+        whisper = isinstance(model.encoder, WhisperEncoder)
+        return cls(whisper, 1 if whisper else model.encoder.args.stack, model.adapter.args.stack)
+
+    def __call__(self, n_frames: int) -> int:
+        if self.whisper:
+            enc = WhisperEncoder.output_lengths(n_frames)
+        else:
+            enc = conformer_frames(n_frames, self.encoder_stack)
+        return int(adapter_frames(enc, self.adapter_stack))
 
 
 class FusedSpeechModel(nn.Module):

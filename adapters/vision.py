@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from mm_llama.data.image import supported_aspect_ratios
 from torch import nn
+
+from mm_llama.data.image import supported_aspect_ratios
 
 
 @dataclass(frozen=True)

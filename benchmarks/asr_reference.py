@@ -34,12 +34,12 @@ def main():
     import numpy as np
     import tokenizers
     import torch
+
     from mm_llama.adapters.asr import wer_cer, wer_cer_by
     from mm_llama.adapters.whisper import whisper_log_mel
+    from mm_llama.assets import asset_path
     from mm_llama.data.audio import AUDIO_EXTS, decode_audio
     from mm_llama.data.shards import read_index, read_samples
-
-    from mm_llama.assets import asset_path
 
     if not Path(args.shards).exists():
         sys.exit(f"{args.shards}: no such index (run `python -m recipes.demo --stages corpora` first)")

@@ -19,6 +19,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
+
 from mm_llama.adapters import load_pretrained
 from mm_llama.adapters.inference import caption
 from mm_llama.data.collate import cross_attention_mask

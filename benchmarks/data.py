@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+
 from mm_llama.data.audio import decode_audio, log_mel
 from mm_llama.data.image import decode_image, normalize_tiles, tile_image
 from mm_llama.data.loader import StreamingLoader

@@ -28,9 +28,9 @@ def main():
         print("benchmarks/gpu_train.py: no CUDA device on this machine; nothing to measure.")
         return 0
     import torch.distributed as dist
+
     from mm_llama.adapters.builders import attach_image_adapter
     from mm_llama.data.collate import cross_attention_mask
-
     from mm_llama.engine import DistributedDataParallel
     from mm_llama.llama import Transformer, get_preset
 

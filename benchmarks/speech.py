@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import torch
+
 from mm_llama.adapters.asr import build_speech_model, features_for, transcribe
 from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
 from mm_llama.adapters.whisper import load_whisper_encoder
-
 from mm_llama.assets import asset_path
 from mm_llama.llama import Tokenizer, load_pretrained
 

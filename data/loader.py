@@ -40,13 +40,10 @@ from .badsamples import BadSampleTracker, SampleError
 from .shards import TruncatedShard, expand_urls, iter_samples, open_url, read_index
 
 
-def _default_collate(items):
+def _as_list(items):
+    """The identity: the default collate keeps items as a list, and DataLoader's collate for already-batched
+    items passes them on (its default_convert would walk every cursor field)."""
     return items
-
-
-def _passthrough(batch):
-    """DataLoader's collate for already-batched items (its default_convert would walk every cursor field)."""
-    return batch
 
 
 class ShardStream(IterableDataset):
@@ -55,7 +52,7 @@ class ShardStream(IterableDataset):
         urls: list[str],
         *,
         map_fn: Callable[[dict], object],
-        collate_fn: Callable[[list], object] = _default_collate,
+        collate_fn: Callable[[list], object] = _as_list,
         batch_size: int,
         shuffle_buffer: int = 1000,
         shuffle_shards: bool = True,
@@ -225,7 +222,7 @@ class StreamingLoader:
         shards,
         *,
         map_fn: Callable[[dict], object],
-        collate_fn: Callable[[list], object] = _default_collate,
+        collate_fn: Callable[[list], object] = _as_list,
         batch_size: int,
         batches_per_epoch: int | None = None,
         num_workers: int = 0,
@@ -280,7 +277,7 @@ class StreamingLoader:
         if self._it is None:
             self.dataset.resume_states = dict(self.worker_states)
             self.dataset.rotation = self.consumed % max(self.num_workers, 1)
-            kw = dict(num_workers=self.num_workers, batch_size=None, collate_fn=_passthrough)
+            kw = dict(num_workers=self.num_workers, batch_size=None, collate_fn=_as_list)
             if self.num_workers > 0:
                 kw["prefetch_factor"] = self.prefetch_factor
             self._it = iter(DataLoader(self.dataset, **kw))

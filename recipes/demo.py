@@ -166,9 +166,10 @@ class CellClassifier(torch.nn.Module):
 
 
 def _composite_batch(images, labels, rng, n):
+    from PIL import Image
+
     from mm_llama.data import corpora
     from mm_llama.data.image import resize_plain
-    from PIL import Image
 
     px, ys = [], []
     for _ in range(n):
@@ -181,8 +182,9 @@ def _composite_batch(images, labels, rng, n):
 
 def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
     import numpy as np
-    from mm_llama.data import corpora
     from safetensors.torch import save_file
+
+    from mm_llama.data import corpora
 
     torch.manual_seed(cfg.seed)
     images, labels = corpora.load_fashion_mnist("train")
@@ -268,14 +270,14 @@ def stage_image(cfg, run):
     return _train(cfg, run, "image", "demo_image_smollm2.yaml", [
         f"steps={cfg.image_steps}", f"data.batch_size={cfg.image_batch}",
         f"data.train={run / 'shards/image_train/index.json'}",
-        f"model.vision_init={run / 'encoder/encoder.safetensors'}"])  # fmt: skip
+        f"model.image.vision_init={run / 'encoder/encoder.safetensors'}"])  # fmt: skip
 
 
 def stage_video(cfg, run):
     return _train(cfg, run, "video", "demo_video_smollm2.yaml", [
         f"steps={cfg.video_steps}", f"data.batch_size={cfg.video_batch}",
         f"data.train={run / 'shards/video_train/index.json'}",
-        f"model.image_adapter={run / 'image/adapter.safetensors'}"])  # fmt: skip
+        f"model.video.image_adapter={run / 'image/adapter.safetensors'}"])  # fmt: skip
 
 
 def stage_speech(cfg, run):
@@ -288,8 +290,8 @@ def stage_conformer(cfg, run):
     return _train(cfg, run, "conformer", "demo_speech_smollm2.yaml", [
         f"steps={cfg.conformer_steps}", f"data.batch_size={cfg.speech_batch}",
         f"data.train={run / 'shards/speech_train/index.json'}",
-        "model.speech_encoder=conformer:small", "model.speech_adapter=small",
-        "model.freeze_speech_encoder=false"])  # fmt: skip
+        "model.speech.encoder=conformer:small", "model.speech.adapter=small",
+        "model.speech.freeze_encoder=false"])  # fmt: skip
 
 
 def _eval_dtype(cfg) -> str:
@@ -425,10 +427,11 @@ def qualitative(cfg, run, models, tok) -> dict:
     import importlib.metadata as md
 
     import numpy as np
+    from PIL import Image
+
     from mm_llama.adapters.inference import caption, caption_video
     from mm_llama.data.image import normalize_tiles
     from mm_llama.data.video import decode_video
-    from PIL import Image
 
     out = {"photos": [], "clips": []}
     if "image" in models:
@@ -491,6 +494,7 @@ def _caption_grid(run: Path, rows: list[dict], path: Path, n: int = 12) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from mm_llama.data.image import decode_image
 
     rows = rows[:n]  # the first rows are the shard's first samples (eval_image keeps shard order)

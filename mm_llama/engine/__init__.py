@@ -2,7 +2,7 @@
 
 from .buckets import compute_bucket_assignment_by_size, plan_buckets
 from .ddp import AllReduceHook, CompressHook, DistributedDataParallel
-from .dist import DistInfo, destroy_distributed, exit_process, get_rank, get_world_size, init_distributed
+from .dist import DistInfo, destroy_distributed, exit_process, init_distributed
 
 __all__ = [
     "AllReduceHook",
@@ -12,8 +12,6 @@ __all__ = [
     "compute_bucket_assignment_by_size",
     "destroy_distributed",
     "exit_process",
-    "get_rank",
-    "get_world_size",
     "init_distributed",
     "plan_buckets",
 ]

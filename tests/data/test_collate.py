@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from mm_llama.data.collate import (
     IGNORE_INDEX,
     build_example,

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from mm_llama.data import corpora
 from mm_llama.data.shards import iter_samples, open_url, read_index, write_shards
 

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from PIL import Image
+
 from mm_llama.data.audio import SAMPLE_RATE, decode_audio, log_mel, num_frames
 from mm_llama.data.badsamples import SampleError
 from mm_llama.data.image import MEAN, STD, best_canvas, decode_image, resize_plain, tile_image
 from mm_llama.data.shards import iter_samples, open_url
 from mm_llama.data.video import decode_video
-from PIL import Image
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

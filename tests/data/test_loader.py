@@ -5,6 +5,7 @@ import json
 import tarfile
 
 import pytest
+
 from mm_llama.data.badsamples import DataError, SampleError
 from mm_llama.data.loader import StreamingLoader
 

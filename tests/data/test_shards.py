@@ -8,6 +8,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
 from mm_llama.data.shards import (
     expand_urls,
     iter_samples,
@@ -18,7 +20,6 @@ from mm_llama.data.shards import (
     verify_shards,
     write_shards,
 )
-from PIL import Image
 
 MM = str(Path(sys.executable).parent / "mm-llama")
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from mm_llama.adapters.asr import (
     build_speech_model,
     features_for,
@@ -18,9 +19,8 @@ from mm_llama.adapters.asr import (
 )
 from mm_llama.adapters.speech import ADAPTER_PRESETS
 from mm_llama.adapters.whisper import load_whisper_encoder
-from mm_llama.data.shards import iter_samples, open_url
-
 from mm_llama.assets import asset_path
+from mm_llama.data.shards import iter_samples, open_url
 
 SHARDS = Path(__file__).resolve().parents[1] / "assets" / "shards" / "audio"
 

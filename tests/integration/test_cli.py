@@ -40,10 +40,10 @@ def test_help_lists_subcommands():
 
 def test_caption_cli_with_adapter(tmp_path, smollm_path):
     """A fresh image adapter on the real SmolLM2 tower, saved and used through `mm-llama caption`."""
-    from mm_llama.adapters import save_adapter
-    from mm_llama.adapters.builders import attach_image_adapter
     from PIL import Image
 
+    from mm_llama.adapters import save_adapter
+    from mm_llama.adapters.builders import attach_image_adapter
     from mm_llama.llama import load_pretrained
 
     model = attach_image_adapter(load_pretrained(smollm_path), "debug")
@@ -63,7 +63,6 @@ def test_caption_cli_video(tmp_path, smollm_path):
     from mm_llama.adapters import save_adapter
     from mm_llama.adapters.builders import attach_image_adapter
     from mm_llama.adapters.video import AggregatorArgs, FusedVideoModel, save_video_adapter
-
     from mm_llama.llama import load_pretrained
 
     image = attach_image_adapter(load_pretrained(smollm_path), "debug")
@@ -87,6 +86,8 @@ def test_one_call_with_three_adapters_equals_three_single_adapter_models(tmp_pat
 
     import soundfile as sf
     import torch
+    from PIL import Image
+
     from mm_llama.adapters import save_adapter
     from mm_llama.adapters.asr import build_speech_model, save_speech_adapter, transcribe
     from mm_llama.adapters.builders import attach_image_adapter
@@ -96,7 +97,6 @@ def test_one_call_with_three_adapters_equals_three_single_adapter_models(tmp_pat
     from mm_llama.data.audio import decode_audio
     from mm_llama.data.image import decode_image, normalize_tiles
     from mm_llama.data.video import decode_video
-    from PIL import Image
 
     torch.manual_seed(0)
     image = attach_image_adapter(smollm, "debug")

@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture()
 def server(tmp_path, smollm_path, smollm):
+    from PIL import Image
+
     from mm_llama.adapters import save_adapter
     from mm_llama.adapters.asr import build_speech_model, save_speech_adapter
     from mm_llama.adapters.builders import attach_image_adapter
     from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
-    from PIL import Image
 
     save_adapter(attach_image_adapter(smollm, "debug"), tmp_path / "img.safetensors")
     speech = build_speech_model(smollm, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"])

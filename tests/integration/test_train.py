@@ -122,11 +122,9 @@ def test_nonfinite_losses_skipped_then_stop(tmp_path):
 
 
 def test_killed_rank_makes_the_other_exit_with_an_error(tmp_path):
-    import time
-
+    """No hang: the surviving rank exits with an error (bounded by the communicate timeouts, not wall-clock)."""
     port = _port()
     procs = []
-    t0 = time.monotonic()
     for rank in (0, 1):
         env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "MM_LLAMA_PG_TIMEOUT": "60"}  # fmt: skip
@@ -138,7 +136,6 @@ def test_killed_rank_makes_the_other_exit_with_an_error(tmp_path):
     procs[1].communicate(timeout=60)
     assert procs[1].returncode == -9 and procs[0].returncode != 0
     assert "LOSSES" not in out0 and ("peer" in err0 or "Connection" in err0 or "DistributedDataParallel" in err0)
-    assert time.monotonic() - t0 < 200
 
 
 def test_profile_and_tensorboard_outputs(tmp_path):
@@ -149,19 +146,27 @@ def test_profile_and_tensorboard_outputs(tmp_path):
         assert key in rec
 
 
-@pytest.mark.parametrize("modality", ["image", "speech"])
+@pytest.mark.parametrize("modality", ["image", "video", "speech"])
 def test_evaluate_after_training(tmp_path, modality):
+    """Each modality is answered and scored by its own plug-in (video used to fall into the speech branch)."""
     cfg = f"recipes/configs/debug_{modality}.yaml"
     train("--config", cfg, f"run_dir={tmp_path}", "steps=2", "ckpt_every=2")
-    data = f"tests/assets/shards/{modality if modality == 'image' else 'audio'}/index.json"
+    shards = {"image": "image", "video": "video", "speech": "audio"}[modality]
     r = subprocess.run([sys.executable, "-m", "recipes.evaluate", "--config", cfg, "--checkpoint",
-                        str(tmp_path / "checkpoints" / "step_00000002"), "--data", data, f"run_dir={tmp_path}",
-                        "--max-new-tokens", "3"], capture_output=True, text=True, cwd=ROOT, env=ENV,
-                       timeout=600)  # fmt: skip
+                        str(tmp_path / "checkpoints" / "step_00000002"), "--data",
+                        f"tests/assets/shards/{shards}/index.json", f"run_dir={tmp_path}", "--max-new-tokens", "3"],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(re.findall(r"EVAL (\{.*\})", r.stdout)[-1])
-    assert ({"bleu", "cider", "exact_match"} <= set(res)) if modality == "image" else ({"wer", "cer"} <= set(res))
-    assert res["n"] == (6 if modality == "image" else 5)
+    assert ({"wer", "cer"} <= set(res)) if modality == "speech" else ({"bleu", "cider", "exact_match"} <= set(res))
+    assert res["n"] == {"image": 6, "video": 3, "speech": 5}[modality]
+    # another modality's checkpoint is an error naming it, not a silent no-op
+    if modality == "image":
+        bad = subprocess.run([sys.executable, "-m", "recipes.evaluate", "--config", "recipes/configs/debug_speech.yaml",
+                              "--checkpoint", str(tmp_path / "checkpoints" / "step_00000002"), "--data",
+                              "tests/assets/shards/audio/index.json", f"run_dir={tmp_path}"],
+                             capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)  # fmt: skip
+        assert bad.returncode != 0 and "step_00000002" in bad.stderr and "weights the model does not have" in bad.stderr
 
 
 def test_video_stage_trains_only_video_parts(tmp_path):
@@ -170,7 +175,7 @@ def test_video_stage_trains_only_video_parts(tmp_path):
     from safetensors.torch import load_file
 
     keys = load_file(tmp_path / "checkpoints" / "step_00000004" / "adapter.safetensors").keys()
-    assert keys and all(k.startswith(("aggregator.", "video_cross_attention_layers.")) for k in keys)
+    assert keys and all(k.startswith(("video.aggregator.", "video.video_cross_attention_layers.")) for k in keys)
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):

@@ -2,20 +2,30 @@
 
 import pytest
 import torch
+
 from mm_llama.adapters import FusedVisionModel, VisionEncoder, load_pretrained
 from mm_llama.adapters.builders import attach_image_adapter, get_vision_preset, xattn_schedule
 from mm_llama.adapters.xattn import GatedCrossAttentionBlock
 from mm_llama.data.collate import cross_attention_mask
-
 from mm_llama.llama import Transformer, get_preset
 
-transformers = pytest.importorskip("transformers")
+
+def hf_lib():
+    """transformers, the numeric reference (the dev extra): missing is a failure of the HF tests only, never a skip
+    of the pure unit tests beside them."""
+    try:
+        import transformers
+    except ImportError as e:
+        pytest.fail(f"transformers (the reference; `make install-dev` installs it) cannot be imported: {e}")
+    return transformers
+
+
 V = 120
 
 
 def hf_mllama(tmp_path, cross_layers, n_text_layers, kv_heads=2, seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.MllamaConfig(
+    cfg = hf_lib().MllamaConfig(
         vision_config=dict(hidden_size=32, attention_heads=4, num_hidden_layers=5, num_global_layers=2,
                            intermediate_size=64, image_size=28, patch_size=14, max_num_tiles=4,
                            intermediate_layers_indices=[1, 3], vision_output_dim=96),
@@ -24,7 +34,7 @@ def hf_mllama(tmp_path, cross_layers, n_text_layers, kv_heads=2, seed=0):
                          pad_token_id=0, eos_token_id=1, bos_token_id=2),
         image_token_index=V,
     )  # fmt: skip
-    hf = transformers.MllamaForConditionalGeneration(cfg).eval()
+    hf = hf_lib().MllamaForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # open the gates: zero gates would hide every cross-attention bug
         for n, p in hf.named_parameters():
             if "gate" in n:
@@ -90,10 +100,10 @@ def test_intermediate_features_are_layer_inputs_as_in_meta(tmp_path):
     hf_mllama(tmp_path, [2], 5)  # our indices [1, 3] (inputs) == transformers 5.x indices [0, 2] (outputs)
     ours = load_pretrained(tmp_path)
     assert ours.vision_encoder.args.intermediate_from == "input"
-    cfg = transformers.MllamaVisionConfig(hidden_size=32, attention_heads=4, num_hidden_layers=5, num_global_layers=2,
+    cfg = hf_lib().MllamaVisionConfig(hidden_size=32, attention_heads=4, num_hidden_layers=5, num_global_layers=2,
                                           intermediate_size=64, image_size=28, patch_size=14, max_num_tiles=4,
                                           intermediate_layers_indices=[0, 2], vision_output_dim=96)  # fmt: skip
-    shifted = transformers.models.mllama.modeling_mllama.MllamaVisionModel(cfg).eval()
+    shifted = hf_lib().models.mllama.modeling_mllama.MllamaVisionModel(cfg).eval()
     shifted.load_state_dict(ours.vision_encoder.state_dict())
     x = inputs([[V, 5]], [[(2, 2)]])
     args = (x["pixel_values"], x["aspect_ratio_ids"], x["aspect_ratio_mask"])
@@ -164,7 +174,7 @@ def test_zero_gates_equal_bare_tower_and_tower_frozen():
 def test_parameter_counts():
     with torch.device("meta"):
         enc = VisionEncoder(get_vision_preset("llama3_2_vision"))
-        hf_vis = transformers.models.mllama.modeling_mllama.MllamaVisionModel(transformers.MllamaVisionConfig())
+        hf_vis = hf_lib().models.mllama.modeling_mllama.MllamaVisionModel(hf_lib().MllamaVisionConfig())
     assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in hf_vis.parameters())
     # paper arithmetic per cross-attention layer: 2d^2 + 2d(d/4) + 3d*FFN (norms and gates aside)
     for preset, n_blocks, total in (("llama3_1_8b", 8, 1.75e9), ("llama3_1_70b", 20, 17.1e9),
@@ -183,9 +193,9 @@ def test_schedule_validation():
 
 
 def test_caption_generation_cached_equals_recomputed_and_full_forward():
-    from mm_llama.adapters.inference import build_prompt_ids, caption, image_inputs
     from PIL import Image
 
+    from mm_llama.adapters.inference import build_prompt_ids, caption, image_inputs
     from mm_llama.llama.tokenizer import GGUFTokenizer  # noqa: F401  (any tokenizer works; use a tiny stub)
 
     class Tok:
@@ -225,7 +235,6 @@ def test_caption_generation_cached_equals_recomputed_and_full_forward():
 
 def test_adapter_only_checkpoint_roundtrip(tmp_path):
     from mm_llama.adapters import load_adapter, save_adapter
-
     from mm_llama.llama import CheckpointError
 
     tower = small_tower()
@@ -252,7 +261,6 @@ def test_adapter_only_checkpoint_roundtrip(tmp_path):
 def test_export_roundtrip_through_transformers(tmp_path, scaling):
     """ours -> HF Mllama folder -> transformers logits == ours; and back through our loader."""
     from mm_llama.adapters import export_hf_mllama
-
     from mm_llama.llama import RopeScaling
 
     args = get_preset("debug").replace(n_layers=7, rope_scaling=RopeScaling(factor=8.0) if scaling else None)
@@ -273,7 +281,7 @@ def test_export_roundtrip_through_transformers(tmp_path, scaling):
             block.gate_ffwd.fill_(-0.6)
     model.eval()
     export_hf_mllama(model, tmp_path / "hf")
-    hf = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    hf = hf_lib().MllamaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     x = inputs([[512, 3, 4, 512, 5, 6], [7, 512, 8, 9, 10, 11]], [[(2, 2), (1, 1)], [(4, 6)]], img=512)
     with torch.no_grad():
         got = model(**x)

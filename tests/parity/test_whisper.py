@@ -4,9 +4,9 @@ tiny random HF folder; Whisper log-mel vs WhisperFeatureExtractor; no 30 s paddi
 import numpy as np
 import pytest
 import torch
+
 from mm_llama.adapters.ctranslate2 import CT2FormatError, read_ct2
 from mm_llama.adapters.whisper import load_whisper_encoder, whisper_log_mel
-
 from mm_llama.assets import asset_path
 
 transformers = pytest.importorskip("transformers")

@@ -4,15 +4,16 @@ import itertools
 
 import pytest
 import torch
+from PIL import Image
+
 from mm_llama.adapters.asr import build_speech_model
 from mm_llama.adapters.builders import attach_image_adapter
-from mm_llama.adapters.composed import TOKEN_ROWS, ComposedModel, label_positions
+from mm_llama.adapters.composed import ComposedModel, label_positions
+from mm_llama.adapters.fusion import TOKEN_ROWS
 from mm_llama.adapters.inference import image_inputs
 from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
 from mm_llama.adapters.video import AggregatorArgs, FusedVideoModel
 from mm_llama.data.collate import cross_attention_mask
-from PIL import Image
-
 from mm_llama.llama import Transformer, get_preset
 
 T = 14  # every test sequence has this length, so samples batch without padding
@@ -182,13 +183,13 @@ def test_frozen_tower_and_train_mode(parts):
 def test_adapter_files_load_together_in_any_order(parts, inputs, tmp_path):
     import json
 
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from mm_llama.adapters.asr import save_speech_adapter
     from mm_llama.adapters.checkpoint import save_adapter
     from mm_llama.adapters.composed import adapter_kind, load_composed
     from mm_llama.adapters.video import save_video_adapter
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from mm_llama.llama.checkpoint import CheckpointError
 
     tower, image, video, speech = parts

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from mm_llama.adapters.speech import (
     ADAPTER_PRESETS,
     CONFORMER_PRESETS,
@@ -12,7 +13,6 @@ from mm_llama.adapters.speech import (
 )
 from mm_llama.adapters.speech_fusion import FusedSpeechModel
 from mm_llama.data.collate import build_example, collate_text, expand_placeholders
-
 from mm_llama.llama import Transformer, get_preset
 
 
@@ -51,7 +51,6 @@ def test_batched_equals_unbatched():
 def test_rotary_attention_relative_positions():
     """RoPE scores depend only on the distance between positions; identical tokens give identical outputs."""
     from mm_llama.adapters.speech import _rope
-
     from mm_llama.llama.model import apply_rope
 
     g = torch.Generator().manual_seed(0)

@@ -2,11 +2,11 @@
 
 import numpy as np
 import torch
+
 from mm_llama.adapters.builders import attach_image_adapter
 from mm_llama.adapters.video import AggregatorArgs, FusedVideoModel, TemporalAggregator, video_schedule
 from mm_llama.adapters.xattn import GatedCrossAttentionBlock
 from mm_llama.data.image import normalize
-
 from mm_llama.llama import Transformer, get_preset
 
 

@@ -1,0 +1,134 @@
+"""Video: the paper's perceiver temporal aggregator + video cross-attention, on a (frozen) image adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mm_llama.assets import resolve
+from mm_llama.data.video import VIDEO_EXTS
+
+from ..fusion import TOKEN_ROWS
+from ..modality import AnswerOptions, Modality, require_member, text_target
+
+
+@dataclass
+class VideoConfig:
+    image_adapter: str | None = None  # the trained image adapter to start from (frozen); None: a fresh one
+    frames: int = 8
+    merge: int = 4  # frames per effective frame (32 for 64-frame SFT input, 16 for pretraining)
+    heads: int = 4
+    every: int = 4  # a video block before every N-th image block (counted from the top)
+    query_init: str = "learned"  # aggregator start: learned | frame_mean (adapters/video.py)
+    max_groups: int = 0  # > 0: order embeddings for up to this many effective frames
+    init_from_image: bool = False  # video blocks start as copies of the image blocks at their layers
+
+
+class VideoSamples:
+    """raw sample -> prompt `[BOS] <|video|> PROMPT` + caption, and `frames` frames at the encoder's size."""
+
+    def __init__(self, image_size: int, frames: int, token_id: int, tok, prompt: str, max_text_tokens: int):
+        self.image_size, self.frames, self.token_id, self.tok = image_size, frames, token_id, tok
+        self.prompt, self.max_text = prompt, max_text_tokens
+
+    def __call__(self, raw: dict) -> dict:
+        from mm_llama.data.collate import build_example
+        from mm_llama.data.image import normalize_tiles
+        from mm_llama.data.video import decode_video
+        from mm_llama.generate import bos_prefix
+
+        target = text_target(self.tok, raw, self.max_text)
+        ext = require_member(raw, VIDEO_EXTS, "video")
+        frames = decode_video(raw[ext], raw["__key__"], num_frames=self.frames, size=self.image_size)
+        item = build_example(bos_prefix(self.tok) + [self.token_id] + self.tok.encode(self.prompt), target)
+        return {**item, "video": normalize_tiles(frames)}
+
+
+class Video(Modality):
+    name = "video"
+    exts = VIDEO_EXTS
+    what = "video caption"
+    format = "mm_llama.video_adapter.v1"
+    token_rows = TOKEN_ROWS["video"]
+    requires = ("image",)
+    inputs = ("videos", "video_state")
+    Config = VideoConfig
+
+    def build(self, tower, cfg, parts):
+        from ..builders import attach_image_adapter
+        from ..checkpoint import load_adapter
+        from ..video import AggregatorArgs, FusedVideoModel
+
+        c = cfg.video
+        image = (
+            load_adapter(tower, resolve(c.image_adapter))
+            if c.image_adapter
+            else attach_image_adapter(tower, cfg.image.vision)
+        )
+        agg = AggregatorArgs(merge=c.merge, heads=c.heads, query_init=c.query_init, max_groups=c.max_groups)
+        return FusedVideoModel(image, agg, every=c.every, init_from_image=c.init_from_image)
+
+    def save(self, part, path):
+        from ..video import save_video_adapter
+
+        save_video_adapter(part, path)
+
+    def load(self, tower, path, parts):
+        from ..video import load_video_adapter
+
+        return load_video_adapter(parts["image"], path)
+
+    def row_table(self, part):
+        return part.image_model.learnable_embedding
+
+    def prepare(self, model, input_ids, inputs):
+        if inputs.get("video_state") is not None:
+            return inputs["video_state"]
+        videos = inputs.get("videos")
+        if videos is None or all(v is None for v in videos):
+            return None
+        tokens = [None if v is None else model.video.encode_video(v) for v in videos]
+        return model.video.video_inputs(tokens, input_ids, token_id=model.token_id("video"))
+
+    def blocks(self, model, state):
+        return model.video.blocks(state)
+
+    def sample_maker(self, model, tok, cfg):
+        size = model.video.image_model.vision_encoder.args.image_size
+        return VideoSamples(size, cfg.model.video.frames, model.token_id("video"), tok, cfg.data.prompt,
+                            cfg.data.max_text_tokens)  # fmt: skip
+
+    def collate(self, items):
+        return {"videos": [it["video"] for it in items]}
+
+    def _frames(self, model, data: bytes, name: str, n: int):
+        from mm_llama.data.image import normalize_tiles
+        from mm_llama.data.video import decode_video
+
+        size = model.video.image_model.vision_encoder.args.image_size
+        return normalize_tiles(decode_video(data, name, num_frames=n, size=size))
+
+    def answer(self, model, tok, name, data, opts: AnswerOptions):
+        from ..inference import caption_video
+
+        text = caption_video(model.video, tok, self._frames(model, data, name, opts.frames), opts.prompt,
+                             max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                             on_token=opts.on_token)  # fmt: skip
+        return text, None
+
+    def hypotheses(self, model, tok, samples, opts):
+        from ..inference import caption_video
+
+        out = []
+        for s in samples:
+            ext = require_member(s, VIDEO_EXTS, "video")
+            frames = self._frames(model, s[ext], s["__key__"], opts.frames)
+            out.append(caption_video(model.video, tok, frames, opts.prompt, max_new_tokens=opts.max_new_tokens))
+        return out
+
+    def metrics(self, references, hypotheses):
+        from .image import SPEC as IMAGE
+
+        return IMAGE.metrics(references, hypotheses)
+
+
+SPEC = Video()

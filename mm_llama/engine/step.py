@@ -1,0 +1,111 @@
+"""The training step as two named functions (torchtitan's shape), for any model that follows the Hugging Face
+training convention: `model(**inputs, labels=labels)` returns an object with `.loss_sum` (summed over labelled
+tokens) and `.n_tokens`.
+
+    forward_backward(wrapped, micro_batches)  -> (loss sum, labelled tokens) of this rank, gradients accumulated
+    train_step(wrapped, optimizer, ...)       -> one optimizer step: forward_backward, global loss, clip, step
+
+The loss is normalised by the GLOBAL number of labelled tokens of the step (all ranks, all micro-batches), so the
+DDP average of the gradients is the gradient of the global token mean, whatever the split across ranks. Micro-
+batches before the last run under `no_sync()` (gradients accumulate locally, one all-reduce per step).
+Side concerns (profiling, metrics, checkpoints, fault injection) live outside, in the recipe's loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class StepResult:
+    loss: float  # global mean over labelled tokens (nan/inf: the step was skipped)
+    tokens: int  # labelled tokens on this rank
+    grad_norm: float = float("nan")
+    skipped: bool = False
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _global_count(n: int, device) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def forward_backward(
+    wrapped: torch.nn.Module,
+    micro_batches: Iterable[dict],
+    *,
+    device,
+    grad_accum: int,
+    world_size: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[float, int]:
+    """Forward + backward of `grad_accum` micro-batches (dicts with input_ids, labels and the model's inputs).
+    Returns this rank's summed loss and labelled-token count."""
+    total_loss, total_tokens = 0.0, 0
+    batches = iter(micro_batches)
+    for micro in range(grad_accum):
+        batch = _to(next(batches), device)
+        last = micro == grad_accum - 1
+        sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+        amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with sync, amp:
+            out = wrapped(**batch)
+            n_global = _global_count(out.n_tokens, device)
+            # the DDP average over ranks then equals the gradient of the global token mean
+            (out.loss_sum * world_size / max(n_global, 1) / grad_accum).backward()
+        total_loss += float(out.loss_sum.detach())
+        total_tokens += out.n_tokens
+    return total_loss, total_tokens
+
+
+def train_step(
+    wrapped: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    micro_batches: Iterable[dict],
+    trainable: list[torch.nn.Parameter],
+    *,
+    device,
+    grad_accum: int = 1,
+    clip: float = 1.0,
+    world_size: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+    loss_hook: Callable[[float], float] | None = None,
+) -> StepResult:
+    """One optimizer step. A non-finite global loss skips the update (gradients dropped) and says so."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, tokens = forward_backward(wrapped, micro_batches, device=device, grad_accum=grad_accum,
+                                        world_size=world_size, autocast_dtype=autocast_dtype)  # fmt: skip
+    sums = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    loss = float(sums[0] / max(float(sums[1]), 1.0))
+    if loss_hook is not None:  # fault injection in tests
+        loss = loss_hook(loss)
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, tokens, skipped=True)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+    optimizer.step()
+    scheduler.step()
+    return StepResult(loss, tokens, grad_norm)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warmup over `warmup` steps, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

@@ -1,0 +1,85 @@
+"""Every registered modality plug-in works through the generic paths alone: build, sample maker (picklable, no
+model inside), collate, the composed forward with labels, save/load of its adapter file."""
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm_llama.adapters.composed import ComposedModel, adapter_kind, load_composed
+from mm_llama.adapters.inference import image_inputs
+from mm_llama.adapters.modality import Modality
+from mm_llama.adapters.registry import MODALITIES, get_modality, modality_for_file
+from mm_llama.config import load_config
+from mm_llama.data.image import decode_image
+from mm_llama.data.shards import expand_urls, read_samples
+from recipes.train import Collate, TrainConfig, build_model, build_tower
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARDS = {"image": "image", "video": "video", "speech": "audio"}
+
+
+@pytest.fixture(scope="module")
+def tok(smollm_tok):
+    return smollm_tok
+
+
+def built(kind):
+    cfg = load_config(TrainConfig, ROOT / f"recipes/configs/debug_{kind}.yaml")
+    torch.manual_seed(0)
+    return cfg, build_model(cfg, build_tower(cfg))
+
+
+def test_registry_lists_complete_plugins():
+    assert list(MODALITIES) == ["image", "video", "speech"]
+    for name, spec in MODALITIES.items():
+        assert spec.name == name and spec.format and spec.exts and spec.inputs
+        for method in ("build", "save", "load", "row_table", "sample_maker", "answer", "hypotheses", "metrics"):
+            assert getattr(type(spec), method) is not getattr(Modality, method), (name, method)
+    assert modality_for_file("a/b.JPG").name == "image" and modality_for_file("x.mp4").name == "video"
+    assert modality_for_file("talk.flac").name == "speech" and modality_for_file("notes.txt") is None
+    with pytest.raises(KeyError, match="unknown modality 'smell'"):
+        get_modality("smell")
+
+
+@pytest.mark.parametrize("kind", list(MODALITIES))
+def test_plugin_through_the_generic_paths(kind, tok, tmp_path):
+    cfg, model = built(kind)
+    spec = get_modality(kind)
+    assert isinstance(model, ComposedModel) and kind in model.modalities
+    maker = spec.sample_maker(model, tok, cfg)
+    blob = pickle.dumps(maker)  # DataLoader workers receive it: no model inside
+    assert len(blob) < 10 * 2**20 and b"ComposedModel" not in blob and b"Fused" not in blob
+    raw = read_samples(expand_urls(str(ROOT / f"tests/assets/shards/{SHARDS[kind]}/index.json")), 2)
+    batch = Collate(kind)([maker(s) for s in raw])
+    assert set(batch) == {"input_ids", "labels"} | (set(batch) & set(spec.inputs))
+    model.train()
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and out.n_tokens == int((batch["labels"][:, 1:] != -100).sum())
+    out.loss.backward()
+    assert any(p.grad is not None for p in model.part(kind).parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.tower.parameters())
+    path = tmp_path / f"{kind}.safetensors"
+    spec.save(model.part(kind), path)
+    assert adapter_kind(path) == kind
+    if kind == "video":  # a video adapter travels with its image adapter
+        get_modality("image").save(model.image, tmp_path / "image.safetensors")
+        back = load_composed(model.tower, [path, tmp_path / "image.safetensors"])
+    else:
+        back = load_composed(model.tower, [path])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(back(**batch).logits, model(**batch).logits)
+
+
+def test_training_tiles_images_as_inference_does(tok):
+    """The debug encoder takes up to 4 tiles: the sample maker tiles like `image_inputs` (it used to resize to one
+    tile in training while inference tiled)."""
+    cfg, model = built("image")
+    assert model.image.vision_encoder.args.max_num_tiles == 4
+    raw = read_samples(expand_urls(str(ROOT / "tests/assets/shards/image/index.json")), 3)
+    batch = Collate("image")([get_modality("image").sample_maker(model, tok, cfg)(s) for s in raw])
+    ref = image_inputs(model.image, [[decode_image(s[next(e for e in ("png", "jpg", "jpeg") if e in s)])] for s in raw])
+    for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        assert torch.equal(batch[k], ref[k]), k
