@@ -65,7 +65,7 @@ DEMO_PROMPTS = [
 
 
 def cmd_demo(args) -> int:
-    """The real SmolLM2-135M tower answering prompts (the multimodal demo is recipes/demo.py)."""
+    """The real SmolLM2-135M tower answering prompts (the multimodal demo is `python -m recipes.demo`)."""
     from .assets import asset_path
     from .generate import StreamPrinter, generate
     from .llama import Tokenizer, load_pretrained
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
 
     d = sub.add_parser("demo", help="streamed text generation with the embedded SmolLM2 tower (`make demo` runs the "
-                       "multimodal demo, recipes/demo.py)")  # fmt: skip
+                       "multimodal demo, python -m recipes.demo)")  # fmt: skip
     d.add_argument("--prompt", action="append", default=None)
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.set_defaults(func=cmd_demo)

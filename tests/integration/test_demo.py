@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = [sys.executable, str(ROOT / "recipes/demo.py"), "--config", str(ROOT / "recipes/configs/demo/tiny.yaml")]
+DEMO = [sys.executable, "-m", "recipes.demo", "--config", str(ROOT / "recipes/configs/demo/tiny.yaml")]
 ENV = {**os.environ, "MM_LLAMA_PG_TIMEOUT": "120"}
 
 

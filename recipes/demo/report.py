@@ -1,0 +1,178 @@
+"""The report stage: runs/demo/report.md with times, corpus facts, results against targets, loss curves, a caption
+grid, examples and the commands to try the trained adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from mm_llama.assets import resolve
+
+from .config import device_ok_dtype, eval_dtype, shard_samples
+
+
+def _plot_losses(run: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 1, figsize=(7, 4))
+    for name in ("image", "video", "speech", "conformer"):
+        f = run / name / "losses.json"
+        if f.exists():
+            ax.plot(json.loads(f.read_text()), label=name, lw=1)
+    f = run / "encoder/classifier.json"
+    if f.exists():
+        ax.plot(json.loads(f.read_text())["losses"], label="encoder (classifier pretraining)", lw=1, ls="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (token cross-entropy)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _distinct(rows: list[dict]) -> str:
+    from mm_llama.adapters.asr import normalize_text
+
+    return f"{len({normalize_text(r['hyp']) for r in rows})} of {len(rows)}"
+
+
+def _caption_grid(run: Path, rows: list[dict], path: Path, n: int = 12) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mm_llama.data.image import decode_image
+
+    rows = rows[:n]  # the first rows are the shard's first samples (eval_image keeps shard order)
+    samples = {s["__key__"]: s for s in shard_samples(run / "shards/image_test/index.json", len(rows))}
+    cols = 4
+    fig, axes = plt.subplots((len(rows) + cols - 1) // cols, cols, figsize=(13, 3.4 * ((len(rows) + cols - 1) // cols)))
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, rows):
+        ax.imshow(decode_image(samples[r["key"]]["png"]))
+        ok = r["ref"] == r["hyp"]
+        ax.set_title(_wrap(r["hyp"]), fontsize=8, color="green" if ok else "red")
+    fig.suptitle("held-out composites (test-split items): generated captions (green = exactly right)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int = 38) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or "<empty>"
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
+
+
+def stage_report(cfg, run) -> dict:
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+    summ = json.loads((run / "eval/summary.json").read_text()) if (run / "eval/summary.json").exists() else {}
+
+    def ev(name):
+        f = run / "eval" / f"{name}.json"
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    corp = json.loads((run / "shards/corpora.json").read_text())
+    clf = (
+        json.loads((run / "encoder/classifier.json").read_text()) if (run / "encoder/classifier.json").exists() else {}
+    )
+    _plot_losses(run, run / "loss_curves.png")
+    img, vid, sp, cf = ev("image"), ev("video"), ev("speech"), ev("conformer")
+    if img.get("rows"):
+        _caption_grid(run, img["rows"], run / "caption_grid.png")
+    q = ev("qualitative")
+    L = ["# mm_llama demo report", "",
+         f"Frozen tower: SmolLM2-135M ({cfg.tower}), trained in {device_ok_dtype(cfg)}, "
+         f"evaluated in {eval_dtype(cfg)}; {cfg.nproc} processes of our DDP engine "
+         f"(`accelerate launch`, gloo); {os.cpu_count()} CPU cores, torch {torch.__version__}.", "",
+         "## Time per stage", "", "| stage | seconds |", "|---|---:|"]  # fmt: skip
+    L += [f"| {k} | {v['seconds']:.0f} |" for k, v in timings.items()]
+    L += [f"| **total** | **{sum(v['seconds'] for v in timings.values()):.0f}** |", ""]
+    L += ["## Data", "", "| corpus | samples |", "|---|---:|"]
+    L += [f"| {k} | {v['samples']} |" for k, v in corp.items() if isinstance(v, dict) and "samples" in v]
+    w = corp.get("speech_words", {})
+    L += ["", f"Speech: {w.get('corpus')} distinct words ({w.get('train')} in training, {w.get('test')} in the test "
+          f"set, {w.get('test_words_unseen_in_train')} test words never heard in training); sentences shared between "
+          f"train and test: {corp.get('speech_sentence_overlap')}. Training voices: "
+          f"{', '.join(corp.get('speech_voices', {}).get('train', []))}. Test voices (unseen): "
+          f"{', '.join(corp.get('speech_voices', {}).get('test', []))}.", ""]  # fmt: skip
+    L += ["## Results on held-out data", "", "| task | metric | target | result |", "|---|---|---|---:|"]
+    if img:
+        L += [f"| image captioning ({img['n']} composites of test-split items) | item count right | | "
+              f"{_pct(img['count_right'])} |",
+              f"| | item count and layout right | >= 95% | {_pct(img['count_and_layout_right'])} |",
+              f"| | items named right in their position | >= 85% | {_pct(img['items_right'])} |",
+              f"| | whole caption exact | | {_pct(img['exact'])} |"]  # fmt: skip
+    if clf:
+        L += [f"| plain classifier (same ViT + linear head per cell, {clf['steps']} steps x {clf['batch']}) | "
+              f"items right | (reference) | {_pct(clf['item_accuracy'])} |"]  # fmt: skip
+    if vid:
+        L += [f"| video captioning ({vid['n']} clips of test-split items) | direction right | >= 95% | "
+              f"{_pct(vid['direction_right'])} |",
+              f"| | item right | >= 85% | {_pct(vid['item_right'])} |"]  # fmt: skip
+    if sp:
+        L += [f"| ASR, Whisper tiny.en (frozen) + adapter ({sp['n']} clips, unseen voices and sentences) | WER | "
+              f"<= 15% | {_pct(sp['wer'])} |", f"| | CER | | {_pct(sp['cer'])} |"]  # fmt: skip
+    if sp.get("rows"):
+        L += [f"| | distinct transcripts (few = the tower ignores the audio) | | {_distinct(sp['rows'])} |"]
+    if cf:
+        L += [f"| ASR, from-scratch Conformer (small) + adapter, {cfg.conformer_steps} steps (Whisper run: "
+              f"{cfg.speech_steps}) | WER | (comparison) | {_pct(cf['wer'])} |",
+              f"| | CER | | {_pct(cf['cer'])} |"]  # fmt: skip
+    if cf.get("rows"):
+        L += [f"| | distinct transcripts | | {_distinct(cf['rows'])} |"]
+    ref = ev("asr_reference")
+    if ref:
+        L += [f"| complete pretrained Whisper tiny.en, its own decoder (`benchmarks/asr_reference.py`, same "
+              f"{ref['n']} clips) | WER | (reference) | {_pct(ref['wer'])} |"]  # fmt: skip
+    L += ["", "![loss curves](loss_curves.png)", ""]
+    if img.get("rows"):
+        L += [
+            "## Image captions",
+            "",
+            "![caption grid](caption_grid.png)",
+            "",
+            "| reference | generated |",
+            "|---|---|",
+        ]
+        L += [f"| {r['ref']} | {r['hyp']} |" for r in img["rows"][:10]]
+        L += [""]
+    if vid.get("rows"):
+        L += ["## Video captions", "", "| reference | generated |", "|---|---|"]
+        L += [f"| {r['ref']} | {r['hyp']} |" for r in vid["rows"][:8]] + [""]
+    for name, res in (("Whisper tiny.en + adapter", sp), ("Conformer + adapter", cf)):
+        if res.get("rows"):
+            L += [f"## ASR: {name}", "", "WER by unseen voice: "
+                  + ", ".join(f"{v} {_pct(x)}" for v, x in res["by_voice"].items()), "",
+                  "| voice | reference | transcript |", "|---|---|---|"]  # fmt: skip
+            L += [f"| {r['voice']} | {r['ref']} | {r['hyp']} |" for r in res["rows"][:: max(1, len(res["rows"]) // 10)]]
+            L += [""]
+    if q:
+        L += ["## Real photos and clips (out of domain: the adapters only ever saw Fashion-MNIST)", ""]
+        L += [f'- ![{p["name"]}]({p["file"]}) {p["name"]}: "{p["caption"]}"' for p in q.get("photos", [])]
+        L += [f'- clip {c["name"]}: "{c["caption"]}"' for c in q.get("clips", [])]
+        L += [""]
+    tp = resolve(cfg.tower)
+    a = {n: f"--adapter {run}/{n}/adapter.safetensors" for n in ("image", "video", "speech")}
+    L += ["## Try it", "", "All three adapters compose on one tower; each file gets the answer its kind calls for:", "",
+          "```bash",
+          f"mm-llama caption --model {tp} {a['image']} {a['video']} {a['speech']} IMAGE.png CLIP.mp4 SPEECH.wav",
+          f"mm-llama serve --model {tp} {a['image']} {a['video']} {a['speech']}",
+          "```", ""]  # fmt: skip
+    (run / "report.md").write_text("\n".join(L))
+    print(f"  wrote {run / 'report.md'}", flush=True)
+    return {k: {m: v for m, v in s.items() if m != "seconds"} for k, s in summ.items()}
