@@ -221,7 +221,7 @@ def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> FusedVi
 
 def save_meta_vision(model: FusedVisionModel, folder: str | Path, *, model_parallel: int = 1) -> None:
     """Write `model` in Meta's Llama 3.2 Vision layout (the inverse of `load_meta_vision`)."""
-    from mm_llama.llama.checkpoint import _find_meta_ffn_multiplier
+    from mm_llama.llama.format_meta import _find_meta_ffn_multiplier
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
