@@ -1,7 +1,9 @@
 """Typed configs: YAML values -> nested dataclasses, `key.sub=value` overrides, unknown keys are errors.
 
 Defaults live in the dataclasses; a YAML file lists only what differs. Values in overrides are parsed as YAML
-scalars (`lr=3e-4`, `engine=ours`, `tower.path=null`, `steps=[1,2]`).
+scalars (`lr=3e-4`, `engine=ours`, `tower.path=null`, `steps=[1,2]`). Fields declared with `choice(...)` or
+`bounded(...)` are checked when the config loads (a ConfigError names the key and what is allowed), so a bad value
+stops a run before it writes anything.
 """
 
 from __future__ import annotations
@@ -18,6 +20,28 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+def choice(default, *options):
+    """A dataclass field whose value must be one of `options` (the default among them)."""
+    assert default in options, (default, options)
+    return dataclasses.field(default=default, metadata={"choices": tuple(options)})
+
+
+def bounded(default, lo=None, hi=None):
+    """A numeric dataclass field with lo <= value <= hi (None: open; a None value passes where the type allows)."""
+    return dataclasses.field(default=default, metadata={"min": lo, "max": hi})
+
+
+def _check(value, meta, where):
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, meta['choices']))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{where}: {value!r} is out of range; it must be {rng}")
 
 
 def _build(cls, data: dict, where: str):
@@ -37,6 +61,7 @@ def _build(cls, data: dict, where: str):
             kwargs[name] = _build(hint, value or {}, sub)
         else:
             kwargs[name] = _coerce(value, hint, sub)
+            _check(kwargs[name], fields[name].metadata, sub)
     return cls(**kwargs)
 
 
@@ -71,10 +96,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read ({e})") from None
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} is not key=value")

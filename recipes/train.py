@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mm_llama.assets import resolve
-from mm_llama.config import load_config, save_config
+from mm_llama.config import bounded, choice, load_config, save_config
 
 
 @dataclass
@@ -41,7 +41,7 @@ def _model_cfg():
     Config), so a new plug-in brings its options with it."""
     from mm_llama.adapters.registry import MODALITIES
 
-    fields = [("modality", str, "image"), ("tokenizer", str, "")]
+    fields = [("modality", str, choice("image", *MODALITIES)), ("tokenizer", str, "")]
     fields += [(name, spec.Config, field(default_factory=spec.Config)) for name, spec in MODALITIES.items()]
     return make_dataclass("ModelCfg", fields)
 
@@ -52,42 +52,44 @@ ModelCfg = _model_cfg()
 @dataclass
 class DataCfg:
     train: str = ""
-    batch_size: int = 2
-    num_workers: int = 0
-    shuffle_buffer: int = 16
-    max_bad_fraction: float = 0.01
+    batch_size: int = bounded(2, 1)
+    num_workers: int = bounded(0, 0)
+    shuffle_buffer: int = bounded(16, 1)
+    max_bad_fraction: float = bounded(0.01, 0.0, 1.0)
     prompt: str = ""
-    max_text_tokens: int = 64
-    split: str = "shards"  # shards | interleave (N ranks x B/N == 1 rank x B, for checks) | none (same stream)
+    max_text_tokens: int = bounded(64, 1)
+    split: str = choice(
+        "shards", "shards", "interleave", "none"
+    )  # shards | interleave (N ranks x B/N == 1 rank x B, for checks) | none (same stream)
 
 
 @dataclass
 class OptimCfg:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 2
-    grad_accum: int = 1
-    clip: float = 1.0
-    max_nonfinite: int = 5
+    lr: float = bounded(1e-3, 0.0)
+    weight_decay: float = bounded(0.0, 0.0)
+    warmup_steps: int = bounded(2, 0)
+    grad_accum: int = bounded(1, 1)
+    clip: float = bounded(1.0, 0.0)
+    max_nonfinite: int = bounded(5, 0)
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/debug"
-    steps: int = 10
+    steps: int = bounded(10, 1)
     seed: int = 0
-    engine: str = "ours"  # ours | torch
-    bucket_cap_mb: float = 25.0
-    log_every: int = 1
-    ckpt_every: int = 5
-    keep_last: int = 3
+    engine: str = choice("ours", "ours", "torch")
+    bucket_cap_mb: float = bounded(25.0, 0.0)
+    log_every: int = bounded(1, 1)
+    ckpt_every: int = bounded(5, 1)
+    keep_last: int = bounded(3, 1)
     resume: str = "auto"  # auto | none | a checkpoint folder
-    dtype: str = "auto"  # frozen tower dtype: auto = bfloat16 on CUDA, float32 on CPU
+    dtype: str = choice("auto", "auto", "float32", "bfloat16")  # tower: auto = bfloat16 on CUDA, float32 on CPU
     activation_checkpointing: bool = False
-    stop_after: int | None = None  # stop (as if killed) after this many steps: resume tests
+    stop_after: int | None = bounded(None, 1)  # stop (as if killed) after this many steps: resume tests
     profile: bool = False  # torch profiler trace of steps 2-4 into RUN/profile/
     tensorboard: bool = True
-    peak_tflops: float | None = None  # for MFU; default: 0.1 on CPU, 989 (H100 bf16 dense) on CUDA
+    peak_tflops: float | None = bounded(None, 0.0)  # for MFU; default: 0.1 on CPU, 989 (H100 bf16 dense) on CUDA
     debug_nan_steps: list = field(default_factory=list)  # inject non-finite losses at these steps (tests)
     debug_kill_rank: int = -1  # SIGKILL this rank at debug_kill_step (robustness tests)
     debug_kill_step: int = -1

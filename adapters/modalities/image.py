@@ -7,19 +7,23 @@ from dataclasses import dataclass
 import torch
 
 from mm_llama.assets import resolve
+from mm_llama.config import bounded, choice
 from mm_llama.data.image import IMAGE_EXTS
 
+from ..builders import VISION_PRESETS
 from ..fusion import TOKEN_ROWS
 from ..modality import AnswerOptions, Modality, require_member, text_target
 
 
 @dataclass
 class ImageConfig:
-    vision: str = "debug"  # image encoder preset (adapters/builders.py)
+    vision: str = choice("debug", *VISION_PRESETS)  # image encoder preset (adapters/builders.py)
     vision_init: str | None = None  # safetensors of pretrained image-encoder weights (VisionEncoder names)
     freeze_vision: bool = False  # train only projection + cross-attention (+ token rows) on a pretrained encoder
-    xattn_every: int = 4  # cross-attention before every N-th tower layer (counted from the top)
-    xattn_count: int | None = None  # only the top N of those (None: all): backward then stops at the lowest one
+    xattn_every: int = bounded(4, 1)  # cross-attention before every N-th tower layer (counted from the top)
+    xattn_count: int | None = bounded(
+        None, 1
+    )  # only the top N of those (None: all): backward then stops at the lowest one
     train_token_rows: bool = True  # the new tokens' embedding rows; frozen, the tower below the first block is
     #                                forward-only
 

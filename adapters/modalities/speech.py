@@ -6,17 +6,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mm_llama.assets import resolve
+from mm_llama.config import ConfigError, choice
 from mm_llama.data.audio import AUDIO_EXTS
 
 from ..fusion import TOKEN_ROWS
 from ..modality import AnswerOptions, Modality, require_member, text_target
+from ..speech import ADAPTER_PRESETS, CONFORMER_PRESETS
 
 
 @dataclass
 class SpeechConfig:
     encoder: str = "conformer:debug"  # conformer:PRESET | whisper:PATH
-    adapter: str = "debug"  # speech adapter preset (adapters/speech.py)
+    adapter: str = choice("debug", *ADAPTER_PRESETS)  # speech adapter preset (adapters/speech.py)
     freeze_encoder: bool = False
+
+    def __post_init__(self):
+        kind, _, arg = self.encoder.partition(":")
+        if kind == "conformer" and arg in CONFORMER_PRESETS or kind == "whisper" and arg:
+            return
+        presets = ", ".join(f"conformer:{k}" for k in CONFORMER_PRESETS)
+        raise ConfigError(f"model.speech.encoder: {self.encoder!r} is not allowed; use {presets} or whisper:PATH")
 
 
 class SpeechSamples:
@@ -59,7 +68,7 @@ class Speech(Modality):
 
     def build(self, tower, cfg, parts):
         from ..asr import build_speech_model
-        from ..speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
+        from ..speech import ConformerEncoder
         from ..whisper import load_whisper_encoder
 
         c = cfg.speech

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mm_llama.assets import resolve
+from mm_llama.config import bounded, choice
 from mm_llama.data.video import VIDEO_EXTS
 
 from ..fusion import TOKEN_ROWS
@@ -14,12 +15,14 @@ from ..modality import AnswerOptions, Modality, require_member, text_target
 @dataclass
 class VideoConfig:
     image_adapter: str | None = None  # the trained image adapter to start from (frozen); None: a fresh one
-    frames: int = 8
-    merge: int = 4  # frames per effective frame (32 for 64-frame SFT input, 16 for pretraining)
-    heads: int = 4
-    every: int = 4  # a video block before every N-th image block (counted from the top)
-    query_init: str = "learned"  # aggregator start: learned | frame_mean (adapters/video.py)
-    max_groups: int = 0  # > 0: order embeddings for up to this many effective frames
+    frames: int = bounded(8, 1)
+    merge: int = bounded(4, 1)  # frames per effective frame (32 for 64-frame SFT input, 16 for pretraining)
+    heads: int = bounded(4, 1)
+    every: int = bounded(4, 1)  # a video block before every N-th image block (counted from the top)
+    query_init: str = choice(
+        "learned", "learned", "frame_mean"
+    )  # aggregator start: learned | frame_mean (adapters/video.py)
+    max_groups: int = bounded(0, 0)  # > 0: order embeddings for up to this many effective frames
     init_from_image: bool = False  # video blocks start as copies of the image blocks at their layers
 
 

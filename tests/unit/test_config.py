@@ -1,0 +1,46 @@
+"""Config values are checked for range and choice when the config loads: a clear error naming the key and what is
+allowed, before anything is written to the run folder."""
+
+import pytest
+
+from mm_llama.config import ConfigError, load_config
+from recipes.train import TrainConfig, main
+
+CFG = "recipes/configs/debug_image.yaml"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.grad_accum=0", "optim.grad_accum: 0 is out of range; it must be >= 1"),
+        ("ckpt_every=0", "ckpt_every: 0 is out of range"),
+        ("data.batch_size=0", "data.batch_size: 0 is out of range"),
+        ("data.max_bad_fraction=1.5", "must be in [0.0, 1.0]"),
+        ("optim.lr=-1", "optim.lr: -1"),
+        ("dtype=fp16", "dtype: 'fp16' is not allowed; choose one of auto, float32, bfloat16"),
+        ("engine=horovod", "engine: 'horovod' is not allowed"),
+        ("data.split=random", "data.split: 'random' is not allowed"),
+        ("model.modality=smell", "model.modality: 'smell' is not allowed; choose one of image, video, speech"),
+        ("model.image.vision=huge", "model.image.vision: 'huge' is not allowed"),
+        ("model.video.query_init=zeros", "model.video.query_init: 'zeros' is not allowed"),
+        ("model.speech.encoder=lstm", "model.speech.encoder: 'lstm' is not allowed"),
+        ("model.speech.adapter=huge", "model.speech.adapter: 'huge' is not allowed"),
+        ("steps=many", "steps: expected int"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, CFG, [override])
+    assert message in str(e.value)
+
+
+def test_every_default_is_valid():
+    load_config(TrainConfig)
+
+
+def test_nothing_is_written_before_the_check(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["--config", CFG, f"run_dir={run}", "optim.grad_accum=0"]) == 2
+    assert "optim.grad_accum" in capsys.readouterr().err and not run.exists()
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: no such config file" in capsys.readouterr().err
