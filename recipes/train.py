@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -93,6 +94,7 @@ class TrainConfig:
     debug_nan_steps: list = field(default_factory=list)  # inject non-finite losses at these steps (tests)
     debug_kill_rank: int = -1  # SIGKILL this rank at debug_kill_step (robustness tests)
     debug_kill_step: int = -1
+    debug_kill_in: str = choice("step", "step", "save")  # kill at the step's start, or inside its checkpoint save
     tower: TowerCfg = field(default_factory=TowerCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -207,9 +209,34 @@ class Metrics:
             self.file.close()
 
 
-def _kill_if_asked(cfg: TrainConfig, rank: int, step: int) -> None:
-    """Fault injection for robustness tests: SIGKILL this rank at the configured step."""
-    if rank == cfg.debug_kill_rank and step == cfg.debug_kill_step:
+def choose_checkpoint(cfg: TrainConfig, run: Path, world_size: int, is_main: bool) -> Path | None:
+    """The checkpoint to resume from: `resume=auto` -> the newest that verifies (the skipped ones are named),
+    `none` -> none, a path -> that one, which must verify (CheckpointError otherwise)."""
+    from mm_llama.engine.checkpoint import find_resumable, verify_checkpoint
+    from mm_llama.llama.checkpoint import CheckpointError
+
+    if cfg.resume in ("none", ""):
+        return None
+    if cfg.resume != "auto":
+        problem = verify_checkpoint(cfg.resume, world_size)
+        if problem:
+            raise CheckpointError(f"resume={cfg.resume}: {problem}")
+        return Path(cfg.resume)
+    ckpt, skipped = find_resumable(run, world_size)
+    if is_main:
+        for why in skipped:
+            print(f"resume: skipped {why}", file=sys.stderr, flush=True)
+        if ckpt is not None:
+            print(f"resume: from {ckpt}", file=sys.stderr, flush=True)
+        elif skipped:
+            print("resume: no intact checkpoint; starting from step 0", file=sys.stderr, flush=True)
+    return ckpt
+
+
+def _kill_if_asked(cfg: TrainConfig, rank: int, step: int, where: str = "step") -> None:
+    """Fault injection for robustness tests: SIGKILL this rank at the configured step (at its start, or while
+    its checkpoint is being saved: `debug_kill_in=save`)."""
+    if rank == cfg.debug_kill_rank and step == cfg.debug_kill_step and where == cfg.debug_kill_in:
         import os
         import signal
 
@@ -222,16 +249,17 @@ def train(cfg: TrainConfig) -> list[float]:
     from mm_llama.adapters.registry import get_modality
     from mm_llama.data.loader import StreamingLoader
     from mm_llama.engine import DistributedDataParallel, init_distributed
-    from mm_llama.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+    from mm_llama.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
     from mm_llama.engine.step import train_step, warmup_cosine
     from mm_llama.llama import Tokenizer
 
     info = init_distributed(device="cpu" if not torch.cuda.is_available() else None)
     torch.manual_seed(cfg.seed)
     run = Path(cfg.run_dir)
+    ckpt = choose_checkpoint(cfg, run, info.world_size, info.is_main)  # before anything of the run is written
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run / "config.yaml")
+        save_config(cfg, run / ("config.yaml" if ckpt is None else f"config.resume_{ckpt.name}.yaml"))
     spec = get_modality(cfg.model.modality)
     tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
     if torch.cuda.is_available():
@@ -265,11 +293,6 @@ def train(cfg: TrainConfig) -> list[float]:
         max_bad_fraction=cfg.data.max_bad_fraction, split=cfg.data.split,
     )  # fmt: skip
     step, losses, nonfinite = 0, [], 0
-    ckpt = None
-    if cfg.resume == "auto":
-        ckpt = latest_checkpoint(run)
-    elif cfg.resume not in ("none", ""):
-        ckpt = Path(cfg.resume)
     if ckpt is not None:
         weights, state, data_state = load_checkpoint(ckpt, info.rank)
         load_trained_weights(model, weights, ckpt)
@@ -326,9 +349,11 @@ def train(cfg: TrainConfig) -> list[float]:
                 bar.set_postfix(loss=f"{res.loss:.4f}")
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 weights = {k: v for k, v in model.state_dict().items() if k in trainable_names}
+                kill = functools.partial(_kill_if_asked, cfg, info.rank, step, "save")
                 save_checkpoint(run, step, weights=weights, optimizer=opt, scheduler=sched,
                                 extra={"losses": losses, "nonfinite": nonfinite}, data_states=loader.state_dict(),
-                                rank=info.rank, is_main=info.is_main, keep=cfg.keep_last, barrier=barrier)  # fmt: skip
+                                rank=info.rank, is_main=info.is_main, keep=cfg.keep_last, barrier=barrier,
+                                world_size=info.world_size, before_publish=kill)  # fmt: skip
             if cfg.stop_after is not None and step >= cfg.stop_after:
                 break
     metrics.close()
@@ -352,18 +377,25 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
-    train(cfg)
+    from mm_llama.llama.checkpoint import CheckpointError
+
+    try:
+        train(cfg)
+    except CheckpointError as e:
+        print(f"train.py: checkpoint error: {e}", file=sys.stderr)
+        _exit_distributed(2)
+        return 2
     _exit_distributed()
     return 0
 
 
-def _exit_distributed() -> None:
+def _exit_distributed(code: int = 0) -> None:
     import torch.distributed as dist
 
     from mm_llama.engine import exit_process
 
     if dist.is_available() and dist.is_initialized():
-        exit_process(0)
+        exit_process(code)
 
 
 if __name__ == "__main__":

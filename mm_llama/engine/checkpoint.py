@@ -1,8 +1,11 @@
 """Training checkpoints: trainable weights (safetensors) + optimizer + scheduler + RNG + step + data cursors.
 
-Layout: RUN/checkpoints/step_00000010/{adapter.safetensors, train_state.pt, data_rank{r}.json}. A checkpoint is
-written into a temporary folder and renamed into place once complete, so a crash mid-save leaves the previous
-checkpoint loadable; only the last `keep` are kept. Loading uses `torch.load(weights_only=True)`.
+Layout: RUN/checkpoints/step_00000010/{adapter.safetensors, train_state.pt, data_rank{r}.json, manifest.json}.
+A checkpoint is written into a temporary folder; `manifest.json` (every file's size and sha256, the world size) is
+written last, atomically, and the folder is then renamed into place, so a crash mid-save leaves the previous
+checkpoint as the newest. Resuming verifies the manifest (`verify_checkpoint`); `find_resumable` takes the newest
+checkpoint that verifies and says which newer ones it skipped and why. Only the last `keep` are kept. Loading uses
+`torch.load(weights_only=True)`; a damaged file is a CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mm_llama.llama.errors import CheckpointError
 from mm_llama.rng import py_rng_state_from_list, py_rng_state_to_list
 
 _STEP_DIR = re.compile(r"step_(\d{8})$")
@@ -34,6 +38,66 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, step: int, world_size: int) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {"step": step, "world_size": world_size,
+                "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}  # fmt: skip
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify_checkpoint(path: str | Path, world_size: int | None = None) -> str | None:
+    """None if the checkpoint is complete and undamaged (for this world size), else what is wrong with it."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path}: no such checkpoint folder"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files, saved_world = manifest["files"], int(manifest["world_size"])
+    except FileNotFoundError:
+        return f"{path}: no {MANIFEST} (the save did not finish, or it predates manifests)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path / MANIFEST}: unreadable ({type(e).__name__}: {e})"
+    if world_size is not None and world_size != saved_world:
+        return f"{path}: saved by {saved_world} ranks, this run has {world_size} (data cursors are per rank)"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f}: missing"
+        if f.stat().st_size != want["size"]:
+            return f"{f}: {f.stat().st_size} bytes, the manifest says {want['size']} (truncated or replaced)"
+        if _sha256(f) != want["sha256"]:
+            return f"{f}: checksum differs from the manifest (damaged)"
+    needed = ["adapter.safetensors", "train_state.pt"] + [f"data_rank{r}.json" for r in range(saved_world)]
+    absent = [n for n in needed if n not in files]
+    return f"{path}: the manifest lacks {absent}" if absent else None
+
+
+def find_resumable(run_dir: str | Path, world_size: int | None = None) -> tuple[Path | None, list[str]]:
+    """(newest checkpoint that verifies or None, why each newer one was skipped)."""
+    skipped = []
+    for d in reversed(checkpoint_dirs(run_dir)):
+        problem = verify_checkpoint(d, world_size)
+        if problem is None:
+            return d, skipped
+        skipped.append(problem)
+    return None, skipped
+
+
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "python": py_rng_state_to_list(random.getstate())}
 
@@ -45,9 +109,10 @@ def set_rng_state(st: dict) -> None:
 
 def save_checkpoint(
     run_dir, step: int, *, weights: dict, optimizer, scheduler, extra: dict, data_states: dict, rank: int,
-    is_main: bool, keep: int = 3, barrier=None,
+    is_main: bool, keep: int = 3, barrier=None, world_size: int = 1, before_publish=None,
 ) -> Path:  # fmt: skip
-    """All ranks call this; rank-local data cursors go in data_rank{r}.json, the rest is written by rank 0."""
+    """All ranks call this; rank-local data cursors go in data_rank{r}.json, the rest is written by rank 0, then the
+    manifest, then the rename. `before_publish()` runs on every rank once its files are written (fault injection)."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -60,6 +125,8 @@ def save_checkpoint(
     if barrier:
         barrier()
     (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_states))
+    if before_publish is not None:
+        before_publish()
     if barrier:
         barrier()
     if is_main:
@@ -67,6 +134,7 @@ def save_checkpoint(
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_state(), **extra}  # fmt: skip
         torch.save(state, tmp / "train_state.pt")
+        write_manifest(tmp, step, world_size)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -78,13 +146,19 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, rank: int) -> tuple[dict, dict, dict]:
-    """(weights, train_state, this rank's data cursor)."""
+    """(weights, train_state, this rank's data cursor); a missing or damaged file is a CheckpointError naming it."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    weights = load_file(str(path / "adapter.safetensors"))
-    state = torch.load(path / "train_state.pt", weights_only=True)
     data_file = path / f"data_rank{rank}.json"
     if not data_file.is_file():
-        raise FileNotFoundError(f"{path}: no data cursor for rank {rank} (was it saved with another world size?)")
-    return weights, state, json.loads(data_file.read_text())
+        raise CheckpointError(f"{path}: no data cursor for rank {rank} (was it saved with another world size?)")
+    parts = {}
+    for name, read in (("adapter.safetensors", lambda f: load_file(str(f))),
+                       ("train_state.pt", lambda f: torch.load(f, weights_only=True)),
+                       (data_file.name, lambda f: json.loads(f.read_text()))):  # fmt: skip
+        try:
+            parts[name] = read(path / name)
+        except Exception as e:  # noqa: BLE001 -- any failure to read a user's file becomes one named error
+            raise CheckpointError(f"{path / name}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    return parts["adapter.safetensors"], parts["train_state.pt"], parts[data_file.name]
