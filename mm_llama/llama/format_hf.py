@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelArgs, RopeScaling
-from .errors import CheckpointError, TensorStream
+from .errors import CheckpointError, TensorStream, check_heads, positive_int
 
 
 def _hf_rope(cfg: dict) -> tuple[float, RopeScaling | None]:
@@ -41,20 +41,24 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     if act != "silu":
         raise CheckpointError(f"{source}: hidden_act {act!r} is not SwiGLU/silu")
     theta, scaling = _hf_rope(cfg)
-    n_heads = cfg["num_attention_heads"]
+    dim = positive_int(cfg, "hidden_size", source)
+    n_heads = positive_int(cfg, "num_attention_heads", source)
+    n_kv_heads = positive_int(cfg, "num_key_value_heads", source, n_heads)
+    head_dim = positive_int(cfg, "head_dim", source, None)
+    check_heads(dim, n_heads, n_kv_heads, head_dim, source)
     return ModelArgs(
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
+        dim=dim,
+        n_layers=positive_int(cfg, "num_hidden_layers", source),
         n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        vocab_size=cfg["vocab_size"],
-        ffn_dim=cfg["intermediate_size"],
+        n_kv_heads=n_kv_heads,
+        vocab_size=positive_int(cfg, "vocab_size", source),
+        ffn_dim=positive_int(cfg, "intermediate_size", source),
         norm_eps=cfg.get("rms_norm_eps", 1e-5),
         rope_theta=theta,
         rope_scaling=scaling,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-        max_seq_len=cfg.get("max_position_embeddings", 8192),
+        head_dim=head_dim or dim // n_heads,
+        max_seq_len=positive_int(cfg, "max_position_embeddings", source, 8192),
     )
 
 
@@ -131,8 +135,10 @@ def _hf_stream(folder: Path) -> tuple[ModelArgs, TensorStream]:
     cfg_path = folder / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
     try:
         args = args_from_hf_config(cfg, str(cfg_path))
     except KeyError as e:
@@ -149,7 +155,11 @@ def _hf_stream(folder: Path) -> tuple[ModelArgs, TensorStream]:
 
     def stream() -> TensorStream:
         for f in files:
-            with safe_open(str(f), framework="pt") as sf:
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as e:  # noqa: BLE001 -- garbage, truncated, or not safetensors at all
+                raise CheckpointError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+            with handle as sf:
                 for hf_key in sf.keys():
                     try:
                         key = hf_to_meta_key(hf_key)
@@ -157,7 +167,10 @@ def _hf_stream(folder: Path) -> tuple[ModelArgs, TensorStream]:
                         raise CheckpointError(f"{f}: unexpected key {hf_key!r} for a Llama tower") from None
                     if key is None:
                         continue
-                    t = sf.get_tensor(hf_key)
+                    try:
+                        t = sf.get_tensor(hf_key)
+                    except Exception as e:  # noqa: BLE001
+                        raise CheckpointError(f"{f}: tensor {hf_key!r} cannot be read ({e})") from None
                     if key.endswith("attention.wq.weight"):
                         t = permute_hf_to_meta(t, args.n_heads)
                     elif key.endswith("attention.wk.weight"):

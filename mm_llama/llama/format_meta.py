@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 
 from .config import ModelArgs, RopeScaling, meta_ffn_dim
-from .errors import CheckpointError, TensorStream
+from .errors import CheckpointError, TensorStream, check_heads, positive_int
 from .model import Transformer
 
 _META_KEYS_USED = {
@@ -38,10 +39,10 @@ def args_from_meta_params(params: dict, source: str = "params.json") -> ModelArg
     unknown = set(params) - _META_KEYS_USED - _META_KEYS_IGNORED
     if unknown:
         raise CheckpointError(f"{source}: unknown keys {sorted(unknown)}")
-    for key in ("dim", "n_layers", "n_heads", "vocab_size"):
-        if key not in params:
-            raise CheckpointError(f"{source}: missing required key {key!r}")
-    dim = params["dim"]
+    dim = positive_int(params, "dim", source)
+    n_heads = positive_int(params, "n_heads", source)
+    n_kv_heads = positive_int(params, "n_kv_heads", source, n_heads)
+    check_heads(dim, n_heads, n_kv_heads, None, source)
     scaling = None
     if params.get("use_scaled_rope"):
         scaling = RopeScaling(
@@ -50,11 +51,11 @@ def args_from_meta_params(params: dict, source: str = "params.json") -> ModelArg
         )
     return ModelArgs(
         dim=dim,
-        n_layers=params["n_layers"],
-        n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-        vocab_size=params["vocab_size"],
-        ffn_dim=meta_ffn_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
+        n_layers=positive_int(params, "n_layers", source),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        vocab_size=positive_int(params, "vocab_size", source),
+        ffn_dim=meta_ffn_dim(dim, positive_int(params, "multiple_of", source, 256), params.get("ffn_dim_multiplier")),
         norm_eps=params.get("norm_eps", 1e-5),
         rope_theta=params.get("rope_theta", 10000.0),
         rope_scaling=scaling,
@@ -85,18 +86,25 @@ def _meta_stream(folder: Path) -> tuple[ModelArgs, TensorStream]:
     params_path = folder / "params.json"
     try:
         params = json.loads(params_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{params_path}: invalid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{params_path}: expected a JSON object")
     args = args_from_meta_params(params, str(params_path))
     shards = sorted(folder.glob("consolidated.*.pth"))
+    sds = []  # memory-mapped: opening them costs no copy
+    for s in shards:
+        try:
+            sds.append(torch.load(s, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # corrupt / truncated / pickled objects
+            raise CheckpointError(f"{s}: cannot be read as a weights-only torch checkpoint ({e})") from None
+    if "output.weight" not in sds[0] and "tok_embeddings.weight" in sds[0] and not args.tie_embeddings:
+        # Llama 3.2 1B/3B: params.json says nothing, the checkpoint has no output layer: the embeddings are tied
+        print(f"{shards[0]}: no output.weight, so the output layer is tied to tok_embeddings (as in Llama 3.2 1B/3B)",
+              file=sys.stderr)  # fmt: skip
+        args = args.replace(tie_embeddings=True)
 
     def stream() -> TensorStream:
-        sds = []
-        for s in shards:
-            try:
-                sds.append(torch.load(s, map_location="cpu", weights_only=True, mmap=True))
-            except Exception as e:  # corrupt / truncated / pickled objects
-                raise CheckpointError(f"{s}: cannot be read as a weights-only torch checkpoint ({e})") from None
         keys = list(sds[0])
         for s, sd in zip(shards[1:], sds[1:]):
             if set(sd) != set(keys):
