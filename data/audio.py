@@ -76,8 +76,10 @@ def decode_audio(
     if x.numel() == 0 or not torch.isfinite(x).all():
         raise SampleError("decode_audio", f"{name}: empty or non-finite audio")
     seconds = x.numel() / SAMPLE_RATE
-    if seconds < min_seconds or (max_seconds is not None and seconds > max_seconds):
-        raise SampleError("audio_duration", f"{name}: {seconds:.2f} s is outside [{min_seconds}, {max_seconds}] s")
+    if seconds < min_seconds:
+        raise SampleError("audio_duration", f"{name}: {seconds:.3f} s of audio is too short (at least {min_seconds} s)")
+    if max_seconds is not None and seconds > max_seconds:
+        raise SampleError("audio_duration", f"{name}: {seconds:.1f} s of audio is too long (at most {max_seconds} s)")
     return x
 
 

@@ -13,6 +13,18 @@ from ..fusion import TOKEN_ROWS
 from ..modality import AnswerOptions, Modality, require_member, text_target
 from ..speech import ADAPTER_PRESETS, CONFORMER_PRESETS
 
+MIN_SECONDS = 0.1  # shorter clips give the encoder and adapter (almost) no frames: a clear error instead
+CHUNK_SECONDS = 30.0  # Whisper's window; longer clips are transcribed in pieces of at most this length
+
+
+def chunks(wave, seconds: float = CHUNK_SECONDS) -> list:
+    """A 16 kHz clip in consecutive pieces of at most `seconds` (the last one at least MIN_SECONDS long)."""
+    n = int(seconds * 16000)
+    pieces = list(wave.split(n))
+    if len(pieces) > 1 and pieces[-1].numel() < MIN_SECONDS * 16000:
+        pieces[-2:] = [wave[-(pieces[-2].numel() + pieces[-1].numel()) :]]
+    return pieces
+
 
 @dataclass
 class SpeechConfig:
@@ -50,7 +62,8 @@ class SpeechSamples:
 
         target = text_target(self.tok, raw, self.max_text)
         ext = require_member(raw, AUDIO_EXTS, "audio")
-        wave = decode_audio(raw[ext], raw["__key__"], ext)
+        wave = decode_audio(raw[ext], raw["__key__"], ext, min_seconds=MIN_SECONDS,
+                            max_seconds=CHUNK_SECONDS if self.whisper else None)  # fmt: skip
         feats = whisper_log_mel(wave).transpose(0, 1) if self.whisper else log_mel(wave)
         n = self.count(feats.shape[0])
         prompt = bos_prefix(self.tok) + self.tok.encode(ASR_PROMPT.format(language="English")) + [self.token_id] * n
@@ -125,10 +138,10 @@ class Speech(Modality):
 
         from ..asr import transcribe
 
-        wave = decode_audio(data, name, name.rsplit(".", 1)[-1].lower())
-        (text,) = transcribe(model.speech, tok, [wave], language=opts.language, max_new_tokens=opts.max_new_tokens,
-                             temperature=opts.temperature, on_token=opts.on_token)  # fmt: skip
-        return text, wave.numel() / 16000
+        wave = decode_audio(data, name, name.rsplit(".", 1)[-1].lower(), min_seconds=MIN_SECONDS)
+        texts = transcribe(model.speech, tok, chunks(wave), language=opts.language, max_new_tokens=opts.max_new_tokens,
+                           temperature=opts.temperature, on_token=opts.on_token)  # fmt: skip
+        return " ".join(t.strip() for t in texts if t.strip()), wave.numel() / 16000
 
     def hypotheses(self, model, tok, samples, opts):
         from mm_llama.data.audio import decode_audio
@@ -138,7 +151,7 @@ class Speech(Modality):
         waves = []
         for s in samples:
             ext = require_member(s, AUDIO_EXTS, "audio")
-            waves.append(decode_audio(s[ext], s["__key__"], ext))
+            waves.append(decode_audio(s[ext], s["__key__"], ext, min_seconds=MIN_SECONDS))
         return transcribe(model.speech, tok, waves, language=opts.language, max_new_tokens=opts.max_new_tokens)
 
     def metrics(self, references, hypotheses):
