@@ -4,13 +4,25 @@ caption or transcript. Stdlib HTTP server on 127.0.0.1; models are loaded once a
     mm-llama serve --model TOWER --adapter FILE [--adapter FILE ...]     (image, video, speech: any subset)
 
 The adapters are composed on one tower, as in `mm-llama caption` (adapters/cli.py, adapters/describe.py).
+
+Every request gets an HTTP status that fits: 400 malformed (Content-Length missing or not a number), 403 a Host
+header that is not this server's (DNS rebinding against a loopback server), 404, 411/413 empty or too large,
+415 a file type no loaded adapter handles, 422 a file that does not decode, 503 all workers busy, 500 anything
+else (with a short id, logged with its traceback). Sockets time out (`--timeout`), at most `--workers` requests
+are handled at once, and uploads stream to a temporary file; the model reads it under its lock, one request at a
+time.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 import threading
+import traceback
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>mm_llama</title>
@@ -32,9 +44,10 @@ async function send(file) {
   result.textContent = 'working on ' + file.name + ' ...';
   const r = await fetch('/api/process', {method: 'POST', headers: {'X-Filename': encodeURIComponent(file.name)},
                                           body: file});
-  const j = await r.json();
+  let j;
+  try { j = await r.json(); } catch (e) { j = {error: 'HTTP ' + r.status}; }
   result.innerHTML = '';
-  const k = document.createElement('div'); k.className = 'kind'; k.textContent = j.kind || 'error';
+  const k = document.createElement('div'); k.className = 'kind'; k.textContent = r.ok ? j.kind : 'error';
   const t = document.createElement('div'); t.id = 'text'; t.textContent = j.text || j.error;
   result.appendChild(k); result.appendChild(t);
 }
@@ -57,23 +70,46 @@ class App:
         args.device = "cpu"
         self.model, self.tok = load_model(args)
 
-    def process(self, name: str, data: bytes) -> dict:
+    def process(self, name: str, path: Path) -> tuple[int, dict]:
+        """(HTTP status, JSON body) for an uploaded file, read from its temporary file under the model lock."""
         from mm_llama.data.badsamples import SampleError
 
-        from .describe import describe
+        from .describe import UnsupportedMedia, check_handled, describe
         from .registry import MODALITIES
 
         try:
+            check_handled(self.model, name)
+        except UnsupportedMedia as e:
+            return 415, {"error": str(e)}
+        try:
             with self.lock:
-                answer = describe(self.model, self.tok, name, data, prompt=self.args.prompt,
-                                      frames=self.args.frames, max_new_tokens=self.args.max_new_tokens)  # fmt: skip
-        except (SampleError, ValueError) as e:
-            return {"error": str(e)}
-        return {"kind": MODALITIES[answer.kind].what, "text": answer.text}
+                answer = describe(self.model, self.tok, name, path.read_bytes(), prompt=self.args.prompt,
+                                  frames=self.args.frames, max_new_tokens=self.args.max_new_tokens)  # fmt: skip
+        except SampleError as e:
+            return 422, {"error": str(e)}
+        except Exception:  # noqa: BLE001 -- a bug or an odd input: logged with an id the page shows
+            rid = uuid.uuid4().hex[:8]
+            print(f"mm-llama serve: error {rid} on {name!r}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            return 500, {"error": f"internal error {rid} (logged by the server)"}
+        return 200, {"kind": MODALITIES[answer.kind].what, "text": answer.text}
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def host_allowed(header: str | None, bind_host: str) -> bool:
+    """The Host header names this server: a loopback name, or the --host it was started with."""
+    if not header:
+        return False
+    host = header.strip().lower()
+    host = host[1 : host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    return host in LOOPBACK or host == bind_host.lower()
 
 
 def make_handler(app: App):
     class Handler(BaseHTTPRequestHandler):
+        timeout = app.args.timeout  # seconds a socket may stall (a slow or stopped upload frees its worker)
+
         def log_message(self, *a):
             pass
 
@@ -84,30 +120,89 @@ def make_handler(app: App):
             self.end_headers()
             self.wfile.write(body)
 
+        def _json(self, code: int, obj: dict):
+            self._send(code, json.dumps(obj).encode(), "application/json")
+
+        def _host_ok(self) -> bool:
+            if host_allowed(self.headers.get("Host"), app.args.host):
+                return True
+            self._json(403, {"error": f"Host {self.headers.get('Host')!r} is not this server"})
+            return False
+
         def do_GET(self):
+            if not self._host_ok():
+                return
             if self.path in ("/", "/index.html"):
                 self._send(200, PAGE.encode(), "text/html; charset=utf-8")
             else:
-                self._send(404, b"not found", "text/plain")
+                self._json(404, {"error": "not found"})
 
         def do_POST(self):
+            if not self._host_ok():
+                return
             if self.path != "/api/process":
-                return self._send(404, b"not found", "text/plain")
+                return self._json(404, {"error": "not found"})
             from urllib.parse import unquote
 
-            n = int(self.headers.get("Content-Length", 0))
-            if n <= 0 or n > app.args.max_upload_mb * 1e6:
-                return self._send(413, json.dumps({"error": "empty or too large upload"}).encode(), "application/json")
-            name = unquote(self.headers.get("X-Filename", "upload"))
-            result = app.process(name, self.rfile.read(n))
-            self._send(200, json.dumps(result).encode(), "application/json")
+            raw = self.headers.get("Content-Length")
+            if raw is None:
+                return self._json(411, {"error": "Content-Length required"})
+            try:
+                n = int(raw)
+            except ValueError:
+                return self._json(400, {"error": f"Content-Length {raw!r} is not a number"})
+            limit = int(app.args.max_upload_mb * 1e6)
+            if n <= 0 or n > limit:
+                self.close_connection = True  # the body is not read
+                return self._json(413, {"error": f"upload of {n} bytes: empty or over the {limit}-byte limit"})
+            name = Path(unquote(self.headers.get("X-Filename", "upload"))).name or "upload"
+            with tempfile.TemporaryDirectory(prefix="mm-llama-upload-") as tmp:
+                path = Path(tmp) / "upload"
+                left = n
+                with path.open("wb") as f:
+                    while left:
+                        chunk = self.rfile.read(min(left, 1 << 20))
+                        if not chunk:
+                            return self._json(400, {"error": f"upload ended after {n - left} of {n} bytes"})
+                        f.write(chunk)
+                        left -= len(chunk)
+                code, body = app.process(name, path)
+            self._json(code, body)
 
     return Handler
 
 
+class BoundedServer(ThreadingHTTPServer):
+    """A thread per request, at most `workers` at once; the next ones get 503 at once instead of a new thread."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, workers: int):
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(workers)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:
+                body = b'{"error": "busy: too many requests at once, try again"}'
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def cmd_serve(args) -> int:
     app = App(args)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(app))
+    server = BoundedServer((args.host, args.port), make_handler(app), args.workers)
     print(f"mm_llama serving on http://{args.host}:{server.server_address[1]}/", flush=True)
     try:
         server.serve_forever()
@@ -130,6 +225,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--frames", type=int, default=8)
     s.add_argument("--max-new-tokens", type=int, default=32)
     s.add_argument("--max-upload-mb", type=float, default=200)
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (its name is also an allowed Host header)")
+    s.add_argument("--workers", type=int, default=4, help="requests handled at once (the rest get 503)")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds a socket may stall")
     s.add_argument("--port", type=int, default=8765)
     s.set_defaults(func=cmd_serve)

@@ -1,0 +1,113 @@
+"""The web page answers every request with a fitting HTTP status, times out stalled sockets, bounds its workers
+and accepts only its own Host names."""
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.ddp_helpers import free_port
+from tests.faults.test_audio import wav_bytes
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm_path, smollm):
+    from mm_llama.adapters import save_adapter
+    from mm_llama.adapters.asr import build_speech_model, save_speech_adapter
+    from mm_llama.adapters.builders import attach_image_adapter
+    from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
+
+    tmp = tmp_path_factory.mktemp("serve")
+    save_adapter(attach_image_adapter(smollm, "debug"), tmp / "img.safetensors")
+    speech = build_speech_model(smollm, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"])
+    save_speech_adapter(speech, tmp / "speech.safetensors")
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mm-llama"), "serve", "--model", str(smollm_path),
+           "--adapter", str(tmp / "img.safetensors"), "--adapter", str(tmp / "speech.safetensors"),
+           "--port", str(port), "--max-new-tokens", "2", "--timeout", "2", "--workers", "2",
+           "--max-upload-mb", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(240):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"server died: {proc.stderr.read()[-3000:]}")
+            time.sleep(0.5)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def post(port, body: bytes, name="x.png", headers=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    h = {"X-Filename": name, "Content-Length": str(len(body))} | (headers or {})
+    c.putrequest("POST", "/api/process", skip_host="Host" in h, skip_accept_encoding=True)
+    for k, v in h.items():
+        if v is not None:
+            c.putheader(k, v)
+    c.endheaders()
+    c.send(body)
+    r = c.getresponse()
+    out = r.status, json.loads(r.read() or b"{}")
+    c.close()
+    return out
+
+
+def test_statuses(server):
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(png, format="PNG")
+    assert post(server, png.getvalue())[0] == 200
+    assert post(server, wav_bytes(0.5), "a.wav")[0] == 200
+    assert post(server, b"abc", headers={"Content-Length": "abc"})[0] == 400
+    assert post(server, b"", headers={"Content-Length": None})[0] == 411
+    assert post(server, b"")[0] == 413
+    status, body = post(server, b"0" * 10, headers={"Content-Length": str(10**8)})
+    assert status == 413 and "limit" in body["error"]
+    status, body = post(server, b"hello", "notes.txt")
+    assert status == 415 and "unknown file type" in body["error"]
+    status, body = post(server, b"\x89PNG garbage", "broken.png")
+    assert status == 422 and "broken.png" in body["error"]
+    status, body = post(server, wav_bytes(0.01), "tiny.wav")
+    assert status == 422 and "too short" in body["error"]
+
+
+@pytest.mark.parametrize("host", ["evil.example.com", "127.0.0.1.evil.com:8765", ""])
+def test_foreign_host_is_refused(server, host):
+    status, body = post(server, b"x", headers={"Host": host})
+    assert status == 403
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1:1234", "[::1]:80"])
+def test_loopback_hosts_are_accepted(server, host):
+    assert post(server, b"hello", "notes.txt", headers={"Host": host})[0] == 415
+
+
+def test_stalled_upload_times_out_and_workers_are_bounded(server):
+    stalled = []
+    for _ in range(2):  # hold both workers with uploads that stop after a few bytes
+        s = socket.create_connection(("127.0.0.1", server))
+        s.sendall(
+            b"POST /api/process HTTP/1.1\r\nHost: localhost\r\nX-Filename: a.png\r\nContent-Length: 1000\r\n\r\nabc"
+        )
+        stalled.append(s)
+    time.sleep(0.5)
+    status, body = post(server, b"hello", "notes.txt")
+    assert status == 503 and "busy" in body["error"]
+    for s in stalled:  # the server gives up on them after --timeout (2 s): the connection is closed
+        s.settimeout(10)
+        t0 = time.monotonic()
+        data = s.recv(4096)
+        assert time.monotonic() - t0 < 9 and (data == b"" or b"400" in data.split(b"\r\n")[0])
+        s.close()
+    assert post(server, b"hello", "notes.txt")[0] == 415  # the workers are free again
