@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DemoConfig, shard_samples
+from .config import DemoConfig, device_ok_dtype, shard_samples
 
 
 def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
@@ -107,7 +107,7 @@ def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
     model.train()
     for step in range(cfg.encoder_steps):
         px, ys = _composite_batch(images, labels, rng, cfg.encoder_batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=device_ok_dtype(cfg) == "bfloat16"):
             logits, where = model(px)
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 11), ys.reshape(-1))
         loss = loss + torch.nn.functional.cross_entropy(where.float().reshape(-1, 4), torch.arange(4).repeat(len(ys)))
