@@ -71,7 +71,7 @@ def cmd_describe(args) -> int:
             failed += 1
             continue
         dt = time.perf_counter() - t0
-        print(f"{path}: {answer.text}", flush=True)
+        print(f"{path}: {' '.join(answer.text.split())}", flush=True)  # one line per input, whatever the text
         rtf = f", real-time factor {dt / answer.media_seconds:.2f}" if answer.media_seconds else ""
         print(f"[{answer.kind}: {dt:.2f} s{rtf}]", file=sys.stderr)
     return 2 if failed else 0

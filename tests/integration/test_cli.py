@@ -126,4 +126,4 @@ def test_one_call_with_three_adapters_equals_three_single_adapter_models(tmp_pat
                       size=image.vision_encoder.args.image_size)), "", max_new_tokens=5),
         transcribe(speech, smollm_tok, [decode_audio(wav.read_bytes(), str(wav), "wav")], max_new_tokens=5)[0],
     ]  # fmt: skip
-    assert [ln.split(": ", 1)[1] for ln in lines] == [w.strip() for w in want]
+    assert [ln.split(": ", 1)[1] for ln in lines] == [" ".join(w.split()) for w in want]
