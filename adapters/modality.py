@@ -113,6 +113,8 @@ def require_member(raw: dict, exts: tuple[str, ...], what: str) -> str:
     """The sample's media member of one of these extensions, or a counted SampleError naming the sample."""
     from mm_llama.data.badsamples import SampleError
 
+    if "__too_large__" in raw:
+        raise SampleError("member_too_large", raw["__too_large__"])
     ext = media_member(raw, exts)
     if ext is None:
         raise SampleError(f"missing_{what}", f"{raw['__shard__']}:{raw['__key__']}: no {what} member")

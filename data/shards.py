@@ -125,6 +125,9 @@ def open_url(url: str, *, allow_pipe: bool = False):
     return open(url.removeprefix("file:"), "rb", buffering=1 << 20)
 
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
 def split_key(member_name: str) -> tuple[str, str]:
     """'dir/000001_cat.jpg' -> ('dir/000001_cat', 'jpg'); the key ends at the first dot of the basename."""
     d, _, base = member_name.rpartition("/")
@@ -154,17 +157,26 @@ def read_samples(urls: Iterable[str], limit: int | None = None) -> list[dict]:
     return list(itertools.islice((s for u in urls for s in iter_samples(open_url(u), u)), limit))
 
 
-def iter_samples(stream, shard: str = "") -> Iterator[dict]:
-    """Samples (dicts of extension -> bytes, plus '__key__', '__shard__', '__index__') from a tar stream.
+MAX_MEMBER_BYTES = 256 * 2**20  # a larger member (e.g. a decompression bomb) is skipped unread and reported
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 
-    A truncated or corrupt tar raises TruncatedShard after the complete samples before the break (a tar cut inside
-    a header looks like a clean end to `tarfile`, so the end-of-archive blocks are checked explicitly)."""
+
+def iter_samples(stream, shard: str = "", *, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
+    """Samples (dicts of extension -> bytes, plus '__key__', '__shard__', '__index__') from a plain or compressed
+    (gzip, bzip2, xz) tar stream, read with `tarfile` in stream mode: memory stays bounded by one sample.
+
+    A member over `max_member_bytes` is not read: its sample gets '__too_large__' (a message) and the data
+    loaders count it as a bad sample. A truncated or corrupt tar raises TruncatedShard after the complete samples
+    before the break: compressed streams fail their own end-of-stream check; in a plain tar a cut inside a header
+    looks like a clean end to `tarfile`, so its end-of-archive block is checked explicitly."""
     index = 0
     current: dict | None = None
     counter = _CountingReader(stream)
+    buffered = io.BufferedReader(counter, 1 << 20)
+    compressed = buffered.peek(6)[:6].startswith(_COMPRESSED_MAGIC)
     end_of_last = 0
     try:
-        with tarfile.open(fileobj=io.BufferedReader(counter, 1 << 20), mode="r|*") as tf:
+        with tarfile.open(fileobj=buffered, mode="r|*") as tf:
             for member in tf:
                 end_of_last = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not member.isfile():
@@ -172,19 +184,22 @@ def iter_samples(stream, shard: str = "") -> Iterator[dict]:
                 key, ext = split_key(member.name)
                 if not ext:
                     continue
-                f = tf.extractfile(member)
-                payload = f.read() if f is not None else b""
                 if current is not None and current["__key__"] != key:
                     yield current
                     index += 1
                     current = None
                 if current is None:
                     current = {"__key__": key, "__shard__": shard, "__index__": index}
-                current[ext] = payload
+                if member.size > max_member_bytes:  # never read: tarfile skips its data in small chunks
+                    current["__too_large__"] = (f"{shard}:{key}: member {member.name} is {member.size} bytes, over "
+                                                f"the {max_member_bytes}-byte limit")  # fmt: skip
+                    continue
+                f = tf.extractfile(member)
+                current[ext] = f.read() if f is not None else b""
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         # the last sample may be incomplete: drop it, report the break
         raise TruncatedShard(f"{shard}: tar stream broken after {index} samples ({type(e).__name__}: {e})") from None
-    if counter.n < end_of_last + tarfile.BLOCKSIZE:  # the first zero block must be there
+    if not compressed and counter.n < end_of_last + tarfile.BLOCKSIZE:  # the first zero block must be there
         raise TruncatedShard(f"{shard}: tar stream ends without its end-of-archive marker after {index} samples")
     if current is not None:
         yield current
@@ -202,6 +217,8 @@ def decode_fields(sample: dict, *, name: str = "", video_frames: int = 1) -> dic
 
     out = {k: v for k, v in sample.items() if k.startswith("__")}
     name = name or f"{sample.get('__shard__', '')}:{sample.get('__key__', '')}"
+    if "__too_large__" in sample:
+        raise SampleError("member_too_large", sample["__too_large__"])
     for ext, data in sample.items():
         if ext.startswith("__"):
             continue
@@ -344,11 +361,13 @@ def write_shards(
     mtime: float = 946684800.0,  # 2000-01-01: fixed, so re-runs give byte-identical shards
     video_frames: int = 1,
     progress: bool = True,
+    replace: bool = False,
 ) -> WriteReport:
     """Write samples into `out_dir/{prefix}-NNNNNN.tar` with webdataset's ShardWriter + `out_dir/index.json`.
 
     Media fields hold a file path or a `(name, bytes)` pair. Each sample's media is decoded once before writing;
-    undecodable ones are skipped and reported."""
+    undecodable ones are skipped and reported. A folder that already holds shards or an index is refused unless
+    `replace`, which first removes them (so no stale shard is left beside the new index)."""
     import webdataset as wds
     from tqdm import tqdm
 
@@ -357,6 +376,14 @@ def write_shards(
     from .video import decode_video
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a folder (shards go into a folder)")
+    old = [p for p in out_dir.glob("*") if p.name == "index.json" or p.name.endswith(SHARD_SUFFIXES)]
+    if old and not replace:
+        raise ValueError(f"{out_dir}: already holds {len(old)} shard files / an index; pass --replace (replace=True) "
+                         "to remove them first, or choose an empty folder")  # fmt: skip
+    for f in old:
+        f.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     rep = WriteReport()
     t0 = time.perf_counter()

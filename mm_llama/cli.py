@@ -105,7 +105,7 @@ def cmd_shards_write(args) -> int:
     samples = folder_samples(src) if Path(src).is_dir() else manifest_samples(src)
     rep = write_shards(
         samples, args.out, prefix=args.prefix, maxcount=args.maxcount, maxsize=args.maxsize_mb * 1e6,
-        progress=not args.quiet,
+        progress=not args.quiet, replace=args.replace,
     )  # fmt: skip
     summary = {
         "written": rep.written, "skipped": rep.skipped, "reasons": dict(rep.reasons), "shards": len(rep.shards),
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
     w.add_argument("--maxsize-mb", type=float, default=512, help="shard size limit (MB)")
     w.add_argument("--quiet", action="store_true")
+    w.add_argument("--replace", action="store_true", help="remove the shards and index already in --out first")
     w.set_defaults(func=cmd_shards_write)
     v = shsub.add_parser("verify", help="decode every sample; JSON summary; exit 1 when anything is bad")
     v.add_argument("urls", nargs="+", help="shard paths, brace patterns, globs or an index.json")

@@ -27,7 +27,7 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
     jobs["speech_train"] = lambda: corpora.speech_records(train_plan, "tr")
     jobs["speech_test"] = lambda: corpora.speech_records(test_plan, "te")
     for name, make in jobs.items():
-        rep = write_shards(make(), out / name, prefix=name, maxcount=1000, video_frames=8, progress=False)
+        rep = write_shards(make(), out / name, prefix=name, maxcount=1000, video_frames=8, progress=False, replace=True)
         if rep.skipped:
             raise RuntimeError(f"corpus {name}: {rep.skipped} samples failed to decode: {rep.first_errors[:3]}")
         info[name] = {"samples": rep.written, "shards": len(rep.shards), "seconds": round(rep.seconds, 1)}

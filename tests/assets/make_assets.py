@@ -136,7 +136,7 @@ def main():
             manifest.write_text("".join(json.dumps(r) + "\n" for r in recs))
             from mm_llama.data.shards import manifest_samples
 
-            rep = write_shards(manifest_samples(manifest), OUT / name, maxcount=maxcount, progress=False)
+            rep = write_shards(manifest_samples(manifest), OUT / name, maxcount=maxcount, progress=False, replace=True)
             print(f"{name}: {rep.written} samples in {len(rep.shards)} shards, skipped {rep.skipped}")
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"total {total / 1024:.0f} KiB in {OUT}")
