@@ -90,6 +90,7 @@ class TrainConfig:
     stop_after: int | None = bounded(None, 1)  # stop (as if killed) after this many steps: resume tests
     profile: bool = False  # torch profiler trace of steps 2-4 into RUN/profile/
     tensorboard: bool = True
+    progress_every_s: float = bounded(30.0, 0.0)  # without a terminal: a progress line this often (rank 0)
     peak_tflops: float | None = bounded(None, 0.0)  # for MFU; default: 0.1 on CPU, 989 (H100 bf16 dense) on CUDA
     debug_nan_steps: list = field(default_factory=list)  # inject non-finite losses at these steps (tests)
     debug_kill_rank: int = -1  # SIGKILL this rank at debug_kill_step (robustness tests)
@@ -233,6 +234,38 @@ def choose_checkpoint(cfg: TrainConfig, run: Path, world_size: int, is_main: boo
     return ckpt
 
 
+class Progress:
+    """Live progress on rank 0: a tqdm bar in a terminal; otherwise (a log file, CI, the demo's capture) one line
+    `[train] step S/N loss L tok/s T eta M:SS` every `every_s` seconds and at the last step."""
+
+    def __init__(self, total: int, start: int, every_s: float):
+        self.total, self.start, self.every_s = total, start, every_s
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train")
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            return
+        now = time.perf_counter()
+        if now - self.last < self.every_s and step != self.total:
+            return
+        self.last = now
+        done = step - self.start
+        eta = (now - self.t0) / max(done, 1) * (self.total - step)
+        print(f"[train] step {step}/{self.total} loss {loss:.4f} tok/s {tokens_per_s:.0f} "
+              f"eta {int(eta // 60)}:{int(eta % 60):02d}", file=sys.stderr, flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _kill_if_asked(cfg: TrainConfig, rank: int, step: int, where: str = "step") -> None:
     """Fault injection for robustness tests: SIGKILL this rank at the configured step (at its start, or while
     its checkpoint is being saved: `debug_kill_in=save`)."""
@@ -307,11 +340,7 @@ def train(cfg: TrainConfig) -> list[float]:
     peak = cfg.peak_tflops or (989.0 if torch.cuda.is_available() else 0.1)
     amp_dtype = torch.bfloat16 if tower_dtype == torch.bfloat16 else None  # bf16 towers run adapters in autocast
     batches = iter(loader)
-    bar = None
-    if info.is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not sys.stderr.isatty())
+    bar = Progress(cfg.steps, step, cfg.progress_every_s) if info.is_main else None
     data_wait0 = loader.data_wait_s
 
     def inject_nan(loss: float) -> float:  # fault injection for tests (`debug_nan_steps`)
@@ -345,8 +374,7 @@ def train(cfg: TrainConfig) -> list[float]:
                        "peak_mem_mb": _peak_mem_mb()}  # fmt: skip
                 metrics.log(rec | loader.metrics())
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{res.loss:.4f}")
+                bar.update(step, res.loss, res.tokens * info.world_size / dt)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 weights = {k: v for k, v in model.state_dict().items() if k in trainable_names}
                 kill = functools.partial(_kill_if_asked, cfg, info.rank, step, "save")
@@ -357,6 +385,8 @@ def train(cfg: TrainConfig) -> list[float]:
             if cfg.stop_after is not None and step >= cfg.stop_after:
                 break
     metrics.close()
+    if bar is not None:
+        bar.close()
     if info.is_main:
         (run / "losses.json").write_text(json.dumps(losses))
         spec.save(model.part(spec.name), run / "adapter.safetensors")

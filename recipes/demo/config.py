@@ -47,12 +47,26 @@ class DemoConfig:
 
 
 @functools.cache
-def cpu_has_bf16() -> bool:
+def _cpuinfo() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_kernel_path() -> str:
+    """The CPU model and the bf16 path its kernels take: figures move between these (see the report)."""
+    info = _cpuinfo()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
+    words = set(info.split())
+    path = ("bf16 via AMX" if "amx_bf16" in words else "bf16 via AVX-512" if "avx512_bf16" in words
+            else "fp32 fallback (no bf16 units)")  # fmt: skip
+    return f"{name}, {path}"
 
 
 def device_ok_dtype(cfg: DemoConfig) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from mm_llama.assets import resolve
 
-from .config import device_ok_dtype, eval_dtype, shard_samples
+from .config import cpu_kernel_path, device_ok_dtype, eval_dtype, shard_samples
 
 
 def _plot_losses(run: Path, path: Path) -> None:
@@ -98,7 +98,8 @@ def stage_report(cfg, run) -> dict:
     L = ["# mm_llama demo report", "",
          f"Frozen tower: SmolLM2-135M ({cfg.tower}), trained in {device_ok_dtype(cfg)}, "
          f"evaluated in {eval_dtype(cfg)}; {cfg.nproc} processes of our DDP engine "
-         f"(`accelerate launch`, gloo); {os.cpu_count()} CPU cores, torch {torch.__version__}.", "",
+         f"(`accelerate launch`, gloo); {os.cpu_count()} CPU cores ({cpu_kernel_path()}), torch {torch.__version__}.",
+         "",
          "## Time per stage", "", "| stage | seconds |", "|---|---:|"]  # fmt: skip
     L += [f"| {k} | {v['seconds']:.0f} |" for k, v in timings.items()]
     L += [f"| **total** | **{sum(v['seconds'] for v in timings.values()):.0f}** |", ""]

@@ -20,6 +20,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_streaming(cmd: list[str], env: dict, log: Path, keep: int = 40) -> tuple[int, list[str]]:
+    """Run a training process: everything it prints goes to `log`; its progress lines (`[train] ...`, resume and
+    skip notes) are shown as they come, so a long stage is visibly alive. -> (exit status, its last lines)."""
+    from collections import deque
+
+    tail: deque[str] = deque(maxlen=keep)
+    with log.open("w") as f, subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True, bufsize=1) as proc:  # fmt: skip
+        for line in proc.stdout:
+            f.write(line)
+            tail.append(line)
+            if line.startswith(("[train]", "resume:", "step ")):
+                print("    " + line.rstrip(), flush=True)
+    return proc.returncode, list(tail)
+
+
 def _train(cfg: DemoConfig, run: Path, name: str, config: str, args: list[str]) -> dict:
     """accelerate launch (N processes, our DDP engine) of the one training recipe."""
     args = [f"run_dir={run / name}", f"dtype={device_ok_dtype(cfg)}", f"tower.path={cfg.tower}", f"seed={cfg.seed}",
@@ -33,12 +49,11 @@ def _train(cfg: DemoConfig, run: Path, name: str, config: str, args: list[str]) 
         cmd = [sys.executable, *script]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // cfg.nproc)), PYTHONUNBUFFERED="1")
     print("  $ " + " ".join(cmd[cmd.index(script[0]) :]), flush=True)
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     (run / name).mkdir(parents=True, exist_ok=True)
-    (run / name / "train.log").write_text(r.stdout + r.stderr)
-    if r.returncode != 0:
-        raise RuntimeError(f"training stage {name} failed (rc {r.returncode}); log: {run / name / 'train.log'}\n"
-                           + (r.stdout + r.stderr)[-3000:])  # fmt: skip
+    rc, tail = _run_streaming(cmd, env, run / name / "train.log")
+    if rc != 0:
+        raise RuntimeError(f"training stage {name} failed (rc {rc}); log: {run / name / 'train.log'}; its last "
+                           "lines:\n" + "".join(tail))  # fmt: skip
     losses = json.loads((run / name / "losses.json").read_text())
     k = max(1, len(losses) // 10)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
