@@ -184,6 +184,8 @@ class BoundedServer(ThreadingHTTPServer):
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
             try:
+                request.settimeout(1.0)
+                request.recv(65536)  # the request head: closing with it unread would reset the connection
                 body = b'{"error": "busy: too many requests at once, try again"}'
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
