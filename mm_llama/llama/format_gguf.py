@@ -158,3 +158,61 @@ def _gguf_stream(path: Path, dtype: torch.dtype | None = None) -> tuple[ModelArg
             yield key, _dequantize_rows(t, dtype or torch.float32)
 
     return args, stream()
+
+
+# --- metadata only: the key/value header, parsed directly (GGUFReader builds numpy views of every field, which
+# takes seconds for a 49k-token vocabulary; the tokenizer needs only these values) -------------------------------
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def read_gguf_metadata(path: str | Path) -> dict:
+    """The GGUF key/value metadata as Python values (strings, numbers, lists), without the tensors."""
+    import mmap
+    import struct
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            buf = memoryview(m)
+            try:
+                if bytes(buf[:4]) != b"GGUF":
+                    raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic)")
+                version = struct.unpack_from("<I", buf, 4)[0]
+                if version < 2:
+                    raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or later)")
+                _, n_kv = struct.unpack_from("<QQ", buf, 8)
+                pos = 24
+
+                def string(p):
+                    (n,) = struct.unpack_from("<Q", buf, p)
+                    return str(buf[p + 8 : p + 8 + n], "utf-8", errors="replace"), p + 8 + n
+
+                def value(kind, p):
+                    if kind == 8:
+                        return string(p)
+                    if kind == 9:
+                        sub, count = struct.unpack_from("<IQ", buf, p)
+                        p += 12
+                        if sub in _SCALARS:
+                            fmt = _SCALARS[sub]
+                            size = struct.calcsize(fmt)
+                            vals = [v[0] for v in struct.iter_unpack(fmt, buf[p : p + size * count])]
+                            return vals, p + size * count
+                        out = []
+                        for _ in range(count):
+                            v, p = value(sub, p)
+                            out.append(v)
+                        return out, p
+                    fmt = _SCALARS[kind]
+                    return struct.unpack_from(fmt, buf, p)[0], p + struct.calcsize(fmt)
+
+                meta = {}
+                for _ in range(n_kv):
+                    key, pos = string(pos)
+                    (kind,) = struct.unpack_from("<I", buf, pos)
+                    meta[key], pos = value(kind, pos + 4)
+                return meta
+            finally:
+                buf.release()
+    except (struct.error, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: GGUF metadata is damaged ({type(e).__name__}: {e})") from None

@@ -298,15 +298,15 @@ class GGUFTokenizer(_TokenizersBackend):
     """The byte-level BPE tokenizer embedded in a GGUF file (`tokenizer.ggml.*`)."""
 
     def __init__(self, path: Path):
-        import gguf
         from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as TK
 
-        reader = gguf.GGUFReader(str(path))
+        from .format_gguf import read_gguf_metadata
+
+        meta = read_gguf_metadata(path)
 
         def field(key, default=None):
-            f = reader.fields.get(key)
-            return default if f is None else f.contents()
+            return meta.get(key, default)
 
         kind = field("tokenizer.ggml.model")
         if kind not in ("gpt2", "llama3") and kind is not None:

@@ -51,3 +51,23 @@ def test_gguf_tokenizer_digits_and_specials(smollm_tok):
     assert smollm_tok.encode("<|im_end|>") != [smollm_tok.token_to_id("<|im_end|>")]
     assert smollm_tok.encode("<|im_end|>", allow_special=True) == [smollm_tok.token_to_id("<|im_end|>")]
     assert smollm_tok.chat_format == "chatml" and smollm_tok.token_to_id("<|im_end|>") in smollm_tok.stop_ids
+
+
+def test_gguf_metadata_reader_equals_gguf_package(smollm_path, tmp_path):
+    """The direct header parser the tokenizer uses gives exactly the gguf package's field contents (30x faster)."""
+    import gguf
+    import pytest
+
+    from mm_llama.llama.checkpoint import CheckpointError
+    from mm_llama.llama.format_gguf import read_gguf_metadata
+
+    ours = read_gguf_metadata(smollm_path)
+    ref = {k: f.contents() for k, f in gguf.GGUFReader(str(smollm_path)).fields.items() if not k.startswith("GGUF.")}
+    assert ours == ref
+    data = smollm_path.read_bytes()[:200_000]  # cut inside the vocabulary
+    (tmp_path / "cut.gguf").write_bytes(data)
+    with pytest.raises(CheckpointError, match="cut.gguf: GGUF metadata is damaged"):
+        read_gguf_metadata(tmp_path / "cut.gguf")
+    (tmp_path / "x.gguf").write_bytes(b"nope" + data[4:100])
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
+        read_gguf_metadata(tmp_path / "x.gguf")
