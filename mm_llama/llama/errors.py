@@ -37,3 +37,16 @@ def check_heads(dim: int, n_heads: int, n_kv_heads: int, head_dim: int | None, s
         raise CheckpointError(f"{source}: width {dim} is not divisible by {n_heads} heads (and no head_dim is given)")
     if (head_dim or dim // n_heads) % 2:
         raise CheckpointError(f"{source}: head dimension {head_dim or dim // n_heads} is odd (RoPE needs pairs)")
+
+
+def read_json_object(path) -> dict:
+    """A checkpoint's JSON config as a dict, or a CheckpointError naming the file."""
+    import json
+
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return obj

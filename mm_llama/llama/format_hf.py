@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelArgs, RopeScaling
-from .errors import CheckpointError, TensorStream, check_heads, positive_int
+from .errors import CheckpointError, TensorStream, check_heads, positive_int, read_json_object
 
 
 def _hf_rope(cfg: dict) -> tuple[float, RopeScaling | None]:
@@ -133,12 +133,7 @@ def _hf_stream(folder: Path) -> tuple[ModelArgs, TensorStream]:
     from safetensors import safe_open
 
     cfg_path = folder / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+    cfg = read_json_object(cfg_path)
     try:
         args = args_from_hf_config(cfg, str(cfg_path))
     except KeyError as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelArgs, RopeScaling, meta_ffn_dim
-from .errors import CheckpointError, TensorStream, check_heads, positive_int
+from .errors import CheckpointError, TensorStream, check_heads, positive_int, read_json_object
 from .model import Transformer
 
 _META_KEYS_USED = {
@@ -84,12 +84,7 @@ def _mp_dim(key: str) -> int | None:
 
 def _meta_stream(folder: Path) -> tuple[ModelArgs, TensorStream]:
     params_path = folder / "params.json"
-    try:
-        params = json.loads(params_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{params_path}: invalid JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{params_path}: expected a JSON object")
+    params = read_json_object(params_path)
     args = args_from_meta_params(params, str(params_path))
     shards = sorted(folder.glob("consolidated.*.pth"))
     sds = []  # memory-mapped: opening them costs no copy
