@@ -3,8 +3,6 @@ prefill (encoded once per request) -> greedy or sampled decoding; WER/CER after 
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,36 +11,12 @@ import torch
 from mm_llama.data.audio import log_mel
 from mm_llama.generate import bos_prefix, generate_ids, padding_id
 from mm_llama.llama.model import Transformer
+from mm_llama.text import normalize_text, number_words  # noqa: F401  (re-exported: scoring lives here)
 
 from .fusion import TOKEN_ROWS
 from .speech import AdapterArgs, ConformerArgs, ConformerEncoder, SpeechAdapter
 from .speech_fusion import ASR_PROMPT, FusedSpeechModel
 from .whisper import WhisperEncoder, whisper_log_mel
-
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
-        "seventeen eighteen nineteen".split()  # fmt: skip
-_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
-def _number_words(n: int) -> str:
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10 - 2] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
-    if n < 1000:
-        return _ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " " + _number_words(n % 100))
-    if n < 1_000_000:
-        return _number_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + _number_words(n % 1000))
-    return " ".join(_ONES[int(d)] for d in str(n))
-
-
-def normalize_text(text: str) -> str:
-    """Lower case, digits spelled out, punctuation dropped (apostrophes inside words kept), spaces collapsed."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = re.sub(r"\d+", lambda m: " " + _number_words(int(m.group())) + " ", text)
-    text = re.sub(r"[^\w\s']|_", " ", text)
-    text = re.sub(r"(?<!\w)'|'(?!\w)", " ", text)
-    return " ".join(text.split())
 
 
 def wer_cer(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
@@ -111,6 +85,7 @@ def save_speech_adapter(model: FusedSpeechModel, path: str | Path) -> None:
         "encoder_args": dataclasses.asdict(enc.args),
         "adapter_args": dataclasses.asdict(model.adapter.args),
         "freeze_encoder": model.freeze_encoder,
+        "ctc_weight": model.ctc.weight if model.ctc is not None else 0.0,
         "tower": {"dim": model.tower.args.dim, "vocab_size": model.tower.args.vocab_size},
     }
     save_trainable(model, path, meta, "tower.")
@@ -120,7 +95,7 @@ def build_speech_model(tower: Transformer, encoder: torch.nn.Module, adapter_arg
     """Tower + encoder (Conformer or Whisper) + a fresh speech adapter (tower frozen; outputs start at the scale of
     the tower's token table)."""
     adapter = SpeechAdapter(encoder.args.width, tower.args.dim, adapter_args)
-    adapter.init_output_scale(float(tower.tok_embeddings.weight.float().std()))
+    adapter.init_output_scale(float(tower.tok_embeddings.weight.detach().float().std()))
     return FusedSpeechModel(tower, encoder, adapter, **kw)
 
 
@@ -139,7 +114,8 @@ def load_speech_adapter(tower: Transformer, path: str | Path) -> FusedSpeechMode
         enc = WhisperEncoder(WhisperArgs(**meta["encoder_args"]))
     else:
         enc = ConformerEncoder(ConformerArgs(**meta["encoder_args"]))
-    model = build_speech_model(tower, enc, AdapterArgs(**meta["adapter_args"]), freeze_encoder=meta["freeze_encoder"])
+    model = build_speech_model(tower, enc, AdapterArgs(**meta["adapter_args"]), freeze_encoder=meta["freeze_encoder"],
+                               ctc_weight=meta.get("ctc_weight", 0.0))  # fmt: skip
     load_trainable(model, path, "tower.")
     model.to(tower.tok_embeddings.weight.device)
     return model.eval()

@@ -20,11 +20,14 @@ def load_model(args):
     """(ComposedModel, Tokenizer) from --model and the --adapter files."""
     import torch
 
+    from mm_llama.assets import resolve
     from mm_llama.llama import Tokenizer
     from mm_llama.llama import load_pretrained as load_tower
 
     from .composed import ComposedModel, load_composed
 
+    args.model = resolve(args.model)  # a path, or asset:NAME (shared/ASSETS.md), e.g. asset:smollm2_gguf
+    args.tokenizer = resolve(args.tokenizer) if args.tokenizer else None
     dtype = getattr(torch, args.dtype)
     files = list(args.adapter or []) + [f for f in (getattr(args, "video_adapter", None),) if f]
     if files:

@@ -45,12 +45,14 @@ from .registry import MODALITIES, get_modality, modality_for_format
 @dataclass
 class ModelOutput:
     """What `ComposedModel.forward` returns: logits (all positions, or [N, V] at the selected/labelled ones), and with
-    `labels=` the mean loss over labelled tokens, its sum and the number of labelled tokens."""
+    `labels=` the mean loss over labelled tokens, its sum and the number of labelled tokens; `aux_sum`: the plug-ins'
+    auxiliary training losses (e.g. speech CTC), summed, which training adds to `loss_sum` (None: none)."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
     n_tokens: int = 0
+    aux_sum: torch.Tensor | None = None
 
 
 def label_positions(labels_BT: torch.Tensor) -> torch.Tensor:
@@ -93,6 +95,7 @@ class ComposedModel(nn.Module):
             if start < end:
                 raise ValueError(f"token rows of {a} and {b} overlap: {rows}")
         self.token_rows = rows
+        self.aux_only = False  # train on the auxiliary losses only, the tower skipped (recipes: objective=aux)
         self.tower.requires_grad_(False)
         self.train(False)
 
@@ -184,6 +187,8 @@ class ComposedModel(nn.Module):
         generation: image_state / video_state (rows for exactly these positions), speech (adapter rows, prefill).
         labels [B, T] (-100 ignored): logits only where the next token is a label, plus the loss."""
         states = self.states(input_ids, media)
+        if self.aux_only and labels is not None and self.training:
+            return self._aux_only(states, input_ids, labels)
         h = self.embed(input_ids)
         for kind, state in states.items():
             h = MODALITIES[kind].input_rows(self, h, input_ids, state)
@@ -196,7 +201,17 @@ class ComposedModel(nn.Module):
         targets = labels[:, 1:][select[:, :-1]]  # row-major, as logits[select]
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")
         n = int(targets.numel())
-        return ModelOutput(logits, loss_sum / max(n, 1), loss_sum, n)
+        aux = [a for k, st in states.items() if (a := MODALITIES[k].aux_loss(self, st, input_ids, labels)) is not None]
+        return ModelOutput(logits, loss_sum / max(n, 1), loss_sum, n, sum(aux) if aux else None)
+
+    def _aux_only(self, states: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
+        """Training with `aux_only`: the plug-ins' auxiliary losses without the tower (loss per labelled token)."""
+        aux = [a for k, st in states.items() if (a := MODALITIES[k].aux_loss(self, st, input_ids, labels)) is not None]
+        if not aux:
+            raise ValueError(f"aux_only training, but no loaded part has an auxiliary loss ({', '.join(self.kinds)})")
+        total = sum(aux)
+        n = int((labels[:, 1:] != -100).sum())
+        return ModelOutput(None, total / max(n, 1), total, n)
 
 
 # --- adapter files of any kind, in any order, onto one tower ----------------------------------------------

@@ -72,6 +72,10 @@ class Modality:
     def blocks(self, model, state) -> dict[int, list]:
         return {}
 
+    def aux_loss(self, model, state, input_ids: torch.Tensor, labels: torch.Tensor | None):
+        """An auxiliary training loss (summed over the batch, in the units of the summed token loss) or None."""
+        return None
+
     # --- data -----------------------------------------------------------------------------------
     def sample_maker(self, model, tok, cfg) -> Callable[[dict], dict]:
         """raw webdataset sample -> {input_ids, labels, <media>} (picklable; holds no model). cfg: the full

@@ -53,6 +53,8 @@ ADAPTER_PRESETS = {
     "paper": AdapterArgs(),  # ~100M with the paper encoder and an 8B tower
     "small": AdapterArgs(width=256, heads=4, ffn_dim=1024),
     "small_whisper": AdapterArgs(width=256, heads=4, ffn_dim=1024, stack=2),  # 20 ms Whisper frames -> 80 ms
+    "small_whisper_160ms": AdapterArgs(width=256, heads=4, ffn_dim=1024, stack=4),  # -> 160 ms: half the rows
+    "small_160ms": AdapterArgs(width=256, heads=4, ffn_dim=1024, stack=2),  # 40 ms Conformer frames -> 160 ms
     "debug": AdapterArgs(width=32, heads=4, ffn_dim=64),
 }
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mm_llama.text import normalize_text, number_words
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
 FORTUNE_DIR = Path("/usr/share/games/fortunes")  # Debian fortunes / fortunes-min
 # Fashion-MNIST label order; names as they read in a caption
@@ -233,6 +235,104 @@ def fortune_sentences(root: Path = FORTUNE_DIR, min_words: int = 4, max_words: i
     return out
 
 
+# the spoken-language domain: sentences from a grammar over the demo's world (its ten items, the four grid cells,
+# the four directions), with colours, sizes, numbers one to ninety-nine, counts and verbs; everything spelled out, so
+# the transcript is exactly what the voice reads
+
+_ITEMS = [("T-shirt", "T-shirts"), ("pair of trousers", "pairs of trousers"), ("pullover", "pullovers"),
+          ("dress", "dresses"), ("coat", "coats"), ("sandal", "sandals"), ("shirt", "shirts"),
+          ("sneaker", "sneakers"), ("bag", "bags"), ("ankle boot", "ankle boots")]  # fmt: skip
+_COLOURS = "red blue green yellow black white orange purple pink brown grey golden silver dark beige navy".split()
+_SIZES = "small large tiny big long short old new soft warm clean heavy light striped spotted".split()
+_MOVES = [("moves", "move"), ("slides", "slide"), ("rolls", "roll"), ("drifts", "drift"), ("jumps", "jump"),
+          ("walks", "walk"), ("runs", "run"), ("floats", "float"), ("falls", "fall"), ("climbs", "climb"),
+          ("turns", "turn"), ("glides", "glide")]  # fmt: skip
+_ADVERBS = "slowly quickly quietly gently twice again suddenly carefully".split()
+_PLACE_VERBS = "put place move bring leave hang".split()
+_LIST_VERBS = "count find show take fold wash pack hide".split()
+_RELATIONS = ["above", "below", "beside", "next to", "to the left of", "to the right of", "under", "near"]
+_WHERE = ["in the top left corner", "in the top right corner", "in the bottom left corner",
+          "in the bottom right corner", "at the top", "at the bottom", "on the left", "on the right",
+          "in the middle"]  # fmt: skip
+SPOKEN_TEST_EVERY = 8  # a sentence is a test sentence when its checksum says so: 1 in 8
+
+
+def _spoken_sentence(rng: np.random.Generator) -> str:
+    def pick(xs):
+        return xs[int(rng.integers(len(xs)))]
+
+    def item(plural=False, article=True):
+        one, many = pick(_ITEMS)
+        if plural:
+            return many
+        words = [w for w in (pick(_SIZES) if rng.random() < 0.4 else None, pick(_COLOURS)) if w] + [one]
+        return ("the " if article else "") + " ".join(words)
+
+    def n():
+        return int(rng.integers(2, 100))
+
+    form = int(rng.integers(9))
+    if form == 0:
+        s = f"{item()} {pick(_MOVES)[0]} {pick(list(DIRECTIONS))}"
+        s += f" {pick(_ADVERBS)}" if rng.random() < 0.5 else ""
+    elif form == 1:
+        s = f"there are {number_words(n())} {pick(_COLOURS)} {item(plural=True)} {pick(_WHERE)}"
+    elif form == 2:
+        s = f"{pick(_PLACE_VERBS)} {item()} {pick(_WHERE)}"
+    elif form == 3:
+        s = f"{item()} is {pick(_RELATIONS)} {item()}"
+    elif form == 4:
+        s = f"{number_words(n())} {item(plural=True)} {pick(_MOVES)[1]} {pick(list(DIRECTIONS))}"
+        s += f" {pick(_ADVERBS)}" if rng.random() < 0.5 else ""
+    elif form == 5:
+        s = (f"{pick(_LIST_VERBS)} {number_words(n())} {pick(_COLOURS)} {item(plural=True)} and "
+             f"{number_words(n())} {pick(_COLOURS)} {item(plural=True)}")  # fmt: skip
+    elif form == 6:
+        s = f"{item()} {pick(_WHERE)} {pick(_MOVES)[0]} {pick(list(DIRECTIONS))} {number_words(n())} steps"
+    elif form == 7:
+        s = f"there is one {item(article=False)} {pick(_WHERE)}"
+    else:
+        s = f"{item()} {pick(_MOVES)[0]} {pick(list(DIRECTIONS))} and then {pick(list(DIRECTIONS))}"
+    return s[0].upper() + s[1:] + "."
+
+
+def spoken_split(sentence: str) -> str:
+    """ "test" or "train", fixed per sentence (a checksum of its text), so no draw of one split holds a sentence
+    of the other."""
+    import zlib
+
+    return "test" if zlib.crc32(sentence.lower().encode()) % SPOKEN_TEST_EVERY == 0 else "train"
+
+
+def spoken_sentences(split: str, n: int, seed: int) -> list[str]:
+    """`n` distinct sentences of the spoken-language domain from `split` ("train" or "test"). Test sentences
+    never appear in any training draw (whatever the seeds): the split is a property of the sentence."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    out: dict[str, None] = {}
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise CorpusError(f"could not draw {n} distinct {split} sentences")
+        s = _spoken_sentence(rng)
+        if spoken_split(s) == split:
+            out.setdefault(s)
+    return list(out)
+
+
+def spoken_vocabulary() -> set[str]:
+    """Every word the grammar can say (normalised as WER scoring does)."""
+    words = set()
+    for group in (_COLOURS, _SIZES, _ADVERBS, _PLACE_VERBS, _LIST_VERBS, _RELATIONS, _WHERE, list(DIRECTIONS),
+                  [w for pair in _ITEMS + _MOVES for w in pair], [number_words(i) for i in range(2, 100)],
+                  ["the there are is and then one steps"]):  # fmt: skip
+        for phrase in group:
+            words.update(normalize_text(phrase).split())
+    return words
+
+
 # espeak-ng voices: accent + variant; mild variants only (wild ones are hard to understand even for people)
 ESPEAK_TRAIN_VOICES = ["en-us+m1", "en-us+m3", "en-us+f1", "en-us+f3", "en-gb+m2", "en-gb+m4", "en-gb+f2", "en-gb+f4",
                        "en-gb-x-rp+m1", "en-gb-x-rp+f2", "en-gb-scotland+m3", "en-gb-x-gbcwmd+m2", "en-029+m1",
@@ -314,17 +414,32 @@ def speech_plan(sentences: list[str], n_train: int, n_test: int, seed: int, pipe
     test_s = [sentences[i] for i in order[:n_test]]
     train_s = [sentences[i] for i in order[n_test : n_test + n_train]]
 
-    def plan(texts, voices, piper_n):
-        out = []
-        for k, s in enumerate(texts):
-            if k < piper_n:
-                out.append((s, "piper", "joe", float(rng.choice([0.9, 1.0, 1.1])), 0))
-            else:
-                v = voices[int(rng.integers(len(voices)))]
-                out.append((s, "espeak", v, int(rng.integers(140, 181)), int(rng.integers(35, 66))))
-        return out
+    return _assign_voices(train_s, ESPEAK_TRAIN_VOICES, piper_train, rng), _assign_voices(
+        test_s, ESPEAK_TEST_VOICES, 0, rng
+    )
 
-    return plan(train_s, ESPEAK_TRAIN_VOICES, piper_train), plan(test_s, ESPEAK_TEST_VOICES, 0)
+
+def _assign_voices(texts: list[str], voices: list[str], piper_n: int, rng: np.random.Generator) -> list[tuple]:
+    """(sentence, engine, voice, speed, pitch) per text: the first `piper_n` read by piper, the rest by espeak-ng
+    voices drawn from `voices` at random speed and pitch."""
+    out = []
+    for k, s in enumerate(texts):
+        if k < piper_n:
+            out.append((s, "piper", "joe", float(rng.choice([0.9, 1.0, 1.1])), 0))
+        else:
+            v = voices[int(rng.integers(len(voices)))]
+            out.append((s, "espeak", v, int(rng.integers(140, 181)), int(rng.integers(35, 66))))
+    return out
+
+
+def spoken_plan(n_train: int, n_test: int, seed: int, piper_train: int = 0):
+    """The spoken-language domain's (train, test) plans as `speech_plan` gives them: test sentences and espeak
+    voices never seen in training."""
+    rng = np.random.default_rng([seed, 2])
+    train_s, test_s = spoken_sentences("train", n_train, seed), spoken_sentences("test", n_test, seed)
+    return _assign_voices(train_s, ESPEAK_TRAIN_VOICES, piper_train, rng), _assign_voices(
+        test_s, ESPEAK_TEST_VOICES, 0, rng
+    )
 
 
 def speech_records(plan: list[tuple], prefix: str, threads: int = 2) -> Iterator[dict]:

@@ -19,7 +19,7 @@ import time
 import urllib.request
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -448,4 +448,38 @@ def write_shards(
     rep.shards = [{"url": Path(f).name, "samples": n} for f, n in sorted(counts.items())]
     index = {"version": INDEX_VERSION, "samples": rep.written, "shards": rep.shards}
     (out_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return rep
+
+
+def derive_shards(index: str | Path, out_dir: str | Path, add: Callable[[list[dict]], list[dict]], *,
+                  batch: int = 32, prefix: str = "derived", replace: bool = False) -> WriteReport:  # fmt: skip
+    """Copy the shards of `index` into `out_dir` (same samples, same order, new index.json), each sample with the
+    extra members `add(samples)` returns for it (one dict of `{ext: bytes}` per sample, computed a batch at a time):
+    e.g. a frozen encoder's outputs, computed once per clip instead of once per epoch."""
+    import itertools
+
+    import webdataset as wds
+
+    out_dir = Path(out_dir)
+    old = [p for p in out_dir.glob("*") if p.name == "index.json" or p.name.endswith(SHARD_SUFFIXES)]
+    if old and not replace:
+        raise ValueError(f"{out_dir}: already holds shard files / an index; pass replace=True or choose another folder")
+    for f in old:
+        f.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    urls, counts = read_index(index)
+    rep, t0 = WriteReport(), time.perf_counter()
+    shards = []
+    for i, (url, n) in enumerate(zip(urls, counts, strict=True)):
+        name = f"{prefix}-{i:06d}.tar"
+        with wds.TarWriter(str(out_dir / name), encoder=False, mtime=946684800.0) as w:
+            it = iter_samples(open_url(url), url)
+            while chunk := list(itertools.islice(it, batch)):
+                for s, extra in zip(chunk, add(chunk), strict=True):
+                    w.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} | extra)
+                    rep.written += 1
+        shards.append({"url": name, "samples": n})
+    rep.shards, rep.seconds = shards, time.perf_counter() - t0
+    index_out = {"version": INDEX_VERSION, "samples": rep.written, "shards": shards}
+    (out_dir / "index.json").write_text(json.dumps(index_out, indent=1) + "\n")
     return rep

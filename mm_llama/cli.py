@@ -130,6 +130,17 @@ def cmd_shards_verify(args) -> int:
     return 1 if rep.bad else 0
 
 
+def cmd_shards_encode(args) -> int:
+    import json as _json
+
+    from mm_llama.adapters.modalities.speech import cache_encoder_outputs, load_encoder
+
+    rep = cache_encoder_outputs(load_encoder(args.encoder), args.encoder, args.index, args.out, replace=args.replace)
+    print(_json.dumps({"written": rep.written, "shards": len(rep.shards), "seconds": round(rep.seconds, 1),
+                       "index": f"{args.out}/index.json"}))  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm-llama", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--allow-pipe", action="store_true", help="accept pipe: URLs (runs shell commands)")
     v.add_argument("--video-frames", type=int, default=1)
     v.set_defaults(func=cmd_shards_verify)
+    e = shsub.add_parser("encode", help="copy speech shards with each clip's frozen-encoder output cached (enc.npy)")
+    e.add_argument("index", help="the speech shards' index.json")
+    e.add_argument("--encoder", required=True, help="the training config's model.speech.encoder (whisper:PATH)")
+    e.add_argument("--out", required=True, help="output folder (train with data.train=OUT/index.json)")
+    e.add_argument("--replace", action="store_true", help="remove the shards and index already in --out first")
+    e.set_defaults(func=cmd_shards_encode)
 
     from mm_llama.adapters.cli import add_asr_parser  # application layer: the library core never imports adapters
     from mm_llama.adapters.cli import add_parser as add_caption

@@ -92,6 +92,10 @@ class TrainConfig:
     tensorboard: bool = True
     progress_every_s: float = bounded(30.0, 0.0)  # without a terminal: a progress line this often (rank 0)
     peak_tflops: float | None = bounded(None, 0.0)  # for MFU; default: 0.1 on CPU, 989 (H100 bf16 dense) on CUDA
+    init_adapter: str = ""  # start the trainable weights from this adapter file (same modality and options)
+    # lm: the token loss through the frozen tower (+ the plug-in's auxiliary losses); aux: the auxiliary losses only,
+    # the tower skipped (e.g. a cheap CTC phase for the speech adapter before the LM phase)
+    objective: str = choice("lm", "lm", "aux")
     debug_nan_steps: list = field(default_factory=list)  # inject non-finite losses at these steps (tests)
     debug_kill_rank: int = -1  # SIGKILL this rank at debug_kill_step (robustness tests)
     debug_kill_step: int = -1
@@ -140,6 +144,22 @@ class Collate:
 
         text = collate_text(items, pad_id=0)
         return {"input_ids": text["input_ids"], "labels": text["labels"], **get_modality(self.modality).collate(items)}
+
+
+def init_from_adapter(model, kind: str, path) -> None:
+    """`init_adapter=`: the part's trainable weights from an adapter file of the same modality and options."""
+    from mm_llama.adapters.checkpoint import load_trainable
+    from mm_llama.adapters.composed import adapter_kind
+    from mm_llama.config import ConfigError
+    from mm_llama.llama.checkpoint import CheckpointError
+
+    try:
+        found = adapter_kind(path)
+        if found != kind:
+            raise ConfigError(f"init_adapter: {path} is a {found} adapter, this run trains {kind}")
+        load_trainable(model.part(kind), path, "tower.")
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(f"init_adapter: {e} (use a file from a run with the same model.{kind} options)") from None
 
 
 def load_trained_weights(model, weights: dict, source) -> None:
@@ -303,6 +323,9 @@ def train(cfg: TrainConfig) -> list[float]:
                    "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]  # fmt: skip
     tower.to(dtype=tower_dtype)
     model = build_model(cfg, tower)
+    if cfg.init_adapter:
+        init_from_adapter(model, spec.name, resolve(cfg.init_adapter))
+    model.aux_only = cfg.objective == "aux"
     model.to(info.device)
     if cfg.activation_checkpointing:
         _checkpoint_tower_layers(model.tower)
@@ -310,9 +333,12 @@ def train(cfg: TrainConfig) -> list[float]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
     if cfg.engine == "ours":
-        wrapped = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
+        # the aux objective leaves the parts that feed only the tower (e.g. token rows) without gradients
+        wrapped = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb,
+                                          find_unused_parameters=model.aux_only)  # fmt: skip
     elif cfg.engine == "torch" and info.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb,
+                                                            find_unused_parameters=model.aux_only)  # fmt: skip
     elif cfg.engine == "torch":
         wrapped = model
     else:
@@ -413,6 +439,10 @@ def main(argv=None) -> int:
         train(cfg)
     except CheckpointError as e:
         print(f"train.py: checkpoint error: {e}", file=sys.stderr)
+        _exit_distributed(2)
+        return 2
+    except ConfigError as e:  # found while building (e.g. init_adapter= names a file of another layout)
+        print(f"train.py: config error: {e}", file=sys.stderr)
         _exit_distributed(2)
         return 2
     _exit_distributed()

@@ -158,7 +158,7 @@ class Image(Modality):
         import sacrebleu
         from pycocoevalcap.cider.cider import Cider
 
-        from ..asr import normalize_text
+        from mm_llama.text import normalize_text
 
         r_norm, h_norm = [normalize_text(r) for r in references], [normalize_text(h) for h in hypotheses]
         bleu = sacrebleu.corpus_bleu(h_norm, [r_norm])

@@ -63,8 +63,10 @@ def forward_backward(
         with sync, amp:
             out = wrapped(**batch)
             n_global = _global_count(out.n_tokens, device)
-            # the DDP average over ranks then equals the gradient of the global token mean
-            (out.loss_sum * world_size / max(n_global, 1) / grad_accum).backward()
+            # the DDP average over ranks then equals the gradient of the global token mean; auxiliary losses (in
+            # the same summed units) are added to the objective, the reported loss stays the token loss
+            objective = out.loss_sum if getattr(out, "aux_sum", None) is None else out.loss_sum + out.aux_sum
+            (objective * world_size / max(n_global, 1) / grad_accum).backward()
         total_loss += float(out.loss_sum.detach())
         total_tokens += out.n_tokens
     return total_loss, total_tokens

@@ -87,3 +87,32 @@ def test_tts_engines_give_decodable_speech():
         assert wave.ndim == 1 and 0.8 * 16000 < wave.shape[0] < 6 * 16000 and float(wave.abs().max()) > 0.05
     with pytest.raises(corpora.CorpusError, match="espeak-ng -v no-such-voice"):
         corpora.espeak_wav("hello there", "no-such-voice")
+
+
+def test_spoken_domain_splits_vocabulary_and_determinism():
+    """The spoken-language domain: test sentences never appear in any training draw (the split is a property of
+    the sentence), at least 150 distinct words, everything spelled out, the same draw for the same seed."""
+    from mm_llama.text import normalize_text
+
+    tests = set(corpora.spoken_sentences("test", 300, seed=0)) | set(corpora.spoken_sentences("test", 300, seed=7))
+    for seed in (0, 1, 7):
+        train = corpora.spoken_sentences("train", 2000, seed)
+        assert len(set(train)) == 2000 and not tests & set(train)
+    assert corpora.spoken_sentences("train", 50, 3) == corpora.spoken_sentences("train", 50, 3)
+    assert all(corpora.spoken_split(s) == "test" for s in tests)
+    words = corpora.spoken_vocabulary()
+    assert len(words) >= 150
+    heard = {w for s in corpora.spoken_sentences("train", 3000, 0) for w in normalize_text(s).split()}
+    assert heard <= words and len(heard) >= 150
+    assert not any(ch.isdigit() for s in tests for ch in s)
+    for name in corpora.FASHION_CLASSES:  # the demo's own world: every item name is spoken
+        assert any(name in s for s in corpora.spoken_sentences("train", 500, 0))
+    with pytest.raises(ValueError, match="split"):
+        corpora.spoken_sentences("dev", 3, 0)
+
+
+def test_spoken_plan_voices_disjoint():
+    train, test = corpora.spoken_plan(60, 20, seed=0, piper_train=5)
+    assert {v for _, e, v, *_ in test} <= set(corpora.ESPEAK_TEST_VOICES)
+    assert {v for _, e, v, *_ in train if e == "espeak"} <= set(corpora.ESPEAK_TRAIN_VOICES)
+    assert sum(e == "piper" for _, e, *_ in train) == 5 and not {p[0] for p in train} & {p[0] for p in test}

@@ -127,3 +127,19 @@ def test_one_call_with_three_adapters_equals_three_single_adapter_models(tmp_pat
         transcribe(speech, smollm_tok, [decode_audio(wav.read_bytes(), str(wav), "wav")], max_new_tokens=5)[0],
     ]  # fmt: skip
     assert [ln.split(": ", 1)[1] for ln in lines] == [" ".join(w.split()) for w in want]
+
+
+def test_shards_encode_caches_the_frozen_encoder(tmp_path):
+    """`mm-llama shards encode`: the speech shards copied with each clip's Whisper encoder output."""
+    import json
+
+    from mm_llama.data.shards import read_index, read_samples
+
+    index = Path(__file__).resolve().parents[1] / "assets/shards/audio/index.json"
+    r = run("shards", "encode", str(index), "--encoder", "whisper:asset:whisper_tiny_en_ct2", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    samples = read_samples(read_index(tmp_path / "index.json")[0])
+    assert out["written"] == len(samples) == sum(read_index(index)[1])
+    assert all(s["enc.txt"] == b"whisper:asset:whisper_tiny_en_ct2" for s in samples)
+    assert all(s["enc.npy"][:6] == b"\x93NUMPY" for s in samples)

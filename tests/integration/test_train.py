@@ -198,3 +198,21 @@ def test_activation_checkpointing_same_losses(tmp_path):
     losses, _ = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "steps=3",
                       "activation_checkpointing=true")  # fmt: skip
     assert losses == pytest.approx(GOLDEN_IMAGE[:3], abs=1e-3)
+
+
+def test_speech_ctc_phase_then_token_loss_from_it(tmp_path):
+    """The demo's two speech phases through the recipe: objective=aux trains only the CTC loss (the tower skipped,
+    token rows unused: 2 processes with find_unused_parameters), then init_adapter= starts the token-loss run from
+    that adapter; a file of another modality or layout is a config error naming the key."""
+    base = ["--config", "recipes/configs/debug_speech.yaml", "model.speech.ctc_weight=1.0", "steps=4"]
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port())]
+    ctc, _ = train(*base, f"run_dir={tmp_path / 'ctc'}", "objective=aux", launcher=launcher)
+    assert len(ctc) == 4 and all(x > 0 for x in ctc) and ctc[-1] < ctc[0]
+    first = tmp_path / "ctc/adapter.safetensors"
+    lm, _ = train(*base, f"run_dir={tmp_path / 'lm'}", f"init_adapter={first}")
+    fresh, _ = train(*base, f"run_dir={tmp_path / 'fresh'}")
+    assert len(lm) == 4 and lm[0] != fresh[0]  # the token-loss run started from the CTC-phase adapter
+    _, r = train(*base[:2], f"run_dir={tmp_path / 'bad'}", f"init_adapter={first}", check=False)
+    assert r.returncode != 0 and "init_adapter" in r.stderr and "Traceback" not in r.stderr
+    _, r = train(*base, f"run_dir={tmp_path / 'bad2'}", "objective=sideways", check=False)
+    assert r.returncode != 0 and "objective" in r.stderr and "Traceback" not in r.stderr

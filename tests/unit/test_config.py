@@ -44,3 +44,12 @@ def test_nothing_is_written_before_the_check(tmp_path, capsys):
     assert "optim.grad_accum" in capsys.readouterr().err and not run.exists()
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_exponent_floats_without_a_dot():
+    """YAML 1.1 (PyYAML) reads `3e-3` as a string; a float field takes it as the number a user means."""
+    from mm_llama.config import _coerce
+
+    assert _coerce("3e-3", float, "optim.lr") == 0.003 and _coerce("1E+2", float, "x") == 100.0
+    with pytest.raises(ConfigError, match="optim.lr: expected float"):
+        _coerce("3e", float, "optim.lr")

@@ -119,3 +119,107 @@ def test_frame_stacking_lengths_and_padding(frames):
     padded = torch.cat([x, torch.randn(1, 9, 16)], dim=1)
     out2, n2 = ad(padded, torch.tensor([frames]))
     assert int(n2[0]) == want and torch.allclose(out2[0, :want], out[0, :want], atol=1e-5)
+
+
+# --- cached encoder outputs and the auxiliary CTC loss --------------------------------------------------------
+
+
+def _wav_bytes(seconds: float, freq: float) -> bytes:
+    import io
+    import wave
+
+    import numpy as np
+
+    t = np.arange(int(16000 * seconds)) / 16000
+    pcm = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(pcm.tobytes())
+    return buf.getvalue()
+
+
+def _speech_model(ctc_weight=0.0, seed=0):
+    from mm_llama.adapters.asr import build_speech_model
+    from mm_llama.adapters.composed import ComposedModel
+
+    torch.manual_seed(seed)
+    tower = Transformer(get_preset("debug"))
+    tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(seed))
+    part = build_speech_model(tower, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"],
+                              freeze_encoder=True, ctc_weight=ctc_weight)  # fmt: skip
+    return ComposedModel(tower, speech=part)
+
+
+def test_cached_encoder_outputs_equal_live_encoding(tmp_path, smollm_tok):
+    """derive_shards copies every sample with its frozen-encoder output; the sample maker trains on the cache only
+    when it was written by the configured encoder, and the adapter rows from it equal the live ones (float16
+    storage)."""
+    from mm_llama.adapters.modalities.speech import SpeechSamples, cache_encoder_outputs, encode_speech
+    from mm_llama.adapters.speech_fusion import SpeechTokenCount
+    from mm_llama.data.audio import decode_audio, log_mel
+    from mm_llama.data.shards import read_index, read_samples, write_shards
+
+    recs = [{"audio": (f"c{i}.wav", _wav_bytes(0.3 + 0.4 * i, 300 + 100 * i)), "text": f"clip {i}"} for i in range(3)]
+    write_shards(recs, tmp_path / "src", progress=False)
+    model = _speech_model().eval()
+    rep = cache_encoder_outputs(model.speech.encoder, "conformer:debug", tmp_path / "src/index.json", tmp_path / "enc")
+    assert rep.written == 3
+    samples = read_samples(read_index(tmp_path / "enc/index.json")[0])
+    assert [s["txt"] for s in samples] == [f"clip {i}".encode() for i in range(3)]
+    waves = [decode_audio(s["wav"], s["__key__"], "wav") for s in samples]
+    live = encode_speech(model, [log_mel(w) for w in waves])
+    count = SpeechTokenCount.of(model.speech)
+    make = SpeechSamples(count, False, model.token_id("speech"), smollm_tok, 16, cached_encoder="conformer:debug")
+    items = [make(s) for s in samples]
+    assert all("speech_enc" in it and "speech" not in it for it in items)
+    cached = encode_speech(model, None, [it["speech_enc"] for it in items])
+    for it, a, b in zip(items, live, cached):
+        assert a.shape == b.shape and it["input_ids"].count(model.token_id("speech")) == a.shape[0]
+        assert torch.allclose(a, b, atol=2e-3, rtol=2e-3)
+    # another encoder's cache is not used: the clip is encoded live from its audio
+    other = SpeechSamples(count, False, model.token_id("speech"), smollm_tok, 16, cached_encoder="conformer:small")
+    assert "speech" in other(samples[0]) and "speech_enc" not in other(samples[0])
+    # a damaged cache member is a counted bad sample naming the clip
+    from mm_llama.data.badsamples import SampleError
+
+    with pytest.raises(SampleError, match="enc.npy"):
+        make({**samples[0], "enc.npy": b"not an array"})
+
+
+def test_ctc_auxiliary_loss_trains_rows_towards_the_token_table(tmp_path):
+    """The CTC head adds a finite loss in training only, reaches the adapter, learns, and is saved and loaded
+    with the adapter (generation never uses it)."""
+    from mm_llama.adapters.asr import load_speech_adapter, save_speech_adapter
+
+    model = _speech_model(ctc_weight=0.5)
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(40, 80, generator=g), torch.randn(56, 80, generator=g)]
+    n = model.speech.expected_speech_tokens(torch.tensor([40, 56])).tolist()
+    V, sp = model.tower.args.vocab_size, model.token_id("speech")
+    targets = [[5, 9, 9, 3], [7, 2, 11]]
+    ids, labels = [], []
+    for k, t in zip(n, targets):
+        seq = [1] + [sp] * k + t + [2]
+        ids.append(seq + [0] * (20 - len(seq)))
+        labels.append([-100] * (1 + k) + t + [2] + [-100] * (20 - len(seq)))
+    batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "speech_features": feats}
+    model.train()
+    out = model(**batch)
+    assert out.aux_sum is not None and torch.isfinite(out.aux_sum) and out.aux_sum > 0
+    (out.loss_sum + out.aux_sum).backward()
+    assert model.speech.adapter.proj.weight.grad.abs().sum() > 0 and model.speech.ctc.blank.grad is not None
+    assert all(p.grad is None for p in model.tower.parameters())
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = float(out.aux_sum.detach())
+    for _ in range(30):
+        opt.zero_grad()
+        model(**batch).aux_sum.backward()
+        opt.step()
+    assert float(model(**batch).aux_sum) < 0.5 * first
+    model.eval()
+    assert model(**batch).aux_sum is None
+    assert V > max(max(t) for t in targets)
+    save_speech_adapter(model.speech, tmp_path / "a.safetensors")
+    back = load_speech_adapter(model.tower, tmp_path / "a.safetensors")
+    assert back.ctc is not None and back.ctc.weight == 0.5
+    assert torch.equal(back.ctc.blank, model.speech.ctc.blank)
