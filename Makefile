@@ -80,7 +80,8 @@ demo: install
 asr-reference: install
 	$(PIP) install -q -c $(LOCK) ctranslate2
 	$(PY) -m recipes.demo --stages corpora
-	$(PY) benchmarks/asr_reference.py
+	$(PY) benchmarks/asr_reference.py --shards runs/demo/shards/speech_test/index.json
+	$(PY) benchmarks/asr_reference.py --shards runs/demo/shards/speech_open_test/index.json
 
 bench: install-dev
 	$(PY) benchmarks/generate.py

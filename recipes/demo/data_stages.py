@@ -11,6 +11,8 @@ from .config import DemoConfig, device_ok_dtype, shard_samples
 
 
 def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
+    import numpy as np
+
     from mm_llama.data import corpora
     from mm_llama.data.shards import write_shards
 
@@ -21,11 +23,17 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
         "video_train": lambda: corpora.motion_records("train", cfg.video_train, cfg.seed + 2),
         "video_test": lambda: corpora.motion_records("test", cfg.video_test, cfg.seed + 3),
     }
-    sentences = corpora.fortune_sentences()
-    train_plan, test_plan = corpora.speech_plan(sentences, cfg.speech_train, cfg.speech_test, cfg.seed + 4,
+    # speech: the spoken-language domain (+ optionally open-vocabulary fortune sentences, mixed in), and a second
+    # held-out set of fortune sentences for the open-vocabulary row
+    train_plan, test_plan = corpora.spoken_plan(cfg.speech_train, cfg.speech_test, cfg.seed + 4,
                                                 piper_train=cfg.piper_train)  # fmt: skip
-    jobs["speech_train"] = lambda: corpora.speech_records(train_plan, "tr")
+    open_train, open_test = corpora.speech_plan(corpora.fortune_sentences(), cfg.speech_open_train,
+                                                cfg.speech_open_test, cfg.seed + 5)  # fmt: skip
+    mixed = train_plan + open_train
+    mixed = [mixed[i] for i in np.random.default_rng(cfg.seed + 6).permutation(len(mixed))]
+    jobs["speech_train"] = lambda: corpora.speech_records(mixed, "tr")
     jobs["speech_test"] = lambda: corpora.speech_records(test_plan, "te")
+    jobs["speech_open_test"] = lambda: corpora.speech_records(open_test, "to")
     for name, make in jobs.items():
         rep = write_shards(make(), out / name, prefix=name, maxcount=1000, video_frames=8, progress=False, replace=True)
         if rep.skipped:
@@ -36,14 +44,27 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
     def words(plan):
         return {w.strip(".,!?;:").lower() for s, *_ in plan for w in s.split()}
 
-    tr_w, te_w = words(train_plan), words(test_plan)
+    tr_w, te_w = words(mixed), words(test_plan)
     info["speech_words"] = {"train": len(tr_w), "test": len(te_w), "corpus": len(tr_w | te_w),
                             "test_words_unseen_in_train": len(te_w - tr_w)}  # fmt: skip
-    info["speech_voices"] = {"train": sorted({f"{e}:{v}" for _, e, v, *_ in train_plan}),
+    info["speech_grammar_words"] = len(corpora.spoken_vocabulary())
+    info["speech_voices"] = {"train": sorted({f"{e}:{v}" for _, e, v, *_ in mixed}),
                              "test": sorted({f"{e}:{v}" for _, e, v, *_ in test_plan})}  # fmt: skip
-    info["speech_sentence_overlap"] = len({p[0] for p in train_plan} & {p[0] for p in test_plan})
+    info["speech_sentence_overlap"] = len({p[0] for p in mixed} & {p[0] for p in test_plan + open_test})
     (out / "corpora.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def stage_speech_cache(cfg: DemoConfig, run: Path) -> dict:
+    """The frozen speech encoder's outputs, computed once per training clip and stored with the shards
+    (shards/speech_train_enc, as `mm-llama shards encode` does): the Whisper stages train on them."""
+    from mm_llama.adapters.modalities.speech import cache_encoder_outputs, load_encoder
+
+    rep = cache_encoder_outputs(load_encoder(cfg.speech_encoder), cfg.speech_encoder,
+                                run / "shards/speech_train/index.json", run / "shards/speech_train_enc",
+                                replace=True)  # fmt: skip
+    print(f"  speech_train_enc: {rep.written} clips encoded in {rep.seconds:.1f} s", flush=True)
+    return {"clips": rep.written, "seconds": round(rep.seconds, 1)}
 
 
 class CellClassifier(torch.nn.Module):

@@ -62,29 +62,40 @@ def eval_video(cfg, run, model, tok) -> dict:
             "exact": sum(r["ref"] == r["hyp"] for r in rows) / n, "rows": rows}  # fmt: skip
 
 
-def eval_speech(cfg, run, model, tok) -> dict:
-    """Transcribe the held-out clips (unseen voices and sentences); WER/CER overall and per voice."""
+def eval_speech(cfg, run, model, tok, shards: str = "speech_test") -> dict:
+    """Transcribe the held-out clips (unseen voices and sentences); WER/CER overall and per voice, and the
+    distinct transcripts as a fraction of the distinct references (a model that ignores the audio repeats itself)."""
     from mm_llama.adapters.asr import wer_cer_by
     from mm_llama.adapters.modality import AnswerOptions
     from mm_llama.adapters.registry import get_modality
+    from mm_llama.text import normalize_text
 
-    samples = shard_samples(run / "shards/speech_test/index.json", cfg.eval_limit)
+    samples = shard_samples(run / f"shards/{shards}/index.json", cfg.eval_limit)
     samples.sort(key=lambda s: len(s["wav"]))  # similar lengths per batch
     hyps = _answers(model, "speech", tok, samples, AnswerOptions(max_new_tokens=cfg.max_new_tokens))
     refs = [s["txt"].decode() for s in samples]
     voices = [json.loads(s["json"])["voice"] for s in samples]
     res = get_modality("speech").metrics(refs, hyps)
+    res["distinct_fraction"] = len({normalize_text(h) for h in hyps}) / max(len({normalize_text(r) for r in refs}), 1)
     res["by_voice"] = {v: r["wer"] for v, r in wer_cer_by(refs, hyps, voices).items()}
     res["rows"] = [{"ref": r, "hyp": h, "voice": v} for r, h, v in zip(refs, hyps, voices)]
     return res
 
 
-# run name -> (the model that answers: "main" = image + video + speech composed on one tower, or "conformer",
-# the comparison speech adapter on the same tower), the modality it is scored as, the scorer
+def eval_speech_open(cfg, run, model, tok) -> dict:
+    """The same adapter on held-out open-vocabulary fortune sentences (unseen voices)."""
+    return eval_speech(cfg, run, model, tok, "speech_open_test")
+
+
+# summary section -> (the model that answers: "main" = image + video + speech composed on one tower, or
+# "conformer", the comparison speech adapter on the same tower), the scorer. summary.json keeps each section's
+# figures (contract: image.count_and_layout_right, image.items_right, video.direction_right, video.item_right,
+# speech.wer, speech.distinct_fraction, speech_open.wer)
 EVALS = {
     "image": ("main", eval_image),
     "video": ("main", eval_video),
     "speech": ("main", eval_speech),
+    "speech_open": ("main", eval_speech_open),
     "conformer": ("conformer", eval_speech),
 }
 
@@ -113,7 +124,7 @@ def stage_evaluate(cfg, run) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     for name, (which, fn) in EVALS.items():
-        kind = "speech" if name == "conformer" else name
+        kind = "speech" if name in ("conformer", "speech_open") else name
         model = models.get(which)
         if model is None or kind not in model.modalities:
             print(f"  {name}: no trained adapter, not evaluated", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,10 +14,10 @@ from pathlib import Path
 from mm_llama.config import load_config
 
 from .config import DemoConfig
-from .data_stages import stage_corpora, stage_encoder
+from .data_stages import stage_corpora, stage_encoder, stage_speech_cache
 from .evaluation import stage_evaluate
 from .report import stage_report
-from .training import TRAINING
+from .training import TRAINING, TrainingStage
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Stage:
 STAGE_TABLE = [
     Stage("corpora", stage_corpora, "shards/corpora.json"),
     Stage("encoder", stage_encoder, "encoder/classifier.json"),
+    Stage("speech_cache", stage_speech_cache, "shards/speech_train_enc/index.json"),
     *(Stage(t.name, t, f"{t.name}/adapter.safetensors") for t in TRAINING),
     Stage("evaluate", stage_evaluate, "eval/summary.json"),
     Stage("report", stage_report, "report.md"),
@@ -50,6 +52,8 @@ def run_demo(cfg: DemoConfig, stages: list[str], force: bool = False) -> dict:
         if (run / stage.done).exists() and not force:
             print(f"[{s}] outputs exist ({run / stage.done}): skipped", flush=True)
             continue
+        if force and isinstance(stage.run, TrainingStage) and (run / s).exists():
+            shutil.rmtree(run / s)  # redo from step 0: a training run would otherwise resume from its checkpoints
         print(f"[{s}] ...", flush=True)
         t0 = time.perf_counter()
         result = stage.run(cfg, run)

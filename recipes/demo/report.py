@@ -21,10 +21,11 @@ def _plot_losses(run: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 1, figsize=(7, 4))
-    for name in ("image", "video", "speech", "conformer"):
+    for name in ("image", "video", "speech_ctc", "speech", "conformer_ctc", "conformer"):
         f = run / name / "losses.json"
         if f.exists():
-            ax.plot(json.loads(f.read_text()), label=name, lw=1)
+            label = f"{name.removesuffix('_ctc')} (CTC phase: CTC loss per token)" if name.endswith("_ctc") else name
+            ax.plot(json.loads(f.read_text()), label=label, lw=1, ls=":" if name.endswith("_ctc") else "-")
     f = run / "encoder/classifier.json"
     if f.exists():
         ax.plot(json.loads(f.read_text())["losses"], label="encoder (classifier pretraining)", lw=1, ls="--")
@@ -39,7 +40,7 @@ def _plot_losses(run: Path, path: Path) -> None:
 
 
 def _distinct(rows: list[dict]) -> str:
-    from mm_llama.adapters.asr import normalize_text
+    from mm_llama.text import normalize_text
 
     return f"{len({normalize_text(r['hyp']) for r in rows})} of {len(rows)}"
 
@@ -106,7 +107,9 @@ def stage_report(cfg, run) -> dict:
     L += ["## Data", "", "| corpus | samples |", "|---|---:|"]
     L += [f"| {k} | {v['samples']} |" for k, v in corp.items() if isinstance(v, dict) and "samples" in v]
     w = corp.get("speech_words", {})
-    L += ["", f"Speech: {w.get('corpus')} distinct words ({w.get('train')} in training, {w.get('test')} in the test "
+    L += ["", "Speech: sentences of a spoken-language grammar over the demo's world (`data.corpora.spoken_sentences`, "
+          f"{corp.get('speech_grammar_words')} words) and open-vocabulary fortune sentences; {w.get('corpus')} "
+          f"distinct words ({w.get('train')} in training, {w.get('test')} in the test "
           f"set, {w.get('test_words_unseen_in_train')} test words never heard in training); sentences shared between "
           f"train and test: {corp.get('speech_sentence_overlap')}. Training voices: "
           f"{', '.join(corp.get('speech_voices', {}).get('train', []))}. Test voices (unseen): "
@@ -125,21 +128,34 @@ def stage_report(cfg, run) -> dict:
         L += [f"| video captioning ({vid['n']} clips of test-split items) | direction right | >= 95% | "
               f"{_pct(vid['direction_right'])} |",
               f"| | item right | >= 85% | {_pct(vid['item_right'])} |"]  # fmt: skip
+    spo = ev("speech_open")
+    ref, ref_open = ev("asr_reference"), ev("asr_reference_open")
     if sp:
-        L += [f"| ASR, Whisper tiny.en (frozen) + adapter ({sp['n']} clips, unseen voices and sentences) | WER | "
-              f"<= 15% | {_pct(sp['wer'])} |", f"| | CER | | {_pct(sp['cer'])} |"]  # fmt: skip
-    if sp.get("rows"):
-        L += [f"| | distinct transcripts (few = the tower ignores the audio) | | {_distinct(sp['rows'])} |"]
-    if cf:
-        L += [f"| ASR, from-scratch Conformer (small) + adapter, {cfg.conformer_steps} steps (Whisper run: "
-              f"{cfg.speech_steps}) | WER | (comparison) | {_pct(cf['wer'])} |",
-              f"| | CER | | {_pct(cf['cer'])} |"]  # fmt: skip
-    if cf.get("rows"):
-        L += [f"| | distinct transcripts | | {_distinct(cf['rows'])} |"]
-    ref = ev("asr_reference")
+        L += [f"| ASR, spoken-language domain ({sp['n']} clips, unseen sentences and voices): Whisper tiny.en (frozen, "
+              f"outputs cached) + adapter, {cfg.speech_ctc_steps} CTC-phase + {cfg.speech_steps} token-loss steps | "
+              f"WER | <= 10% | "
+              f"{_pct(sp['wer'])} |", f"| | CER | | {_pct(sp['cer'])} |",
+              f"| | distinct transcripts / distinct references (few = the tower ignores the audio) | >= 95% | "
+              f"{_pct(sp.get('distinct_fraction', float('nan')))} ({_distinct(sp['rows'])}) |"]  # fmt: skip
     if ref:
-        L += [f"| complete pretrained Whisper tiny.en, its own decoder (`benchmarks/asr_reference.py`, same "
-              f"{ref['n']} clips) | WER | (reference) | {_pct(ref['wer'])} |"]  # fmt: skip
+        L += [f"| complete pretrained Whisper tiny.en, its own decoder (`make asr-reference`, same {ref['n']} "
+              f"clips) | WER | (reference) | {_pct(ref['wer'])} |"]  # fmt: skip
+    if cf:
+        L += [
+            f"| same domain, from-scratch Conformer (small) + adapter, {cfg.conformer_ctc_steps} CTC-phase + "
+            f"{cfg.conformer_steps} token-loss steps | WER | "
+            f"(comparison) | {_pct(cf['wer'])} |",
+            f"| | distinct transcripts | | {_distinct(cf['rows'])} |",
+        ]
+    if spo:
+        mix = (f"{cfg.speech_open_train} fortune clips mixed into training" if cfg.speech_open_train else
+               "trained on the bounded domain only: out of its domain")  # fmt: skip
+        L += [f"| ASR, open vocabulary ({spo['n']} held-out fortune sentences, unseen voices), the same adapter "
+              f"({mix}) | WER | <= 60% (stretch) | "
+              f"{_pct(spo['wer'])} |", f"| | distinct transcripts | | {_distinct(spo['rows'])} |"]  # fmt: skip
+    if ref_open:
+        L += [f"| complete pretrained Whisper tiny.en on the open-vocabulary clips | WER | (reference) | "
+              f"{_pct(ref_open['wer'])} |"]  # fmt: skip
     L += ["", "![loss curves](loss_curves.png)", ""]
     if img.get("rows"):
         L += [

@@ -76,17 +76,28 @@ class TrainingStage:
     def __call__(self, cfg: DemoConfig, run: Path) -> dict:
         args = [f"steps={getattr(cfg, self.steps)}", f"data.batch_size={getattr(cfg, self.batch)}",
                 f"data.train={run / 'shards' / self.shards / 'index.json'}",
-                *(x.format(run=run) for x in self.extra)]  # fmt: skip
+                *(x.format(run=run, encoder=cfg.speech_encoder) for x in self.extra)]  # fmt: skip
         return _train(cfg, run, self.name, self.config, args)
 
+
+_CTC_PHASE = ("optim.lr=3.0e-3", "optim.warmup_steps=50")  # a small adapter on a cheap loss: a high rate
+_LM_PHASE = ("optim.lr=1.0e-3", "optim.warmup_steps=5")
+_CONFORMER = ("model.speech.encoder=conformer:small", "model.speech.adapter=small_160ms",
+              "model.speech.freeze_encoder=false")  # fmt: skip
 
 TRAINING = [
     TrainingStage("image", "demo_image_smollm2.yaml", "image_steps", "image_batch", "image_train",
                   ("model.image.vision_init={run}/encoder/encoder.safetensors",)),
     TrainingStage("video", "demo_video_smollm2.yaml", "video_steps", "video_batch", "video_train",
                   ("model.video.image_adapter={run}/image/adapter.safetensors",)),
-    TrainingStage("speech", "demo_speech_smollm2.yaml", "speech_steps", "speech_batch", "speech_train"),
-    TrainingStage("conformer", "demo_speech_smollm2.yaml", "conformer_steps", "speech_batch", "speech_train",
-                  ("model.speech.encoder=conformer:small", "model.speech.adapter=small",
-                   "model.speech.freeze_encoder=false")),
+    # speech: CTC only on the cached encoder outputs (cheap: no tower), then the token loss from that adapter
+    TrainingStage("speech_ctc", "demo_speech_smollm2.yaml", "speech_ctc_steps", "speech_batch", "speech_train_enc",
+                  ("model.speech.encoder={encoder}", "objective=aux", *_CTC_PHASE)),
+    TrainingStage("speech", "demo_speech_smollm2.yaml", "speech_steps", "speech_batch", "speech_train_enc",
+                  ("model.speech.encoder={encoder}", "init_adapter={run}/speech_ctc/adapter.safetensors",
+                   *_LM_PHASE)),
+    TrainingStage("conformer_ctc", "demo_speech_smollm2.yaml", "conformer_ctc_steps", "speech_batch",
+                  "speech_train_enc", (*_CONFORMER, "objective=aux", *_CTC_PHASE)),
+    TrainingStage("conformer", "demo_speech_smollm2.yaml", "conformer_steps", "speech_batch", "speech_train_enc",
+                  (*_CONFORMER, "init_adapter={run}/conformer_ctc/adapter.safetensors", *_LM_PHASE)),
 ]  # fmt: skip

@@ -30,12 +30,17 @@ def test_reduced_demo_every_stage(tmp_path):
     corpora = json.loads((tmp_path / "shards/corpora.json").read_text())
     assert corpora["image_train"]["samples"] == 96 and corpora["speech_sentence_overlap"] == 0
     # the loss falls in every adapter stage (captions and transcripts are learnable within a few steps)
-    for name in ("image", "video", "speech"):
+    for name in ("image", "video", "speech_ctc", "speech"):
         losses = json.loads((tmp_path / name / "losses.json").read_text())
         assert len(losses) >= 6 and sum(losses[-2:]) < sum(losses[:2]), (name, losses)
         assert (tmp_path / name / "metrics.jsonl").exists() and (tmp_path / name / "train.log").exists()
     summary = json.loads((tmp_path / "eval/summary.json").read_text())
-    assert set(summary) == {"image", "video", "speech", "conformer"}
+    assert set(summary) == {"image", "video", "speech", "speech_open", "conformer"}
+    # contract figures (section.figure), each a fraction
+    for sec, fig in [("image", "count_and_layout_right"), ("image", "items_right"), ("video", "direction_right"),
+                     ("video", "item_right"), ("speech", "wer"), ("speech", "distinct_fraction"),
+                     ("speech_open", "wer")]:  # fmt: skip
+        assert isinstance(summary[sec][fig], float) and summary[sec][fig] >= 0, (sec, fig)
     assert summary["image"]["n"] == 4
     # the figure is what the per-sample rows say: re-score the stored captions against their references
     from mm_llama.data.corpora import parse_composite_caption
@@ -47,12 +52,16 @@ def test_reduced_demo_every_stage(tmp_path):
     ]
     assert [r["items_right"] for r in rows] == hits
     assert summary["image"]["items_right"] == sum(hits) / sum(len(t) for t in truths)
-    assert summary["speech"]["n"] == 4 and "wer" in summary["speech"]
+    assert summary["speech"]["n"] == 4 and summary["speech_open"]["n"] == 4
+    # the speech stage trained on the cached encoder outputs (every clip has them) with the CTC loss on
+    cached = json.loads((tmp_path / "shards/speech_train_enc/index.json").read_text())
+    assert cached["samples"] == corpora["speech_train"]["samples"] == 48 + 8
+    assert "model.speech.encoder=whisper:" in out
     report = (tmp_path / "report.md").read_text()
     assert "Results on held-out data" in report and "Time per stage" in report
     assert "fp32 fallback" in report or "bf16 via" in report  # the CPU's kernel path is named
     # live progress of each training stage reaches the demo's output (one line per ~30 s, and the last step)
-    for name, steps in (("image", 8), ("video", 6), ("speech", 6)):
+    for name, steps in (("image", 8), ("video", 6), ("speech", 10)):
         assert f"[train] step {steps}/{steps} loss" in out, name
     for png in ("loss_curves.png", "caption_grid.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
