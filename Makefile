@@ -78,7 +78,7 @@ demo: install
 
 # the complete pretrained Whisper tiny.en on the demo's speech test set (a reference for the adapter's WER)
 asr-reference: install
-	$(PIP) install -q -c $(LOCK) ctranslate2
+	$(PIP) install -q -c $(LOCK) ctranslate2==4.8.5  # the runtime the reference figures were measured with
 	$(PY) -m recipes.demo --stages corpora
 	$(PY) benchmarks/asr_reference.py --shards runs/demo/shards/speech_test/index.json
 	$(PY) benchmarks/asr_reference.py --shards runs/demo/shards/speech_open_test/index.json
