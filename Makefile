@@ -14,7 +14,7 @@ ASSETS_LOCK := requirements/assets.lock.txt
 APT_PKGS := chromium chromium-driver espeak-ng dataset-fashion-mnist fortunes fortunes-min
 PYTEST_ARGS ?=
 
-.PHONY: all test test-slow demo install install-dev lint format bench asr-reference clean apt lock lock-info check-fresh
+.PHONY: all test test-slow demo demo-seeds install install-dev lint format bench asr-reference clean apt lock lock-info check-fresh
 
 all: test
 
@@ -75,6 +75,10 @@ test-slow: install-dev
 
 demo: install
 	$(PY) -m recipes.demo
+
+# the demo's held-out figures over 3 seeds (one full demo per seed): mean, min, max, target at the worst seed
+demo-seeds: install
+	$(PY) -m recipes.demo.seeds --seeds 0 1 2
 
 # the complete pretrained Whisper tiny.en on the demo's speech test set (a reference for the adapter's WER)
 asr-reference: install

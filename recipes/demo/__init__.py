@@ -4,6 +4,7 @@ adapters on the frozen SmolLM2-135M tower -> held-out evaluation -> runs/demo/re
     python -m recipes.demo                       # every stage; stages whose outputs exist are skipped
     python -m recipes.demo --stages image,report # only these (still skipped when done; --force redoes them)
     python -m recipes.demo --config recipes/configs/demo/tiny.yaml run_dir=/tmp/d   # the reduced test version
+    python -m recipes.demo.seeds                 # every stage per seed (0 1 2), figures' mean/min/max (make demo-seeds)
 
 Stages (outputs under run_dir):
   corpora    Fashion-MNIST composites (train split / test split), moving-item clips, spoken-language sentences

@@ -68,3 +68,26 @@ def test_reduced_demo_every_stage(tmp_path):
     # stages whose outputs exist are skipped
     again = run(f"run_dir={tmp_path}", "--stages", "image,report")
     assert "[image] outputs exist" in again and "[report] outputs exist" in again
+
+
+def test_seed_table_takes_the_worst_seed(tmp_path):
+    """`make demo-seeds` tabulates each contract figure over the seeds' summaries; a target holds only when it holds
+    for the worst seed (lowest fraction right, highest WER)."""
+    from recipes.demo.seeds import main, tabulate
+
+    sums = {
+        0: {"speech": {"wer": 0.05, "distinct_fraction": 1.0}, "image": {"items_right": 0.93}},
+        1: {"speech": {"wer": 0.12, "distinct_fraction": 0.97}, "image": {"items_right": 0.91}},
+        2: {"speech": {"wer": 0.07, "distinct_fraction": 0.99}, "image": {"items_right": 0.92}},
+    }
+    t = tabulate(sums)
+    assert t["speech.wer"]["worst"] == 0.12 and not t["speech.wer"]["holds"]
+    assert t["speech.distinct_fraction"]["worst"] == 0.97 and t["speech.distinct_fraction"]["holds"]
+    assert t["image.items_right"]["min"] == 0.91 and t["image.items_right"]["holds"]
+    assert abs(t["speech.wer"]["mean"] - 0.08) < 1e-9 and "video.item_right" not in t
+    for seed, summ in sums.items():
+        (tmp_path / f"seed_{seed}/eval").mkdir(parents=True)
+        (tmp_path / f"seed_{seed}/eval/summary.json").write_text(json.dumps(summ))
+    assert main(["--table-only", "--root", str(tmp_path)]) == 1  # speech.wer fails at seed 1
+    md = (tmp_path / "seeds.md").read_text()
+    assert "| speech.wer | 5.0% | 12.0% | 7.0% | 8.0% | 5.0% | 12.0% | <= 10% | NO |" in md

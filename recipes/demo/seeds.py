@@ -1,0 +1,103 @@
+"""The demo's held-out figures over several seeds (`make demo-seeds`): every stage of the demo once per seed, each in
+its own run folder, then one table of each contract figure of `eval/summary.json` with its mean, min and max, and
+whether its target holds for the WORST seed.
+
+    python -m recipes.demo.seeds                          # seeds 0 1 2 into runs/demo_seeds/seed_N
+    python -m recipes.demo.seeds --seeds 0 1 --config recipes/configs/demo/tiny.yaml   # any DemoConfig
+    python -m recipes.demo.seeds --table-only             # re-tabulate finished runs
+
+Writes RUN_ROOT/seeds.md and RUN_ROOT/seeds.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+# contract figure -> (target, "min" when higher is better / "max" when lower is better)
+TARGETS = {
+    "image.count_and_layout_right": (0.95, "min"),
+    "image.items_right": (0.90, "min"),
+    "video.direction_right": (0.95, "min"),
+    "video.item_right": (0.90, "min"),
+    "speech.wer": (0.10, "max"),
+    "speech.distinct_fraction": (0.95, "min"),
+    "speech_open.wer": (0.60, "max"),
+}
+
+
+def figure(summary: dict, key: str) -> float | None:
+    section, name = key.split(".", 1)
+    value = summary.get(section, {}).get(name)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def tabulate(summaries: dict[int, dict]) -> dict:
+    """{seed: summary.json} -> {figure: {values, mean, min, max, target, worst, holds}} (figures no seed has are
+    left out)."""
+    out = {}
+    for key, (target, better) in TARGETS.items():
+        values = {s: v for s, summ in summaries.items() if (v := figure(summ, key)) is not None}
+        if not values:
+            continue
+        vs = list(values.values())
+        worst = min(vs) if better == "min" else max(vs)
+        out[key] = {"values": values, "mean": statistics.fmean(vs), "min": min(vs), "max": max(vs),
+                    "target": target, "worst": worst,
+                    "holds": worst >= target if better == "min" else worst <= target}  # fmt: skip
+    return out
+
+
+def markdown(table: dict) -> str:
+    seeds = sorted({s for row in table.values() for s in row["values"]})
+    head = "| figure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min | max | target | worst holds |"
+    lines = [head, "|---|" + "---:|" * (len(seeds) + 4) + "---|"]
+    for key, row in table.items():
+        cells = [f"{100 * row['values'][s]:.1f}%" if s in row["values"] else "-" for s in seeds]
+        op = ">=" if TARGETS[key][1] == "min" else "<="
+        stats = " | ".join(f"{100 * row[k]:.1f}%" for k in ("mean", "min", "max"))
+        verdict = "yes" if row["holds"] else "NO"
+        lines.append(f"| {key} | {' | '.join(cells)} | {stats} | {op} {100 * row['target']:.0f}% | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from mm_llama.config import load_config
+
+    from .config import DemoConfig
+    from .pipeline import STAGES, run_demo
+
+    ap = argparse.ArgumentParser(prog="python -m recipes.demo.seeds", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--root", default="runs/demo_seeds", help="one run folder per seed below this")
+    ap.add_argument("--config", default=None, help="YAML of DemoConfig values (defaults: the full demo)")
+    ap.add_argument("--table-only", action="store_true", help="only tabulate the runs already there")
+    ap.add_argument("overrides", nargs="*", help="key=value DemoConfig overrides for every seed")
+    a = ap.parse_intermixed_args(argv)
+    root = Path(a.root)
+    summaries = {}
+    for seed in a.seeds:
+        run = root / f"seed_{seed}"
+        if not a.table_only:
+            cfg = load_config(DemoConfig, a.config, [*a.overrides, f"seed={seed}", f"run_dir={run}"])
+            print(f"== seed {seed} -> {run}", flush=True)
+            run_demo(cfg, STAGES)
+        f = run / "eval/summary.json"
+        if f.exists():
+            summaries[seed] = json.loads(f.read_text())
+        else:
+            print(f"seed {seed}: no {f} (the run did not finish its evaluation)", flush=True)
+    table = tabulate(summaries)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "seeds.json").write_text(json.dumps(table, indent=1))
+    text = markdown(table)
+    (root / "seeds.md").write_text(text)
+    print(text, flush=True)
+    return 0 if all(row["holds"] for row in table.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
