@@ -72,7 +72,7 @@ class SpeechSamples:
         from ..whisper import whisper_log_mel
 
         target = text_target(self.tok, raw, self.max_text)
-        if self.cached_encoder and raw.get(CACHE_ID_MEMBER, b"").decode() == self.cached_encoder:
+        if self.cached_encoder and raw.get(CACHE_ID_MEMBER, b"").decode(errors="replace") == self.cached_encoder:
             enc = read_cached(raw)
             return {**build_example(self._prompt(self.count.from_encoder_frames(enc.shape[0])), target),
                     "speech_enc": enc}  # fmt: skip
