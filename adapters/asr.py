@@ -8,15 +8,14 @@ from pathlib import Path
 
 import torch
 
-from mm_llama.data.audio import log_mel
 from mm_llama.generate import bos_prefix, generate_ids, padding_id
 from mm_llama.llama.model import Transformer
-from mm_llama.text import normalize_text, number_words  # noqa: F401  (re-exported: scoring lives here)
+from mm_llama.text import normalize_text
 
 from .fusion import TOKEN_ROWS
 from .speech import AdapterArgs, ConformerArgs, ConformerEncoder, SpeechAdapter
-from .speech_fusion import ASR_PROMPT, FusedSpeechModel
-from .whisper import WhisperEncoder, whisper_log_mel
+from .speech_fusion import ASR_PROMPT, FusedSpeechModel, clip_features
+from .whisper import WhisperEncoder
 
 
 def wer_cer(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
@@ -38,9 +37,7 @@ def wer_cer_by(references: Sequence[str], hypotheses: Sequence[str], groups: Seq
 
 def features_for(model: FusedSpeechModel, wave: torch.Tensor) -> torch.Tensor:
     """[frames, n_mels] features of a 16 kHz clip for this model's encoder."""
-    if isinstance(model.encoder, WhisperEncoder):
-        return whisper_log_mel(wave).transpose(0, 1)
-    return log_mel(wave)
+    return clip_features(wave, isinstance(model.encoder, WhisperEncoder))
 
 
 def prompt_ids(tok, model: FusedSpeechModel, n_speech: int, language: str = "English", template: str = ASR_PROMPT):

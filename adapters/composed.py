@@ -201,12 +201,15 @@ class ComposedModel(nn.Module):
         targets = labels[:, 1:][select[:, :-1]]  # row-major, as logits[select]
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")
         n = int(targets.numel())
-        aux = [a for k, st in states.items() if (a := MODALITIES[k].aux_loss(self, st, input_ids, labels)) is not None]
+        aux = self._aux_losses(states, input_ids, labels)
         return ModelOutput(logits, loss_sum / max(n, 1), loss_sum, n, sum(aux) if aux else None)
+
+    def _aux_losses(self, states: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        return [a for k, st in states.items() if (a := MODALITIES[k].aux_loss(self, st, input_ids, labels)) is not None]
 
     def _aux_only(self, states: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
         """Training with `aux_only`: the plug-ins' auxiliary losses without the tower (loss per labelled token)."""
-        aux = [a for k, st in states.items() if (a := MODALITIES[k].aux_loss(self, st, input_ids, labels)) is not None]
+        aux = self._aux_losses(states, input_ids, labels)
         if not aux:
             raise ValueError(f"aux_only training, but no loaded part has an auxiliary loss ({', '.join(self.kinds)})")
         total = sum(aux)

@@ -44,6 +44,15 @@ class SpeechTokenCount:
         return int(adapter_frames(enc, self.adapter_stack))
 
 
+def clip_features(wave: torch.Tensor, whisper: bool) -> torch.Tensor:
+    """[frames, n_mels] features of a 16 kHz clip: Whisper's own log-mel for a Whisper encoder, ours otherwise."""
+    from mm_llama.data.audio import log_mel
+
+    from .whisper import whisper_log_mel
+
+    return whisper_log_mel(wave).transpose(0, 1) if whisper else log_mel(wave)
+
+
 def run_encoder(encoder: nn.Module, features_BFM: torch.Tensor, lengths: torch.Tensor):
     """Whisper or Conformer encoder on padded features [B, F, n_mels] -> (output [B, T, D_enc], lengths [B])."""
     if isinstance(encoder, WhisperEncoder):
@@ -62,7 +71,7 @@ class CTCHead(nn.Module):
         self.weight, self.negatives = weight, negatives
         self.blank = nn.Parameter(torch.randn(dim) / dim**0.5)
         self.log_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(10.0)))))
-        self._keys: tuple | None = None  # the frozen table, unit-normalised once: (data_ptr, version, tensor)
+        self._keys: tuple | None = None  # ((data_ptr, version, device) of the frozen table, its rows unit-normalised)
 
     def _table_keys(self, table: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
@@ -81,7 +90,7 @@ class CTCHead(nn.Module):
 
         keys = self._table_keys(table)
         V = keys.shape[0]
-        flat = torch.cat(targets).to(keys.device) if targets else torch.zeros(0, dtype=torch.long)
+        flat = torch.cat(targets).to(keys.device)
         if 0 < self.negatives < V:
             cand = torch.unique(torch.cat([flat, torch.randint(V, (self.negatives,), device=keys.device)]))
             keys, flat = keys[cand], torch.searchsorted(cand, flat)

@@ -351,6 +351,22 @@ class WriteReport:
     seconds: float = 0.0
 
 
+def _prepare_out_dir(out_dir: str | Path, replace: bool) -> Path:
+    """The folder new shards go into: created if missing; one that already holds shards or an index is refused
+    unless `replace`, which first removes them (so no stale shard is left beside the new index)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a folder (shards go into a folder)")
+    old = [p for p in out_dir.glob("*") if p.name == "index.json" or p.name.endswith(SHARD_SUFFIXES)]
+    if old and not replace:
+        raise ValueError(f"{out_dir}: already holds {len(old)} shard files / an index; pass --replace (replace=True) "
+                         "to remove them first, or choose an empty folder")  # fmt: skip
+    for f in old:
+        f.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def write_shards(
     samples: Iterable[dict],
     out_dir: str | Path,
@@ -375,16 +391,7 @@ def write_shards(
     from .image import decode_image
     from .video import decode_video
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: exists and is not a folder (shards go into a folder)")
-    old = [p for p in out_dir.glob("*") if p.name == "index.json" or p.name.endswith(SHARD_SUFFIXES)]
-    if old and not replace:
-        raise ValueError(f"{out_dir}: already holds {len(old)} shard files / an index; pass --replace (replace=True) "
-                         "to remove them first, or choose an empty folder")  # fmt: skip
-    for f in old:
-        f.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _prepare_out_dir(out_dir, replace)
     rep = WriteReport()
     t0 = time.perf_counter()
     pattern = str(out_dir / f"{prefix}-%06d.tar")
@@ -460,13 +467,7 @@ def derive_shards(index: str | Path, out_dir: str | Path, add: Callable[[list[di
 
     import webdataset as wds
 
-    out_dir = Path(out_dir)
-    old = [p for p in out_dir.glob("*") if p.name == "index.json" or p.name.endswith(SHARD_SUFFIXES)]
-    if old and not replace:
-        raise ValueError(f"{out_dir}: already holds shard files / an index; pass replace=True or choose another folder")
-    for f in old:
-        f.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _prepare_out_dir(out_dir, replace)
     urls, counts = read_index(index)
     rep, t0 = WriteReport(), time.perf_counter()
     shards = []

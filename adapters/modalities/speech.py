@@ -66,10 +66,10 @@ class SpeechSamples:
         return bos_prefix(self.tok) + self.tok.encode(ASR_PROMPT.format(language="English")) + [self.token_id] * n
 
     def __call__(self, raw: dict) -> dict:
-        from mm_llama.data.audio import decode_audio, log_mel
+        from mm_llama.data.audio import decode_audio
         from mm_llama.data.collate import build_example
 
-        from ..whisper import whisper_log_mel
+        from ..speech_fusion import clip_features
 
         target = text_target(self.tok, raw, self.max_text)
         if self.cached_encoder and raw.get(CACHE_ID_MEMBER, b"").decode(errors="replace") == self.cached_encoder:
@@ -79,7 +79,7 @@ class SpeechSamples:
         ext = require_member(raw, AUDIO_EXTS, "audio")
         wave = decode_audio(raw[ext], raw["__key__"], ext, min_seconds=MIN_SECONDS,
                             max_seconds=CHUNK_SECONDS if self.whisper else None)  # fmt: skip
-        feats = whisper_log_mel(wave).transpose(0, 1) if self.whisper else log_mel(wave)
+        feats = clip_features(wave, self.whisper)
         return {**build_example(self._prompt(self.count(feats.shape[0])), target), "speech": feats}
 
 
@@ -264,13 +264,14 @@ def cache_encoder_outputs(encoder, encoder_id: str, index, out_dir, *, batch: in
     import numpy as np
     import torch
 
-    from mm_llama.data.audio import decode_audio, log_mel
+    from mm_llama.data.audio import decode_audio
     from mm_llama.data.shards import derive_shards
 
-    from ..speech_fusion import run_encoder
-    from ..whisper import WhisperEncoder, whisper_log_mel
+    from ..speech_fusion import clip_features, run_encoder
+    from ..whisper import WhisperEncoder
 
     encoder = encoder.eval()
+    whisper = isinstance(encoder, WhisperEncoder)
     dev = next(encoder.parameters()).device
 
     def add(samples):
@@ -281,9 +282,7 @@ def cache_encoder_outputs(encoder, encoder_id: str, index, out_dir, *, batch: in
                 wave = decode_audio(s[ext], s["__key__"], ext, min_seconds=MIN_SECONDS, max_seconds=CHUNK_SECONDS)
             except Exception:  # noqa: BLE001 - left for the loader to count and skip, as without a cache
                 continue
-            feats.append(
-                whisper_log_mel(wave).transpose(0, 1) if isinstance(encoder, WhisperEncoder) else log_mel(wave)
-            )
+            feats.append(clip_features(wave, whisper))
             where.append(i)
         extra = [{} for _ in samples]
         if feats:

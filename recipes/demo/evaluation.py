@@ -88,15 +88,15 @@ def eval_speech_open(cfg, run, model, tok) -> dict:
 
 
 # summary section -> (the model that answers: "main" = image + video + speech composed on one tower, or
-# "conformer", the comparison speech adapter on the same tower), the scorer. summary.json keeps each section's
-# figures (contract: image.count_and_layout_right, image.items_right, video.direction_right, video.item_right,
-# speech.wer, speech.distinct_fraction, speech_open.wer)
+# "conformer", the comparison speech adapter on the same tower), the modality it is scored as, the scorer.
+# summary.json keeps each section's figures (contract: image.count_and_layout_right, image.items_right,
+# video.direction_right, video.item_right, speech.wer, speech.distinct_fraction, speech_open.wer)
 EVALS = {
-    "image": ("main", eval_image),
-    "video": ("main", eval_video),
-    "speech": ("main", eval_speech),
-    "speech_open": ("main", eval_speech_open),
-    "conformer": ("conformer", eval_speech),
+    "image": ("main", "image", eval_image),
+    "video": ("main", "video", eval_video),
+    "speech": ("main", "speech", eval_speech),
+    "speech_open": ("main", "speech", eval_speech_open),
+    "conformer": ("conformer", "speech", eval_speech),
 }
 
 
@@ -123,8 +123,7 @@ def stage_evaluate(cfg, run) -> dict:
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for name, (which, fn) in EVALS.items():
-        kind = "speech" if name in ("conformer", "speech_open") else name
+    for name, (which, kind, fn) in EVALS.items():
         model = models.get(which)
         if model is None or kind not in model.modalities:
             print(f"  {name}: no trained adapter, not evaluated", flush=True)
