@@ -8,6 +8,7 @@ Usage: python benchmarks/gpu_train.py [--steps 10] [--seq 512] [--batch 2] [--pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -32,6 +33,7 @@ def main():
     from mm_llama.adapters.builders import attach_image_adapter
     from mm_llama.data.collate import cross_attention_mask
     from mm_llama.engine import DistributedDataParallel
+    from mm_llama.engine.flops import StepFlops, device_peak_flops
     from mm_llama.llama import Transformer, get_preset
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -54,8 +56,9 @@ def main():
     ar_mask[:, :, 0] = 1
     xm = cross_attention_mask(ids.tolist(), model.image_token_id, [[1]] * B, v.max_num_tiles).to(dev)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_all = sum(p.numel() for p in model.parameters())
-    peak_flops = float(os.environ.get("PEAK_TFLOPS", 989)) * 1e12  # H100 SXM dense bf16
+    peak_flops, source = device_peak_flops(dev, torch.bfloat16)
+    if os.environ.get("PEAK_TFLOPS"):
+        peak_flops, source = float(os.environ["PEAK_TFLOPS"]) * 1e12, "PEAK_TFLOPS"
     n_train = sum(p.numel() for p in trainable) / 1e9
     print(f"{torch.cuda.get_device_name()} | tower {args.preset} bf16 frozen | trainable {n_train:.2f}B | "
           f"batch {B} x {T} tokens, 1 tile of {v.image_size}px")  # fmt: skip
@@ -64,15 +67,18 @@ def main():
                    else torch.nn.parallel.DistributedDataParallel(model))  # fmt: skip
         opt = torch.optim.AdamW(trainable, lr=1e-5)
         torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, flops = [], 0
         for step in range(args.steps):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = wrapped(ids, pixel_values=px, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask,
-                                 cross_attention_mask=xm)  # fmt: skip
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-            loss.backward()
+            count = StepFlops() if step == 0 else contextlib.nullcontext()  # FLOPs executed (same every step)
+            with count:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = wrapped(ids, pixel_values=px, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask,
+                                     cross_attention_mask=xm)  # fmt: skip
+                    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss.backward()
+            flops = count.total if step == 0 else flops
             opt.step()
             opt.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
@@ -80,7 +86,7 @@ def main():
                 times.append(time.perf_counter() - t0)
         t = statistics.median(times)
         tps = B * T / t
-        print(f"engine={engine:<6} {tps:9.0f} tokens/s  MFU {6 * n_all * tps / peak_flops:6.1%}  "
+        print(f"engine={engine:<6} {tps:9.0f} tokens/s  MFU {flops / t / peak_flops:6.1%} ({source})  "
               f"peak memory {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB  step {t * 1e3:.0f} ms")  # fmt: skip
         if engine == "ours":
             wrapped.remove_hooks()

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mm_llama.assets import resolve
-from mm_llama.config import bounded, choice, load_config, save_config
+from mm_llama.config import auto_or_bounded, bounded, choice, load_config, save_config
 
 
 @dataclass
@@ -80,7 +80,7 @@ class TrainConfig:
     steps: int = bounded(10, 1)
     seed: int = 0
     engine: str = choice("ours", "ours", "torch")
-    bucket_cap_mb: float = bounded(25.0, 0.0)
+    bucket_cap_mb: float | str = auto_or_bounded("auto", 0.0)  # auto: sized from the trainable gradients
     log_every: int = bounded(1, 1)
     ckpt_every: int = bounded(5, 1)
     keep_last: int = bounded(3, 1)
@@ -91,7 +91,7 @@ class TrainConfig:
     profile: bool = False  # torch profiler trace of steps 2-4 into RUN/profile/
     tensorboard: bool = True
     progress_every_s: float = bounded(30.0, 0.0)  # without a terminal: a progress line this often (rank 0)
-    peak_tflops: float | None = bounded(None, 0.0)  # for MFU; default: 0.1 on CPU, 989 (H100 bf16 dense) on CUDA
+    peak_tflops: float | None = bounded(None, 0.0)  # MFU peak per device; default: spec sheet (GPU), measured (CPU)
     init_adapter: str = ""  # start the trainable weights from this adapter file (same modality and options)
     # lm: the token loss through the frozen tower (+ the plug-in's auxiliary losses); aux: the auxiliary losses only,
     # the tower skipped (e.g. a cheap CTC phase for the speech adapter before the LM phase)
@@ -303,6 +303,7 @@ def train(cfg: TrainConfig) -> list[float]:
     from mm_llama.data.loader import StreamingLoader
     from mm_llama.engine import DistributedDataParallel, init_distributed
     from mm_llama.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+    from mm_llama.engine.flops import StepFlops, device_peak_flops
     from mm_llama.engine.step import train_step, warmup_cosine
     from mm_llama.llama import Tokenizer
 
@@ -337,7 +338,8 @@ def train(cfg: TrainConfig) -> list[float]:
         wrapped = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb,
                                           find_unused_parameters=model.aux_only)  # fmt: skip
     elif cfg.engine == "torch" and info.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb,
+        cap = None if cfg.bucket_cap_mb == "auto" else cfg.bucket_cap_mb  # torch's own default (25 MiB)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cap,
                                                             find_unused_parameters=model.aux_only)  # fmt: skip
     elif cfg.engine == "torch":
         wrapped = model
@@ -362,9 +364,12 @@ def train(cfg: TrainConfig) -> list[float]:
         step, losses, nonfinite = state["step"], list(state["losses"]), state["nonfinite"]
     barrier = dist.barrier if info.distributed else None
     metrics = Metrics(run, cfg, info.is_main)
-    n_params = sum(p.numel() for p in model.parameters())
-    peak = cfg.peak_tflops or (989.0 if torch.cuda.is_available() else 0.1)
     amp_dtype = torch.bfloat16 if tower_dtype == torch.bfloat16 else None  # bf16 towers run adapters in autocast
+    # MFU: FLOPs executed on this rank (counted on logged steps) over one device's peak
+    peak, peak_source = (cfg.peak_tflops * 1e12, "peak_tflops") if cfg.peak_tflops else device_peak_flops(
+        info.device, amp_dtype or torch.float32)  # fmt: skip
+    if info.is_main:
+        print(f"MFU peak: {peak / 1e12:.3g} TFLOP/s per device ({peak_source})", file=sys.stderr)
     batches = iter(loader)
     bar = Progress(cfg.steps, step, cfg.progress_every_s) if info.is_main else None
     data_wait0 = loader.data_wait_s
@@ -376,9 +381,11 @@ def train(cfg: TrainConfig) -> list[float]:
         while step < cfg.steps:
             t0 = time.perf_counter()
             _kill_if_asked(cfg, info.rank, step)
-            res = train_step(wrapped, opt, sched, batches, trainable, device=info.device,
-                             grad_accum=cfg.optim.grad_accum, clip=cfg.optim.clip, world_size=info.world_size,
-                             autocast_dtype=amp_dtype, loss_hook=inject_nan)  # fmt: skip
+            count = StepFlops() if (step + 1) % cfg.log_every == 0 else contextlib.nullcontext()
+            with count:
+                res = train_step(wrapped, opt, sched, batches, trainable, device=info.device,
+                                 grad_accum=cfg.optim.grad_accum, clip=cfg.optim.clip, world_size=info.world_size,
+                                 autocast_dtype=amp_dtype, loss_hook=inject_nan)  # fmt: skip
             if res.skipped:
                 nonfinite += 1
                 if info.is_main:
@@ -395,7 +402,7 @@ def train(cfg: TrainConfig) -> list[float]:
                 wait = loader.data_wait_s - data_wait0
                 data_wait0 = loader.data_wait_s
                 rec = {"step": step, "loss": res.loss, "lr": sched.get_last_lr()[0], "grad_norm": res.grad_norm,
-                       "tokens_per_s": tps, "mfu": 6 * n_params * tps / (peak * 1e12 * info.world_size),
+                       "tokens_per_s": tps, "flops": count.total, "mfu": count.total / (dt * peak),
                        "data_wait_fraction": wait / dt, "nonfinite": nonfinite,
                        "peak_mem_mb": _peak_mem_mb()}  # fmt: skip
                 metrics.log(rec | loader.metrics())

@@ -144,8 +144,9 @@ def test_profile_and_tensorboard_outputs(tmp_path):
     train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "--profile", "steps=5")
     assert list((tmp_path / "profile").glob("*.json")) and list((tmp_path / "tensorboard").iterdir())
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("mfu", "data_wait_fraction", "peak_mem_mb", "bad_samples", "grad_norm", "lr"):
+    for key in ("mfu", "flops", "data_wait_fraction", "peak_mem_mb", "bad_samples", "grad_norm", "lr"):
         assert key in rec
+    assert rec["flops"] > 0 and 0 < rec["mfu"] < 1  # FLOPs executed over a measured CPU peak
 
 
 @pytest.mark.parametrize("modality", ["image", "video", "speech"])
