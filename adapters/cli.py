@@ -31,7 +31,8 @@ def load_model(args):
     dtype = getattr(torch, args.dtype)
     files = list(args.adapter or []) + [f for f in (getattr(args, "video_adapter", None),) if f]
     if files:
-        model = load_composed(load_tower(args.model, dtype=dtype, device=args.device), files)
+        tower = load_tower(args.model, dtype=dtype, device=args.device, quantize=getattr(args, "quantize", None))
+        model = load_composed(tower, files)
     elif (Path(args.model) / "config.json").is_file() or (Path(args.model) / "params.json").is_file():
         from mm_llama.llama.checkpoint import CheckpointError
 
@@ -39,6 +40,10 @@ def load_model(args):
 
         try:
             image = load_pretrained(args.model, dtype=dtype, device=args.device)
+            if getattr(args, "quantize", None):
+                from mm_llama.llama.quantize import quantize_int8
+
+                quantize_int8(image.tower, dtype)
         except CheckpointError as e:  # e.g. a plain tower folder: say what to add
             raise ValueError(f"{e}; a plain tower needs --adapter FILE (image, video or speech adapter)") from None
         model = ComposedModel(image.tower, image=image)
@@ -98,6 +103,8 @@ def _add_common(c, max_new_tokens: int) -> None:
     c.add_argument("--top-p", type=float, default=1.0)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only tower linears (pair with --dtype bfloat16; inference only)")  # fmt: skip
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cmd_describe)
 

@@ -223,6 +223,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--video-adapter", default=None, help="same as another --adapter (kept for old scripts)")
     s.add_argument("--speech-adapter", default=None, help="same as another --adapter (kept for old scripts)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only tower linears")
     s.add_argument("--prompt", default="")
     s.add_argument("--frames", type=int, default=8)
     s.add_argument("--max-new-tokens", type=int, default=32)

@@ -22,6 +22,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only tower linears (pair with --dtype bf16; inference only)")  # fmt: skip
     p.add_argument("--device", default="cpu")
 
 
@@ -29,7 +31,7 @@ def cmd_generate(args) -> int:
     from .generate import StreamPrinter, generate
     from .llama import Tokenizer, load_pretrained
 
-    model = load_pretrained(args.model, dtype=_dtype(args.dtype), device=args.device)
+    model = load_pretrained(args.model, dtype=_dtype(args.dtype), device=args.device, quantize=args.quantize)
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     for prompt in args.prompt:
         if not args.chat:

@@ -29,6 +29,7 @@ from .format_hf import (
 )
 from .format_meta import _meta_stream, args_from_meta_params, save_meta
 from .model import Transformer
+from .quantize import QUANTIZE_MODES, quantize_int8
 
 __all__ = [
     "GGUF_SUPPORTED",
@@ -161,15 +162,24 @@ def load_pretrained(
     device: torch.device | str = "cpu",
     *,
     requires_grad: bool = False,
+    quantize: str | None = None,
 ) -> Transformer:
     """Load a Llama 3 tower from a Meta folder, a Hugging Face folder or a .gguf file.
 
     The tower is returned in eval mode with `requires_grad=False` (frozen) unless asked otherwise.
+    quantize="int8": weight-only int8 linears for decoding (`mm_llama.llama.quantize`), computing in `dtype`
+    (bfloat16 is the fast pairing on CPU); inference only.
     """
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} or None, not {quantize!r}")
+    if quantize is not None and requires_grad:
+        raise ValueError("a quantized tower is for inference: quantize= cannot be combined with requires_grad=True")
     args, stream, _ = read_checkpoint(path, dtype)
     with torch.device("meta"):
         model = Transformer(args)
     load_state_into(model, stream, source=str(path), dtype=dtype, device=device)
     model.reset_buffers()
     model.requires_grad_(requires_grad)
+    if quantize == "int8":
+        quantize_int8(model, dtype)
     return model.eval()
