@@ -6,10 +6,14 @@ interleaved (tens of MB of trainable gradients). Each rank runs 1 thread; every 
 Reported:
   compute       forward + backward without any communication (T_fwd, T_backward)
   comm          all-reduce of all trainable gradients alone, in 25 MiB buckets (T_comm)
-  ours / torch  full step (fwd + bwd + grads averaged) and the backward alone under DDP (T_step_backward)
+  ours / torch  full step (fwd + bwd + grads averaged) and the backward alone under DDP (T_step_backward), each
+                with its DEFAULT bucket cap (ours: "auto", sized from the trainable gradients; torch: 25 MiB)
   no-overlap    local backward, then all-reduce of the gradient buckets after it
   hidden        (T_backward + T_comm - T_step_backward) / T_comm   -- share of communication hidden by backward
   sweeps        bucket cap 1/5/25/100 MiB; no_sync every 1/2/4 steps (time per micro-step)
+
+The last line is JSON: default_hidden_fraction and default_vs_bound (ours at its default cap, on the slow link when
+one is given, else loopback) and loopback_vs_torch (ours / torch DDP, each at its default, loopback).
 
 Links: loopback by default; `--slow-link RATE` puts the two ranks in two network namespaces joined by a veth
 pair shaped with `tc tbf` (needs root and iproute2); the namespaces are removed afterwards.
@@ -151,8 +155,10 @@ def worker(args) -> None:
         return step
 
     m_ours, m_torch = copy.deepcopy(model), copy.deepcopy(model)
-    ours = DistributedDataParallel(m_ours, bucket_cap_mb=25)
-    ref = nn.parallel.DistributedDataParallel(m_torch, bucket_cap_mb=25, broadcast_buffers=False)
+    ours = DistributedDataParallel(m_ours)  # the default: bucket_cap_mb="auto"
+    res["auto_cap_MiB"] = ours.bucket_cap_bytes / MiB
+    res["auto_buckets"] = len(ours.buckets)
+    ref = nn.parallel.DistributedDataParallel(m_torch, broadcast_buffers=False)  # torch's default: 25 MiB
     for name, ddp, m in (("ours", ours, m_ours), ("torch", ref, m_torch)):
         res[f"T_step_{name}"] = median_time(step_fn(ddp, m), args.iters)
         res[f"T_step_backward_{name}"] = backward_median(ddp, m)
@@ -248,13 +254,17 @@ def report(res: dict, link: str) -> None:
     print(f"comm alone      {ms(res['T_comm'])}")
     print(f"step no-overlap {ms(res['T_step_no_overlap'])}")
     print(f"step torch DDP  {ms(res['T_step_torch'])}")
-    print(f"step ours       {ms(res['T_step_ours'])}   ratio ours/torch {res['T_step_ours'] / res['T_step_torch']:.3f}")
+    print(
+        f"step ours       {ms(res['T_step_ours'])}   ratio ours/torch {res['T_step_ours'] / res['T_step_torch']:.3f}"
+        f"   (ours: auto cap {res['auto_cap_MiB']:.2f} MiB, {res['auto_buckets']} buckets; torch: 25 MiB)"
+    )
     bound = max(res["T_compute"], res["T_comm"] + res["T_fwd"])
     print(f"ours / max(compute, fwd+comm) = {res['T_step_ours'] / bound:.3f}   "
           f"ours / no-overlap = {res['T_step_ours'] / res['T_step_no_overlap']:.3f}")  # fmt: skip
+    hidden_of = {}
     for name in ("ours", "torch"):
         tsb = res[f"T_step_backward_{name}"]
-        hidden = (res["T_backward"] + res["T_comm"] - tsb) / res["T_comm"]
+        hidden = hidden_of[name] = (res["T_backward"] + res["T_comm"] - tsb) / res["T_comm"]
         print(f"hidden communication ({name:5s}): {100 * hidden:5.1f}%   (backward under DDP {ms(tsb)})")
     print("bucket cap sweep:   cap     ours step   torch step  ours/torch  hidden(ours)  ours/max(compute,fwd+comm)")
     for c in (1, 5, 25, 100):
@@ -262,6 +272,8 @@ def report(res: dict, link: str) -> None:
         hid = (res["T_backward"] + res["T_comm"] - res[f"cap_{c}MiB_backward"]) / res["T_comm"]
         print(f"                 {c:4d} MiB {ms(o)}  {ms(t)}  {o / t:10.3f}  {100 * hid:10.1f}%  {o / bound:10.3f}")
     print("no_sync every k (per micro-step): " + "  ".join(f"k={k} {ms(res[f'no_sync_every_{k}'])}" for k in (1, 2, 4)))
+    vs_torch = res["T_step_ours"] / res["T_step_torch"]
+    return {"hidden": hidden_of["ours"], "vs_bound": res["T_step_ours"] / bound, "vs_torch": vs_torch}
 
 
 def main():
@@ -278,12 +290,18 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    figures = {}
     if not args.skip_loopback:
-        report(launch(args, "loopback"), "loopback")
+        loop = report(launch(args, "loopback"), "loopback")
+        figures = {"default_hidden_fraction": loop["hidden"], "default_vs_bound": loop["vs_bound"]}
+        figures["loopback_vs_torch"] = loop["vs_torch"]
     if args.slow_link:
         if os.geteuid() != 0:
             raise SystemExit("--slow-link needs root (network namespaces + tc)")
-        report(launch(args, "slow"), f"slow ({args.slow_link} veth + tbf)")
+        slow = report(launch(args, "slow"), f"slow ({args.slow_link} veth + tbf)")
+        figures.update(default_hidden_fraction=slow["hidden"], default_vs_bound=slow["vs_bound"],
+                       slow_vs_torch=slow["vs_torch"], link=args.slow_link)  # fmt: skip
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,17 @@ def bounded(default, lo=None, hi=None):
     return dataclasses.field(default=default, metadata={"min": lo, "max": hi})
 
 
+def auto_or_bounded(default, lo=None, hi=None):
+    """A numeric field that also takes the string "auto" (the code picks the value), e.g. a bucket cap."""
+    return dataclasses.field(default=default, metadata={"min": lo, "max": hi, "auto": True})
+
+
 def _check(value, meta, where):
     if value is None:
+        return
+    if isinstance(value, str) and meta.get("auto"):
+        if value != "auto":
+            raise ConfigError(f"{where}: {value!r} is not allowed; give a number or auto")
         return
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(str, meta['choices']))}")
@@ -74,7 +83,7 @@ def _coerce(value, hint, where):
                                    and type(None) in args):  # fmt: skip
             return None
         raise ConfigError(f"{where}: null is not allowed here")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if float in (hint, *args) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
         return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string

@@ -14,6 +14,28 @@ from dataclasses import dataclass, field
 
 import torch
 
+AUTO_BUCKETS = 8  # "auto": about this many buckets over the trainable gradients ...
+AUTO_MIN_BYTES = 1 << 20  # ... but none below 1 MiB (per-call latency) ...
+AUTO_MAX_BYTES = 25 << 20  # ... nor above torch's 25 MiB default (large adapters keep torch's plan)
+
+
+def auto_bucket_caps(params: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(bucket cap, first bucket cap) in bytes for `bucket_cap_mb="auto"`.
+
+    Communication hides behind backward only when a bucket is launched while backward still has work to do. A
+    fixed 25 MiB cap is tuned for full-model training (gigabytes of gradients); adapter training has tens of MiB,
+    which a 25 MiB cap packs into one or two buckets launched at the very end of backward (nothing to hide behind).
+    Auto splits the trainable gradients of each (dtype, device) into about AUTO_BUCKETS buckets, so each adapter
+    block's all-reduce starts while the frozen layers below it run backward; the floor keeps per-call latency small
+    and the ceiling keeps torch's plan once the gradients are large."""
+    per_key: dict[tuple, int] = {}
+    for p in params:
+        key = (p.dtype, p.device)
+        per_key[key] = per_key.get(key, 0) + p.numel() * p.element_size()
+    total = max(per_key.values(), default=0)
+    cap = min(max(total // AUTO_BUCKETS, AUTO_MIN_BYTES), AUTO_MAX_BYTES)
+    return cap, min(cap, AUTO_MIN_BYTES)
+
 
 @dataclass
 class BucketSpec:

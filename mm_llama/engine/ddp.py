@@ -4,8 +4,10 @@ Every rank holds a full replica. Only TRAINABLE parameters (requires_grad=True) 
 never broadcast, bucketed or hooked, since every rank loads it from the same checkpoint.
 
 Buckets. Trainable parameters are grouped into flat buffers per (dtype, device), in reverse registration order
-(the last layers' gradients are ready first), closing a bucket once it reaches 1 MiB (the first) or 25 MiB (the
-rest); `buckets.py` has the rule (same as torch's `_compute_bucket_assignment_by_size`). Each parameter's
+(the last layers' gradients are ready first), closing a bucket once it reaches the first cap (1 MiB) or the cap
+(the rest); `buckets.py` has the rule (same as torch's `_compute_bucket_assignment_by_size`). The default cap,
+`bucket_cap_mb="auto"`, is about 1/8 of the trainable gradient bytes within [1, 25] MiB (`auto_bucket_caps`); a
+number gives torch's plan for that cap exactly. Each parameter's
 gradient is a view into its bucket (`gradient_as_bucket_view=True`), so no second gradient copy exists. After the
 first synchronised backward the plan can be rebuilt once from the observed gradient-ready order (rank 0's order
 is broadcast so all ranks agree).
@@ -53,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
-from .buckets import plan_buckets
+from .buckets import auto_bucket_caps, plan_buckets
 
 MiB = 1024 * 1024
 
@@ -156,8 +158,8 @@ class DistributedDataParallel(nn.Module):
         module: nn.Module,
         *,
         process_group=None,
-        bucket_cap_mb: float = 25,
-        first_bucket_cap_mb: float = 1,
+        bucket_cap_mb: float | str = "auto",
+        first_bucket_cap_mb: float | None = None,
         gradient_as_bucket_view: bool = True,
         find_unused_parameters: bool = False,
         broadcast_buffers: bool = False,
@@ -171,17 +173,21 @@ class DistributedDataParallel(nn.Module):
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
         self.rank = dist.get_rank(process_group) if process_group is not None else 0
-        self.bucket_cap_bytes = int(bucket_cap_mb * MiB)
-        self.first_bucket_cap_bytes = int(first_bucket_cap_mb * MiB)
+        self.param_names, self.params = _trainable_parameters(module)
+        if not self.params:
+            raise ValueError("DistributedDataParallel: the module has no parameter with requires_grad=True")
+        if bucket_cap_mb == "auto":  # sized from the trainable gradients (buckets.auto_bucket_caps)
+            self.bucket_cap_bytes, first = auto_bucket_caps(self.params)
+        elif isinstance(bucket_cap_mb, int | float) and bucket_cap_mb > 0:
+            self.bucket_cap_bytes, first = int(bucket_cap_mb * MiB), MiB  # torch's rule: 1 MiB first
+        else:
+            raise ValueError(f"bucket_cap_mb must be a positive number of MiB or 'auto', not {bucket_cap_mb!r}")
+        self.first_bucket_cap_bytes = first if first_bucket_cap_mb is None else int(first_bucket_cap_mb * MiB)
         self.gradient_as_bucket_view = gradient_as_bucket_view
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
         self.comm_hook = resolve_comm_hook(comm_hook)
         self.require_backward_grad_sync = True
-
-        self.param_names, self.params = _trainable_parameters(module)
-        if not self.params:
-            raise ValueError("DistributedDataParallel: the module has no parameter with requires_grad=True")
         self._index = {id(p): i for i, p in enumerate(self.params)}
         if self.world_size > 1:
             self._verify_same_parameters()

@@ -26,6 +26,8 @@ CFG = "recipes/configs/debug_image.yaml"
         ("model.speech.encoder=lstm", "model.speech.encoder: 'lstm' is not allowed"),
         ("model.speech.adapter=huge", "model.speech.adapter: 'huge' is not allowed"),
         ("steps=many", "steps: expected int"),
+        ("bucket_cap_mb=big", "bucket_cap_mb: 'big' is not allowed; give a number or auto"),
+        ("bucket_cap_mb=-1", "bucket_cap_mb: -1.0 is out of range"),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -53,3 +55,8 @@ def test_exponent_floats_without_a_dot():
     assert _coerce("3e-3", float, "optim.lr") == 0.003 and _coerce("1E+2", float, "x") == 100.0
     with pytest.raises(ConfigError, match="optim.lr: expected float"):
         _coerce("3e", float, "optim.lr")
+
+
+def test_bucket_cap_is_auto_or_a_number():
+    assert load_config(TrainConfig).bucket_cap_mb == "auto"
+    assert load_config(TrainConfig, CFG, ["bucket_cap_mb=5"]).bucket_cap_mb == 5.0

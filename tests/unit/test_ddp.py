@@ -97,6 +97,21 @@ def test_default_plan_reverse_registration_with_caps():
     assert sorted(i for b in plan for i in b) == list(range(10))
 
 
+def test_auto_bucket_caps_follow_the_trainable_gradient_size():
+    from mm_llama.engine.buckets import auto_bucket_caps
+
+    mib = 1 << 20
+    assert auto_bucket_caps([torch.empty(8 * mib // 4)]) == (mib, mib)  # small: 1 MiB floor
+    assert auto_bucket_caps([torch.empty(10 * mib // 4) for _ in range(4)]) == (5 * mib, mib)  # 40 MiB / 8
+    assert auto_bucket_caps([torch.empty(100 * mib // 4) for _ in range(4)]) == (25 * mib, mib)  # torch's cap above
+    model = H.AdapterNet()
+    ddp = DistributedDataParallel(model)  # the default is "auto"
+    assert ddp.bucket_cap_bytes == mib and ddp.first_bucket_cap_bytes == mib
+    ddp.remove_hooks()
+    with pytest.raises(ValueError, match="bucket_cap_mb must be a positive number of MiB or 'auto'"):
+        DistributedDataParallel(model, bucket_cap_mb="fast")
+
+
 def test_world_size_one_same_code_path():
     torch.manual_seed(0)
     model = H.AdapterNet()
