@@ -89,6 +89,7 @@ asr-reference: install
 
 bench: install-dev
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/load.py
 	$(PY) benchmarks/data.py
 	$(PY) benchmarks/ddp.py
