@@ -67,6 +67,22 @@ class FrozenTrunkWithAdapters(nn.Module):
         return x
 
 
+def interleaved(fns: dict, iters: int, warmup: int = 2) -> dict:
+    """Median seconds of each timed callable (each returns its own duration), run round-robin: every round runs each
+    once, so a noisy neighbour slows all of them alike. Every rank reports its medians; the slowest rank's count."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            dist.barrier()
+            times[k].append(fn())
+    t = torch.tensor([statistics.median(v) for v in times.values()])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(fns, t.tolist()))
+
+
 def median_time(fn, iters: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
@@ -97,20 +113,33 @@ def worker(args) -> None:
         for p in m.parameters():
             p.grad = None
 
-    def backward_median(wrapper, m) -> float:
-        """Median time of loss.backward() alone (until grads are final, i.e. averaged under DDP)."""
-        times = []
-        for i in range(args.iters + 2):
+    def whole(fn):
+        def timed() -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+
+        return timed
+
+    def backward_only(wrapper, m):
+        """loss.backward() alone (until grads are final, i.e. averaged under DDP); forward untimed."""
+
+        def timed() -> float:
             zero(m)
             loss = wrapper(x).square().mean()
             dist.barrier()
             t0 = time.perf_counter()
             loss.backward()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        t = torch.tensor([statistics.median(times)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
+            return time.perf_counter() - t0
+
+        return timed
+
+    def step_fn(ddp, m):
+        def step():
+            zero(m)
+            ddp(x).square().mean().backward()
+
+        return step
 
     # --- compute alone ----------------------------------------------------------------------
     def fwd():
@@ -121,10 +150,7 @@ def worker(args) -> None:
         zero(model)
         model(x).square().mean().backward()
 
-    res["T_fwd"] = median_time(fwd, args.iters)
-    res["T_compute"] = median_time(fwd_bwd_local, args.iters)
-
-    # --- communication alone (the same buckets DDP would launch) ------------------------------
+    # --- communication alone (the same buckets torch's default plan would launch) -------------
     plan = plan_buckets(trainable, bucket_cap_bytes=25 * MiB, first_bucket_cap_bytes=1 * MiB)
     bufs = [torch.zeros(sum(trainable[i].numel() for i in b)) for b in plan]
 
@@ -132,9 +158,6 @@ def worker(args) -> None:
         works = [dist.all_reduce(b, async_op=True) for b in bufs]
         for w in works:
             w.wait()
-
-    res["T_comm"] = median_time(comm, args.iters)
-    res["T_backward"] = backward_median(model, model)
 
     # --- no-overlap baseline: backward, then reduce the buckets ------------------------------
     def no_overlap():
@@ -144,36 +167,42 @@ def worker(args) -> None:
             torch.cat([trainable[i].grad.reshape(-1) for i in idxs], out=b).div_(world)
         comm()
 
-    res["T_step_no_overlap"] = median_time(no_overlap, args.iters)
-
-    # --- ours vs torch DDP -------------------------------------------------------------------
-    def step_fn(ddp, m):
-        def step():
-            zero(m)
-            ddp(x).square().mean().backward()
-
-        return step
-
+    # --- ours vs torch DDP, each at its default cap; everything above interleaved round by round ----------
     m_ours, m_torch = copy.deepcopy(model), copy.deepcopy(model)
     ours = DistributedDataParallel(m_ours)  # the default: bucket_cap_mb="auto"
     res["auto_cap_MiB"] = ours.bucket_cap_bytes / MiB
     res["auto_buckets"] = len(ours.buckets)
+    res["auto_probe_ms"] = ours.comm_probe_s * 1e3
     ref = nn.parallel.DistributedDataParallel(m_torch, broadcast_buffers=False)  # torch's default: 25 MiB
-    for name, ddp, m in (("ours", ours, m_ours), ("torch", ref, m_torch)):
-        res[f"T_step_{name}"] = median_time(step_fn(ddp, m), args.iters)
-        res[f"T_step_backward_{name}"] = backward_median(ddp, m)
+    res |= interleaved(
+        {
+            "T_fwd": whole(fwd),
+            "T_compute": whole(fwd_bwd_local),
+            "T_comm": whole(comm),
+            "T_backward": backward_only(model, model),
+            "T_step_no_overlap": whole(no_overlap),
+            "T_step_ours": whole(step_fn(ours, m_ours)),
+            "T_step_torch": whole(step_fn(ref, m_torch)),
+            "T_step_backward_ours": backward_only(ours, m_ours),
+            "T_step_backward_torch": backward_only(ref, m_torch),
+        },
+        args.iters,
+    )
     ours.remove_hooks()
     del ref, ours, m_torch
 
     # --- bucket-cap sweep: ours at 1/5/25/100 MiB, torch at the same caps ------------------------
     for cap in (1, 5, 25, 100):
         ddp = DistributedDataParallel(m_ours, bucket_cap_mb=cap)
-        res[f"cap_{cap}MiB"] = median_time(step_fn(ddp, m_ours), args.iters)
-        res[f"cap_{cap}MiB_backward"] = backward_median(ddp, m_ours)
-        ddp.remove_hooks()
         m_t = copy.deepcopy(m_ours)
         ref = nn.parallel.DistributedDataParallel(m_t, bucket_cap_mb=cap, broadcast_buffers=False)
-        res[f"torch_cap_{cap}MiB"] = median_time(step_fn(ref, m_t), args.iters)
+        fns = {"ours": whole(step_fn(ddp, m_ours)), "backward": backward_only(ddp, m_ours),
+               "torch": whole(step_fn(ref, m_t)), "local": backward_only(model, model)}  # fmt: skip
+        got = interleaved(fns, args.iters)
+        res[f"cap_{cap}MiB"], res[f"torch_cap_{cap}MiB"] = got["ours"], got["torch"]
+        # backward under DDP minus the local backward of the same rounds: the exposed communication
+        res[f"cap_{cap}MiB_exposed"] = got["backward"] - got["local"]
+        ddp.remove_hooks()
         del ref, m_t
 
     # --- no_sync every k steps (time per micro-step) -------------------------------------------
@@ -256,7 +285,8 @@ def report(res: dict, link: str) -> None:
     print(f"step torch DDP  {ms(res['T_step_torch'])}")
     print(
         f"step ours       {ms(res['T_step_ours'])}   ratio ours/torch {res['T_step_ours'] / res['T_step_torch']:.3f}"
-        f"   (ours: auto cap {res['auto_cap_MiB']:.2f} MiB, {res['auto_buckets']} buckets; torch: 25 MiB)"
+        f"   (ours: auto cap {res['auto_cap_MiB']:.2f} MiB, {res['auto_buckets']} buckets, link probe: all gradients "
+        f"in {res['auto_probe_ms']:.0f} ms; torch: 25 MiB)"
     )
     bound = max(res["T_compute"], res["T_comm"] + res["T_fwd"])
     print(f"ours / max(compute, fwd+comm) = {res['T_step_ours'] / bound:.3f}   "
@@ -269,7 +299,7 @@ def report(res: dict, link: str) -> None:
     print("bucket cap sweep:   cap     ours step   torch step  ours/torch  hidden(ours)  ours/max(compute,fwd+comm)")
     for c in (1, 5, 25, 100):
         o, t = res[f"cap_{c}MiB"], res[f"torch_cap_{c}MiB"]
-        hid = (res["T_backward"] + res["T_comm"] - res[f"cap_{c}MiB_backward"]) / res["T_comm"]
+        hid = 1 - res[f"cap_{c}MiB_exposed"] / res["T_comm"]
         print(f"                 {c:4d} MiB {ms(o)}  {ms(t)}  {o / t:10.3f}  {100 * hid:10.1f}%  {o / bound:10.3f}")
     print("no_sync every k (per micro-step): " + "  ".join(f"k={k} {ms(res[f'no_sync_every_{k}'])}" for k in (1, 2, 4)))
     vs_torch = res["T_step_ours"] / res["T_step_torch"]

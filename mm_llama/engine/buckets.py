@@ -14,12 +14,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-AUTO_BUCKETS = 8  # "auto": about this many buckets over the trainable gradients ...
+AUTO_BUCKETS = 32  # "auto": about this many buckets over the trainable gradients ...
 AUTO_MIN_BYTES = 1 << 20  # ... but none below 1 MiB (per-call latency) ...
 AUTO_MAX_BYTES = 25 << 20  # ... nor above torch's 25 MiB default (large adapters keep torch's plan)
+AUTO_CHEAP_COMM_S = 0.05  # a link that all-reduces every trainable gradient faster than this keeps torch's plan
 
 
-def auto_bucket_caps(params: Sequence[torch.Tensor]) -> tuple[int, int]:
+def trainable_bytes(params: Sequence[torch.Tensor]) -> int:
+    """Bytes of the largest (dtype, device) group of `params` (each group has its own buckets)."""
+    per_key: dict[tuple, int] = {}
+    for p in params:
+        key = (p.dtype, p.device)
+        per_key[key] = per_key.get(key, 0) + p.numel() * p.element_size()
+    return max(per_key.values(), default=0)
+
+
+def auto_bucket_caps(params: Sequence[torch.Tensor], comm_s: float | None = None) -> tuple[int, int]:
     """(bucket cap, first bucket cap) in bytes for `bucket_cap_mb="auto"`.
 
     Communication hides behind backward only when a bucket is launched while backward still has work to do. A
@@ -27,13 +37,12 @@ def auto_bucket_caps(params: Sequence[torch.Tensor]) -> tuple[int, int]:
     which a 25 MiB cap packs into one or two buckets launched at the very end of backward (nothing to hide behind).
     Auto splits the trainable gradients of each (dtype, device) into about AUTO_BUCKETS buckets, so each adapter
     block's all-reduce starts while the frozen layers below it run backward; the floor keeps per-call latency small
-    and the ceiling keeps torch's plan once the gradients are large."""
-    per_key: dict[tuple, int] = {}
-    for p in params:
-        key = (p.dtype, p.device)
-        per_key[key] = per_key.get(key, 0) + p.numel() * p.element_size()
-    total = max(per_key.values(), default=0)
-    cap = min(max(total // AUTO_BUCKETS, AUTO_MIN_BYTES), AUTO_MAX_BYTES)
+    and the ceiling keeps torch's plan once the gradients are large. `comm_s`, the measured time to all-reduce all
+    of them (the engine probes the link at start-up), below AUTO_CHEAP_COMM_S means there is little to hide and
+    more calls only cost: torch's plan (25 MiB, first 1 MiB) then."""
+    if comm_s is not None and comm_s < AUTO_CHEAP_COMM_S:
+        return AUTO_MAX_BYTES, AUTO_MIN_BYTES
+    cap = min(max(trainable_bytes(params) // AUTO_BUCKETS, AUTO_MIN_BYTES), AUTO_MAX_BYTES)
     return cap, min(cap, AUTO_MIN_BYTES)
 
 

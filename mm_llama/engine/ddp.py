@@ -6,8 +6,9 @@ never broadcast, bucketed or hooked, since every rank loads it from the same che
 Buckets. Trainable parameters are grouped into flat buffers per (dtype, device), in reverse registration order
 (the last layers' gradients are ready first), closing a bucket once it reaches the first cap (1 MiB) or the cap
 (the rest); `buckets.py` has the rule (same as torch's `_compute_bucket_assignment_by_size`). The default cap,
-`bucket_cap_mb="auto"`, is about 1/8 of the trainable gradient bytes within [1, 25] MiB (`auto_bucket_caps`); a
-number gives torch's plan for that cap exactly. Each parameter's
+`bucket_cap_mb="auto"`, probes the link with one all-reduce at start-up: where every trainable gradient would cross
+it in under 50 ms it keeps torch's plan, else buckets of about 1/32 of the gradient bytes within [1, 25] MiB
+(`auto_bucket_caps`); a number gives torch's plan for that cap exactly. Each parameter's
 gradient is a view into its bucket (`gradient_as_bucket_view=True`), so no second gradient copy exists. After the
 first synchronised backward the plan can be rebuilt once from the observed gradient-ready order (rank 0's order
 is broadcast so all ranks agree).
@@ -47,6 +48,7 @@ World size 1 runs the same code without communication.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -55,7 +57,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
-from .buckets import auto_bucket_caps, plan_buckets
+from .buckets import auto_bucket_caps, plan_buckets, trainable_bytes
 
 MiB = 1024 * 1024
 
@@ -176,13 +178,8 @@ class DistributedDataParallel(nn.Module):
         self.param_names, self.params = _trainable_parameters(module)
         if not self.params:
             raise ValueError("DistributedDataParallel: the module has no parameter with requires_grad=True")
-        if bucket_cap_mb == "auto":  # sized from the trainable gradients (buckets.auto_bucket_caps)
-            self.bucket_cap_bytes, first = auto_bucket_caps(self.params)
-        elif isinstance(bucket_cap_mb, int | float) and bucket_cap_mb > 0:
-            self.bucket_cap_bytes, first = int(bucket_cap_mb * MiB), MiB  # torch's rule: 1 MiB first
-        else:
+        if bucket_cap_mb != "auto" and not (isinstance(bucket_cap_mb, int | float) and bucket_cap_mb > 0):
             raise ValueError(f"bucket_cap_mb must be a positive number of MiB or 'auto', not {bucket_cap_mb!r}")
-        self.first_bucket_cap_bytes = first if first_bucket_cap_mb is None else int(first_bucket_cap_mb * MiB)
         self.gradient_as_bucket_view = gradient_as_bucket_view
         self.find_unused_parameters = find_unused_parameters
         self.broadcast_buffers = broadcast_buffers
@@ -194,6 +191,14 @@ class DistributedDataParallel(nn.Module):
             self._broadcast(self.params)
             if broadcast_buffers:
                 self._broadcast(list(module.buffers()))
+        self.comm_probe_s: float | None = None  # "auto": measured all-reduce time of every trainable gradient
+        if bucket_cap_mb == "auto":  # sized from the trainable gradients and the link (buckets.auto_bucket_caps)
+            if self.world_size > 1:
+                self.comm_probe_s = self._probe_link()
+            self.bucket_cap_bytes, first = auto_bucket_caps(self.params, self.comm_probe_s)
+        else:
+            self.bucket_cap_bytes, first = int(bucket_cap_mb * MiB), MiB  # torch's rule: 1 MiB first
+        self.first_bucket_cap_bytes = first if first_bucket_cap_mb is None else int(first_bucket_cap_mb * MiB)
 
         n = len(self.params)
         self._ready = [False] * n
@@ -211,6 +216,27 @@ class DistributedDataParallel(nn.Module):
         ]
 
     # --- set-up -------------------------------------------------------------------------------
+    def _probe_link(self, probe_bytes: int = 4 * MiB) -> float:
+        """Seconds to all-reduce every trainable gradient on this link, extrapolated from the best of 3 all-reduces
+        of one probe buffer (after a warm-up); the slowest rank's estimate, so every rank plans the same buckets."""
+        total = trainable_bytes(self.params)
+        ref = self.params[0]
+        n = max(1, min(total, probe_bytes) // ref.element_size())
+        buf = torch.zeros(n, dtype=ref.dtype, device=ref.device)
+        best = float("inf")
+        for i in range(4):
+            if ref.device.type == "cuda":
+                torch.cuda.synchronize(ref.device)
+            t0 = time.perf_counter()
+            dist.all_reduce(buf, group=self.process_group)
+            if ref.device.type == "cuda":
+                torch.cuda.synchronize(ref.device)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+        est = torch.tensor([best * total / (n * ref.element_size())], dtype=torch.float64, device=ref.device)
+        dist.all_reduce(est, op=dist.ReduceOp.MAX, group=self.process_group)
+        return float(est.item())
+
     def _global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.process_group, group_rank) if self.process_group is not None else 0
 

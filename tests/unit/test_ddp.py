@@ -102,10 +102,14 @@ def test_auto_bucket_caps_follow_the_trainable_gradient_size():
 
     mib = 1 << 20
     assert auto_bucket_caps([torch.empty(8 * mib // 4)]) == (mib, mib)  # small: 1 MiB floor
-    assert auto_bucket_caps([torch.empty(10 * mib // 4) for _ in range(4)]) == (5 * mib, mib)  # 40 MiB / 8
-    assert auto_bucket_caps([torch.empty(100 * mib // 4) for _ in range(4)]) == (25 * mib, mib)  # torch's cap above
+    assert auto_bucket_caps([torch.empty(40 * mib // 4) for _ in range(4)]) == (5 * mib, mib)  # 160 MiB / 32
+    assert auto_bucket_caps([torch.empty(400 * mib // 4) for _ in range(4)]) == (25 * mib, mib)  # torch's cap above
+    big = [torch.empty(40 * mib // 4) for _ in range(4)]
+    assert auto_bucket_caps(big, comm_s=0.01) == (25 * mib, mib)  # a link that makes it cheap: torch's plan
+    assert auto_bucket_caps(big, comm_s=1.0) == (5 * mib, mib)  # a slow one: small buckets, launched early
     model = H.AdapterNet()
-    ddp = DistributedDataParallel(model)  # the default is "auto"
+    ddp = DistributedDataParallel(model)  # the default is "auto" (world size 1: no probe)
+    assert ddp.comm_probe_s is None
     assert ddp.bucket_cap_bytes == mib and ddp.first_bucket_cap_bytes == mib
     ddp.remove_hooks()
     with pytest.raises(ValueError, match="bucket_cap_mb must be a positive number of MiB or 'auto'"):
