@@ -6,7 +6,7 @@ of fp32's bytes and half of bf16's. The matrix product is torch's own int8 weigh
 such kernel for the device, the weights are dequantised per call (correct, not faster). Symmetric per-channel
 rounding, as in torchao's int8 weight-only scheme: w ~= scale[o] * q[o, i], q in [-127, 127].
 
-For inference only (there is no backward through the kernel); the training recipe refuses a quantised tower.
+For inference only: there is no backward through the kernel, and the training recipe has no quantize option.
 """
 
 from __future__ import annotations

@@ -20,6 +20,13 @@ def test_generate_streams_completion(smollm_path):
     assert "tok/s" in r.stderr
 
 
+def test_generate_int8_weight_only(smollm_path):
+    r = run("generate", "--model", str(smollm_path), "--dtype", "bf16", "--quantize", "int8", "--prompt",
+            "The capital of France is", "--max-new-tokens", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
 def test_generate_chat_sampling(smollm_path):
     r = run("generate", "--model", str(smollm_path), "--chat", "--prompt", "Say hi.", "--temperature", "0.7",
             "--top-p", "0.9", "--seed", "1", "--max-new-tokens", "5")  # fmt: skip
