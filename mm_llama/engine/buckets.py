@@ -17,7 +17,7 @@ import torch
 AUTO_BUCKETS = 32  # "auto": about this many buckets over the trainable gradients ...
 AUTO_MIN_BYTES = 1 << 20  # ... but none below 1 MiB (per-call latency) ...
 AUTO_MAX_BYTES = 25 << 20  # ... nor above torch's 25 MiB default (large adapters keep torch's plan)
-AUTO_CHEAP_COMM_S = 0.05  # a link that all-reduces every trainable gradient faster than this keeps torch's plan
+AUTO_CHEAP_COMM_S = 0.1  # a link that all-reduces every trainable gradient faster than this keeps torch's plan
 
 
 def trainable_bytes(params: Sequence[torch.Tensor]) -> int:

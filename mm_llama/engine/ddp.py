@@ -7,7 +7,7 @@ Buckets. Trainable parameters are grouped into flat buffers per (dtype, device),
 (the last layers' gradients are ready first), closing a bucket once it reaches the first cap (1 MiB) or the cap
 (the rest); `buckets.py` has the rule (same as torch's `_compute_bucket_assignment_by_size`). The default cap,
 `bucket_cap_mb="auto"`, probes the link with one all-reduce at start-up: where every trainable gradient would cross
-it in under 50 ms it keeps torch's plan, else buckets of about 1/32 of the gradient bytes within [1, 25] MiB
+it in under 100 ms it keeps torch's plan, else buckets of about 1/32 of the gradient bytes within [1, 25] MiB
 (`auto_bucket_caps`); a number gives torch's plan for that cap exactly. Each parameter's
 gradient is a view into its bucket (`gradient_as_bucket_view=True`), so no second gradient copy exists. After the
 first synchronised backward the plan can be rebuilt once from the observed gradient-ready order (rank 0's order
@@ -216,7 +216,7 @@ class DistributedDataParallel(nn.Module):
         ]
 
     # --- set-up -------------------------------------------------------------------------------
-    def _probe_link(self, probe_bytes: int = 4 * MiB) -> float:
+    def _probe_link(self, probe_bytes: int = 16 * MiB) -> float:
         """Seconds to all-reduce every trainable gradient on this link, extrapolated from the best of 3 all-reduces
         of one probe buffer (after a warm-up); the slowest rank's estimate, so every rank plans the same buckets."""
         total = trainable_bytes(self.params)
