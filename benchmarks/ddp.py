@@ -83,19 +83,19 @@ def interleaved(fns: dict, iters: int, warmup: int = 2) -> dict:
     return dict(zip(fns, t.tolist()))
 
 
-def median_time(fn, iters: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
+def whole(fn):
+    """`fn` as a timed callable for `interleaved`: returns the seconds the call took."""
+
+    def timed() -> float:
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    # every rank reports the median of its own steps; take the slowest rank's
-    t = torch.tensor([statistics.median(times)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+        return time.perf_counter() - t0
+
+    return timed
+
+
+def median_time(fn, iters: int, warmup: int = 2) -> float:
+    return interleaved({"fn": whole(fn)}, iters, warmup)["fn"]
 
 
 def worker(args) -> None:
@@ -112,14 +112,6 @@ def worker(args) -> None:
     def zero(m):
         for p in m.parameters():
             p.grad = None
-
-    def whole(fn):
-        def timed() -> float:
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-
-        return timed
 
     def backward_only(wrapper, m):
         """loss.backward() alone (until grads are final, i.e. averaged under DDP); forward untimed."""

@@ -56,9 +56,7 @@ def main():
     ar_mask[:, :, 0] = 1
     xm = cross_attention_mask(ids.tolist(), model.image_token_id, [[1]] * B, v.max_num_tiles).to(dev)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    peak_flops, source = device_peak_flops(dev, torch.bfloat16)
-    if os.environ.get("PEAK_TFLOPS"):
-        peak_flops, source = float(os.environ["PEAK_TFLOPS"]) * 1e12, "PEAK_TFLOPS"
+    peak_flops, source = device_peak_flops(dev, torch.bfloat16, float(os.environ.get("PEAK_TFLOPS", 0)))
     n_train = sum(p.numel() for p in trainable) / 1e9
     print(f"{torch.cuda.get_device_name()} | tower {args.preset} bf16 frozen | trainable {n_train:.2f}B | "
           f"batch {B} x {T} tokens, 1 tile of {v.image_size}px")  # fmt: skip

@@ -366,8 +366,7 @@ def train(cfg: TrainConfig) -> list[float]:
     metrics = Metrics(run, cfg, info.is_main)
     amp_dtype = torch.bfloat16 if tower_dtype == torch.bfloat16 else None  # bf16 towers run adapters in autocast
     # MFU: FLOPs executed on this rank (counted on logged steps) over one device's peak
-    peak, peak_source = (cfg.peak_tflops * 1e12, "peak_tflops") if cfg.peak_tflops else device_peak_flops(
-        info.device, amp_dtype or torch.float32)  # fmt: skip
+    peak, peak_source = device_peak_flops(info.device, amp_dtype or torch.float32, cfg.peak_tflops)
     if info.is_main:
         print(f"MFU peak: {peak / 1e12:.3g} TFLOP/s per device ({peak_source})", file=sys.stderr)
     batches = iter(loader)

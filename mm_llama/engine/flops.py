@@ -135,8 +135,13 @@ def measured_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repe
     return 2 * n**3 / best
 
 
-def device_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
-    """(peak FLOP/s of one device for `dtype`, where the figure comes from)."""
+def device_peak_flops(
+    device: torch.device | str, dtype: torch.dtype = torch.float32, override_tflops: float | None = None
+) -> tuple[float, str]:
+    """(peak FLOP/s of one device for `dtype`, where the figure comes from); `override_tflops` (a user's setting,
+    e.g. the recipe's `peak_tflops`) wins over the spec sheet and the measurement."""
+    if override_tflops:
+        return override_tflops * 1e12, "set by the user"
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -91,3 +91,4 @@ def test_no_backward_below_the_lowest_trainable_part(parts, inputs):  # noqa: F8
 def test_device_peak_is_measured_on_cpu():
     peak, source = device_peak_flops("cpu")
     assert peak > 1e8 and "measured" in source
+    assert device_peak_flops("cpu", override_tflops=2.5) == (2.5e12, "set by the user")
