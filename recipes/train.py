@@ -75,6 +75,15 @@ class OptimCfg:
 
 
 @dataclass
+class ParallelCfg:
+    # replicate: every rank holds the whole frozen tower; fsdp: FSDP2 shards it per transformer block
+    # (mm_llama/engine/shard.py), the adapters stay replicated on our engine
+    tower: str = choice("replicate", "replicate", "fsdp")
+    # flat: shard over all ranks; hybrid: shard within a machine (LOCAL_WORLD_SIZE ranks), replicate across machines
+    mesh: str = choice("flat", "flat", "hybrid")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/debug"
     steps: int = bounded(10, 1)
@@ -104,6 +113,7 @@ class TrainConfig:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
+    parallel: ParallelCfg = field(default_factory=ParallelCfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +189,30 @@ def _checkpoint_tower_layers(tower) -> None:
     for layer in tower.layers:
         fwd = layer.forward
         layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def shard_tower(model, info, mesh_layout: str) -> None:
+    """`parallel.tower=fsdp`: the frozen tower's blocks (and its embeddings/norm/output as the root unit) become
+    FSDP2 shards on the device; every adapter weight stays a replicated tensor for our engine."""
+    from mm_llama.engine.shard import device_mesh, resident_bytes, shard_frozen
+
+    tower_params = set(model.tower.parameters())
+    leave = {p for p in model.parameters() if p not in tower_params}
+    tower_modules = set(model.tower.modules())
+    for mod in model.modules():  # the adapters to the device; the tower moves there shard by shard
+        if mod not in tower_modules:
+            for t in (*mod._parameters.values(), *mod._buffers.values()):
+                if t is not None:
+                    t.data = t.data.to(info.device)
+    mesh = device_mesh(info.device, info.world_size, info.local_world_size, mesh_layout)
+    tower = model.tower
+    ends = [[tower.tok_embeddings, tower.output]] if tower.args.tie_embeddings else [tower.tok_embeddings, tower.output]
+    shard_frozen(model, [*tower.layers, *ends], mesh, leave=leave)
+    model.tower.reset_buffers()
+    res = resident_bytes(model.tower)
+    if info.is_main:
+        print(f"parallel.tower=fsdp: tower weights {res.local / 1e6:.1f} MB of {res.full / 1e6:.1f} MB on this rank "
+              f"({res.fraction:.3f}; mesh {mesh_layout} {tuple(mesh.shape)})", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _peak_mem_mb() -> float:
@@ -327,9 +361,12 @@ def train(cfg: TrainConfig) -> list[float]:
     if cfg.init_adapter:
         init_from_adapter(model, spec.name, resolve(cfg.init_adapter))
     model.aux_only = cfg.objective == "aux"
-    model.to(info.device)
     if cfg.activation_checkpointing:
         _checkpoint_tower_layers(model.tower)
+    if cfg.parallel.tower == "fsdp":
+        shard_tower(model, info, cfg.parallel.mesh)
+    else:
+        model.to(info.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,95 @@
+"""A frozen trunk sharded with torch's FSDP2 (`fully_shard`) beside our DDP engine for the trainable parts.
+
+    mesh = device_mesh(info, "flat")                       # all ranks shard ("hybrid": shard within a machine,
+                                                           #  replicate across machines: a 2-D mesh)
+    shard_frozen(root, units, mesh, leave=adapter_params)   # units: blocks, embeddings, output
+    DistributedDataParallel(root, ...)                     # the trainable parts: replicated, bucketed all-reduce
+
+Each block becomes one FSDP2 unit: its weights live as 1/N shards (DTensors) and are all-gathered just before the
+block runs, freed after it (`reshard_after_forward`), and gathered again in backward only if autograd runs through
+the block, i.e. where something trainable sits below it (token rows, an earlier cross-attention block); nothing
+is reduced for frozen weights. The embeddings and the output projection are units of their own (one unit when
+tied); the root unit keeps the small leftovers (the final norm) gathered; every parameter in `leave` (the
+adapters, trainable or frozen) stays an ordinary replicated tensor, so our engine buckets and all-reduces the
+trainable ones exactly as without sharding. The model files contain no distributed code: this wraps them from
+outside, and world size 1 runs the same code (a 1-rank mesh) so every test runs on CPU with gloo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Resident:
+    """Bytes of a module's parameters held by this rank (`local`: its shards and replicated tensors) and in the
+    whole model (`full`)."""
+
+    local: int
+    full: int
+
+    @property
+    def fraction(self) -> float:
+        return self.local / max(self.full, 1)
+
+
+def device_mesh(device: torch.device, world_size: int, local_world_size: int, layout: str = "flat"):
+    """The FSDP2 mesh: `flat` = one dimension over all ranks; `hybrid` = (machines, ranks per machine): shards
+    within a machine, replicas across machines (HSDP). A world that does not split into whole machines is an
+    error naming the sizes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if layout == "flat" or local_world_size >= world_size:
+        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    if layout != "hybrid":
+        raise ValueError(f"parallel.mesh must be flat or hybrid, not {layout!r}")
+    if world_size % local_world_size:
+        raise ValueError(
+            f"parallel.mesh=hybrid: {world_size} ranks do not split into machines of {local_world_size} ranks"
+        )
+    return init_device_mesh(
+        device.type, (world_size // local_world_size, local_world_size), mesh_dim_names=("replicate", "shard")
+    )
+
+
+def shard_frozen(
+    root: nn.Module,
+    units: Iterable[nn.Module | list[nn.Module]],
+    mesh,
+    *,
+    leave: set[nn.Parameter] | None = None,
+) -> None:
+    """Shard each of `units` (a module, or a list of modules sharing weights, e.g. a tied embedding and output
+    projection: gathered before the first of them runs, freed after the last) as one FSDP2 unit, then the rest of
+    `root`'s parameters except `leave` as the root unit (kept gathered from the root's forward to the end of its
+    backward: only small leftovers belong there). Units are freed after their forward and gathered again in
+    backward only when autograd runs through them. Every sharded parameter must be frozen: the trainable parts
+    belong to the DDP engine."""
+    from torch.distributed.fsdp import fully_shard
+
+    leave = set(leave or ())
+    trained = [n for n, p in root.named_parameters() if p.requires_grad and p not in leave]
+    if trained:
+        raise ValueError(f"shard_frozen: trainable parameters would be sharded: {trained[:5]} (pass them in leave)")
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(root, mesh=mesh, reshard_after_forward=False, ignored_params=leave)
+
+
+def resident_bytes(module: nn.Module) -> Resident:
+    """Parameter bytes this rank holds for `module` vs the whole (sharded DTensors count their local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    local = full = 0
+    seen = set()
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        full += p.numel() * p.element_size()
+        local += (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+    return Resident(local, full)
