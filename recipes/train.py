@@ -363,9 +363,11 @@ def train(cfg: TrainConfig) -> list[float]:
     model.aux_only = cfg.objective == "aux"
     if cfg.activation_checkpointing:
         _checkpoint_tower_layers(model.tower)
-    if cfg.parallel.tower == "fsdp":
+    if cfg.parallel.tower == "fsdp" and info.distributed:
         shard_tower(model, info, cfg.parallel.mesh)
     else:
+        if cfg.parallel.tower == "fsdp" and info.is_main:
+            print("parallel.tower=fsdp: one process, nothing to shard (the tower stays whole)", file=sys.stderr)
         model.to(info.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

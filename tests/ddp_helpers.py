@@ -175,3 +175,53 @@ def broadcast_check(rank: int, world: int, port: int) -> None:
         assert all(torch.equal(g, gathered[0]) for g in gathered)
     assert torch.equal(model.trunk[0].weight, frozen_before)
     finish()
+
+
+class TiedTowerWithAdapter(nn.Module):
+    """A debug Llama tower with TIED embeddings (frozen) and a trainable adapter between its input rows and layers."""
+
+    def __init__(self):
+        super().__init__()
+        from mm_llama.llama import Transformer, get_preset
+
+        torch.manual_seed(0)
+        self.tower = Transformer(get_preset("debug").replace(tie_embeddings=True))
+        self.tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+        self.tower.requires_grad_(False)
+        self.adapter = nn.Linear(self.tower.args.dim, self.tower.args.dim)
+
+    def forward(self, tokens):
+        h = self.tower.tok_embeddings(tokens)
+        h = h + torch.tanh(self.adapter(h))
+        return self.tower(embeds=h)
+
+
+def sharded_tied_tower(rank: int, world: int, port: int, out) -> None:
+    """Loss and adapter gradient with the tied tower sharded by FSDP2 (each rank the whole batch) == unsharded."""
+    from mm_llama.engine.shard import resident_bytes, shard_frozen
+
+    setup(rank, world, port)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    ref, model = TiedTowerWithAdapter(), TiedTowerWithAdapter()
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref_loss = ref(tokens).pow(2).mean()
+    ref_loss.backward()
+    tower = model.tower
+    try:
+        shard_frozen(model, [tower.layers[0]], init_device_mesh("cpu", (world,)), leave=set())
+        out[f"error{rank}"] = ""
+    except ValueError as e:  # the adapter is trainable and not left out
+        out[f"error{rank}"] = str(e)
+    model = TiedTowerWithAdapter()
+    tower = model.tower
+    shard_frozen(model, [*tower.layers, [tower.tok_embeddings, tower.output]], init_device_mesh("cpu", (world,)),
+                 leave=set(model.adapter.parameters()))  # fmt: skip
+    for _ in range(2):  # twice: the units are gathered again on the second step
+        model.adapter.weight.grad = None
+        loss = model(tokens).pow(2).mean()
+        loss.backward()
+    out[f"loss{rank}"] = (float(loss), float(ref_loss))
+    out[f"grad{rank}"] = float((model.adapter.weight.grad - ref.adapter.weight.grad).abs().max())
+    out[f"fraction{rank}"] = resident_bytes(tower).fraction
+    dist.destroy_process_group()
