@@ -88,13 +88,16 @@ def _normalise_hf_key(key: str) -> tuple[str, str]:
     raise KeyError(key)
 
 
-def load_hf_mllama(
-    folder: Path, dtype=torch.float32, device="cpu", hf_compat_masking: bool = False, intermediate_from: str = "input"
-):
-    from safetensors import safe_open
-
+def mllama_skeleton(
+    folder: Path, hf_compat_masking: bool = False, intermediate_from: str = "input"
+) -> tuple[FusedVisionModel, list[int], dict]:
+    """The model an HF Mllama folder describes, built on the meta device from its config.json alone (no weights
+    read): (model, its HF flat indices of the cross-attention layers, flat index -> tower layer)."""
     cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot be read ({e})") from None
     if cfg.get("model_type") != "mllama":
         raise CheckpointError(f"{cfg_path}: model_type {cfg.get('model_type')!r} is not 'mllama'")
     tc, vc = cfg.get("text_config", {}), cfg.get("vision_config", {})
@@ -117,6 +120,16 @@ def load_hf_mllama(
     vargs = vision_args_from_hf(vc, str(cfg_path), intermediate_from)
     with torch.device("meta"):
         model = FusedVisionModel(Transformer(args), vargs, schedule, hf_compat_masking=hf_compat_masking)
+    return model, cross, flat_to_self
+
+
+def load_hf_mllama(
+    folder: Path, dtype=torch.float32, device="cpu", hf_compat_masking: bool = False, intermediate_from: str = "input"
+):
+    from safetensors import safe_open
+
+    model, cross, flat_to_self = mllama_skeleton(folder, hf_compat_masking, intermediate_from)
+    args = model.tower.args
     filler = ParamFiller(model, source=str(folder), dtype=dtype, device=device, requires_grad=False)
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -37,7 +37,9 @@ def embed_with_extra_rows(tower: Transformer, extra_rows: nn.Embedding, ids_BT: 
 
 @torch.no_grad()
 def init_extra_rows(extra_rows: nn.Embedding, tower: Transformer) -> None:
-    """New token rows start at the scale of the frozen table."""
+    """New token rows start at the scale of the frozen table (nothing to do on the meta device: the memory plan)."""
+    if extra_rows.weight.is_meta:
+        return
     extra_rows.weight.normal_(0.0, float(tower.tok_embeddings.weight.float().std()))
 
 

@@ -76,6 +76,11 @@ class Modality:
         """An auxiliary training loss (summed over the batch, in the units of the summed token loss) or None."""
         return None
 
+    def plan_pieces(self, part: nn.Module, batch: int, seq_len: int, dtype: torch.dtype):
+        """The memory plan's view of this part's training forward (adapters/plan.py `PlanPieces`): its encoder and
+        blocks as pieces run on the meta device with `batch` samples of `seq_len` tokens in `dtype`."""
+        raise NotImplementedError(f"no memory plan for the {self.name} adapter")
+
     # --- data -----------------------------------------------------------------------------------
     def sample_maker(self, model, tok, cfg) -> Callable[[dict], dict]:
         """raw webdataset sample -> {input_ids, labels, <media>} (picklable; holds no model). cfg: the full

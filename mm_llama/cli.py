@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_asr_parser(sub)
     add_serve_parser(sub)
 
+    pl = sub.add_parser("plan", add_help=False, help="memory per GPU of a training config and the parallel.* layout "
+                        "that fits (mm-llama plan --config C --gpus N --gpu-mem GB; --help for more)")  # fmt: skip
+    pl.add_argument("args", nargs=argparse.REMAINDER)
+    pl.set_defaults(func=cmd_plan)
+
     d = sub.add_parser("demo", help="streamed text generation with the embedded SmolLM2 tower (`make demo` runs the "
                        "multimodal demo, python -m recipes.demo)")  # fmt: skip
     d.add_argument("--prompt", action="append", default=None)
@@ -194,7 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cmd_plan(args) -> int:
+    """recipes/plan.py reads the training recipe's configs, so it runs from a checkout (the editable install's)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "recipes" / "plan.py").is_file():
+        print("mm-llama plan: the recipes/ folder of a checkout is needed (pip install -e the repository)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from recipes.plan import main as plan_main
+
+    return plan_main(args.args, prog="mm-llama plan")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its options are recipes/plan.py's own
+        return cmd_plan(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -111,6 +111,27 @@ class Image(Modality):
     def blocks(self, model, state):
         return model.image.blocks(*state)
 
+    def plan_pieces(self, part, batch, seq_len, dtype):
+        from ..plan import Piece, PlanPieces, tensor_bytes
+
+        va, meta = part.vision_encoder.args, {"device": "meta"}
+        n = va.max_num_tiles  # every image at the most tiles: the plan is for the worst batch
+        pixels = torch.empty(batch, 1, n, va.num_channels, va.image_size, va.image_size, dtype=dtype, **meta)
+        ratio_ids = torch.ones(batch, 1, dtype=torch.long, **meta)
+        ratio_mask = torch.ones(batch, 1, n, dtype=torch.long, **meta)
+        media = part.encode_images(pixels, ratio_ids, ratio_mask)  # [B, S, D]: every block's keys/values read it
+        x = torch.empty(batch, seq_len, part.tower.args.dim, dtype=dtype, requires_grad=True, **meta)
+        bias = torch.empty(batch, 1, seq_len, media.shape[1], dtype=dtype, **meta)
+        row = torch.empty(batch, seq_len, 1, dtype=dtype, **meta)
+        blk = part.cross_attention_layers[0]
+        pieces = [
+            Piece("image encoder + projection", lambda: part.encode_images(pixels, ratio_ids, ratio_mask)),
+            Piece("cross-attention blocks", lambda: blk(x, blk.media_kv(media), bias, row),
+                  repeats=len(part.cross_attention_layers), shared=(media, bias, row)),
+        ]  # fmt: skip
+        lowest = 0 if part.learnable_embedding.weight.requires_grad else part.schedule[0]
+        return PlanPieces(pieces, shared_bytes=tensor_bytes(media, bias, row), lowest_layer=lowest)
+
     def sample_maker(self, model, tok, cfg):
         return ImageSamples(model.image.vision_encoder.args, model.token_id("image"), tok, cfg.data.prompt,
                             cfg.data.max_text_tokens)  # fmt: skip

@@ -125,6 +125,17 @@ PRESETS: dict[str, ModelArgs] = {
         rope_theta=100000.0,
         tie_embeddings=True,
     ),
+    # Llama 3 8B's layout scaled down (8 layers, GQA 8/2, FFN 3.5 x width) for checks of the memory plan on a CPU
+    "mini": ModelArgs(
+        dim=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_dim=1792,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_seq_len=2048,
+    ),  # fmt: skip
     "debug": ModelArgs(
         dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=512, rope_theta=10000.0, max_seq_len=512
     ),

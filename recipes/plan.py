@@ -1,0 +1,283 @@
+"""Will a training config fit, and how to lay it out: memory per GPU from the model's own code (adapters/plan.py).
+
+    mm-llama plan --config recipes/configs/gpu_llama3_1_70b_image.yaml --gpus 16 --gpu-mem 80
+    python -m recipes.plan --config ... --gpus 8 --gpu-mem 80 [--gpus-per-machine 8] [--json] [key=value ...]
+
+Reads the same YAML (and key=value overrides) as recipes/train.py. The tower's shape comes from `tower.path` (a
+Meta folder's params.json, an HF folder's config.json -- an HF Mllama folder brings its image adapter's shape too
+-- or a GGUF header; no weights are read) or from `tower.preset`. Prints, per GPU, the tower, the adapter's frozen
+and trainable weights, gradients, optimizer state and activations for the config's micro-batch (`data.batch_size`)
+and sequence (`--seq-len`, default: `data.max_text_tokens` + 16 prompt tokens), with and without activation
+checkpointing, for every layout (`parallel.tower`, `parallel.mesh`), and names the first that fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+PROMPT_TOKENS = 16  # BOS, the media token and a short prompt before the target text
+
+
+def tower_and_part(cfg):
+    """The config's tower and trainable part on the meta device (shapes only)."""
+    from mm_llama.adapters.checkpoint import mllama_skeleton
+    from mm_llama.adapters.registry import get_modality
+    from mm_llama.assets import resolve
+    from mm_llama.llama import Transformer, get_preset
+    from mm_llama.llama.checkpoint import read_checkpoint
+
+    spec = get_modality(cfg.model.modality)
+    model_cfg = replace(cfg.model, **{spec.name: _without_files(getattr(cfg.model, spec.name))})
+    if cfg.tower.path:
+        path = Path(resolve(cfg.tower.path))
+        if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get(
+            "model_type"
+        ) == "mllama":
+            fused, _, _ = mllama_skeleton(path)
+            if spec.name == "image":  # the folder's own image adapter (its encoder, placement and tile size)
+                fused.learnable_embedding.requires_grad_(model_cfg.image.train_token_rows)
+                fused.vision_encoder.requires_grad_(not model_cfg.image.freeze_vision)
+                return fused.tower, fused
+            tower = fused.tower
+        else:
+            args, _, _ = read_checkpoint(path)
+            with torch.device("meta"):
+                tower = Transformer(args)
+    else:
+        args = get_preset(cfg.tower.preset)
+        if cfg.tower.vocab_size:
+            args = args.replace(vocab_size=cfg.tower.vocab_size)
+        with torch.device("meta"):
+            tower = Transformer(args)
+    tower.requires_grad_(False)
+    with torch.device("meta"):
+        part = spec.build(tower, model_cfg, {})
+    return tower, part
+
+
+def _without_files(section):
+    """The modality's options without weight files to read (the plan needs shapes only)."""
+    names = [f for f in ("vision_init", "init", "encoder_init") if hasattr(section, f)]
+    return replace(section, **{f: None for f in names}) if names else section
+
+
+def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: int | None = None):
+    """ModelSizes for the config's model and micro-batch; dtype as the recipe picks it on `device`."""
+    from mm_llama.adapters.plan import Workload, measure_model
+    from mm_llama.adapters.registry import get_modality
+
+    tower, part = tower_and_part(cfg)
+    dt = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+          "bfloat16": torch.bfloat16}[cfg.dtype]  # fmt: skip
+    labels = labels or cfg.data.max_text_tokens + 1
+    seq_len = seq_len or labels + PROMPT_TOKENS
+    w = Workload(cfg.data.batch_size, seq_len, labels, tower_dtype=dt, compute_dtype=dt)
+    # weights are counted in their training dtypes; the pieces then run in the compute dtype (autocast on GPU)
+    from mm_llama.adapters.plan import param_bytes
+
+    tower_params = set(tower.parameters())
+    adapter_frozen = param_bytes([p for p in part.parameters() if p not in tower_params and not p.requires_grad],
+                                 torch.float32)  # fmt: skip
+    part.to(dt)
+    pieces = get_modality(cfg.model.modality).plan_pieces(part, w.batch, seq_len, dt)
+    sizes = measure_model(tower, part, pieces, w)
+    sizes.adapter_frozen = adapter_frozen
+    return sizes, w
+
+
+def plan_config(cfg, gpus: int, gpu_mem: float, gpus_per_machine: int = 8, **kw):
+    """(sizes, workload, [Plan for every candidate layout], the config's own Plan)."""
+    from mm_llama.adapters.plan import Layout, candidates, plan
+
+    sizes, w = measure(cfg, **kw)
+    per_machine = min(gpus_per_machine, gpus)
+    plans = [plan(sizes, lay, gpu_mem) for lay in candidates(gpus, per_machine)]
+    own = Layout(gpus, per_machine, cfg.parallel.tower, cfg.parallel.mesh, cfg.activation_checkpointing)
+    return sizes, w, plans, plan(sizes, own, gpu_mem)
+
+
+def report(cfg, sizes, w, plans, own, gpus: int, gpu_mem: float, config_name: str) -> str:
+    from mm_llama.adapters.plan import USABLE
+
+    lines = [
+        f"plan: {config_name}: {cfg.model.modality} adapter on a {sizes.tower_params / 1e9:.1f}B-parameter "
+        f"tower ({sizes.n_layers} layers, {str(w.tower_dtype).replace('torch.', '')}); "
+        f"{sizes.trainable_params / 1e9:.2f}B trainable parameters",
+        f"per GPU: micro-batch {w.batch} x {w.seq_len} tokens ({w.labels} labelled); {gpus} GPUs x {gpu_mem:g} GB "
+        f"(usable {USABLE:.0%})",
+    ]
+    names = [_short(p.layout) for p in plans]
+    width = max(12, *(len(n) for n in names))
+    lines.append(f"{'GB per GPU':<28}" + "".join(f"{n:>{width + 2}}" for n in names))
+    for row in plans[0].rows:
+        lines.append(f"{row:<28}" + "".join(f"{p.rows[row]:>{width + 2}.2f}" for p in plans))
+    lines.append(f"{'total':<28}" + "".join(f"{p.total:>{width + 2}.2f}" for p in plans))
+    lines.append(f"{'fits':<28}" + "".join(f"{'yes' if p.fits else 'no':>{width + 2}}" for p in plans))
+    best = next((p for p in plans if p.fits), None)
+    lines.append(f"this config ({own.layout.describe()}): {own.total:.1f} GB per GPU: "
+                 f"{'fits' if own.fits else 'does NOT fit'}")  # fmt: skip
+    if best is not None:
+        lines.append(f"verdict: fits; use {best.layout.describe()} ({best.total:.1f} GB per GPU)")
+    else:
+        least = min(plans, key=lambda p: p.total)
+        trainable = sum(least.rows[k] for k in ("trainable weights", "gradients", "optimizer state"))
+        lines.append(
+            f"verdict: does NOT fit on {gpus} x {gpu_mem:g} GB: the least is {least.total:.1f} GB per GPU "
+            f"({least.layout.describe()}), of which {trainable:.1f} GB are the replicated trainable weights, their "
+            "gradients and AdamW state; shard the adapters too (not built yet) or train fewer cross-attention "
+            "layers (model.<modality>.xattn_count)"
+        )
+    return "\n".join(lines)
+
+
+def _short(layout) -> str:
+    base = "replicate" if layout.tower != "fsdp" else f"fsdp-{layout.mesh}"
+    return base + ("+AC" if layout.activation_checkpointing else "")
+
+
+def to_json(sizes, w, plans, own) -> dict:
+    best = next((p for p in plans if p.fits), None)
+    return {
+        "trainable_params": sizes.trainable_params,
+        "batch": w.batch, "seq_len": w.seq_len, "labels": w.labels,
+        "layouts": [{"layout": p.layout.describe(), "fits": p.fits, "total_gb": p.total, "rows_gb": p.rows}
+                    for p in plans],
+        "config": {"layout": own.layout.describe(), "fits": own.fits, "total_gb": own.total, "rows_gb": own.rows},
+        "verdict": {"fits": best is not None, "use": best.layout.describe() if best else None},
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# checking the plan against a real step on this machine (`--measure`, a scaled-down config)
+
+
+def measured_step(cfg) -> tuple[int, dict]:
+    """Peak bytes of one real training step of `cfg` on this machine (one process, the recipe's own model, engine,
+    optimizer and first batch of `data.train`), after a first step so AdamW's state exists. CUDA: the allocator's
+    peak; CPU: the bytes of every live tensor of the model, buckets and optimizer before the step plus the
+    profiler's high-water mark of allocations during it. Returns (peak, the batch's shapes for the plan)."""
+    from mm_llama.adapters.registry import get_modality
+    from mm_llama.assets import resolve
+    from mm_llama.data.loader import StreamingLoader
+    from mm_llama.engine import DistributedDataParallel
+    from mm_llama.engine.step import train_step
+    from mm_llama.llama import Tokenizer
+    from recipes.train import Collate, _checkpoint_tower_layers, build_model, build_tower
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(cfg.seed)
+    spec = get_modality(cfg.model.modality)
+    dt = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
+          "bfloat16": torch.bfloat16}[cfg.dtype]  # fmt: skip
+    tower = build_tower(cfg).to(dtype=dt)
+    model = build_model(cfg, tower).to(device)
+    if cfg.activation_checkpointing:
+        _checkpoint_tower_layers(model.tower)
+    model.train()
+    wrapped = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
+    loader = StreamingLoader(cfg.data.train, map_fn=spec.sample_maker(model, tok, cfg), collate_fn=Collate(spec.name),
+                             batch_size=cfg.data.batch_size, batches_per_epoch=1, shuffle_buffer=1, seed=cfg.seed,
+                             rank=0, world_size=1)  # fmt: skip
+    batch = next(iter(loader))
+    amp = torch.bfloat16 if dt == torch.bfloat16 else None
+
+    def step():
+        train_step(wrapped, opt, sched, iter([batch]), trainable, device=device, autocast_dtype=amp)
+
+    step()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    shapes = {"seq_len": int(batch["input_ids"].shape[1]), "labels": labelled / batch["input_ids"].shape[0]}
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(), shapes
+    from torch.profiler import ProfilerActivity, profile
+
+    live: dict[int, int] = {}
+    tensors = [*model.parameters(), *model.buffers(), *(b.buffer for b in wrapped.buckets)]
+    tensors += [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    for t in tensors:
+        live[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    level = high = 0
+    for _, delta in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                           if e.name() == "[memory]"):  # fmt: skip
+        level += delta
+        high = max(high, level)
+    return sum(live.values()) + high, shapes
+
+
+def check(cfg) -> dict:
+    """The plan for one process on this machine vs a measured step of the same config and batch shapes."""
+    from mm_llama.adapters.plan import Layout, plan
+
+    measured, shapes = measured_step(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes, w = measure(cfg, device=device, **shapes)
+    predicted = plan(sizes, Layout(1, 1, "replicate", "flat", cfg.activation_checkpointing), 1e9)
+    return {"predicted_gb": predicted.total, "measured_gb": measured / 1e9,
+            "ratio": predicted.total * 1e9 / measured, "rows_gb": predicted.rows, **shapes}  # fmt: skip
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return run(ap.parse_intermixed_args(argv))
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", required=True, help="a training config (recipes/configs/*.yaml)")
+    ap.add_argument("--gpus", type=int, required=True, help="GPUs in total")
+    ap.add_argument("--gpu-mem", type=float, required=True, help="GB of memory per GPU (e.g. 80)")
+    ap.add_argument("--gpus-per-machine", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: text + 16)")
+    ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    ap.add_argument("--measure", action="store_true",
+                    help="also run one real step of the config here (one process; scale it down with key=value) "
+                         "and print the plan's prediction for it beside the measured peak")  # fmt: skip
+    ap.add_argument("overrides", nargs="*", help="key=value, as for recipes/train.py")
+
+
+def run(args) -> int:
+    from mm_llama.config import ConfigError, load_config
+    from mm_llama.llama.checkpoint import CheckpointError
+    from recipes.train import TrainConfig
+
+    if args.gpus < 1 or args.gpu_mem <= 0 or args.gpus_per_machine < 1:
+        print("plan: --gpus and --gpus-per-machine must be >= 1 and --gpu-mem > 0", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        sizes, w, plans, own = plan_config(cfg, args.gpus, args.gpu_mem, args.gpus_per_machine, seq_len=args.seq_len)
+    except (ConfigError, CheckpointError, FileNotFoundError, KeyError, NotImplementedError) as e:
+        print(f"mm-llama plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(to_json(sizes, w, plans, own)))
+    else:
+        print(report(cfg, sizes, w, plans, own, args.gpus, args.gpu_mem, args.config))
+    if args.measure:
+        c = check(cfg)
+        print(f"measured here (1 process, batch {cfg.data.batch_size} x {c['seq_len']} tokens, {c['labels']} "
+              f"labelled): predicted {c['predicted_gb']:.3f} GB, measured {c['measured_gb']:.3f} GB, "
+              f"ratio {c['ratio']:.3f}")  # fmt: skip
+        print(json.dumps({"plan_check": c}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
