@@ -228,11 +228,22 @@ def _adapter_meta(model: FusedVisionModel) -> dict:
 
 
 def save_trainable(model: torch.nn.Module, path: str | Path, meta: dict, frozen_prefix: str) -> None:
-    """Write every weight outside `frozen_prefix` to a safetensors file with `meta`, atomically (temp + rename)."""
+    """Write every weight outside `frozen_prefix` to a safetensors file with `meta`, atomically (temp + rename).
+    Weights sharded with FSDP2 (a run with `parallel.adapters=fsdp`) are gathered whole: then every rank calls
+    this (a collective) and rank 0 writes."""
+    import torch.distributed as dist
     from safetensors.torch import save_file
 
+    from mm_llama.engine.shard import gather_full, is_sharded
+
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(frozen_prefix)}
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(frozen_prefix)}
+    writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if any(is_sharded(v) for v in state.values()):
+        state = gather_full(state, keep=writer)
+    if not writer:
+        return
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"mm_llama": json.dumps(meta)})
     tmp.replace(path)

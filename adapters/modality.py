@@ -76,6 +76,11 @@ class Modality:
         """An auxiliary training loss (summed over the batch, in the units of the summed token loss) or None."""
         return None
 
+    def shard_units(self, part: nn.Module) -> list[nn.Module]:
+        """The part's large repeated blocks (each called through its own `forward`), one FSDP2 unit each when a
+        run shards the adapters (`parallel.adapters=fsdp`); the rest of the part stays replicated."""
+        return []
+
     def plan_pieces(self, part: nn.Module, batch: int, seq_len: int, dtype: torch.dtype):
         """The memory plan's view of this part's training forward (adapters/plan.py `PlanPieces`): its encoder and
         blocks as pieces run on the meta device with `batch` samples of `seq_len` tokens in `dtype`."""

@@ -197,9 +197,10 @@ class FusedVideoModel(nn.Module):
             feats = feats[:, :P]
         return self.aggregator(feats).reshape(-1, feats.shape[-1])
 
-    def video_inputs(self, video_tokens: list, input_ids: torch.Tensor, token_id: int | None = None):
-        """Per-block K/V of the padded media, and the additive mask / row mask for every position of `input_ids`
-        (text sees a sample's video from its `<|video|>` token on; `token_id`: its id, default this model's)."""
+    def video_inputs(self, video_tokens: list, input_ids: torch.Tensor, token_id: int | None = None, kv: bool = True):
+        """Per-block K/V of the padded media (`kv=False`: the media tokens, each block computes its K/V in its own
+        forward), and the additive mask / row mask for every position of `input_ids` (text sees a sample's video
+        from its `<|video|>` token on; `token_id`: its id, default this model's)."""
         B = input_ids.shape[0]
         S = max(v.shape[0] for v in video_tokens if v is not None)
         media = torch.zeros(B, S, self.args.dim, dtype=self.tok_embeddings.weight.dtype, device=input_ids.device)
@@ -210,7 +211,8 @@ class FusedVideoModel(nn.Module):
         token_id = self.video_token_id if token_id is None else token_id
         seen = (input_ids == token_id).long().cumsum(1) > 0
         bias, row = masks_from_allowed(seen[:, :, None] & key_ok[:, None, :], media.dtype)
-        kvs = [blk.media_kv(media) for blk in self.video_cross_attention_layers]
+        blocks = self.video_cross_attention_layers
+        kvs = [blk.media_kv(media) for blk in blocks] if kv else [media] * len(blocks)
         return kvs, bias, row
 
     def forward(self, input_ids, *, videos=None, video_tokens=None, video_state=None, **kw):

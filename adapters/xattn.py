@@ -66,6 +66,11 @@ class GatedCrossAttentionBlock(nn.Module):
         return self.attention.media_kv(media_BSD)
 
     def forward(self, x_BTD, kv, mask_B1TS, row_mask_BT1, *, hf_compat: bool = False):
+        """kv: the media's keys/values (`media_kv`, precomputed once for generation) or the media tokens [B, S, D]
+        themselves (training: keys/values computed here, inside the block's own forward, so a block sharded with
+        FSDP2 has its weights gathered for them)."""
+        if torch.is_tensor(kv):
+            kv = self.media_kv(kv)
         a = self.attention(self.attention_norm(x_BTD), kv, mask_B1TS)
         if not hf_compat:
             a = a * row_mask_BT1

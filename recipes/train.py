@@ -81,6 +81,9 @@ class ParallelCfg:
     tower: str = choice("replicate", "replicate", "fsdp")
     # flat: shard over all ranks; hybrid: shard within a machine (LOCAL_WORLD_SIZE ranks), replicate across machines
     mesh: str = choice("flat", "flat", "hybrid")
+    # replicate: the adapters on our DDP engine; fsdp: their large blocks (the plug-in's `shard_units`: cross-
+    # attention blocks, encoder layers) sharded by FSDP2 too (needs tower=fsdp), the rest on our engine
+    adapters: str = choice("replicate", "replicate", "fsdp")
 
 
 @dataclass
@@ -175,11 +178,17 @@ def init_from_adapter(model, kind: str, path) -> None:
 def load_trained_weights(model, weights: dict, source) -> None:
     """Trainable weights of a training checkpoint into the model built from the same config: every key must be
     one of the model's (a checkpoint of another modality or layout is an error, not a silent no-op)."""
+    from mm_llama.engine.shard import load_full
     from mm_llama.llama.checkpoint import CheckpointError
 
-    _, unexpected = model.load_state_dict(weights, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unexpected = [k for k in weights if k not in params]
     if unexpected:
         raise CheckpointError(f"{source}: weights the model does not have: {unexpected[:5]} (another config?)")
+    for k, v in weights.items():  # whole tensors; a sharded parameter takes its shard of it
+        if tuple(v.shape) != tuple(params[k].shape):
+            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the model {tuple(params[k].shape)}")
+        load_full(params[k], v)
 
 
 def _checkpoint_tower_layers(tower) -> None:
@@ -191,12 +200,19 @@ def _checkpoint_tower_layers(tower) -> None:
         layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
-def shard_tower(model, info, mesh_layout: str) -> None:
-    """`parallel.tower=fsdp`: the frozen tower's blocks (and its embeddings/norm/output as the root unit) become
-    FSDP2 shards on the device; every adapter weight stays a replicated tensor for our engine."""
+def shard_tower(model, info, mesh_layout: str, adapters: bool = False) -> list:
+    """`parallel.tower=fsdp`: the frozen tower's blocks, embeddings and output projection become FSDP2 units on the
+    device (the final norm in the root unit); with `adapters` (`parallel.adapters=fsdp`) each plug-in's
+    `shard_units` too. Every other adapter weight stays a replicated tensor for our engine. Returns the sharded
+    adapter units."""
+    from mm_llama.adapters.registry import get_modality
     from mm_llama.engine.shard import device_mesh, resident_bytes, shard_frozen
 
     tower_params = set(model.tower.parameters())
+    units = []
+    if adapters:
+        for kind in model.kinds:
+            units += [u for u in get_modality(kind).shard_units(model.part(kind)) if u not in units]
     leave = {p for p in model.parameters() if p not in tower_params}
     tower_modules = set(model.tower.modules())
     for mod in model.modules():  # the adapters to the device; the tower moves there shard by shard
@@ -207,12 +223,18 @@ def shard_tower(model, info, mesh_layout: str) -> None:
     mesh = device_mesh(info.device, info.world_size, info.local_world_size, mesh_layout)
     tower = model.tower
     ends = [[tower.tok_embeddings, tower.output]] if tower.args.tie_embeddings else [tower.tok_embeddings, tower.output]
-    shard_frozen(model, [*tower.layers, *ends], mesh, leave=leave)
+    shard_frozen(model, [*tower.layers, *ends], mesh, leave=leave, trained_units=units)
     model.tower.reset_buffers()
     res = resident_bytes(model.tower)
     if info.is_main:
         print(f"parallel.tower=fsdp: tower weights {res.local / 1e6:.1f} MB of {res.full / 1e6:.1f} MB on this rank "
               f"({res.fraction:.3f}; mesh {mesh_layout} {tuple(mesh.shape)})", file=sys.stderr, flush=True)  # fmt: skip
+        if units:
+            local = sum(resident_bytes(u).local for u in units)
+            full = sum(resident_bytes(u).full for u in units)
+            print(f"parallel.adapters=fsdp: {len(units)} adapter units, {local / 1e6:.1f} MB of {full / 1e6:.1f} MB "
+                  "on this rank", file=sys.stderr, flush=True)  # fmt: skip
+    return units
 
 
 def _peak_mem_mb() -> float:
@@ -334,10 +356,12 @@ def train(cfg: TrainConfig) -> list[float]:
     import torch.distributed as dist
 
     from mm_llama.adapters.registry import get_modality
+    from mm_llama.config import ConfigError
     from mm_llama.data.loader import StreamingLoader
     from mm_llama.engine import DistributedDataParallel, init_distributed
     from mm_llama.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
     from mm_llama.engine.flops import StepFlops, device_peak_flops
+    from mm_llama.engine.shard import gather_full, is_sharded, local_optimizer_state, reshard_optimizer_state
     from mm_llama.engine.step import train_step, warmup_cosine
     from mm_llama.llama import Tokenizer
 
@@ -363,8 +387,11 @@ def train(cfg: TrainConfig) -> list[float]:
     model.aux_only = cfg.objective == "aux"
     if cfg.activation_checkpointing:
         _checkpoint_tower_layers(model.tower)
+    if cfg.parallel.adapters == "fsdp" and cfg.parallel.tower != "fsdp":
+        raise ConfigError("parallel.adapters=fsdp needs parallel.tower=fsdp (the adapters shard on the tower's mesh)")
+    units = []
     if cfg.parallel.tower == "fsdp" and info.distributed:
-        shard_tower(model, info, cfg.parallel.mesh)
+        units = shard_tower(model, info, cfg.parallel.mesh, adapters=cfg.parallel.adapters == "fsdp")
     else:
         if cfg.parallel.tower == "fsdp" and info.is_main:
             print("parallel.tower=fsdp: one process, nothing to shard (the tower stays whole)", file=sys.stderr)
@@ -384,7 +411,10 @@ def train(cfg: TrainConfig) -> list[float]:
         wrapped = model
     else:
         raise ValueError(f"engine must be ours or torch, not {cfg.engine!r}")
-    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    # FSDP2-sharded parameters (DTensors) in a group of their own: the fused/foreach kernels take one kind at a time
+    sharded = [p for p in trainable if is_sharded(p)]
+    groups = [g for g in ([p for p in trainable if not is_sharded(p)], sharded) if g]
+    opt = torch.optim.AdamW([{"params": g} for g in groups], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, cfg.steps))
     loader = StreamingLoader(
         cfg.data.train, map_fn=spec.sample_maker(model, tok, cfg), collate_fn=Collate(spec.name),
@@ -397,6 +427,7 @@ def train(cfg: TrainConfig) -> list[float]:
         weights, state, data_state = load_checkpoint(ckpt, info.rank)
         load_trained_weights(model, weights, ckpt)
         opt.load_state_dict(state["optimizer"])
+        reshard_optimizer_state(opt)
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         loader.load_state_dict(data_state)
@@ -447,12 +478,15 @@ def train(cfg: TrainConfig) -> list[float]:
             if bar is not None:
                 bar.update(step, res.loss, res.tokens * info.world_size / dt)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                weights = {k: v for k, v in model.state_dict().items() if k in trainable_names}
+                weights = gather_full({k: v for k, v in model.state_dict().items() if k in trainable_names},
+                                      keep=info.is_main)  # fmt: skip
+                opt_shard = local_optimizer_state(opt.state_dict()) if sharded else None
                 kill = functools.partial(_kill_if_asked, cfg, info.rank, step, "save")
                 save_checkpoint(run, step, weights=weights, optimizer=opt, scheduler=sched,
                                 extra={"losses": losses, "nonfinite": nonfinite}, data_states=loader.state_dict(),
                                 rank=info.rank, is_main=info.is_main, keep=cfg.keep_last, barrier=barrier,
-                                world_size=info.world_size, before_publish=kill)  # fmt: skip
+                                world_size=info.world_size, before_publish=kill,
+                                optimizer_shard=opt_shard)  # fmt: skip
             if cfg.stop_after is not None and step >= cfg.stop_after:
                 break
     metrics.close()
@@ -460,7 +494,9 @@ def train(cfg: TrainConfig) -> list[float]:
         bar.close()
     if info.is_main:
         (run / "losses.json").write_text(json.dumps(losses))
+    if info.is_main or units:  # sharded adapter blocks are gathered whole for the file: every rank takes part
         spec.save(model.part(spec.name), run / "adapter.safetensors")
+    if info.is_main:
         print("LOSSES " + json.dumps(losses), flush=True)
     return losses
 

@@ -99,9 +99,9 @@ class Image(Modality):
         missing = [k for k in self.inputs[1:4] if inputs.get(k) is None]
         if missing:
             raise ValueError(f"pixel_values need {', '.join(missing)}")
-        media_kv = im.media_kv(
-            im.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
-        )
+        # the media tokens themselves: each block computes its keys/values in its own forward (FSDP2-shardable)
+        media = im.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+        media_kv = [media] * len(im.cross_attention_layers)
         T = input_ids.shape[1]
         dtype = model.tower.tok_embeddings.weight.dtype
         xmask = inputs["cross_attention_mask"][:, -T:]
@@ -110,6 +110,10 @@ class Image(Modality):
 
     def blocks(self, model, state):
         return model.image.blocks(*state)
+
+    def shard_units(self, part):
+        enc = part.vision_encoder
+        return [*part.cross_attention_layers, *enc.transformer.layers, *enc.global_transformer.layers]
 
     def plan_pieces(self, part, batch, seq_len, dtype):
         from ..plan import Piece, PlanPieces, tensor_bytes

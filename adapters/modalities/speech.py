@@ -131,6 +131,9 @@ class Speech(Modality):
     def row_table(self, part):
         return part.learnable_embedding
 
+    def shard_units(self, part):
+        return list(part.encoder.layers)
+
     def prepare(self, model, input_ids, inputs):
         if inputs.get("speech") is not None:
             return inputs["speech"]

@@ -90,10 +90,13 @@ class Video(Modality):
         if videos is None or all(v is None for v in videos):
             return None
         tokens = [None if v is None else model.video.encode_video(v) for v in videos]
-        return model.video.video_inputs(tokens, input_ids, token_id=model.token_id("video"))
+        return model.video.video_inputs(tokens, input_ids, token_id=model.token_id("video"), kv=False)
 
     def blocks(self, model, state):
         return model.video.blocks(state)
+
+    def shard_units(self, part):  # its image part's units come with the image plug-in (a composed model has both)
+        return [*part.video_cross_attention_layers, *part.aggregator.layers]
 
     def sample_maker(self, model, tok, cfg):
         size = model.video.image_model.vision_encoder.args.image_size

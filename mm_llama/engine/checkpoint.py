@@ -51,9 +51,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, step: int, world_size: int) -> None:
+def write_manifest(folder: Path, step: int, world_size: int, optimizer_shards: bool = False) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"step": step, "world_size": world_size,
+    manifest = {"step": step, "world_size": world_size, "optimizer_shards": optimizer_shards,
                 "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}  # fmt: skip
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -83,6 +83,8 @@ def verify_checkpoint(path: str | Path, world_size: int | None = None) -> str | 
         if _sha256(f) != want["sha256"]:
             return f"{f}: checksum differs from the manifest (damaged)"
     needed = ["adapter.safetensors", "train_state.pt"] + [f"data_rank{r}.json" for r in range(saved_world)]
+    if manifest.get("optimizer_shards"):
+        needed += [f"optimizer_rank{r}.pt" for r in range(saved_world)]
     absent = [n for n in needed if n not in files]
     return f"{path}: the manifest lacks {absent}" if absent else None
 
@@ -110,9 +112,12 @@ def set_rng_state(st: dict) -> None:
 def save_checkpoint(
     run_dir, step: int, *, weights: dict, optimizer, scheduler, extra: dict, data_states: dict, rank: int,
     is_main: bool, keep: int = 3, barrier=None, world_size: int = 1, before_publish=None,
+    optimizer_shard: dict | None = None,
 ) -> Path:  # fmt: skip
     """All ranks call this; rank-local data cursors go in data_rank{r}.json, the rest is written by rank 0, then the
-    manifest, then the rename. `before_publish()` runs on every rank once its files are written (fault injection)."""
+    manifest, then the rename. `before_publish()` runs on every rank once its files are written (fault injection).
+    `optimizer_shard` (adapters sharded with FSDP2): this rank's optimizer state, written by every rank as
+    optimizer_rank{r}.pt instead of the optimizer in train_state.pt."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -125,16 +130,19 @@ def save_checkpoint(
     if barrier:
         barrier()
     (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_states))
+    if optimizer_shard is not None:
+        torch.save(optimizer_shard, tmp / f"optimizer_rank{rank}.pt")
     if before_publish is not None:
         before_publish()
     if barrier:
         barrier()
     if is_main:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        opt_state = optimizer.state_dict() if optimizer_shard is None else None
+        state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
                  "rng": rng_state(), **extra}  # fmt: skip
         torch.save(state, tmp / "train_state.pt")
-        write_manifest(tmp, step, world_size)
+        write_manifest(tmp, step, world_size, optimizer_shards=optimizer_shard is not None)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -161,4 +169,11 @@ def load_checkpoint(path: str | Path, rank: int) -> tuple[dict, dict, dict]:
             parts[name] = read(path / name)
         except Exception as e:  # noqa: BLE001 -- any failure to read a user's file becomes one named error
             raise CheckpointError(f"{path / name}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
-    return parts["adapter.safetensors"], parts["train_state.pt"], parts[data_file.name]
+    state = parts["train_state.pt"]
+    if state.get("optimizer") is None:  # sharded adapters: this rank's optimizer state
+        f = path / f"optimizer_rank{rank}.pt"
+        try:
+            state["optimizer"] = torch.load(f, weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- one named error, as above
+            raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    return parts["adapter.safetensors"], state, parts[data_file.name]

@@ -126,11 +126,14 @@ class _Bucket:
 
 
 def _trainable_parameters(module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
-    """named_modules x named_parameters(recurse=False), shared parameters counted once (torch DDP's walk)."""
+    """named_modules x named_parameters(recurse=False), shared parameters counted once (torch DDP's walk). Parameters
+    sharded by FSDP2 (DTensors) are left out: FSDP2 reduce-scatters their gradients itself."""
+    from torch.distributed.tensor import DTensor
+
     names, params, seen = [], [], set()
     for mod_name, mod in module.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
+            if not p.requires_grad or id(p) in seen or isinstance(p, DTensor):
                 continue
             seen.add(id(p))
             names.append(f"{mod_name}.{p_name}" if mod_name else p_name)
@@ -177,7 +180,8 @@ class DistributedDataParallel(nn.Module):
         self.rank = dist.get_rank(process_group) if process_group is not None else 0
         self.param_names, self.params = _trainable_parameters(module)
         if not self.params:
-            raise ValueError("DistributedDataParallel: the module has no parameter with requires_grad=True")
+            raise ValueError("DistributedDataParallel: the module has no parameter with requires_grad=True (that "
+                             "FSDP2 does not shard)")  # fmt: skip
         if bucket_cap_mb != "auto" and not (isinstance(bucket_cap_mb, int | float) and bucket_cap_mb > 0):
             raise ValueError(f"bucket_cap_mb must be a positive number of MiB or 'auto', not {bucket_cap_mb!r}")
         self.gradient_as_bucket_view = gradient_as_bucket_view
@@ -320,10 +324,15 @@ class DistributedDataParallel(nn.Module):
         """Accumulate gradients locally; put both forward and backward inside the context."""
         old = self.require_backward_grad_sync
         self.require_backward_grad_sync = False
+        fsdp = getattr(self.module, "set_requires_gradient_sync", None)  # units FSDP2 shards inside the module
+        if fsdp is not None:
+            fsdp(False)
         try:
             yield
         finally:
             self.require_backward_grad_sync = old
+            if fsdp is not None:
+                fsdp(True)
 
     def forward(self, *args, **kwargs):
         grad = torch.is_grad_enabled()

@@ -62,22 +62,83 @@ def shard_frozen(
     mesh,
     *,
     leave: set[nn.Parameter] | None = None,
+    trained_units: Iterable[nn.Module] = (),
 ) -> None:
     """Shard each of `units` (a module, or a list of modules sharing weights, e.g. a tied embedding and output
     projection: gathered before the first of them runs, freed after the last) as one FSDP2 unit, then the rest of
     `root`'s parameters except `leave` as the root unit (kept gathered from the root's forward to the end of its
     backward: only small leftovers belong there). Units are freed after their forward and gathered again in
-    backward only when autograd runs through them. Every sharded parameter must be frozen: the trainable parts
-    belong to the DDP engine."""
+    backward only when autograd runs through them. `units` must be frozen; `trained_units` (large trainable
+    blocks: `parallel.adapters=fsdp`) are sharded the same way and FSDP2 reduce-scatters their gradients
+    (averaged over ranks, as our engine averages the replicated rest). Every other trainable parameter must be in
+    `leave`: it belongs to the DDP engine."""
     from torch.distributed.fsdp import fully_shard
 
     leave = set(leave or ())
-    trained = [n for n, p in root.named_parameters() if p.requires_grad and p not in leave]
-    if trained:
-        raise ValueError(f"shard_frozen: trainable parameters would be sharded: {trained[:5]} (pass them in leave)")
-    for unit in units:
+    trained_units = list(trained_units)
+    in_trained = {p for u in trained_units for p in u.parameters()}
+    stray = [n for n, p in root.named_parameters() if p.requires_grad and p not in leave and p not in in_trained]
+    if stray:
+        raise ValueError(f"shard_frozen: trainable parameters would be sharded: {stray[:5]} (pass them in leave)")
+    for unit in [*trained_units, *units]:
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
-    fully_shard(root, mesh=mesh, reshard_after_forward=False, ignored_params=leave)
+    fully_shard(root, mesh=mesh, reshard_after_forward=False, ignored_params=leave - in_trained)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded parameter or state (a collective: every rank calls it), else `t`."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def gather_full(named: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Whole tensors of `named` on the CPU, one at a time (sharded ones gathered: every rank calls this); the ranks
+    with `keep=False` return {} (only the writer holds the copy)."""
+    out = {}
+    for k, v in named.items():
+        t = full_tensor(v.detach())
+        if keep:
+            out[k] = t.cpu()
+        del t
+    return out
+
+
+@torch.no_grad()
+def load_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter, sharded (this rank's shard of it, no communication) or not."""
+    if is_sharded(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)  # fmt: skip
+    param.copy_(full)
+
+
+def local_optimizer_state(state: dict) -> dict:
+    """An optimizer state_dict with every sharded state tensor replaced by this rank's shard (a plain tensor)."""
+    return {**state, "state": {i: {k: (v.to_local() if is_sharded(v) else v) for k, v in st.items()}
+                               for i, st in state["state"].items()}}  # fmt: skip
+
+
+def reshard_optimizer_state(optimizer) -> None:
+    """After `load_state_dict` of a `local_optimizer_state`: each sharded parameter's state tensors become DTensors
+    laid out like the parameter again."""
+    from torch.distributed.tensor import DTensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not is_sharded(p):
+                continue
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and not is_sharded(v) and v.shape == p.to_local().shape:
+                    st[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                               stride=p.stride())  # fmt: skip
 
 
 def resident_bytes(module: nn.Module) -> Resident:

@@ -99,10 +99,30 @@ def train_step(
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, tokens, skipped=True)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+    grad_norm = clip_grad_norm(trainable, clip)
     optimizer.step()
     scheduler.step()
     return StepResult(loss, tokens, grad_norm)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """torch's clip_grad_norm_ over replicated parameters and FSDP2-sharded ones (DTensors: each norm is the whole
+    tensor's, reduced across ranks) together; returns the total norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    groups = [[p for p in params if isinstance(p, DTensor) == sharded and p.grad is not None] for sharded in (0, 1)]
+    if not groups[1]:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = []
+    for group in groups:
+        if group:
+            n = torch.nn.utils.get_total_norm([p.grad for p in group])
+            norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    for group in groups:
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return float(total)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:

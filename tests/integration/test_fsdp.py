@@ -35,11 +35,12 @@ def reference(modality: str, tmp_path) -> tuple[list[float], Path]:
 
 @pytest.mark.parametrize("modality", ["image", "video", "speech"])
 def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality):
-    """2 and 4 ranks with the tower sharded (the 4-rank run also recomputes the tower layers in backward:
-    activation checkpointing over FSDP2 units) == 1 rank unsharded, same global batch."""
+    """2 and 4 ranks with the tower sharded == 1 rank unsharded, same global batch. The 4-rank run also shards the
+    adapters' blocks (`parallel.adapters=fsdp`: FSDP2 reduce-scatters their gradients, our engine the rest) and
+    recomputes the tower layers in backward (activation checkpointing over FSDP2 units)."""
     cfg = f"recipes/configs/debug_{modality}.yaml"
     one, one_dir = reference(modality, tmp_path)
-    for n, extra in ((2, []), (4, ["activation_checkpointing=true"])):
+    for n, extra in ((2, []), (4, ["activation_checkpointing=true", "parallel.adapters=fsdp"])):
         launcher = [str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(_port())]
         sharded, r = train("--config", cfg, f"run_dir={tmp_path / f'fsdp{n}'}", "steps=3", f"data.batch_size={4 // n}",
                            "data.split=interleave", "parallel.tower=fsdp", *extra, launcher=launcher)  # fmt: skip
@@ -52,10 +53,28 @@ def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality):
     from safetensors.torch import load_file
 
     ref = load_file(one_dir / "adapter.safetensors")
-    got = load_file(tmp_path / "fsdp2" / "adapter.safetensors")
-    assert ref.keys() == got.keys() and not any(k.startswith("tower.") for k in got)
-    for k in ref:
-        assert torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-6), k
+    for n in (2, 4):  # 4: its sharded blocks gathered whole into the file
+        got = load_file(tmp_path / f"fsdp{n}" / "adapter.safetensors")
+        assert ref.keys() == got.keys() and not any(k.startswith("tower.") for k in got)
+        for k in ref:
+            assert torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-6), (n, k)
+
+
+def test_sharded_adapters_resume_exactly(tmp_path):
+    """`parallel.adapters=fsdp`: each rank saves its optimizer shard; a run stopped at step 2 and resumed gives the
+    uninterrupted run's losses bitwise; gradient accumulation (no_sync reaches FSDP2's units too) matches."""
+    base = ["--config", "recipes/configs/debug_image.yaml", "steps=4", "ckpt_every=2", "parallel.tower=fsdp",
+            "parallel.adapters=fsdp", "data.batch_size=1", "optim.grad_accum=2"]  # fmt: skip
+
+    def launcher():
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port())]
+
+    full, _ = train(*base, f"run_dir={tmp_path / 'full'}", launcher=launcher())
+    first, _ = train(*base, f"run_dir={tmp_path / 'cut'}", "stop_after=2", launcher=launcher())
+    files = sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "step_00000002").iterdir())
+    assert "optimizer_rank0.pt" in files and "optimizer_rank1.pt" in files
+    resumed, r = train(*base, f"run_dir={tmp_path / 'cut'}", launcher=launcher())
+    assert "resume: from" in r.stderr and resumed == full and first == full[:2]
 
 
 def test_two_machines_on_localhost_hybrid_mesh(tmp_path):
@@ -85,3 +104,7 @@ def test_two_machines_on_localhost_hybrid_mesh(tmp_path):
 def test_bad_parallel_values_name_the_key(tmp_path):
     _, r = train("--config", "recipes/configs/debug_image.yaml", "parallel.tower=zero3", check=False)
     assert r.returncode == 2 and "parallel.tower" in r.stderr and "Traceback" not in r.stderr
+    _, r = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "parallel.adapters=fsdp",
+                 check=False)  # fmt: skip
+    assert r.returncode == 2 and "parallel.adapters=fsdp needs parallel.tower=fsdp" in r.stderr
+    assert "Traceback" not in r.stderr
