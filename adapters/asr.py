@@ -92,7 +92,8 @@ def build_speech_model(tower: Transformer, encoder: torch.nn.Module, adapter_arg
     """Tower + encoder (Conformer or Whisper) + a fresh speech adapter (tower frozen; outputs start at the scale of
     the tower's token table)."""
     adapter = SpeechAdapter(encoder.args.width, tower.args.dim, adapter_args)
-    adapter.init_output_scale(float(tower.tok_embeddings.weight.detach().float().std()))
+    if not tower.tok_embeddings.weight.is_meta:  # the meta device: the memory plan's model (shapes only)
+        adapter.init_output_scale(float(tower.tok_embeddings.weight.detach().float().std()))
     return FusedSpeechModel(tower, encoder, adapter, **kw)
 
 

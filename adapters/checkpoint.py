@@ -10,6 +10,7 @@ transformers 4 key layout (`language_model.model.*`, `language_model.lm_head`, `
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -124,16 +125,32 @@ def mllama_skeleton(
 
 
 def load_hf_mllama(
-    folder: Path, dtype=torch.float32, device="cpu", hf_compat_masking: bool = False, intermediate_from: str = "input"
-):
+    folder: Path, dtype=torch.float32, device="cpu", hf_compat_masking: bool = False, intermediate_from: str = "input",
+    *, tower: Transformer | None = None, text_only: bool = False,
+):  # fmt: skip
+    """An HF Mllama folder -> FusedVisionModel (all frozen). `text_only`: only the text tower is read and returned
+    (training a recipe on the folder's tower); `tower`: the image adapter is read onto this already-loaded tower
+    of the same shape and the text weights are not read again."""
     from safetensors import safe_open
 
     model, cross, flat_to_self = mllama_skeleton(folder, hf_compat_masking, intermediate_from)
     args = model.tower.args
+    if tower is not None:
+        if tower.args != args:
+            raise CheckpointError(f"{folder}: its text model ({args}) is not the given tower ({tower.args})")
+        model.tower = tower
     filler = ParamFiller(model, source=str(folder), dtype=dtype, device=device, requires_grad=False)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors file")
+
+    def put(name: str, get, key: str) -> None:
+        text = name.startswith("tower.")
+        if (tower is not None and text) or (text_only and not text):
+            filler.skip(name)  # not read at all
+        else:
+            filler.put(name, get(), key)
+
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
@@ -141,21 +158,22 @@ def load_hf_mllama(
                     part, rest = _normalise_hf_key(key)
                 except KeyError:
                     raise CheckpointError(f"{f}: unexpected key {key!r} for an Mllama checkpoint") from None
-                t = sf.get_tensor(key)
+                get = functools.partial(sf.get_tensor, key)
                 if part == "vision":
-                    filler.put(f"vision_encoder.{rest}", t, key)
+                    put(f"vision_encoder.{rest}", get, key)
                 elif part == "projector":
-                    filler.put(f"vision_projection.{rest}", t, key)
+                    put(f"vision_projection.{rest}", get, key)
                 elif part == "lm_head":
-                    filler.put("tower.output.weight", t, key)
+                    put("tower.output.weight", get, key)
                 elif rest == "embed_tokens.weight":
+                    t = sf.get_tensor(key)
                     V = args.vocab_size
                     if t.shape[0] != V + NUM_EXTRA_TOKENS:
                         raise CheckpointError(f"{f}: {key}: expected {V}+{NUM_EXTRA_TOKENS} rows, found {t.shape[0]}")
-                    filler.put("tower.tok_embeddings.weight", t[:V], key)
-                    filler.put("learnable_embedding.weight", t[V:], key)
+                    put("tower.tok_embeddings.weight", lambda t=t, V=V: t[:V], key)
+                    put("learnable_embedding.weight", lambda t=t, V=V: t[V:], key)
                 elif rest == "norm.weight":
-                    filler.put("tower.norm.weight", t, key)
+                    put("tower.norm.weight", get, key)
                 elif "rotary_emb" in rest:
                     continue
                 else:
@@ -167,23 +185,35 @@ def load_hf_mllama(
                         k = cross.index(flat)
                         if tail not in _XATTN_KEYS:
                             raise CheckpointError(f"{f}: unexpected cross-attention key {key!r}")
-                        filler.put(f"cross_attention_layers.{k}.{_XATTN_KEYS[tail]}", t, key)
+                        put(f"cross_attention_layers.{k}.{_XATTN_KEYS[tail]}", get, key)
                     else:
                         meta = hf_to_meta_key(f"layers.{flat_to_self[flat]}.{tail}")
                         if meta is None:
                             continue
-                        if meta.endswith("attention.wq.weight"):
-                            t = permute_hf_to_meta(t, args.n_heads)
-                        elif meta.endswith("attention.wk.weight"):
-                            t = permute_hf_to_meta(t, args.n_kv_heads)
-                        filler.put(f"tower.{meta}", t, key)
+                        heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
+                        n = next((h for suffix, h in heads.items() if meta.endswith(suffix)), None)
+                        put(f"tower.{meta}", get if n is None else (lambda g=get, n=n: permute_hf_to_meta(g(), n)), key)
     if args.tie_embeddings:
         filler.skip("tower.output.weight")
     filler.finish()
-    model.tower.tie_weights()
-    model.tower.reset_buffers()
+    if text_only:
+        tower = model.tower
+        tower.tie_weights()
+        tower.reset_buffers()
+        return tower.requires_grad_(False).eval()
+    if tower is None:
+        model.tower.tie_weights()
+        model.tower.reset_buffers()
     model.freeze_tower()
     return model
+
+
+def is_mllama_folder(path) -> bool:
+    p = Path(path) / "config.json"
+    try:
+        return p.is_file() and json.loads(p.read_text()).get("model_type") == "mllama"
+    except (OSError, ValueError):
+        return False
 
 
 def load_pretrained(

@@ -81,9 +81,10 @@ class Modality:
         run shards the adapters (`parallel.adapters=fsdp`); the rest of the part stays replicated."""
         return []
 
-    def plan_pieces(self, part: nn.Module, batch: int, seq_len: int, dtype: torch.dtype):
+    def plan_pieces(self, part: nn.Module, batch: int, seq_len: int, dtype: torch.dtype, cfg):
         """The memory plan's view of this part's training forward (adapters/plan.py `PlanPieces`): its encoder and
-        blocks as pieces run on the meta device with `batch` samples of `seq_len` tokens in `dtype`."""
+        blocks as pieces run on the meta device with `batch` samples of `seq_len` tokens in `dtype`; cfg: the
+        training config's `model` section (e.g. frames per video)."""
         raise NotImplementedError(f"no memory plan for the {self.name} adapter")
 
     # --- data -----------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ class Layout:
     tower: str = "replicate"  # replicate | fsdp
     mesh: str = "flat"  # flat | hybrid
     activation_checkpointing: bool = False
+    adapters: str = "replicate"  # replicate | fsdp (the plug-in's shard_units, on the tower's mesh)
 
     @property
     def shards(self) -> int:
@@ -137,7 +138,14 @@ class Layout:
             s = "parallel.tower=replicate"
         else:
             s = f"parallel.tower=fsdp parallel.mesh={self.mesh}"
+            if self.adapters == "fsdp":
+                s += " parallel.adapters=fsdp"
         return s + f" activation_checkpointing={str(self.activation_checkpointing).lower()}"
+
+    def short(self) -> str:
+        base = "replicate" if self.tower != "fsdp" else f"fsdp-{self.mesh}"
+        base += "+adapters" if self.adapters == "fsdp" else ""
+        return base + ("+AC" if self.activation_checkpointing else "")
 
 
 @dataclass
@@ -159,6 +167,10 @@ class ModelSizes:
     n_layers: int = 0
     lowest_layer: int = 0
     tower_params: int = 0
+    unit_trainable_params: int = 0  # trainable parameters inside the plug-ins' shard_units
+    unit_frozen: int = 0  # frozen adapter bytes inside them
+    unit_max_params: int = 0  # the largest unit's parameters
+    compute_bytes: int = 4  # bytes per element of the compute dtype (bf16 under autocast: 2)
 
 
 @dataclass
@@ -220,13 +232,19 @@ def plan(sizes: ModelSizes, layout: Layout, gpu_mem: float) -> Plan:
         tower_acts = layers * s.layer_input + (s.layer_acts if layers else 0)
     else:
         tower_acts = layers * s.layer_acts
+    a_shards = shards if layout.adapters == "fsdp" and shards > 1 else 1
+    trained = s.trainable_params - s.unit_trainable_params + s.unit_trainable_params / a_shards
+    gathered = (2 * s.tower_block + s.tower_output) if shards > 1 else 0
+    if a_shards > 1:  # two adapter units whole at a time (compute dtype), with their whole gradients, and one
+        # fp32 reduce-scatter input
+        gathered += s.unit_max_params * (2 * 2 * s.compute_bytes + 4)
     rows = {
         "tower weights": s.tower / shards,
-        "tower units gathered": (2 * s.tower_block + s.tower_output) if shards > 1 else 0,
-        "adapter frozen weights": s.adapter_frozen,
-        "trainable weights": s.trainable_params * 4,
-        "gradients": s.trainable_params * 4,
-        "optimizer state": s.trainable_params * 8,
+        "units gathered": gathered,
+        "adapter frozen weights": s.adapter_frozen - s.unit_frozen + s.unit_frozen / a_shards,
+        "trainable weights": trained * 4,
+        "gradients": trained * 4,
+        "optimizer state": trained * 8,
         "activations: tower layers": tower_acts + s.rope,
         "activations: adapter": sum(s.blocks_acts.values()) + s.shared,
         "activations: logits + loss": s.logits + s.logits_grad,
@@ -237,14 +255,13 @@ def plan(sizes: ModelSizes, layout: Layout, gpu_mem: float) -> Plan:
 
 def candidates(gpus: int, per_machine: int) -> list[Layout]:
     """Layouts from the cheapest in communication and compute to the most sharded."""
-    out = []
-    meshes = ["hybrid", "flat"] if gpus > per_machine else ["flat"]
-    for ac in (False, True):
-        out.append(Layout(gpus, per_machine, "replicate", "flat", ac))
-    for mesh in meshes:
-        for ac in (False, True):
-            out.append(Layout(gpus, per_machine, "fsdp", mesh, ac))
-    return [lay for lay in out if gpus > 1 or lay.tower == "replicate"]
+    out = [Layout(gpus, per_machine, "replicate", "flat", ac) for ac in (False, True)]
+    if gpus > 1:
+        meshes = ["hybrid", "flat"] if gpus > per_machine else ["flat"]
+        for adapters in ("replicate", "fsdp"):
+            for mesh in meshes:
+                out += [Layout(gpus, per_machine, "fsdp", mesh, ac, adapters) for ac in (False, True)]
+    return out
 
 
 def meta_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -131,7 +131,8 @@ class ConformerLayer(nn.Module):
 
 def _masks(lengths: torch.Tensor, T: int):
     ok = torch.arange(T, device=lengths.device)[None] < lengths[:, None]
-    return ok, (None if bool(ok.all()) else ok[:, None, None, :])
+    # (the meta device, where the memory plan runs: full-length clips, no mask)
+    return ok, (None if ok.is_meta or bool(ok.all()) else ok[:, None, None, :])
 
 
 def conformer_frames(mel_lengths, stack: int):

@@ -94,7 +94,7 @@ class WhisperEncoder(nn.Module):
         x = x.transpose(1, 2) + self.embed_positions.weight[:T]
         lengths = self.output_lengths(mel_lengths)
         key_ok = torch.arange(T, device=x.device)[None] < lengths[:, None]
-        mask = None if bool(key_ok.all()) else key_ok[:, None, None, :]
+        mask = None if key_ok.is_meta or bool(key_ok.all()) else key_ok[:, None, None, :]  # meta: the memory plan
         for layer in self.layers:
             x = layer(x, mask)
         return self.layer_norm(x), lengths

@@ -26,25 +26,35 @@ PROMPT_TOKENS = 16  # BOS, the media token and a short prompt before the target 
 
 def tower_and_part(cfg):
     """The config's tower and trainable part on the meta device (shapes only)."""
-    from mm_llama.adapters.checkpoint import mllama_skeleton
-    from mm_llama.adapters.registry import get_modality
+    from mm_llama.adapters.checkpoint import is_mllama_folder, mllama_skeleton
+    from mm_llama.adapters.registry import MODALITIES, get_modality
     from mm_llama.assets import resolve
     from mm_llama.llama import Transformer, get_preset
     from mm_llama.llama.checkpoint import read_checkpoint
+    from recipes.train import TowerCfg
 
     spec = get_modality(cfg.model.modality)
-    model_cfg = replace(cfg.model, **{spec.name: _without_files(getattr(cfg.model, spec.name))})
-    if cfg.tower.path:
-        path = Path(resolve(cfg.tower.path))
-        if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get(
-            "model_type"
-        ) == "mllama":
+    sections = {name: _without_files(getattr(cfg.model, name)) for name in MODALITIES}
+    model_cfg = replace(cfg.model, **sections)
+    parts = {}
+    path = Path(resolve(cfg.tower.path)) if cfg.tower.path else None
+    if path is not None and not path.exists():
+        if cfg.tower.preset == TowerCfg.preset:
+            raise FileNotFoundError(f"tower.path {path} is not on this machine: give tower.preset=NAME for its shape")
+        print(f"plan: tower.path {path} is not on this machine: the shape of tower.preset={cfg.tower.preset}",
+              file=sys.stderr)  # fmt: skip
+        path = None
+    if path is not None:
+        if is_mllama_folder(path):  # Llama 3.2 Vision: its text model and its own image adapter's shape
             fused, _, _ = mllama_skeleton(path)
-            if spec.name == "image":  # the folder's own image adapter (its encoder, placement and tile size)
-                fused.learnable_embedding.requires_grad_(model_cfg.image.train_token_rows)
-                fused.vision_encoder.requires_grad_(not model_cfg.image.freeze_vision)
+            fused.requires_grad_(True)
+            fused.freeze_tower()
+            fused.learnable_embedding.requires_grad_(model_cfg.image.train_token_rows)
+            fused.vision_encoder.requires_grad_(not model_cfg.image.freeze_vision)
+            if spec.name == "image":
                 return fused.tower, fused
-            tower = fused.tower
+            fused.requires_grad_(False)  # a video stage trains on a frozen image adapter
+            tower, parts = fused.tower, {"image": fused}
         else:
             args, _, _ = read_checkpoint(path)
             with torch.device("meta"):
@@ -57,13 +67,13 @@ def tower_and_part(cfg):
             tower = Transformer(args)
     tower.requires_grad_(False)
     with torch.device("meta"):
-        part = spec.build(tower, model_cfg, {})
+        part = spec.build(tower, model_cfg, parts)
     return tower, part
 
 
 def _without_files(section):
     """The modality's options without weight files to read (the plan needs shapes only)."""
-    names = [f for f in ("vision_init", "init", "encoder_init") if hasattr(section, f)]
+    names = [f for f in ("vision_init", "release", "image_adapter", "init", "encoder_init") if hasattr(section, f)]
     return replace(section, **{f: None for f in names}) if names else section
 
 
@@ -84,10 +94,23 @@ def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: in
     tower_params = set(tower.parameters())
     adapter_frozen = param_bytes([p for p in part.parameters() if p not in tower_params and not p.requires_grad],
                                  torch.float32)  # fmt: skip
+    from mm_llama.adapters.composed import ComposedModel
+    from mm_llama.adapters.registry import MODALITIES
+
+    composed = ComposedModel(tower, **{cfg.model.modality: part})  # brings the parts it requires (video: image)
+    units = []
+    for kind in composed.kinds:
+        units += [u for u in MODALITIES[kind].shard_units(composed.part(kind)) if u not in units]
+    unit_params = list(dict.fromkeys(p for u in units for p in u.parameters()))
+    unit_trainable = sum(p.numel() for p in unit_params if p.requires_grad)
+    unit_frozen = param_bytes([p for p in unit_params if not p.requires_grad], torch.float32)
+    unit_max = max((sum(p.numel() for p in u.parameters()) for u in units), default=0)
     part.to(dt)
-    pieces = get_modality(cfg.model.modality).plan_pieces(part, w.batch, seq_len, dt)
+    pieces = get_modality(cfg.model.modality).plan_pieces(part, w.batch, seq_len, dt, cfg.model)
     sizes = measure_model(tower, part, pieces, w)
     sizes.adapter_frozen = adapter_frozen
+    sizes.unit_trainable_params, sizes.unit_frozen, sizes.unit_max_params = unit_trainable, unit_frozen, unit_max
+    sizes.compute_bytes = torch.empty((), dtype=dt).element_size()
     return sizes, w
 
 
@@ -98,7 +121,8 @@ def plan_config(cfg, gpus: int, gpu_mem: float, gpus_per_machine: int = 8, **kw)
     sizes, w = measure(cfg, **kw)
     per_machine = min(gpus_per_machine, gpus)
     plans = [plan(sizes, lay, gpu_mem) for lay in candidates(gpus, per_machine)]
-    own = Layout(gpus, per_machine, cfg.parallel.tower, cfg.parallel.mesh, cfg.activation_checkpointing)
+    own = Layout(gpus, per_machine, cfg.parallel.tower, cfg.parallel.mesh, cfg.activation_checkpointing,
+                 cfg.parallel.adapters)  # fmt: skip
     return sizes, w, plans, plan(sizes, own, gpu_mem)
 
 
@@ -112,13 +136,16 @@ def report(cfg, sizes, w, plans, own, gpus: int, gpu_mem: float, config_name: st
         f"per GPU: micro-batch {w.batch} x {w.seq_len} tokens ({w.labels} labelled); {gpus} GPUs x {gpu_mem:g} GB "
         f"(usable {USABLE:.0%})",
     ]
-    names = [_short(p.layout) for p in plans]
-    width = max(12, *(len(n) for n in names))
-    lines.append(f"{'GB per GPU':<28}" + "".join(f"{n:>{width + 2}}" for n in names))
-    for row in plans[0].rows:
-        lines.append(f"{row:<28}" + "".join(f"{p.rows[row]:>{width + 2}.2f}" for p in plans))
-    lines.append(f"{'total':<28}" + "".join(f"{p.total:>{width + 2}.2f}" for p in plans))
-    lines.append(f"{'fits':<28}" + "".join(f"{'yes' if p.fits else 'no':>{width + 2}}" for p in plans))
+    cols = {"tower weights": "tower", "units gathered": "gathered", "adapter frozen weights": "adapter",
+            "trainable weights": "trained", "gradients": "grads", "optimizer state": "AdamW",
+            "activations: tower layers": "act:tower", "activations: adapter": "act:adapt",
+            "activations: logits + loss": "act:loss"}  # fmt: skip
+    width = max(len(p.layout.short()) for p in plans) + 2
+    lines.append("GB per GPU: " + "; ".join(f"{v} = {k}" for k, v in cols.items()))
+    lines.append(f"{'layout':<{width}}" + "".join(f"{v:>10}" for v in cols.values()) + f"{'total':>10}  fits")
+    for p in plans:
+        lines.append(f"{p.layout.short():<{width}}" + "".join(f"{p.rows[k]:>10.2f}" for k in cols)
+                     + f"{p.total:>10.2f}  {'yes' if p.fits else 'no'}")  # fmt: skip
     best = next((p for p in plans if p.fits), None)
     lines.append(f"this config ({own.layout.describe()}): {own.total:.1f} GB per GPU: "
                  f"{'fits' if own.fits else 'does NOT fit'}")  # fmt: skip
@@ -129,16 +156,28 @@ def report(cfg, sizes, w, plans, own, gpus: int, gpu_mem: float, config_name: st
         trainable = sum(least.rows[k] for k in ("trainable weights", "gradients", "optimizer state"))
         lines.append(
             f"verdict: does NOT fit on {gpus} x {gpu_mem:g} GB: the least is {least.total:.1f} GB per GPU "
-            f"({least.layout.describe()}), of which {trainable:.1f} GB are the replicated trainable weights, their "
-            "gradients and AdamW state; shard the adapters too (not built yet) or train fewer cross-attention "
-            "layers (model.<modality>.xattn_count)"
+            f"({least.layout.describe()}), of which {trainable:.1f} GB are trainable weights, their gradients and "
+            f"AdamW state. More GPUs: {min_gpus(sizes, least.layout, gpu_mem)}; otherwise a smaller "
+            "micro-batch or fewer cross-attention layers (model.<modality>.xattn_count)"
         )
     return "\n".join(lines)
 
 
-def _short(layout) -> str:
-    base = "replicate" if layout.tower != "fsdp" else f"fsdp-{layout.mesh}"
-    return base + ("+AC" if layout.activation_checkpointing else "")
+def min_gpus(sizes, layout, gpu_mem: float, limit: int = 65536) -> str:
+    """The fewest GPUs (whole machines) on which `layout` fits, or a note that none up to `limit` does."""
+    from dataclasses import replace as dc_replace
+
+    from mm_llama.adapters.plan import plan
+
+    n = layout.gpus_per_machine
+    while n <= limit:
+        if plan(sizes, dc_replace(layout, gpus=n), gpu_mem).fits:
+            return f"at least {n} GPUs with that layout"
+        n *= 2
+    fixed = plan(sizes, dc_replace(layout, gpus=limit), gpu_mem)
+    big = sorted(fixed.rows.items(), key=lambda kv: -kv[1])[:3]
+    return ("no number of GPUs: " + ", ".join(f"{k} {v:.1f} GB" for k, v in big) + " per GPU do not shrink with "
+            "more of them")  # fmt: skip
 
 
 def to_json(sizes, w, plans, own) -> dict:

@@ -31,7 +31,7 @@ from mm_llama.config import auto_or_bounded, bounded, choice, load_config, save_
 
 @dataclass
 class TowerCfg:
-    path: str | None = None  # Meta dir | HF dir | .gguf; None: a random preset (tests, debug)
+    path: str | None = None  # Meta dir | HF dir (an Mllama one: its text model) | .gguf; None: a random preset
     preset: str = "debug"
     vocab_size: int | None = None  # random preset: match the tokenizer's vocabulary
     seed: int = 0
@@ -127,7 +127,12 @@ def build_tower(cfg: TrainConfig):
     from mm_llama.llama import Transformer, get_preset, load_pretrained
 
     if cfg.tower.path:
-        return load_pretrained(resolve(cfg.tower.path))
+        from mm_llama.adapters.checkpoint import is_mllama_folder, load_hf_mllama
+
+        path = resolve(cfg.tower.path)
+        if is_mllama_folder(path):  # Llama 3.2 Vision: its text model (model.image.release: its adapter)
+            return load_hf_mllama(Path(path), text_only=True)
+        return load_pretrained(path)
     args = get_preset(cfg.tower.preset)
     if cfg.tower.vocab_size:
         args = args.replace(vocab_size=cfg.tower.vocab_size)
@@ -200,7 +205,7 @@ def _checkpoint_tower_layers(tower) -> None:
         layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
-def shard_tower(model, info, mesh_layout: str, adapters: bool = False) -> list:
+def shard_tower(model, info, mesh_layout: str, adapters: bool = False, compute_dtype=None) -> list:
     """`parallel.tower=fsdp`: the frozen tower's blocks, embeddings and output projection become FSDP2 units on the
     device (the final norm in the root unit); with `adapters` (`parallel.adapters=fsdp`) each plug-in's
     `shard_units` too. Every other adapter weight stays a replicated tensor for our engine. Returns the sharded
@@ -223,7 +228,7 @@ def shard_tower(model, info, mesh_layout: str, adapters: bool = False) -> list:
     mesh = device_mesh(info.device, info.world_size, info.local_world_size, mesh_layout)
     tower = model.tower
     ends = [[tower.tok_embeddings, tower.output]] if tower.args.tie_embeddings else [tower.tok_embeddings, tower.output]
-    shard_frozen(model, [*tower.layers, *ends], mesh, leave=leave, trained_units=units)
+    shard_frozen(model, [*tower.layers, *ends], mesh, leave=leave, trained_units=units, compute_dtype=compute_dtype)
     model.tower.reset_buffers()
     res = resident_bytes(model.tower)
     if info.is_main:
@@ -391,7 +396,9 @@ def train(cfg: TrainConfig) -> list[float]:
         raise ConfigError("parallel.adapters=fsdp needs parallel.tower=fsdp (the adapters shard on the tower's mesh)")
     units = []
     if cfg.parallel.tower == "fsdp" and info.distributed:
-        units = shard_tower(model, info, cfg.parallel.mesh, adapters=cfg.parallel.adapters == "fsdp")
+        amp = torch.bfloat16 if tower_dtype == torch.bfloat16 else None  # adapter blocks gathered in bf16 then
+        units = shard_tower(model, info, cfg.parallel.mesh, adapters=cfg.parallel.adapters == "fsdp",
+                            compute_dtype=amp)  # fmt: skip
     else:
         if cfg.parallel.tower == "fsdp" and info.is_main:
             print("parallel.tower=fsdp: one process, nothing to shard (the tower stays whole)", file=sys.stderr)

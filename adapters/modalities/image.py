@@ -19,6 +19,10 @@ from ..modality import AnswerOptions, Modality, require_member, text_target
 class ImageConfig:
     vision: str = choice("debug", *VISION_PRESETS)  # image encoder preset (adapters/builders.py)
     vision_init: str | None = None  # safetensors of pretrained image-encoder weights (VisionEncoder names)
+    # an HF Mllama folder (Llama 3.2 Vision): start from its released adapter (encoder, projection, cross-attention,
+    # token rows; their shapes and placement come from the folder, `vision`/`xattn_*` are not used); the tower must
+    # be the folder's text model (tower.path: the same folder)
+    release: str | None = None
     freeze_vision: bool = False  # train only projection + cross-attention (+ token rows) on a pretrained encoder
     xattn_every: int = bounded(4, 1)  # cross-attention before every N-th tower layer (counted from the top)
     xattn_count: int | None = bounded(
@@ -26,6 +30,21 @@ class ImageConfig:
     )  # only the top N of those (None: all): backward then stops at the lowest one
     train_token_rows: bool = True  # the new tokens' embedding rows; frozen, the tower below the first block is
     #                                forward-only
+
+
+def release_adapter(tower, folder):
+    """The image adapter of an HF Mllama folder on `tower` (its text model, loaded already), in fp32, frozen."""
+    from pathlib import Path
+
+    from mm_llama.llama.checkpoint import CheckpointError
+
+    from ..checkpoint import is_mllama_folder, load_hf_mllama
+
+    path = Path(resolve(folder))
+    if not is_mllama_folder(path):
+        raise CheckpointError(f"{path}: not an HF Mllama folder (config.json with model_type 'mllama')")
+    dev = tower.tok_embeddings.weight.device
+    return load_hf_mllama(path, torch.float32, "meta" if dev.type == "meta" else "cpu", tower=tower)
 
 
 class ImageSamples:
@@ -67,7 +86,12 @@ class Image(Modality):
         from ..builders import attach_image_adapter
 
         c = cfg.image
-        model = attach_image_adapter(tower, c.vision, every=c.xattn_every, n_xattn=c.xattn_count)
+        if c.release:
+            model = release_adapter(tower, c.release)
+            model.requires_grad_(True)
+            model.freeze_tower()
+        else:
+            model = attach_image_adapter(tower, c.vision, every=c.xattn_every, n_xattn=c.xattn_count)
         model.learnable_embedding.requires_grad_(c.train_token_rows)
         if c.vision_init:
             model.vision_encoder.load_state_dict(load_file(resolve(c.vision_init)))
@@ -115,7 +139,7 @@ class Image(Modality):
         enc = part.vision_encoder
         return [*part.cross_attention_layers, *enc.transformer.layers, *enc.global_transformer.layers]
 
-    def plan_pieces(self, part, batch, seq_len, dtype):
+    def plan_pieces(self, part, batch, seq_len, dtype, cfg):
         from ..plan import Piece, PlanPieces, tensor_bytes
 
         va, meta = part.vision_encoder.args, {"device": "meta"}

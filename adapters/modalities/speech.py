@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from mm_llama.assets import resolve
 from mm_llama.config import ConfigError, bounded, choice
 from mm_llama.data.audio import AUDIO_EXTS
@@ -134,6 +136,26 @@ class Speech(Modality):
     def shard_units(self, part):
         return list(part.encoder.layers)
 
+    plan_audio_seconds = 30.0  # the memory plan's clip: Whisper's window, the longest the data path takes
+
+    def plan_pieces(self, part, batch, seq_len, dtype, cfg):
+        from ..plan import Piece, PlanPieces
+
+        meta = {"device": "meta"}
+        frames = int(self.plan_audio_seconds * 100) + 1  # 10 ms hop
+        n_mels = getattr(part.encoder.args, "n_mels", 80)
+        feats = torch.empty(batch, frames, n_mels, dtype=dtype, **meta)
+        lens = torch.full((batch,), frames, dtype=torch.long, **meta)
+        h, h_len = part.run_encoder(feats, lens)
+        out, _ = part.adapter(h, h_len)  # [B, rows, D]: spliced into each sequence
+        pieces = [Piece("speech encoder", lambda: part.run_encoder(feats, lens)),
+                  Piece("speech adapter", lambda: part.adapter(h, h_len), shared=(h,))]  # fmt: skip
+        from ..plan import tensor_bytes
+
+        shared = tensor_bytes(h) if any(p.requires_grad for p in part.adapter.parameters()) else 0
+        lowest = 0  # the spliced rows need gradients through every tower layer
+        return PlanPieces(pieces, shared_bytes=shared, extra_rows=out.shape[1], lowest_layer=lowest)
+
     def prepare(self, model, input_ids, inputs):
         if inputs.get("speech") is not None:
             return inputs["speech"]
@@ -225,7 +247,6 @@ def _pad(xs: list, dev):
 def encode_speech(model, features: list | None, encoded: list | None = None) -> list:
     """Per sample features [frames, n_mels], or cached encoder output [T, D_enc], or None -> adapter rows [n, D] or
     None (one batched encoder call for the live ones, one adapter call for all)."""
-    import torch
 
     n = len(features if features is not None else encoded)
     features, encoded = features or [None] * n, encoded or [None] * n

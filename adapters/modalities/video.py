@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from mm_llama.assets import resolve
 from mm_llama.config import bounded, choice
 from mm_llama.data.video import VIDEO_EXTS
@@ -62,11 +64,16 @@ class Video(Modality):
         from ..video import AggregatorArgs, FusedVideoModel
 
         c = cfg.video
-        image = (
-            load_adapter(tower, resolve(c.image_adapter))
-            if c.image_adapter
-            else attach_image_adapter(tower, cfg.image.vision)
-        )
+        from .image import release_adapter
+
+        if "image" in parts:  # given (the memory plan's meta-device model)
+            image = parts["image"]
+        elif c.image_adapter:
+            image = load_adapter(tower, resolve(c.image_adapter))
+        elif cfg.image.release:
+            image = release_adapter(tower, cfg.image.release)
+        else:
+            image = attach_image_adapter(tower, cfg.image.vision)
         agg = AggregatorArgs(merge=c.merge, heads=c.heads, query_init=c.query_init, max_groups=c.max_groups)
         return FusedVideoModel(image, agg, every=c.every, init_from_image=c.init_from_image)
 
@@ -94,6 +101,28 @@ class Video(Modality):
 
     def blocks(self, model, state):
         return model.video.blocks(state)
+
+    def plan_pieces(self, part, batch, seq_len, dtype, cfg):
+        from ..plan import Piece, PlanPieces, tensor_bytes
+
+        meta, dim = {"device": "meta"}, part.args.dim
+        # the frozen image encoder runs without a graph (encode_video): the aggregator and the video blocks keep what
+        # backward needs; video samples carry no image, so the image blocks are skipped
+        feats = torch.empty(batch * cfg.video.frames, part.image_model.vision_encoder.args.num_patches, dim,
+                            dtype=dtype, **meta)  # fmt: skip
+        tokens = part.aggregator(feats).reshape(batch, -1, dim)  # [B, S, D]
+        x = torch.empty(batch, seq_len, dim, dtype=dtype, requires_grad=True, **meta)
+        bias = torch.empty(batch, 1, seq_len, tokens.shape[1], dtype=dtype, **meta)
+        row = torch.empty(batch, seq_len, 1, dtype=dtype, **meta)
+        blk = part.video_cross_attention_layers[0]
+        pieces = [
+            Piece("temporal aggregator", lambda: part.aggregator(feats)),
+            Piece("video cross-attention blocks", lambda: blk(x, tokens, bias, row),
+                  repeats=len(part.video_cross_attention_layers), shared=(tokens, bias, row)),
+        ]  # fmt: skip
+        rows = part.image_model.learnable_embedding.weight.requires_grad
+        return PlanPieces(pieces, shared_bytes=tensor_bytes(tokens, bias, row),
+                          lowest_layer=0 if rows else min(part.video_schedule))  # fmt: skip
 
     def shard_units(self, part):  # its image part's units come with the image plug-in (a composed model has both)
         return [*part.video_cross_attention_layers, *part.aggregator.layers]

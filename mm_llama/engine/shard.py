@@ -63,6 +63,7 @@ def shard_frozen(
     *,
     leave: set[nn.Parameter] | None = None,
     trained_units: Iterable[nn.Module] = (),
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Shard each of `units` (a module, or a list of modules sharing weights, e.g. a tied embedding and output
     projection: gathered before the first of them runs, freed after the last) as one FSDP2 unit, then the rest of
@@ -71,7 +72,8 @@ def shard_frozen(
     backward only when autograd runs through them. `units` must be frozen; `trained_units` (large trainable
     blocks: `parallel.adapters=fsdp`) are sharded the same way and FSDP2 reduce-scatters their gradients
     (averaged over ranks, as our engine averages the replicated rest). Every other trainable parameter must be in
-    `leave`: it belongs to the DDP engine."""
+    `leave`: it belongs to the DDP engine. `compute_dtype` (bf16 under autocast): the trained units are gathered in
+    it and their gradients reduced in fp32 (FSDP2's mixed precision; their fp32 shards stay the optimizer's)."""
     from torch.distributed.fsdp import fully_shard
 
     leave = set(leave or ())
@@ -80,7 +82,12 @@ def shard_frozen(
     stray = [n for n, p in root.named_parameters() if p.requires_grad and p not in leave and p not in in_trained]
     if stray:
         raise ValueError(f"shard_frozen: trainable parameters would be sharded: {stray[:5]} (pass them in leave)")
-    for unit in [*trained_units, *units]:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
+    for unit in trained_units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, **({"mp_policy": mp} if mp else {}))
+    for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
     fully_shard(root, mesh=mesh, reshard_after_forward=False, ignored_params=leave - in_trained)
 
