@@ -196,43 +196,52 @@ def to_json(sizes, w, plans, own) -> dict:
 # checking the plan against a real step on this machine (`--measure`, a scaled-down config)
 
 
-def measured_step(cfg) -> tuple[int, dict]:
-    """Peak bytes of one real training step of `cfg` on this machine (one process, the recipe's own model, engine,
-    optimizer and first batch of `data.train`), after a first step so AdamW's state exists. CUDA: the allocator's
-    peak; CPU: the bytes of every live tensor of the model, buckets and optimizer before the step plus the
-    profiler's high-water mark of allocations during it. Returns (peak, the batch's shapes for the plan)."""
+def measured_step(cfg) -> tuple[int, dict, object]:
+    """Peak bytes of one real training step of `cfg` on this rank (the recipe's own model, sharding, engine,
+    optimizer and first batch of `data.train`), after a first step so AdamW's state exists; under torchrun every
+    rank runs it with the config's `parallel.*` layout. CUDA: the allocator's peak; CPU: the bytes of every live
+    tensor of the model (this rank's shards), buckets and optimizer before the step plus the profiler's high-water
+    mark of allocations during it. Returns (peak, the batch's shapes for the plan, the process-group info)."""
     from mm_llama.adapters.registry import get_modality
     from mm_llama.assets import resolve
     from mm_llama.data.loader import StreamingLoader
-    from mm_llama.engine import DistributedDataParallel
+    from mm_llama.engine import DistributedDataParallel, init_distributed
+    from mm_llama.engine.shard import is_sharded
     from mm_llama.engine.step import train_step
     from mm_llama.llama import Tokenizer
-    from recipes.train import Collate, _checkpoint_tower_layers, build_model, build_tower
+    from recipes.train import Collate, _checkpoint_tower_layers, build_model, build_tower, shard_tower
 
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    info = init_distributed(device=None if cuda else "cpu")
+    device = info.device
     torch.manual_seed(cfg.seed)
     spec = get_modality(cfg.model.modality)
     dt = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
           "bfloat16": torch.bfloat16}[cfg.dtype]  # fmt: skip
+    amp = torch.bfloat16 if dt == torch.bfloat16 else None
     tower = build_tower(cfg).to(dtype=dt)
-    model = build_model(cfg, tower).to(device)
+    model = build_model(cfg, tower)
     if cfg.activation_checkpointing:
         _checkpoint_tower_layers(model.tower)
+    if cfg.parallel.tower == "fsdp" and info.distributed:
+        shard_tower(model, info, cfg.parallel.mesh, adapters=cfg.parallel.adapters == "fsdp", compute_dtype=amp)
+    else:
+        model.to(device)
     model.train()
     wrapped = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr)
+    groups = [g for g in ([p for p in trainable if not is_sharded(p)], [p for p in trainable if is_sharded(p)]) if g]
+    opt = torch.optim.AdamW([{"params": g} for g in groups], lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
     loader = StreamingLoader(cfg.data.train, map_fn=spec.sample_maker(model, tok, cfg), collate_fn=Collate(spec.name),
                              batch_size=cfg.data.batch_size, batches_per_epoch=1, shuffle_buffer=1, seed=cfg.seed,
-                             rank=0, world_size=1)  # fmt: skip
+                             rank=info.rank, world_size=info.world_size, split=cfg.data.split)  # fmt: skip
     batch = next(iter(loader))
-    amp = torch.bfloat16 if dt == torch.bfloat16 else None
 
     def step():
-        train_step(wrapped, opt, sched, iter([batch]), trainable, device=device, autocast_dtype=amp)
+        train_step(wrapped, opt, sched, iter([batch]), trainable, device=device, autocast_dtype=amp,
+                   world_size=info.world_size)  # fmt: skip
 
     step()
     labelled = int((batch["labels"][:, 1:] != -100).sum())
@@ -242,14 +251,15 @@ def measured_step(cfg) -> tuple[int, dict]:
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(), shapes
+        return torch.cuda.max_memory_allocated(), shapes, info
     from torch.profiler import ProfilerActivity, profile
 
     live: dict[int, int] = {}
     tensors = [*model.parameters(), *model.buffers(), *(b.buffer for b in wrapped.buckets)]
     tensors += [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
     for t in tensors:
-        live[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        st = (t.to_local() if is_sharded(t) else t).untyped_storage()
+        live[st._cdata] = st.nbytes()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     level = high = 0
@@ -257,19 +267,30 @@ def measured_step(cfg) -> tuple[int, dict]:
                            if e.name() == "[memory]"):  # fmt: skip
         level += delta
         high = max(high, level)
-    return sum(live.values()) + high, shapes
+    return sum(live.values()) + high, shapes, info
 
 
 def check(cfg) -> dict:
-    """The plan for one process on this machine vs a measured step of the same config and batch shapes."""
+    """The plan for this rank (its layout: one process, or the config's `parallel.*` under torchrun) vs a measured
+    step of the same config and batch shapes."""
     from mm_llama.adapters.plan import Layout, plan
 
-    measured, shapes = measured_step(cfg)
+    measured, shapes, info = measured_step(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes, w = measure(cfg, device=device, **shapes)
-    predicted = plan(sizes, Layout(1, 1, "replicate", "flat", cfg.activation_checkpointing), 1e9)
-    return {"predicted_gb": predicted.total, "measured_gb": measured / 1e9,
-            "ratio": predicted.total * 1e9 / measured, "rows_gb": predicted.rows, **shapes}  # fmt: skip
+    sharded = info.distributed and cfg.parallel.tower == "fsdp"
+    layout = Layout(
+        info.world_size,
+        info.local_world_size,
+        cfg.parallel.tower if sharded else "replicate",
+        cfg.parallel.mesh,
+        cfg.activation_checkpointing,
+        cfg.parallel.adapters if sharded else "replicate",
+    )
+    predicted = plan(sizes, layout, 1e9)
+    return {"predicted_gb": predicted.total, "measured_gb": measured / 1e9, "rank": info.rank,
+            "layout": layout.describe(), "ratio": predicted.total * 1e9 / measured, "rows_gb": predicted.rows,
+            **shapes}  # fmt: skip
 
 
 def main(argv=None, prog: str | None = None) -> int:
@@ -305,16 +326,26 @@ def run(args) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, KeyError, NotImplementedError) as e:
         print(f"mm-llama plan: error: {e}", file=sys.stderr)
         return 2
-    if args.json:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        pass  # under torchrun (--measure of a sharded layout): rank 0 prints
+    elif args.json:
         print(json.dumps(to_json(sizes, w, plans, own)))
     else:
         print(report(cfg, sizes, w, plans, own, args.gpus, args.gpu_mem, args.config))
     if args.measure:
         c = check(cfg)
-        print(f"measured here (1 process, batch {cfg.data.batch_size} x {c['seq_len']} tokens, {c['labels']} "
-              f"labelled): predicted {c['predicted_gb']:.3f} GB, measured {c['measured_gb']:.3f} GB, "
-              f"ratio {c['ratio']:.3f}")  # fmt: skip
-        print(json.dumps({"plan_check": c}))
+        if c["rank"] == 0:
+            print(f"measured here (rank 0, {c['layout']}, batch {cfg.data.batch_size} x {c['seq_len']} tokens, "
+                  f"{c['labels']:.2f} labelled): predicted {c['predicted_gb']:.3f} GB, measured "
+                  f"{c['measured_gb']:.3f} GB, ratio {c['ratio']:.3f}", flush=True)  # fmt: skip
+            print(json.dumps({"plan_check": c}), flush=True)
+        from mm_llama.engine import exit_process
+        from mm_llama.engine.dist import launched_distributed
+
+        if launched_distributed():
+            exit_process(0)
     return 0
 
 

@@ -361,7 +361,6 @@ def train(cfg: TrainConfig) -> list[float]:
     import torch.distributed as dist
 
     from mm_llama.adapters.registry import get_modality
-    from mm_llama.config import ConfigError
     from mm_llama.data.loader import StreamingLoader
     from mm_llama.engine import DistributedDataParallel, init_distributed
     from mm_llama.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
@@ -392,8 +391,6 @@ def train(cfg: TrainConfig) -> list[float]:
     model.aux_only = cfg.objective == "aux"
     if cfg.activation_checkpointing:
         _checkpoint_tower_layers(model.tower)
-    if cfg.parallel.adapters == "fsdp" and cfg.parallel.tower != "fsdp":
-        raise ConfigError("parallel.adapters=fsdp needs parallel.tower=fsdp (the adapters shard on the tower's mesh)")
     units = []
     if cfg.parallel.tower == "fsdp" and info.distributed:
         amp = torch.bfloat16 if tower_dtype == torch.bfloat16 else None  # adapter blocks gathered in bf16 then
@@ -508,6 +505,14 @@ def train(cfg: TrainConfig) -> list[float]:
     return losses
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """What the single keys' checks cannot see: combinations (a ConfigError names them)."""
+    from mm_llama.config import ConfigError
+
+    if cfg.parallel.adapters == "fsdp" and cfg.parallel.tower != "fsdp":
+        raise ConfigError("parallel.adapters=fsdp needs parallel.tower=fsdp (the adapters shard on the tower's mesh)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="YAML file (values only; defaults live in TrainConfig)")
@@ -518,6 +523,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides + (["profile=true"] if args.profile else []))
+        check_config(cfg)
     except ConfigError as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2

@@ -128,12 +128,12 @@ class _Bucket:
 def _trainable_parameters(module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
     """named_modules x named_parameters(recurse=False), shared parameters counted once (torch DDP's walk). Parameters
     sharded by FSDP2 (DTensors) are left out: FSDP2 reduce-scatters their gradients itself."""
-    from torch.distributed.tensor import DTensor
+    from .shard import is_sharded
 
     names, params, seen = [], [], set()
     for mod_name, mod in module.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen or isinstance(p, DTensor):
+            if not p.requires_grad or id(p) in seen or is_sharded(p):
                 continue
             seen.add(id(p))
             names.append(f"{mod_name}.{p_name}" if mod_name else p_name)

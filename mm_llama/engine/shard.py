@@ -17,6 +17,7 @@ outside, and world size 1 runs the same code (a 1-rank mesh) so every test runs 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -92,10 +93,11 @@ def shard_frozen(
     fully_shard(root, mesh=mesh, reshard_after_forward=False, ignored_params=leave - in_trained)
 
 
-def is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+def is_sharded(t) -> bool:
+    """A DTensor (an FSDP2 shard)? Without importing torch.distributed.tensor (over a second of start-up, dynamo
+    included) when nothing was sharded: no DTensor can exist before that module is loaded."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -150,8 +152,6 @@ def reshard_optimizer_state(optimizer) -> None:
 
 def resident_bytes(module: nn.Module) -> Resident:
     """Parameter bytes this rank holds for `module` vs the whole (sharded DTensors count their local shard)."""
-    from torch.distributed.tensor import DTensor
-
     local = full = 0
     seen = set()
     for p in module.parameters():
@@ -159,5 +159,5 @@ def resident_bytes(module: nn.Module) -> Resident:
             continue
         seen.add(id(p))
         full += p.numel() * p.element_size()
-        local += (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+        local += (p.to_local() if is_sharded(p) else p).numel() * p.element_size()
     return Resident(local, full)

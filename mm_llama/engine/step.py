@@ -108,16 +108,16 @@ def train_step(
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """torch's clip_grad_norm_ over replicated parameters and FSDP2-sharded ones (DTensors: each norm is the whole
     tensor's, reduced across ranks) together; returns the total norm before clipping."""
-    from torch.distributed.tensor import DTensor
+    from .shard import is_sharded
 
-    groups = [[p for p in params if isinstance(p, DTensor) == sharded and p.grad is not None] for sharded in (0, 1)]
+    groups = [[p for p in params if is_sharded(p) == sharded and p.grad is not None] for sharded in (False, True)]
     if not groups[1]:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     norms = []
     for group in groups:
         if group:
             n = torch.nn.utils.get_total_norm([p.grad for p in group])
-            norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+            norms.append(n.full_tensor() if is_sharded(n) else n)
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
     for group in groups:
         if group:

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.ddp_helpers import free_port
 
 SCRIPT = str(Path(__file__).with_name("ddp_train_script.py"))
@@ -27,6 +29,7 @@ def check_consistent(res, world):
     assert len({round(r["checksum"], 9) for r in res}) == 1  # replicas identical after training
 
 
+@pytest.mark.slow  # make test: the recipe through accelerate launch (test_demo.py, test_fsdp.py)
 def test_accelerate_launch_multi_process_cpu():
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -36,6 +39,7 @@ def test_accelerate_launch_multi_process_cpu():
     check_consistent(results(r.stdout), 2)
 
 
+@pytest.mark.slow  # make test: two accelerate launchers on 127.0.0.1 in test_fsdp.py
 def test_accelerate_two_machines_on_localhost():
     port = free_port()
     procs = []

@@ -70,12 +70,26 @@ def test_meta_count_equals_what_autograd_keeps_on_a_real_layer():
     assert count("meta") == count("cpu")
 
 
-def test_shipped_large_configs_verdicts():
-    """Llama 3.2 90B Vision (shape from its HF config.json) and the 405B image stage, on 8 x 80 GB and 2 x 8 x 80 GB."""
+def plan_json(config, gpus, gpu_mem, *overrides, capsys) -> dict:
+    """`mm-llama plan ... --json` in this process (the CLI's own entry, recipes/plan.py `main`)."""
+    from recipes.plan import main
+
+    assert main(["--config", str(config), "--gpus", str(gpus), "--gpu-mem", str(gpu_mem), "--json", *overrides]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_shipped_large_configs_verdicts(capsys):
+    """Llama 3.2 90B Vision (shape from its HF config.json) and the 405B image stage, on 8 x 80 GB and 2 x 8 x 80 GB
+    (the command line once, the rest in-process)."""
+    from mm_llama.config import load_config
+    from recipes.plan import plan_config, to_json
+    from recipes.train import TrainConfig
+
     verdicts = {}
     for name in ("gpu_llama3_2_90b_vision_image", "gpu_llama3_1_405b_image"):
+        cfg = load_config(TrainConfig, CFG / f"{name}.yaml")
         for gpus in (8, 16):
-            out = json.loads(plan("--config", CFG / f"{name}.yaml", "--gpus", gpus, "--gpu-mem", 80, "--json").stdout)
+            out = to_json(*plan_config(cfg, gpus, 80.0))
             assert {"trainable_params", "layouts", "config", "verdict"} <= out.keys()
             verdicts[name, gpus] = out["verdict"]
     v90 = verdicts["gpu_llama3_2_90b_vision_image", 16]
@@ -89,18 +103,22 @@ def test_shipped_large_configs_verdicts():
 
 
 @pytest.mark.parametrize("modality", ["image", "video", "speech"])
-def test_plan_runs_for_every_modality(modality):
-    out = json.loads(plan("--config", CFG / f"debug_{modality}.yaml", "--gpus", 2, "--gpu-mem", 16, "--json").stdout)
+def test_plan_runs_for_every_modality(modality, capsys):
+    out = plan_json(CFG / f"debug_{modality}.yaml", 2, 16, capsys=capsys)
     assert out["verdict"]["fits"] and out["config"]["total_gb"] > 0
 
 
-def test_plan_bad_inputs_are_named_errors(tmp_path):
-    r = plan("--config", tmp_path / "nope.yaml", "--gpus", 8, "--gpu-mem", 80, check=False)
-    assert r.returncode == 2 and "nope.yaml" in r.stderr and "Traceback" not in r.stderr
-    r = plan("--config", CFG / "debug_image.yaml", "--gpus", 0, "--gpu-mem", 80, check=False)
-    assert r.returncode == 2 and "--gpus" in r.stderr
-    r = plan("--config", CFG / "debug_image.yaml", "--gpus", 8, "--gpu-mem", 80, "tower.path=/no/such", check=False)
-    assert r.returncode == 2 and "tower.preset" in r.stderr and "Traceback" not in r.stderr
+def test_plan_bad_inputs_are_named_errors(tmp_path, capsys):
+    from recipes.plan import main
+
+    assert main(["--config", str(tmp_path / "nope.yaml"), "--gpus", "8", "--gpu-mem", "80"]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    assert main(["--config", str(CFG / "debug_image.yaml"), "--gpus", "0", "--gpu-mem", "80"]) == 2
+    assert "--gpus" in capsys.readouterr().err
+    assert (
+        main(["--config", str(CFG / "debug_image.yaml"), "--gpus", "8", "--gpu-mem", "80", "tower.path=/no/such"]) == 2
+    )
+    assert "tower.preset" in capsys.readouterr().err
 
 
 def _tiny_mllama(folder, vocab=49152):
@@ -126,14 +144,14 @@ def _tiny_mllama(folder, vocab=49152):
     hf.save_pretrained(folder)
 
 
-def test_training_starts_from_an_hf_mllama_folder(tmp_path):
+def test_training_starts_from_an_hf_mllama_folder(tmp_path, capsys):
     """tower.path and model.image.release: the folder's text model (frozen) and its released image adapter (trained):
     with lr 0 the saved adapter is the release's, with lr > 0 the loss falls; the plan reads the same folder."""
     folder = tmp_path / "mllama"
     _tiny_mllama(folder)
     base = ["--config", "recipes/configs/debug_image.yaml", f"tower.path={folder}", f"model.image.release={folder}",
             "steps=3"]  # fmt: skip
-    _, _ = train(*base, f"run_dir={tmp_path / 'lr0'}", "optim.lr=0")
+    _, _ = train(*base, f"run_dir={tmp_path / 'lr0'}", "optim.lr=0", "steps=1")
     from safetensors.torch import load_file
 
     from mm_llama.adapters.checkpoint import load_pretrained
@@ -145,8 +163,8 @@ def test_training_starts_from_an_hf_mllama_folder(tmp_path):
     assert torch.equal(saved["cross_attention_layers.0.feed_forward.w1.weight"], w)
     losses, _ = train(*base, f"run_dir={tmp_path / 'lr'}", "optim.lr=3e-3")
     assert len(losses) == 3 and losses[-1] < losses[0]
-    out = json.loads(plan("--config", CFG / "debug_image.yaml", "--gpus", 1, "--gpu-mem", 16, "--json",
-                          f"tower.path={folder}", f"model.image.release={folder}").stdout)  # fmt: skip
+    out = plan_json(CFG / "debug_image.yaml", 1, 16, f"tower.path={folder}", f"model.image.release={folder}",
+                    capsys=capsys)  # fmt: skip
     n = sum(p.numel() for n_, p in release.named_parameters() if not n_.startswith("tower."))
     assert out["trainable_params"] == n
 

@@ -52,6 +52,7 @@ def test_speech_debug_loss_falls(tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0]
 
 
+@pytest.mark.slow  # make test: test_fsdp.py launches the recipe with torchrun (2 and 4 ranks, rank 1's files)
 def test_two_processes_torchrun(tmp_path):
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port())]
     losses, r = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "steps=3",
@@ -91,6 +92,7 @@ def _port():
     return free_port()
 
 
+@pytest.mark.slow  # make test: test_fsdp.py's two accelerate launchers on 127.0.0.1 (the hybrid mesh)
 def test_accelerate_two_launchers_on_localhost(tmp_path):
     port = _port()
     procs = []
@@ -189,6 +191,12 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     two, _ = train("--config", cfg, f"run_dir={tmp_path / 'two'}", "steps=3", "data.batch_size=2",
                    "data.split=interleave", launcher=launcher)  # fmt: skip
     assert two == pytest.approx(one, rel=1e-5)
+
+
+@pytest.mark.slow  # make test: the interleaved split above (the engine's equivalence across ranks)
+def test_two_processes_on_the_same_stream_equal_one(tmp_path):
+    """data.split=none: every rank reads the same stream, so 2 ranks x batch 2 == 1 rank x batch 2."""
+    cfg = "recipes/configs/debug_speech.yaml"
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port())]
     same, _ = train("--config", cfg, f"run_dir={tmp_path / 'same'}", "steps=3", "data.split=none", launcher=launcher)
     ref, _ = train("--config", cfg, f"run_dir={tmp_path / 'ref'}", "steps=3")
