@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 MM = [str(Path(sys.executable).parent / "mm-llama")]
 
 
@@ -63,6 +65,7 @@ def test_caption_cli_with_adapter(tmp_path, smollm_path):
     assert r.stdout.startswith(str(tmp_path / "img.png") + ":") and "Paris" in r.stdout
 
 
+@pytest.mark.slow  # make test: the video answer of the three-adapter call below
 def test_caption_cli_video(tmp_path, smollm_path):
     """Image adapter + video adapter on the real SmolLM2 tower; `mm-llama caption` on a real mp4 clip."""
     import importlib.metadata as md

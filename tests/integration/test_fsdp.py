@@ -24,27 +24,37 @@ def _resident(stderr: str) -> tuple[float, str, str]:
 _REFERENCE: dict[str, tuple] = {}
 
 
-def reference(modality: str, tmp_path) -> tuple[list[float], Path]:
-    """1 process, batch 4, the tower unsharded: 3 steps (losses, run folder; computed once per modality)."""
-    if modality not in _REFERENCE:
+def reference(modality: str, tmp_path, accum: int = 1) -> tuple[list[float], Path]:
+    """1 process, 4 samples per step (`accum` micro-batches), the tower unsharded: 3 steps (losses, run folder;
+    computed once per modality and accumulation)."""
+    if (modality, accum) not in _REFERENCE:
         cfg = f"recipes/configs/debug_{modality}.yaml"
-        losses, _ = train("--config", cfg, f"run_dir={tmp_path / 'one'}", "steps=3", "data.batch_size=4")
-        _REFERENCE[modality] = losses, tmp_path / "one"
-    return _REFERENCE[modality]
+        run = tmp_path / f"one{accum}"
+        losses, _ = train("--config", cfg, f"run_dir={run}", "steps=3", f"data.batch_size={4 // accum}",
+                          f"optim.grad_accum={accum}")  # fmt: skip
+        _REFERENCE[modality, accum] = losses, run
+    return _REFERENCE[modality, accum]
 
 
 @pytest.mark.parametrize("modality", ["image", "video", "speech"])
 def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality):
     """2 and 4 ranks with the tower sharded == 1 rank unsharded, same global batch. The 4-rank run also shards the
     adapters' blocks (`parallel.adapters=fsdp`: FSDP2 reduce-scatters their gradients, our engine the rest) and
-    recomputes the tower layers in backward (activation checkpointing over FSDP2 units)."""
+    recomputes the tower layers in backward (activation checkpointing over FSDP2 units). Image, 2 ranks: adapters
+    sharded with 2 accumulated micro-batches of 1 (no_sync reaches FSDP2's units), then stopped at step 2 and resumed
+    from its checkpoint (one optimizer shard per rank): the same losses bitwise."""
     cfg = f"recipes/configs/debug_{modality}.yaml"
     one, one_dir = reference(modality, tmp_path)
-    for n, extra in ((2, []), (4, ["activation_checkpointing=true", "parallel.adapters=fsdp"])):
-        launcher = [str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(_port())]
-        sharded, r = train("--config", cfg, f"run_dir={tmp_path / f'fsdp{n}'}", "steps=3", f"data.batch_size={4 // n}",
-                           "data.split=interleave", "parallel.tower=fsdp", *extra, launcher=launcher)  # fmt: skip
-        assert sharded == pytest.approx(one, rel=1e-5), (n, sharded, one)
+    image2 = ["data.batch_size=1", "optim.grad_accum=2", "parallel.adapters=fsdp", "ckpt_every=2"]
+    runs = {2: image2 if modality == "image" else ["data.batch_size=2"],
+            4: ["data.batch_size=1", "activation_checkpointing=true", "parallel.adapters=fsdp"]}  # fmt: skip
+    losses = {}
+    for n, extra in runs.items():
+        args = ["--config", cfg, "steps=3", "data.split=interleave", "parallel.tower=fsdp", *extra]
+        losses[n], r = train(*args, f"run_dir={tmp_path / f'fsdp{n}'}", launcher=_torchrun(n))
+        # accumulated micro-batches sum the gradients in another order: compared with 1 process accumulating alike
+        want = reference(modality, tmp_path, accum=2)[0] if "optim.grad_accum=2" in extra else one
+        assert losses[n] == pytest.approx(want, rel=1e-5), (n, losses[n], want)
         fraction, layout, shape = _resident(r.stderr)
         assert fraction == pytest.approx(1 / n, rel=0.02) and layout == "flat" and shape == f"{n},"
     if modality != "image":
@@ -52,29 +62,23 @@ def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality):
     # checkpoints stay adapter-only (no tower weight, no DTensor) and match the unsharded run's trained weights
     from safetensors.torch import load_file
 
-    ref = load_file(one_dir / "adapter.safetensors")
-    for n in (2, 4):  # 4: its sharded blocks gathered whole into the file
+    for n in (2, 4):  # sharded blocks gathered whole into the file
+        ref = load_file((reference(modality, tmp_path, accum=2)[1] if n == 2 else one_dir) / "adapter.safetensors")
         got = load_file(tmp_path / f"fsdp{n}" / "adapter.safetensors")
         assert ref.keys() == got.keys() and not any(k.startswith("tower.") for k in got)
         for k in ref:
             assert torch.allclose(got[k], ref[k], rtol=1e-4, atol=1e-6), (n, k)
-
-
-def test_sharded_adapters_resume_exactly(tmp_path):
-    """`parallel.adapters=fsdp`: each rank saves its optimizer shard; a run stopped at step 2 and resumed gives the
-    uninterrupted run's losses bitwise; gradient accumulation (no_sync reaches FSDP2's units too) matches."""
-    base = ["--config", "recipes/configs/debug_image.yaml", "steps=4", "ckpt_every=2", "parallel.tower=fsdp",
-            "parallel.adapters=fsdp", "data.batch_size=1", "optim.grad_accum=2"]  # fmt: skip
-
-    def launcher():
-        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port())]
-
-    full, _ = train(*base, f"run_dir={tmp_path / 'full'}", launcher=launcher())
-    first, _ = train(*base, f"run_dir={tmp_path / 'cut'}", "stop_after=2", launcher=launcher())
+    # stopped at step 2 and resumed: each rank saved its optimizer shard; the uninterrupted run's losses, bitwise
+    args = ["--config", cfg, "steps=3", "data.split=interleave", "parallel.tower=fsdp", *image2]
+    first, _ = train(*args, f"run_dir={tmp_path / 'cut'}", "stop_after=2", launcher=_torchrun(2))
     files = sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "step_00000002").iterdir())
     assert "optimizer_rank0.pt" in files and "optimizer_rank1.pt" in files
-    resumed, r = train(*base, f"run_dir={tmp_path / 'cut'}", launcher=launcher())
-    assert "resume: from" in r.stderr and resumed == full and first == full[:2]
+    resumed, r = train(*args, f"run_dir={tmp_path / 'cut'}", launcher=_torchrun(2))
+    assert "resume: from" in r.stderr and resumed == losses[2] and first == losses[2][:2]
+
+
+def _torchrun(n: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(_port())]
 
 
 def test_two_machines_on_localhost_hybrid_mesh(tmp_path):

@@ -38,6 +38,7 @@ def test_image_debug_golden_losses(tmp_path):
     assert [r["step"] for r in recs] == list(range(1, 7)) and all("tokens_per_s" in r for r in recs)
 
 
+@pytest.mark.slow  # make test: resumed runs repeat the uninterrupted one bitwise in test_fsdp.py and tests/faults/
 def test_resume_gives_the_same_loss_curve(tmp_path):
     full, _ = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path / 'a'}")
     first, _ = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path / 'b'}", "stop_after=3")
