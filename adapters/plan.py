@@ -10,7 +10,8 @@ device under `saved_tensors_hooks` (unique storages; parameters and tensors shar
 one tower layer, each kind of adapter block, the modality's encoder (its plug-in's `plan_pieces`), the logits and
 the loss at the labelled positions. Attention is counted as the fused kernels keep it (query, key, value, output,
 log-sum-exp), not as the math fallback would (scores). With activation checkpointing each tower layer keeps only
-its input, plus one layer recomputed at a time in backward. Layers below the lowest trainable part keep nothing.
+its input, plus one layer recomputed at a time in backward, and so does each of the adapter's large blocks (the
+pieces' `units`, the plug-ins' `shard_units`). Layers below the lowest trainable part keep nothing.
 
 Layouts (`parallel.tower`): replicate -- every rank holds the tower; fsdp -- 1/N of it per rank (hybrid: 1/GPUs
 per machine), plus the units gathered at the peak (two blocks: the running one and the prefetched next, and the
@@ -41,6 +42,7 @@ class Piece:
     fn: Callable[[], object]
     repeats: int = 1
     shared: tuple = ()
+    units: tuple = ()  # the blocks inside it that activation checkpointing recomputes (keeping their inputs)
 
 
 @dataclass
@@ -94,6 +96,61 @@ def saved_bytes(fn: Callable[[], object], exclude=()) -> tuple[int, object]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttentionMode():
         out = fn()
     return sum(sizes.values()), out
+
+
+@dataclass
+class PieceCount:
+    """What one call of a piece keeps: in all (`total`), inside its checkpointable blocks (`in_units`, and the
+    largest one call of them keeps, `max_unit`), and those blocks' distinct tensor inputs (`unit_inputs`: what a
+    checkpointed block keeps instead)."""
+
+    total: int
+    in_units: int = 0
+    max_unit: int = 0
+    unit_inputs: int = 0
+    repeats: int = 1
+
+    def kept(self, checkpointed: bool) -> int:
+        if not checkpointed or not self.max_unit:
+            return self.repeats * self.total
+        return self.repeats * (self.total - self.in_units + self.unit_inputs) + self.max_unit
+
+
+def count_piece(piece: Piece, exclude=()) -> PieceCount:
+    """Run `piece.fn` on the meta device and attribute what autograd keeps to its checkpointable blocks."""
+    skip = {t.untyped_storage()._cdata for t in [*exclude, *piece.shared] if torch.is_tensor(t)}
+    sizes: dict[int, int] = {}
+    calls: list[int] = []  # bytes kept inside each block call
+    stack: list[int] = []
+    inputs: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in skip and st._cdata not in sizes:
+            sizes[st._cdata] = st.nbytes()
+            if stack:
+                calls[stack[-1]] += st.nbytes()
+        return t
+
+    def pre(module, args, kwargs):
+        for t in [*args, *kwargs.values()]:
+            if torch.is_tensor(t) and t.untyped_storage()._cdata not in skip:
+                inputs[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        calls.append(0)
+        stack.append(len(calls) - 1)
+
+    def post(module, args, kwargs, out):
+        stack.pop()
+
+    handles = [h for u in piece.units for h in (u.register_forward_pre_hook(pre, with_kwargs=True),
+                                                 u.register_forward_hook(post, with_kwargs=True))]  # fmt: skip
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttentionMode():
+            piece.fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return PieceCount(sum(sizes.values()), sum(calls), max(calls, default=0), sum(inputs.values()), piece.repeats)
 
 
 def tensor_bytes(*ts) -> int:
@@ -160,7 +217,7 @@ class ModelSizes:
     layer_acts: int  # one tower layer, its input included
     layer_input: int  # what a checkpointed layer keeps
     rope: int
-    blocks_acts: dict[str, int] = field(default_factory=dict)  # piece -> bytes (all its repeats)
+    blocks_acts: dict[str, PieceCount] = field(default_factory=dict)  # the modality's pieces
     shared: int = 0
     logits: int = 0
     logits_grad: int = 0
@@ -186,9 +243,10 @@ class Plan:
 
 
 # the loss's backward holds this many [labelled rows, V] fp32 buffers at once beside the kept logits and
-# log-probabilities (the gradient of the log-probabilities, of the logits, and the kernel's temporaries): measured on
-# CPU as the growth of the peak per labelled row (`mm-llama plan --measure` at two text lengths)
-LOSS_BACKWARD_BUFFERS = 4
+# log-probabilities (the gradient of the log-probabilities, of the logits, the kernel's temporaries): measured on
+# CPU as the growth of the step's peak per labelled row (`mm-llama plan --measure` at two text lengths): 2 to 4 of
+# them, by where the step peaks (micro-batch 8 / 32, with / without activation checkpointing); the plan takes 3
+LOSS_BACKWARD_BUFFERS = 3
 USABLE = 0.92  # the allocator's fragmentation, CUDA context and communication buffers take the rest
 
 
@@ -205,10 +263,7 @@ def measure_model(tower, part, pieces: PlanPieces, w: Workload) -> ModelSizes:
     x = torch.empty(B, T, args.dim, device="meta", dtype=dt, requires_grad=True)
     freqs = tower.rope(torch.zeros(B, T, dtype=torch.long, device="meta"))
     acts, _ = saved_bytes(lambda: layer(x, freqs), exclude=[*layer.parameters(), freqs])
-    blocks = {}
-    for piece in pieces.pieces:
-        n, _ = saved_bytes(piece.fn, exclude=[*part.parameters(), *piece.shared])
-        blocks[piece.name] = n * piece.repeats
+    blocks = {piece.name: count_piece(piece, exclude=list(part.parameters())) for piece in pieces.pieces}
     N = round(B * w.labels)
     h = torch.empty(N, args.dim, device="meta", dtype=dt, requires_grad=True)
     targets = torch.zeros(N, dtype=torch.long, device="meta")
@@ -246,7 +301,7 @@ def plan(sizes: ModelSizes, layout: Layout, gpu_mem: float) -> Plan:
         "gradients": trained * 4,
         "optimizer state": trained * 8,
         "activations: tower layers": tower_acts + s.rope,
-        "activations: adapter": sum(s.blocks_acts.values()) + s.shared,
+        "activations: adapter": sum(c.kept(layout.activation_checkpointing) for c in s.blocks_acts.values()) + s.shared,
         "activations: logits + loss": s.logits + s.logits_grad,
     }
     rows = {k: v / GB for k, v in rows.items()}

@@ -209,7 +209,7 @@ def measured_step(cfg) -> tuple[int, dict, object]:
     from mm_llama.engine.shard import is_sharded
     from mm_llama.engine.step import train_step
     from mm_llama.llama import Tokenizer
-    from recipes.train import Collate, _checkpoint_tower_layers, build_model, build_tower, shard_tower
+    from recipes.train import Collate, build_model, build_tower, checkpoint_activations, shard_tower
 
     cuda = torch.cuda.is_available()
     info = init_distributed(device=None if cuda else "cpu")
@@ -222,7 +222,7 @@ def measured_step(cfg) -> tuple[int, dict, object]:
     tower = build_tower(cfg).to(dtype=dt)
     model = build_model(cfg, tower)
     if cfg.activation_checkpointing:
-        _checkpoint_tower_layers(model.tower)
+        checkpoint_activations(model)
     if cfg.parallel.tower == "fsdp" and info.distributed:
         shard_tower(model, info, cfg.parallel.mesh, adapters=cfg.parallel.adapters == "fsdp", compute_dtype=amp)
     else:

@@ -98,7 +98,7 @@ class TrainConfig:
     keep_last: int = bounded(3, 1)
     resume: str = "auto"  # auto | none | a checkpoint folder
     dtype: str = choice("auto", "auto", "float32", "bfloat16")  # tower: auto = bfloat16 on CUDA, float32 on CPU
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute tower layers and adapter blocks in backward
     stop_after: int | None = bounded(None, 1)  # stop (as if killed) after this many steps: resume tests
     profile: bool = False  # torch profiler trace of steps 2-4 into RUN/profile/
     tensorboard: bool = True
@@ -196,13 +196,20 @@ def load_trained_weights(model, weights: dict, source) -> None:
         load_full(params[k], v)
 
 
-def _checkpoint_tower_layers(tower) -> None:
-    """Recompute each frozen tower layer in backward instead of storing its activations."""
+def checkpoint_activations(model) -> None:
+    """`activation_checkpointing`: recompute in backward, instead of storing their activations, each frozen tower
+    layer and each of the plug-ins' large blocks (`shard_units`: cross-attention blocks, encoder layers); each keeps
+    only its inputs."""
     from torch.utils.checkpoint import checkpoint
 
-    for layer in tower.layers:
-        fwd = layer.forward
-        layer.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+    from mm_llama.adapters.registry import get_modality
+
+    blocks = list(model.tower.layers)
+    for kind in model.kinds:
+        blocks += [u for u in get_modality(kind).shard_units(model.part(kind)) if u not in blocks]
+    for block in blocks:
+        fwd = block.forward
+        block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
 def shard_tower(model, info, mesh_layout: str, adapters: bool = False, compute_dtype=None) -> list:
@@ -390,7 +397,7 @@ def train(cfg: TrainConfig) -> list[float]:
         init_from_adapter(model, spec.name, resolve(cfg.init_adapter))
     model.aux_only = cfg.objective == "aux"
     if cfg.activation_checkpointing:
-        _checkpoint_tower_layers(model.tower)
+        checkpoint_activations(model)
     units = []
     if cfg.parallel.tower == "fsdp" and info.distributed:
         amp = torch.bfloat16 if tower_dtype == torch.bfloat16 else None  # adapter blocks gathered in bf16 then

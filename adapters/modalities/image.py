@@ -152,10 +152,12 @@ class Image(Modality):
         bias = torch.empty(batch, 1, seq_len, media.shape[1], dtype=dtype, **meta)
         row = torch.empty(batch, seq_len, 1, dtype=dtype, **meta)
         blk = part.cross_attention_layers[0]
+        enc = part.vision_encoder
         pieces = [
-            Piece("image encoder + projection", lambda: part.encode_images(pixels, ratio_ids, ratio_mask)),
-            Piece("cross-attention blocks", lambda: blk(x, blk.media_kv(media), bias, row),
-                  repeats=len(part.cross_attention_layers), shared=(media, bias, row)),
+            Piece("image encoder + projection", lambda: part.encode_images(pixels, ratio_ids, ratio_mask),
+                  units=(*enc.transformer.layers, *enc.global_transformer.layers)),
+            Piece("cross-attention blocks", lambda: blk(x, media, bias, row), repeats=len(part.cross_attention_layers),
+                  shared=(media, bias, row), units=(blk,)),
         ]  # fmt: skip
         lowest = 0 if part.learnable_embedding.weight.requires_grad else part.schedule[0]
         return PlanPieces(pieces, shared_bytes=tensor_bytes(media, bias, row), lowest_layer=lowest)

@@ -148,7 +148,7 @@ class Speech(Modality):
         lens = torch.full((batch,), frames, dtype=torch.long, **meta)
         h, h_len = part.run_encoder(feats, lens)
         out, _ = part.adapter(h, h_len)  # [B, rows, D]: spliced into each sequence
-        pieces = [Piece("speech encoder", lambda: part.run_encoder(feats, lens)),
+        pieces = [Piece("speech encoder", lambda: part.run_encoder(feats, lens), units=tuple(part.encoder.layers)),
                   Piece("speech adapter", lambda: part.adapter(h, h_len), shared=(h,))]  # fmt: skip
         from ..plan import tensor_bytes
 

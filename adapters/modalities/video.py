@@ -116,9 +116,9 @@ class Video(Modality):
         row = torch.empty(batch, seq_len, 1, dtype=dtype, **meta)
         blk = part.video_cross_attention_layers[0]
         pieces = [
-            Piece("temporal aggregator", lambda: part.aggregator(feats)),
+            Piece("temporal aggregator", lambda: part.aggregator(feats), units=tuple(part.aggregator.layers)),
             Piece("video cross-attention blocks", lambda: blk(x, tokens, bias, row),
-                  repeats=len(part.video_cross_attention_layers), shared=(tokens, bias, row)),
+                  repeats=len(part.video_cross_attention_layers), shared=(tokens, bias, row), units=(blk,)),
         ]  # fmt: skip
         rows = part.image_model.learnable_embedding.weight.requires_grad
         return PlanPieces(pieces, shared_bytes=tensor_bytes(tokens, bias, row),

@@ -24,19 +24,21 @@ def plan(*args, check=True):
 def test_plan_matches_a_measured_step_of_the_scaled_down_8b_image_stage():
     """The 8B image stage's layout scaled down (recipes/configs/plan_check_8b_image.yaml): the plan's peak for one
     process within 15% of the peak measured on a real step (the recipe's model, engine, optimizer, first batch),
-    with and without activation checkpointing, and its activations alone within 15% too."""
+    with and without activation checkpointing, at micro-batch 8 and 32; the activations alone (the part the plan
+    models rather than counts) within 25% at micro-batch 8."""
     from mm_llama.config import load_config
     from recipes.plan import check
     from recipes.train import TrainConfig
 
-    for ac in ("true", "false"):
-        cfg = load_config(TrainConfig, CFG / "plan_check_8b_image.yaml", [f"activation_checkpointing={ac}"])
+    for ac, batch in (("true", 8), ("false", 8), ("true", 32)):
+        cfg = load_config(TrainConfig, CFG / "plan_check_8b_image.yaml",
+                          [f"activation_checkpointing={ac}", f"data.batch_size={batch}"])  # fmt: skip
         c = check(cfg)
         assert 0.85 <= c["ratio"] <= 1.15, c
-        static = sum(v for k, v in c["rows_gb"].items() if not k.startswith("activations"))
-        predicted_acts = c["predicted_gb"] - static
-        measured_acts = c["measured_gb"] - static
-        assert 0.85 <= predicted_acts / measured_acts <= 1.15, (ac, predicted_acts, measured_acts)
+        if batch == 8:
+            static = sum(v for k, v in c["rows_gb"].items() if not k.startswith("activations"))
+            acts = (c["predicted_gb"] - static) / (c["measured_gb"] - static)
+            assert 0.75 <= acts <= 1.25, (ac, acts)
 
 
 def test_meta_count_equals_what_autograd_keeps_on_a_real_layer():
@@ -92,9 +94,9 @@ def test_shipped_large_configs_verdicts(capsys):
             out = to_json(*plan_config(cfg, gpus, 80.0))
             assert {"trainable_params", "layouts", "config", "verdict"} <= out.keys()
             verdicts[name, gpus] = out["verdict"]
-    v90 = verdicts["gpu_llama3_2_90b_vision_image", 16]
-    assert v90["fits"] and "parallel.adapters=fsdp" in v90["use"]  # 90B: ~20B trainable, sharded over 16 fits
-    assert not verdicts["gpu_llama3_2_90b_vision_image", 8]["fits"]
+    for gpus in (8, 16):  # 90B: ~20B trainable parameters; fits with the tower and the adapters sharded
+        v90 = verdicts["gpu_llama3_2_90b_vision_image", gpus]
+        assert v90["fits"] and "parallel.adapters=fsdp" in v90["use"], v90
     assert not verdicts["gpu_llama3_1_405b_image", 8]["fits"] and not verdicts["gpu_llama3_1_405b_image", 16]["fits"]
     text = plan("--config", CFG / "gpu_llama3_1_405b_image.yaml", "--gpus", 16, "--gpu-mem", 80).stdout
     assert "verdict: does NOT fit on 16 x 80 GB" in text and "More GPUs" in text
