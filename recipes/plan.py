@@ -95,12 +95,9 @@ def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: in
     adapter_frozen = param_bytes([p for p in part.parameters() if p not in tower_params and not p.requires_grad],
                                  torch.float32)  # fmt: skip
     from mm_llama.adapters.composed import ComposedModel
-    from mm_llama.adapters.registry import MODALITIES
+    from recipes.train import adapter_blocks
 
-    composed = ComposedModel(tower, **{cfg.model.modality: part})  # brings the parts it requires (video: image)
-    units = []
-    for kind in composed.kinds:
-        units += [u for u in MODALITIES[kind].shard_units(composed.part(kind)) if u not in units]
+    units = adapter_blocks(ComposedModel(tower, **{cfg.model.modality: part}))  # with the parts it requires
     unit_params = list(dict.fromkeys(p for u in units for p in u.parameters()))
     unit_trainable = sum(p.numel() for p in unit_params if p.requires_grad)
     unit_frozen = param_bytes([p for p in unit_params if not p.requires_grad], torch.float32)

@@ -196,18 +196,24 @@ def load_trained_weights(model, weights: dict, source) -> None:
         load_full(params[k], v)
 
 
-def checkpoint_activations(model) -> None:
-    """`activation_checkpointing`: recompute in backward, instead of storing their activations, each frozen tower
-    layer and each of the plug-ins' large blocks (`shard_units`: cross-attention blocks, encoder layers); each keeps
-    only its inputs."""
-    from torch.utils.checkpoint import checkpoint
-
+def adapter_blocks(model) -> list:
+    """The large repeated blocks of every part of a composed model (each plug-in's `shard_units`: cross-attention
+    blocks, encoder layers), once each: what `parallel.adapters=fsdp` shards and activation checkpointing
+    recomputes."""
     from mm_llama.adapters.registry import get_modality
 
-    blocks = list(model.tower.layers)
+    blocks: list = []
     for kind in model.kinds:
         blocks += [u for u in get_modality(kind).shard_units(model.part(kind)) if u not in blocks]
-    for block in blocks:
+    return blocks
+
+
+def checkpoint_activations(model) -> None:
+    """`activation_checkpointing`: recompute in backward, instead of storing their activations, each frozen tower
+    layer and each adapter block (`adapter_blocks`); each keeps only its inputs."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in [*model.tower.layers, *adapter_blocks(model)]:
         fwd = block.forward
         block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
@@ -217,14 +223,10 @@ def shard_tower(model, info, mesh_layout: str, adapters: bool = False, compute_d
     device (the final norm in the root unit); with `adapters` (`parallel.adapters=fsdp`) each plug-in's
     `shard_units` too. Every other adapter weight stays a replicated tensor for our engine. Returns the sharded
     adapter units."""
-    from mm_llama.adapters.registry import get_modality
     from mm_llama.engine.shard import device_mesh, resident_bytes, shard_frozen
 
     tower_params = set(model.tower.parameters())
-    units = []
-    if adapters:
-        for kind in model.kinds:
-            units += [u for u in get_modality(kind).shard_units(model.part(kind)) if u not in units]
+    units = adapter_blocks(model) if adapters else []
     leave = {p for p in model.parameters() if p not in tower_params}
     tower_modules = set(model.tower.modules())
     for mod in model.modules():  # the adapters to the device; the tower moves there shard by shard
@@ -400,7 +402,7 @@ def train(cfg: TrainConfig) -> list[float]:
         checkpoint_activations(model)
     units = []
     if cfg.parallel.tower == "fsdp" and info.distributed:
-        amp = torch.bfloat16 if tower_dtype == torch.bfloat16 else None  # adapter blocks gathered in bf16 then
+        amp = torch.bfloat16 if tower_dtype == torch.bfloat16 else None  # bf16 tower: adapter blocks gathered in bf16
         units = shard_tower(model, info, cfg.parallel.mesh, adapters=cfg.parallel.adapters == "fsdp",
                             compute_dtype=amp)  # fmt: skip
     else:
@@ -518,6 +520,8 @@ def check_config(cfg: TrainConfig) -> None:
 
     if cfg.parallel.adapters == "fsdp" and cfg.parallel.tower != "fsdp":
         raise ConfigError("parallel.adapters=fsdp needs parallel.tower=fsdp (the adapters shard on the tower's mesh)")
+    if cfg.parallel.tower == "fsdp" and cfg.engine != "ours":
+        raise ConfigError("parallel.tower=fsdp needs engine=ours (torch's DDP would broadcast the sharded tower)")
 
 
 def main(argv=None) -> int:

@@ -112,4 +112,6 @@ def test_bad_parallel_values_name_the_key(tmp_path, capsys):
     assert "parallel.tower" in capsys.readouterr().err
     assert main(["--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "parallel.adapters=fsdp"]) == 2
     assert "parallel.adapters=fsdp needs parallel.tower=fsdp" in capsys.readouterr().err
+    assert main(["--config", "recipes/configs/debug_image.yaml", "parallel.tower=fsdp", "engine=torch"]) == 2
+    assert "needs engine=ours" in capsys.readouterr().err
     assert not (tmp_path / "config.yaml").exists()  # stopped before the run wrote anything
