@@ -36,20 +36,26 @@ def reference(modality: str, tmp_path, accum: int = 1) -> tuple[list[float], Pat
     return _REFERENCE[modality, accum]
 
 
-@pytest.mark.parametrize("modality", ["image", "video", "speech"])
-def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality):
-    """2 and 4 ranks with the tower sharded == 1 rank unsharded, same global batch. The 4-rank run also shards the
-    adapters' blocks (`parallel.adapters=fsdp`: FSDP2 reduce-scatters their gradients, our engine the rest) and
-    recomputes the tower layers in backward (activation checkpointing over FSDP2 units). Image, 2 ranks: adapters
-    sharded with 2 accumulated micro-batches of 1 (no_sync reaches FSDP2's units), then stopped at step 2 and resumed
-    from its checkpoint (one optimizer shard per rank): the same losses bitwise."""
+@pytest.mark.parametrize(
+    "modality,ranks",
+    [("image", (2, 4)), ("video", (2,)), ("speech", (2,)),
+     pytest.param("video", (4,), marks=pytest.mark.slow), pytest.param("speech", (4,), marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality, ranks):
+    """2 and 4 ranks with the tower sharded == 1 rank unsharded, same global batch, the adapters' blocks sharded too
+    (`parallel.adapters=fsdp`: FSDP2 reduce-scatters their gradients, our engine the rest); the 4-rank runs also
+    recompute tower layers and adapter blocks in backward (activation checkpointing over FSDP2 units). `make test`
+    runs image at 2 and 4 ranks, video and speech at 2; `make test-slow` adds video and speech at 4. Image, 2 ranks:
+    2 accumulated micro-batches of 1 (no_sync reaches FSDP2's units), then stopped at step 2 and resumed from its
+    checkpoint (one optimizer shard per rank): the same losses bitwise."""
     cfg = f"recipes/configs/debug_{modality}.yaml"
     one, one_dir = reference(modality, tmp_path)
     image2 = ["data.batch_size=1", "optim.grad_accum=2", "parallel.adapters=fsdp", "ckpt_every=2"]
-    runs = {2: image2 if modality == "image" else ["data.batch_size=2"],
+    runs = {2: image2 if modality == "image" else ["data.batch_size=2", "parallel.adapters=fsdp"],
             4: ["data.batch_size=1", "activation_checkpointing=true", "parallel.adapters=fsdp"]}  # fmt: skip
     losses = {}
-    for n, extra in runs.items():
+    for n in ranks:
+        extra = runs[n]
         args = ["--config", cfg, "steps=3", "data.split=interleave", "parallel.tower=fsdp", *extra]
         losses[n], r = train(*args, f"run_dir={tmp_path / f'fsdp{n}'}", launcher=_torchrun(n))
         # accumulated micro-batches sum the gradients in another order: compared with 1 process accumulating alike
