@@ -21,14 +21,11 @@ logits' gradient.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 GB = 1e9
 
@@ -83,19 +80,10 @@ class _FusedAttentionMode(torch.overrides.TorchFunctionMode):
 
 def saved_bytes(fn: Callable[[], object], exclude=()) -> tuple[int, object]:
     """(bytes autograd keeps for backward while `fn()` runs, its output): unique storages, without `exclude`
-    (parameters, shared inputs); attention as the fused kernels keep it."""
-    skip = {t.untyped_storage()._cdata for t in exclude if torch.is_tensor(t)}
-    sizes: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st._cdata not in skip:
-            sizes[st._cdata] = max(sizes.get(st._cdata, 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttentionMode():
-        out = fn()
-    return sum(sizes.values()), out
+    (parameters, shared inputs); attention as the fused kernels keep it (`count_piece` without blocks)."""
+    box = []
+    count = count_piece(Piece("", lambda: box.append(fn())), exclude)
+    return count.total, box[0]
 
 
 @dataclass
@@ -317,14 +305,3 @@ def candidates(gpus: int, per_machine: int) -> list[Layout]:
             for mesh in meshes:
                 out += [Layout(gpus, per_machine, "fsdp", mesh, ac, adapters) for ac in (False, True)]
     return out
-
-
-def meta_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    m = copy.deepcopy(module)
-    return m.to(dtype) if dtype is not None else m
-
-
-@contextlib.contextmanager
-def on_meta():
-    with torch.device("meta"):
-        yield

@@ -89,12 +89,8 @@ def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: in
     seq_len = seq_len or labels + PROMPT_TOKENS
     w = Workload(cfg.data.batch_size, seq_len, labels, tower_dtype=dt, compute_dtype=dt)
     # weights are counted in their training dtypes; the pieces then run in the compute dtype (autocast on GPU)
-    from mm_llama.adapters.plan import param_bytes
-
-    tower_params = set(tower.parameters())
-    adapter_frozen = param_bytes([p for p in part.parameters() if p not in tower_params and not p.requires_grad],
-                                 torch.float32)  # fmt: skip
     from mm_llama.adapters.composed import ComposedModel
+    from mm_llama.adapters.plan import param_bytes
     from recipes.train import adapter_blocks
 
     units = adapter_blocks(ComposedModel(tower, **{cfg.model.modality: part}))  # with the parts it requires
@@ -105,7 +101,6 @@ def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: in
     part.to(dt)
     pieces = get_modality(cfg.model.modality).plan_pieces(part, w.batch, seq_len, dt, cfg.model)
     sizes = measure_model(tower, part, pieces, w)
-    sizes.adapter_frozen = adapter_frozen
     sizes.unit_trainable_params, sizes.unit_frozen, sizes.unit_max_params = unit_trainable, unit_frozen, unit_max
     sizes.compute_bytes = torch.empty((), dtype=dt).element_size()
     return sizes, w
