@@ -325,6 +325,7 @@ def load_adapter(tower: Transformer, path: str | Path, dtype=None, device=None) 
         raise CheckpointError(f"{path}: adapter was trained on a different tower: {diff} (adapter, this tower)")
     v = dict(meta["vision"])
     v["intermediate_layers"] = tuple(v["intermediate_layers"])
+    v["stem"] = tuple(v.get("stem", ()))  # adapter files written before the stem existed have none
     model = FusedVisionModel(tower, VisionArgs(**v), meta["schedule"], image_token_id=meta["image_token_id"])
     load_trainable(model, path, "tower.")
     p = tower.tok_embeddings.weight
@@ -355,6 +356,8 @@ def export_hf_mllama(
     a, v = model.tower.args, model.vision_encoder.args
     if a.head_dim != a.dim // a.n_heads:
         raise CheckpointError("Mllama configs cannot express head_dim != hidden_size // num_attention_heads")
+    if v.stem:
+        raise CheckpointError(f"Mllama configs cannot express a convolutional stem (vision stem {v.stem})")
     cross_flat = [s + k for k, s in enumerate(model.schedule)]
     n_flat = a.n_layers + len(cross_flat)
     self_flat = [f for f in range(n_flat) if f not in cross_flat]

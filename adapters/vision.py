@@ -40,6 +40,10 @@ class VisionArgs:
     # which hidden state of layer i is an intermediate feature: its INPUT (Meta's reference code, and
     # transformers 4.x) or its OUTPUT (what transformers 5.x's MllamaVisionModel takes: one layer later)
     intermediate_from: str = "input"
+    # optional convolutional stem before the patch projection (an "early convolutions" hybrid ViT, Xiao et al.
+    # 2021): one 3x3 stride-2 conv + GELU per entry (its output channels), then the patch projection with a
+    # kernel of patch_size / 2**len(stem). Empty (the default, and Llama 3.2 Vision): the plain patch conv.
+    stem: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -49,6 +53,10 @@ class VisionArgs:
     @property
     def max_aspect_ratio_id(self) -> int:
         return len(supported_aspect_ratios(self.max_num_tiles))
+
+    def __post_init__(self):
+        if self.stem and self.patch_size % 2 ** len(self.stem):
+            raise ValueError(f"patch_size {self.patch_size} is not divisible by 2**{len(self.stem)} (stem {self.stem})")
 
     @property
     def output_dim(self) -> int:
@@ -150,11 +158,22 @@ def tile_padding_mask(ratio_mask_MN: torch.Tensor, real_tokens: int, tokens: int
     return (pad @ pad.transpose(1, 2) * torch.finfo(dtype).min).unsqueeze(1)
 
 
+def conv_stem(channels_in: int, stem: tuple[int, ...]) -> nn.Sequential:
+    """3x3 stride-2 convolutions with GELU (VisionArgs.stem): locality for small encoders trained from scratch."""
+    layers: list[nn.Module] = []
+    for c in stem:
+        layers += [nn.Conv2d(channels_in, c, 3, 2, 1), nn.GELU()]
+        channels_in = c
+    return nn.Sequential(*layers)
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, a: VisionArgs):
         super().__init__()
         self.args = a
-        self.patch_embedding = nn.Conv2d(a.num_channels, a.width, a.patch_size, a.patch_size, bias=False)
+        self.conv_stem = conv_stem(a.num_channels, a.stem) if a.stem else None
+        k = a.patch_size // 2 ** len(a.stem)
+        self.patch_embedding = nn.Conv2d(a.stem[-1] if a.stem else a.num_channels, a.width, k, k, bias=False)
         self.class_embedding = nn.Parameter(a.width**-0.5 * torch.randn(a.width))
         self.gated_positional_embedding = GatedPositionalEmbedding(a)
         self.pre_tile_positional_embedding = AspectRatioEmbedding(a)
@@ -169,7 +188,8 @@ class VisionEncoder(nn.Module):
         B, I, N, C, H, Wd = pixel_values.shape  # noqa: E741
         M = B * I
         w = self.patch_embedding.weight
-        x = self.patch_embedding(pixel_values.reshape(M * N, C, H, Wd).to(w.device, w.dtype))
+        x = pixel_values.reshape(M * N, C, H, Wd).to(w.device, w.dtype)
+        x = self.patch_embedding(self.conv_stem(x) if self.conv_stem is not None else x)
         x = x.flatten(2).transpose(1, 2)  # [M*N, P-1, W]
         ratio_ids = aspect_ratio_ids.reshape(M)
         x = self.pre_tile_positional_embedding(x.reshape(M, N, -1, a.width), ratio_ids)

@@ -34,7 +34,7 @@ class DemoConfig:
     speech_encoder: str = "whisper:asset:whisper_tiny_en_ct2"  # frozen; its outputs are cached with the shards
     # encoder pretraining (plain classifier)
     encoder_steps: int = 3000
-    encoder_batch: int = 16
+    encoder_batch: int = 32
     # training (steps; batch per process)
     image_steps: int = 400
     image_batch: int = 16

@@ -69,15 +69,15 @@ def stage_speech_cache(cfg: DemoConfig, run: Path) -> dict:
 
 class CellClassifier(torch.nn.Module):
     """The demo ViT + two linear heads shared by all cells: the item in the cell (10 classes + empty) and the cell
-    itself. The demo preset has one patch token per 28 px cell; heads shared across cells make every token say
+    itself. The demo preset has one token per 28 px cell; heads shared across cells make every token say
     both what and where, which is what the captioner's cross-attention reads."""
 
-    def __init__(self):
+    def __init__(self, vision="demo"):
         super().__init__()
         from mm_llama.adapters.builders import get_vision_preset
         from mm_llama.adapters.vision import VisionEncoder
 
-        self.encoder = VisionEncoder(get_vision_preset("demo"))
+        self.encoder = VisionEncoder(get_vision_preset(vision) if isinstance(vision, str) else vision)
         a = self.encoder.args
         self.grid = a.image_size // a.patch_size
         self.head = torch.nn.Linear(a.output_dim * (self.grid // 2) ** 2, 11)
@@ -112,23 +112,24 @@ def _composite_batch(images, labels, rng, n):
     return torch.stack(px), torch.tensor(ys)
 
 
-def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
+def train_classifier(vision, steps: int, batch: int, seed: int, bf16: bool, log_every: int = 200):
+    """The encoder pretraining: the CellClassifier on fresh training-split composites each step (AdamW, one-cycle
+    rate). -> (model, per-step losses)."""
     import numpy as np
-    from safetensors.torch import save_file
 
     from mm_llama.data import corpora
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     images, labels = corpora.load_fashion_mnist("train")
-    rng = np.random.default_rng(cfg.seed + 10)
-    model = CellClassifier()
+    rng = np.random.default_rng(seed + 10)
+    model = CellClassifier(vision)
     opt = torch.optim.AdamW(model.parameters(), lr=1.5e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1.5e-3, total_steps=cfg.encoder_steps, pct_start=0.02)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1.5e-3, total_steps=steps, pct_start=0.02)
     losses = []
     model.train()
-    for step in range(cfg.encoder_steps):
-        px, ys = _composite_batch(images, labels, rng, cfg.encoder_batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=device_ok_dtype(cfg) == "bfloat16"):
+    for step in range(steps):
+        px, ys = _composite_batch(images, labels, rng, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, where = model(px)
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 11), ys.reshape(-1))
         loss = loss + torch.nn.functional.cross_entropy(where.float().reshape(-1, 4), torch.arange(4).repeat(len(ys)))
@@ -137,14 +138,13 @@ def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if step % 200 == 0:
-            print(f"  encoder step {step}: loss {loss:.3f}", flush=True)
-    out = run / "encoder"
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(out / "encoder.safetensors"))
-    # baseline: the same classifier on the held-out composites (test-split items only)
-    model.eval()
-    samples = shard_samples(run / "shards/image_test/index.json", cfg.eval_limit)
+        if log_every and step % log_every == 0:
+            print(f"  encoder step {step}/{steps}: loss {losses[-1]:.3f}", flush=True)
+    return model.eval(), losses
+
+
+def classifier_accuracy(model: CellClassifier, samples: list[dict]) -> tuple[float, int]:
+    """Items the classifier names right in their cells on held-out composites -> (fraction, items)."""
     from mm_llama.data.image import decode_image, resize_plain
 
     correct = total = 0
@@ -154,12 +154,24 @@ def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
             px = torch.stack([resize_plain(decode_image(s["png"]), 56) for s in chunk])
             pred = model(px)[0].argmax(-1)
             for b, s in enumerate(chunk):
-                lay = json.loads(s["json"])["layout"]
-                for c, lab in lay.items():
+                for c, lab in json.loads(s["json"])["layout"].items():
                     correct += int(pred[b, int(c)] == lab)
                     total += 1
-    res = {"item_accuracy": correct / max(total, 1), "items": total, "steps": cfg.encoder_steps,
-           "batch": cfg.encoder_batch, "losses": losses}  # fmt: skip
+    return correct / max(total, 1), total
+
+
+def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
+    from safetensors.torch import save_file
+
+    model, losses = train_classifier("demo", cfg.encoder_steps, cfg.encoder_batch, cfg.seed,
+                                     device_ok_dtype(cfg) == "bfloat16")  # fmt: skip
+    out = run / "encoder"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(out / "encoder.safetensors"))
+    # baseline: the same classifier on the held-out composites (test-split items only)
+    acc, total = classifier_accuracy(model, shard_samples(run / "shards/image_test/index.json", cfg.eval_limit))
+    res = {"item_accuracy": acc, "items": total, "steps": cfg.encoder_steps, "batch": cfg.encoder_batch,
+           "losses": losses}  # fmt: skip
     (out / "classifier.json").write_text(json.dumps(res))
-    print(f"  plain classifier: {res['item_accuracy']:.1%} of {total} held-out items", flush=True)
+    print(f"  plain classifier: {acc:.1%} of {total} held-out items", flush=True)
     return {k: v for k, v in res.items() if k != "losses"}
