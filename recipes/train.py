@@ -72,6 +72,28 @@ class OptimCfg:
     grad_accum: int = bounded(1, 1)
     clip: float = bounded(1.0, 0.0)
     max_nonfinite: int = bounded(5, 0)
+    # learning-rate multiplier for a trained media encoder's weights (`vision_encoder.*`, a speech part's
+    # `encoder.*`): a pretrained encoder fine-tuned beside fresh adapters wants a fraction of their rate (Llama 3
+    # updates the image encoder during adapter training; only the language model stays frozen)
+    encoder_lr_scale: float = bounded(1.0, 0.0)
+
+
+ENCODER_MODULES = frozenset({"vision_encoder", "encoder"})
+
+
+def param_groups(model: torch.nn.Module, optim: OptimCfg) -> list[dict]:
+    """The trainable parameters as AdamW groups: FSDP2-sharded ones (DTensors) apart from plain ones (the fused /
+    foreach kernels take one kind at a time), and a media encoder's weights at `optim.encoder_lr_scale` x the rate
+    (LambdaLR scales each group's own rate, so the ratio holds through warm-up and decay)."""
+    from mm_llama.engine.shard import is_sharded
+
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            enc = optim.encoder_lr_scale != 1.0 and not ENCODER_MODULES.isdisjoint(name.split("."))
+            groups.setdefault((is_sharded(p), enc), []).append(p)
+    return [{"params": ps, "lr": optim.lr * (optim.encoder_lr_scale if enc else 1.0)}
+            for (_, enc), ps in sorted(groups.items())]  # fmt: skip
 
 
 @dataclass
@@ -424,10 +446,8 @@ def train(cfg: TrainConfig) -> list[float]:
         wrapped = model
     else:
         raise ValueError(f"engine must be ours or torch, not {cfg.engine!r}")
-    # FSDP2-sharded parameters (DTensors) in a group of their own: the fused/foreach kernels take one kind at a time
-    sharded = [p for p in trainable if is_sharded(p)]
-    groups = [g for g in ([p for p in trainable if not is_sharded(p)], sharded) if g]
-    opt = torch.optim.AdamW([{"params": g} for g in groups], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    sharded = any(is_sharded(p) for p in trainable)
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, cfg.steps))
     loader = StreamingLoader(
         cfg.data.train, map_fn=spec.sample_maker(model, tok, cfg), collate_fn=Collate(spec.name),

@@ -83,3 +83,30 @@ def test_training_tiles_images_as_inference_does(tok):
     ref = image_inputs(model.image, [[decode_image(s[next(e for e in ("png", "jpg", "jpeg") if e in s)])] for s in raw])
     for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
         assert torch.equal(batch[k], ref[k]), k
+
+
+def test_encoder_lr_scale_groups():
+    """optim.encoder_lr_scale: the trained vision encoder in its own AdamW group at that fraction of the rate, through
+    warm-up and decay; every trainable parameter in exactly one group; 1.0 keeps the single group of before."""
+    from mm_llama.engine.step import warmup_cosine
+    from recipes.train import param_groups
+
+    cfg = load_config(TrainConfig, ROOT / "recipes/configs/debug_image.yaml", ["optim.encoder_lr_scale=0.1"])
+    torch.manual_seed(0)
+    model = build_model(cfg, build_tower(cfg))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    enc = {id(p) for n, p in model.named_parameters() if p.requires_grad and "vision_encoder" in n.split(".")}
+    assert enc and enc < trainable  # debug_image trains its encoder (freeze_vision false)
+    groups = param_groups(model, cfg.optim)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable)
+    assert [g["lr"] for g in groups] == [3.0e-3, pytest.approx(3.0e-4)]
+    assert {id(p) for p in groups[1]["params"]} == enc
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, cfg.steps))
+    for _ in range(3):
+        opt.step()
+        sched.step()
+        a, b = sched.get_last_lr()
+        assert b == pytest.approx(0.1 * a)
+    one = load_config(TrainConfig, ROOT / "recipes/configs/debug_image.yaml")
+    assert len(param_groups(model, one.optim)) == 1
