@@ -12,12 +12,13 @@ Stages (outputs under run_dir):
              piper voice (test: unseen sentences AND unseen voices)                 -> shards/*/index.json
   encoder    the demo ViT pretrained as a plain per-position classifier on training composites (the paper starts
              from a pretrained image encoder); its test accuracy is the classifier baseline -> encoder/
-  image      image adapter (projection + gated cross-attention, encoder fine-tuned) -> image/adapter.safetensors
+  image      image adapter (projection + gated cross-attention; the encoder frozen) -> image/adapter.safetensors
   video      aggregator + video cross-attention on the frozen image adapter       -> video/adapter.safetensors
   speech_cache   the frozen Whisper tiny.en encoder's outputs, once per training clip -> shards/speech_train_enc/
   speech_ctc     speech adapter, CTC over the tower's token table only (tower skipped) -> speech_ctc/
   speech         the same adapter, token loss through the frozen tower (+ CTC)         -> speech/adapter.safetensors
   conformer_ctc, conformer   the same two phases with a from-scratch Conformer (small)  -> conformer/
+             (a comparison, off by default: conformer=true)
   evaluate   captions / transcripts of the held-out sets, scored field by field    -> eval/*.json
   report     report.md, loss curves, caption grid                                  -> report.md, *.png
 Training stages run `accelerate launch --multi_gpu --num_processes N recipes/train.py` (our DDP engine, gloo).

@@ -43,6 +43,8 @@ class DemoConfig:
     speech_ctc_steps: int = 400  # phase 1: CTC only on the cached encoder outputs (the tower skipped: cheap)
     speech_steps: int = 60  # phase 2: the token loss through the frozen tower (+ CTC), from the phase-1 adapter
     speech_batch: int = 8
+    conformer: bool = False  # the from-scratch Conformer comparison (conformer_ctc + conformer + its evaluation, about
+    # 5 minutes on 2 cores with bf16 units): off by default so make demo fits its 30 minutes; conformer=true runs it
     conformer_ctc_steps: int = 150  # the same two phases for the from-scratch Conformer (trained: not cached,
     # about 2.3 s per CTC step here, 10x the cached Whisper phase, so fewer steps fit the budget)
     conformer_steps: int = 30

@@ -25,13 +25,14 @@ class Stage:
     name: str
     run: Callable[[DemoConfig, Path], dict]
     done: str  # the output (under the run folder) whose existence marks the stage done
+    switch: str = ""  # a DemoConfig bool that turns the stage on (empty: always on)
 
 
 STAGE_TABLE = [
     Stage("corpora", stage_corpora, "shards/corpora.json"),
     Stage("encoder", stage_encoder, "encoder/classifier.json"),
     Stage("speech_cache", stage_speech_cache, "shards/speech_train_enc/index.json"),
-    *(Stage(t.name, t, f"{t.name}/adapter.safetensors") for t in TRAINING),
+    *(Stage(t.name, t, f"{t.name}/adapter.safetensors", t.switch) for t in TRAINING),
     Stage("evaluate", stage_evaluate, "eval/summary.json"),
     Stage("report", stage_report, "report.md"),
 ]
@@ -49,6 +50,9 @@ def run_demo(cfg: DemoConfig, stages: list[str], force: bool = False) -> dict:
         if stage.name not in stages:
             continue
         s = stage.name
+        if stage.switch and not getattr(cfg, stage.switch):
+            print(f"[{s}] off ({stage.switch}=false; {stage.switch}=true runs it): skipped", flush=True)
+            continue
         if (run / stage.done).exists() and not force:
             print(f"[{s}] outputs exist ({run / stage.done}): skipped", flush=True)
             continue

@@ -72,6 +72,7 @@ class TrainingStage:
     batch: str
     shards: str
     extra: tuple[str, ...] = ()
+    switch: str = ""  # a DemoConfig bool that turns the stage on (empty: always on)
 
     def __call__(self, cfg: DemoConfig, run: Path) -> dict:
         args = [f"steps={getattr(cfg, self.steps)}", f"data.batch_size={getattr(cfg, self.batch)}",
@@ -97,7 +98,8 @@ TRAINING = [
                   ("model.speech.encoder={encoder}", "init_adapter={run}/speech_ctc/adapter.safetensors",
                    *_LM_PHASE)),
     TrainingStage("conformer_ctc", "demo_speech_smollm2.yaml", "conformer_ctc_steps", "speech_batch",
-                  "speech_train_enc", (*_CONFORMER, "objective=aux", *_CTC_PHASE)),
+                  "speech_train_enc", (*_CONFORMER, "objective=aux", *_CTC_PHASE), switch="conformer"),
     TrainingStage("conformer", "demo_speech_smollm2.yaml", "conformer_steps", "speech_batch", "speech_train_enc",
-                  (*_CONFORMER, "init_adapter={run}/conformer_ctc/adapter.safetensors", *_LM_PHASE)),
+                  (*_CONFORMER, "init_adapter={run}/conformer_ctc/adapter.safetensors", *_LM_PHASE),
+                  switch="conformer"),
 ]  # fmt: skip

@@ -66,8 +66,9 @@ def test_reduced_demo_every_stage(tmp_path):
     for png in ("loss_curves.png", "caption_grid.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     # stages whose outputs exist are skipped
-    again = run(f"run_dir={tmp_path}", "--stages", "image,report")
+    again = run(f"run_dir={tmp_path}", "--stages", "image,conformer,report", "conformer=false")
     assert "[image] outputs exist" in again and "[report] outputs exist" in again
+    assert "[conformer] off (conformer=false" in again  # the comparison is off by default (make demo's budget)
 
 
 def test_seed_table_takes_the_worst_seed(tmp_path):
