@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mm_llama.assets import resolve
+from mm_llama.config import choice
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +21,8 @@ class DemoConfig:
     seed: int = 0
     nproc: int = 2  # DDP processes (accelerate launch)
     tower: str = "asset:smollm2_gguf"
-    dtype: str = "bfloat16"  # frozen tower on CPUs with bf16 units (about 2x fp32 here); float32 elsewhere
+    # the frozen tower's weights on CPUs with bf16 units (about 2x fp32 there); float32 elsewhere
+    dtype: str = choice("bfloat16", "bfloat16", "float32")
     # corpora
     image_train: int = 8000
     image_test: int = 500
@@ -49,7 +51,8 @@ class DemoConfig:
     # about 2.3 s per CTC step here, 10x the cached Whisper phase, so fewer steps fit the budget)
     conformer_steps: int = 30
     eval_limit: int | None = None  # cap each held-out set (reduced runs)
-    eval_dtype: str | None = None  # None: the dtype the adapters were trained in (bf16 autocast on capable CPUs)
+    # None: the precision the adapters were trained in (bf16 tower weights + autocast on capable CPUs)
+    eval_dtype: str | None = choice(None, None, "bfloat16", "float32")
     max_new_tokens: int = 40
     extra_train_args: dict = field(default_factory=dict)  # stage -> list of key=value for train.py
 
@@ -94,7 +97,8 @@ def eval_autocast(cfg):
 
 
 def load_tower(cfg):
-    """The frozen tower for evaluation: fp32 weights; `_eval_autocast` picks the compute precision."""
+    """The frozen tower for evaluation, loaded in fp32 (the adapters compose on it in fp32); `_load_models` then puts
+    its weights in the training dtype and `eval_autocast` picks the compute precision."""
     from mm_llama.llama import Tokenizer, load_pretrained
 
     tower = load_pretrained(resolve(cfg.tower), dtype=torch.float32)

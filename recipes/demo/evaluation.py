@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .config import eval_autocast, load_tower, shard_samples
+from .config import eval_autocast, eval_dtype, load_tower, shard_samples
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _answers(model, kind: str, tok, samples: list[dict], opts, batch: int = 16) -> list[str]:
@@ -100,9 +102,15 @@ EVALS = {
 }
 
 
-def _load_models(run, tower) -> dict:
+def _load_models(cfg, run, tower) -> dict:
     """The trained adapters, each file loaded once: image + video + speech composed on ONE tower ("main"), and the
-    Conformer speech adapter on the same tower object ("conformer"; one speech adapter per composed model)."""
+    Conformer speech adapter on the same tower object ("conformer"; one speech adapter per composed model).
+
+    Precision as in training: adapters in fp32, the frozen tower's weights in the training dtype (bf16 on capable
+    CPUs), compute under `eval_autocast`. A tower kept in fp32 under bf16 autocast is NOT the model that was trained:
+    its embeddings, norms and residual stream stay fp32, and a video adapter trained on the bf16 tower then misreads
+    clips (seed 1 of the demo: teacher-forced captions of its own training clips wrong on 14 of 40 with an fp32
+    tower, 1 of 40 with the bf16 one)."""
     from mm_llama.adapters.composed import load_composed
 
     files = [run / n / "adapter.safetensors" for n in ("image", "video", "speech")]
@@ -114,12 +122,13 @@ def _load_models(run, tower) -> dict:
         models["main"] = load_composed(tower, files).float()
     if (run / "conformer/adapter.safetensors").exists():
         models["conformer"] = load_composed(tower, [run / "conformer/adapter.safetensors"]).float()
+    tower.to(TORCH_DTYPES[eval_dtype(cfg)])  # the shared tower only: the adapters stay fp32
     return models
 
 
 def stage_evaluate(cfg, run) -> dict:
     tower, tok = load_tower(cfg)
-    models = _load_models(run, tower)
+    models = _load_models(cfg, run, tower)
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     summary = {}

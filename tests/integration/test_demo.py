@@ -57,6 +57,24 @@ def test_reduced_demo_every_stage(tmp_path):
     cached = json.loads((tmp_path / "shards/speech_train_enc/index.json").read_text())
     assert cached["samples"] == corpora["speech_train"]["samples"] == 48 + 8
     assert "model.speech.encoder=whisper:" in out
+    # evaluation composes the adapters in fp32 on the tower in its training precision (bf16 weights where trained so)
+    import torch
+
+    from mm_llama.config import load_config
+    from recipes.demo import DemoConfig
+    from recipes.demo.config import load_tower
+    from recipes.demo.evaluation import _load_models
+
+    cfg = load_config(
+        DemoConfig, ROOT / "recipes/configs/demo/tiny.yaml", [f"run_dir={tmp_path}", "eval_dtype=bfloat16"]
+    )
+    tower, _ = load_tower(cfg)
+    models = _load_models(cfg, tmp_path, tower)
+    assert {p.dtype for p in tower.parameters()} == {torch.bfloat16}
+    tower_ids = {id(p) for p in tower.parameters()}
+    for model in models.values():
+        adapter = [p for p in model.parameters() if id(p) not in tower_ids]
+        assert adapter and {p.dtype for p in adapter} == {torch.float32}
     report = (tmp_path / "report.md").read_text()
     assert "Results on held-out data" in report and "Time per stage" in report
     assert "fp32 fallback" in report or "bf16 via" in report  # the CPU's kernel path is named
