@@ -91,8 +91,8 @@ def eval_dtype(cfg) -> str:
 
 
 def eval_autocast(cfg):
-    """Score the adapters in the precision they were trained in (fp32 weights, bf16 autocast): the video adapter
-    trained under bf16 autocast reads some clips differently at full fp32 precision (see the closing notes)."""
+    """Compute in the precision the adapters were trained in (bf16 autocast where they were); the tower's weights
+    follow the same dtype (`evaluation._load_models`), the adapters' stay fp32."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=eval_dtype(cfg) == "bfloat16")
 
 

@@ -11,8 +11,6 @@ import torch
 
 from .config import eval_autocast, eval_dtype, load_tower, shard_samples
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def _answers(model, kind: str, tok, samples: list[dict], opts, batch: int = 16) -> list[str]:
     """The plug-in's answers for held-out samples, batched (the calls recipes/evaluate.py makes)."""
@@ -122,7 +120,7 @@ def _load_models(cfg, run, tower) -> dict:
         models["main"] = load_composed(tower, files).float()
     if (run / "conformer/adapter.safetensors").exists():
         models["conformer"] = load_composed(tower, [run / "conformer/adapter.safetensors"]).float()
-    tower.to(TORCH_DTYPES[eval_dtype(cfg)])  # the shared tower only: the adapters stay fp32
+    tower.to(getattr(torch, eval_dtype(cfg)))  # the shared tower only (a validated choice): the adapters stay fp32
     return models
 
 
