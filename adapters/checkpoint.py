@@ -257,16 +257,26 @@ def _adapter_meta(model: FusedVisionModel) -> dict:
     }  # fmt: skip
 
 
+def tower_weight_dtype(model: torch.nn.Module) -> str | None:
+    """The dtype name of the frozen tower's weights in `model` (its token embedding), e.g. "bfloat16"."""
+    for name, p in model.named_parameters():
+        if name == "tok_embeddings.weight" or name.endswith(".tok_embeddings.weight"):
+            return str(p.dtype).removeprefix("torch.")
+    return None
+
+
 def save_trainable(model: torch.nn.Module, path: str | Path, meta: dict, frozen_prefix: str) -> None:
     """Write every weight outside `frozen_prefix` to a safetensors file with `meta`, atomically (temp + rename).
-    Weights sharded with FSDP2 (a run with `parallel.adapters=fsdp`) are gathered whole: then every rank calls
-    this (a collective) and rank 0 writes."""
+    The metadata also records `tower_dtype`, the tower's weight dtype the part was trained with, so inference can
+    run it on the same tower (`trained_tower_dtype`). Weights sharded with FSDP2 (a run with
+    `parallel.adapters=fsdp`) are gathered whole: then every rank calls this (a collective) and rank 0 writes."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
     from mm_llama.engine.shard import gather_full, is_sharded
 
     path = Path(path)
+    meta = {"tower_dtype": tower_weight_dtype(model), **meta}
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(frozen_prefix)}
     writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if any(is_sharded(v) for v in state.values()):
@@ -311,6 +321,17 @@ def read_adapter_meta(path: str | Path) -> dict:
     if meta is None:
         raise CheckpointError(f"{path}: no mm_llama adapter metadata (was it written by an mm_llama save_* function?)")
     return json.loads(meta)
+
+
+def trained_tower_dtype(paths) -> str:
+    """The tower weight dtype the adapter files were trained with ("float32" for files that do not record it);
+    a CheckpointError names the files when they disagree."""
+    seen = {str(p): read_adapter_meta(p).get("tower_dtype") or "float32" for p in paths}
+    if len(set(seen.values())) > 1:
+        listed = ", ".join(f"{p}: {d}" for p, d in seen.items())
+        raise CheckpointError(f"the adapters were trained on towers of different dtypes ({listed}); pick one with "
+                              "--dtype")  # fmt: skip
+    return next(iter(seen.values()), "float32")
 
 
 def load_adapter(tower: Transformer, path: str | Path, dtype=None, device=None) -> FusedVisionModel:

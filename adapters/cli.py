@@ -28,8 +28,12 @@ def load_model(args):
 
     args.model = resolve(args.model)  # a path, or asset:NAME (shared/ASSETS.md), e.g. asset:smollm2_gguf
     args.tokenizer = resolve(args.tokenizer) if args.tokenizer else None
-    dtype = getattr(torch, args.dtype)
     files = list(args.adapter or []) + [f for f in (getattr(args, "video_adapter", None),) if f]
+    if args.dtype == "auto":  # the tower the adapters were trained on: an fp32 tower is not a bf16-trained one's
+        from .checkpoint import trained_tower_dtype
+
+        args.dtype = trained_tower_dtype(files) if files else "float32"
+    dtype = getattr(torch, args.dtype)
     if files:
         tower = load_tower(args.model, dtype=dtype, device=args.device, quantize=getattr(args, "quantize", None))
         model = load_composed(tower, files)
@@ -64,7 +68,8 @@ def cmd_describe(args) -> int:
         return 2
     t0 = time.perf_counter()
     model, tok = load_model(args)
-    print(f"[loaded {'+'.join(model.modalities)} adapters in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    print(f"[loaded {'+'.join(model.modalities)} adapters on a {args.dtype} tower in {time.perf_counter() - t0:.1f} s]",
+          file=sys.stderr)  # fmt: skip
     for path in args.inputs:
         check_handled(model, path)  # every input is handled before any work starts (ValueError -> exit 2)
     failed = 0
@@ -102,7 +107,9 @@ def _add_common(c, max_new_tokens: int) -> None:
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--top-p", type=float, default=1.0)
     c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the tower's weights; auto: the dtype the adapters were trained with (recorded in each "
+                        "file; float32 for older files and Mllama folders)")  # fmt: skip
     c.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weight-only tower linears (pair with --dtype bfloat16; inference only)")  # fmt: skip
     c.add_argument("--device", default="cpu")

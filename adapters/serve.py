@@ -222,7 +222,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--adapter", action="append", default=[], help="adapter file (image, video or speech); repeat")
     s.add_argument("--video-adapter", default=None, help="same as another --adapter (kept for old scripts)")
     s.add_argument("--speech-adapter", default=None, help="same as another --adapter (kept for old scripts)")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the tower's weights; auto: the dtype the adapters were trained with")  # fmt: skip
     s.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only tower linears")
     s.add_argument("--prompt", default="")
     s.add_argument("--frames", type=int, default=8)

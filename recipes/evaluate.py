@@ -6,7 +6,8 @@
 The modality's plug-in answers and scores (adapters/modalities/): captions (image, video) get corpus BLEU
 (sacrebleu), CIDEr (pycocoevalcap) and exact match after normalisation; speech gets WER and CER (jiwer). Samples
 without the modality's media (or text) are left out of both references and answers and counted. Ranks split the
-shards; results are gathered on rank 0, which prints one JSON line and writes RUN/eval.json.
+shards; results are gathered on rank 0, which prints one JSON line and writes RUN/eval.json. The tower is put in
+the training config's `dtype` (as recipes/train.py puts it), so a bf16-trained adapter is read on its bf16 tower.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from mm_llama.assets import resolve
 from mm_llama.config import load_config
-from recipes.train import TrainConfig, build_model, build_tower, load_trained_weights
+from recipes.train import TrainConfig, build_model, build_tower, load_trained_weights, tower_dtype
 
 
 def main(argv=None) -> int:
@@ -46,7 +47,10 @@ def main(argv=None) -> int:
     spec = get_modality(cfg.model.modality)
     info = init_distributed(device="cpu" if not torch.cuda.is_available() else None)
     tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
-    model = build_model(cfg, build_tower(cfg)).to(info.device)
+    # the tower it was trained with: its weights in the training dtype (bf16 under bf16 autocast where the recipe
+    # trained that way), the trained part in fp32; an fp32 tower is not the model a bf16-trained adapter learnt on
+    dt = tower_dtype(cfg, info.device)
+    model = build_model(cfg, build_tower(cfg).to(dtype=dt)).to(info.device)
     weights, _, _ = load_checkpoint(args.checkpoint, 0)
     load_trained_weights(model, weights, args.checkpoint)
     model.eval()
@@ -64,7 +68,8 @@ def main(argv=None) -> int:
     for i in range(0, len(samples), args.batch_size):
         chunk = samples[i : i + args.batch_size]
         refs += [s["txt"].decode().strip() for s in chunk]
-        hyps += spec.hypotheses(model, tok, chunk, opts)
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=dt == torch.bfloat16):
+            hyps += spec.hypotheses(model, tok, chunk, opts)
     pairs = list(zip(refs, hyps, strict=True))
     if info.distributed:
         gathered = [None] * info.world_size
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
         skipped = sum(n for _, n in gathered)
     if info.is_main:
         r, h = [p[0] for p in pairs], [p[1] for p in pairs]
-        result = spec.metrics(r, h) | {"skipped_samples": skipped}
+        result = spec.metrics(r, h) | {"skipped_samples": skipped, "tower_dtype": str(dt).removeprefix("torch.")}
         result["examples"] = [{"ref": a, "hyp": b} for a, b in pairs[:5]]
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(result, indent=1))

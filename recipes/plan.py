@@ -81,10 +81,10 @@ def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: in
     """ModelSizes for the config's model and micro-batch; dtype as the recipe picks it on `device`."""
     from mm_llama.adapters.plan import Workload, measure_model
     from mm_llama.adapters.registry import get_modality
+    from recipes.train import tower_dtype
 
     tower, part = tower_and_part(cfg)
-    dt = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
-          "bfloat16": torch.bfloat16}[cfg.dtype]  # fmt: skip
+    dt = tower_dtype(cfg, device)
     labels = labels or cfg.data.max_text_tokens + 1
     seq_len = seq_len or labels + PROMPT_TOKENS
     w = Workload(cfg.data.batch_size, seq_len, labels, tower_dtype=dt, compute_dtype=dt)
@@ -201,15 +201,14 @@ def measured_step(cfg) -> tuple[int, dict, object]:
     from mm_llama.engine.shard import is_sharded
     from mm_llama.engine.step import train_step
     from mm_llama.llama import Tokenizer
-    from recipes.train import Collate, build_model, build_tower, checkpoint_activations, shard_tower
+    from recipes.train import Collate, build_model, build_tower, checkpoint_activations, shard_tower, tower_dtype
 
     cuda = torch.cuda.is_available()
     info = init_distributed(device=None if cuda else "cpu")
     device = info.device
     torch.manual_seed(cfg.seed)
     spec = get_modality(cfg.model.modality)
-    dt = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-          "bfloat16": torch.bfloat16}[cfg.dtype]  # fmt: skip
+    dt = tower_dtype(cfg, device)
     amp = torch.bfloat16 if dt == torch.bfloat16 else None
     tower = build_tower(cfg).to(dtype=dt)
     model = build_model(cfg, tower)

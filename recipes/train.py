@@ -145,6 +145,16 @@ class TrainConfig:
 # building
 
 
+def tower_dtype(cfg: TrainConfig, device) -> torch.dtype:
+    """The frozen tower's weight dtype for `cfg.dtype` on `device` (a torch.device or its type name): auto is
+    bfloat16 on CUDA and float32 elsewhere. Training and evaluation both use it, so an adapter is evaluated on the
+    tower it was trained with (bf16 weights under bf16 autocast where it trained that way)."""
+    kind = device if isinstance(device, str) else device.type
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if kind == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
 def build_tower(cfg: TrainConfig):
     from mm_llama.llama import Transformer, get_preset, load_pretrained
 
@@ -413,9 +423,8 @@ def train(cfg: TrainConfig) -> list[float]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     tower = build_tower(cfg)
-    tower_dtype = {"auto": torch.bfloat16 if info.device.type == "cuda" else torch.float32,
-                   "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]  # fmt: skip
-    tower.to(dtype=tower_dtype)
+    tower_dt = tower_dtype(cfg, info.device)
+    tower.to(dtype=tower_dt)
     model = build_model(cfg, tower)
     if cfg.init_adapter:
         init_from_adapter(model, spec.name, resolve(cfg.init_adapter))
@@ -424,7 +433,7 @@ def train(cfg: TrainConfig) -> list[float]:
         checkpoint_activations(model)
     units = []
     if cfg.parallel.tower == "fsdp" and info.distributed:
-        amp = torch.bfloat16 if tower_dtype == torch.bfloat16 else None  # bf16 tower: adapter blocks gathered in bf16
+        amp = torch.bfloat16 if tower_dt == torch.bfloat16 else None  # bf16 tower: adapter blocks gathered in bf16
         units = shard_tower(model, info, cfg.parallel.mesh, adapters=cfg.parallel.adapters == "fsdp",
                             compute_dtype=amp)  # fmt: skip
     else:
@@ -467,7 +476,7 @@ def train(cfg: TrainConfig) -> list[float]:
         step, losses, nonfinite = state["step"], list(state["losses"]), state["nonfinite"]
     barrier = dist.barrier if info.distributed else None
     metrics = Metrics(run, cfg, info.is_main)
-    amp_dtype = torch.bfloat16 if tower_dtype == torch.bfloat16 else None  # bf16 towers run adapters in autocast
+    amp_dtype = torch.bfloat16 if tower_dt == torch.bfloat16 else None  # bf16 towers run adapters in autocast
     # MFU: FLOPs executed on this rank (counted on logged steps) over one device's peak
     peak, peak_source = device_peak_flops(info.device, amp_dtype or torch.float32, cfg.peak_tflops)
     if info.is_main:

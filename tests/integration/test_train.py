@@ -156,14 +156,17 @@ def test_profile_and_tensorboard_outputs(tmp_path):
 def test_evaluate_after_training(tmp_path, modality):
     """Each modality is answered and scored by its own plug-in (video used to fall into the speech branch)."""
     cfg = f"recipes/configs/debug_{modality}.yaml"
-    train("--config", cfg, f"run_dir={tmp_path}", "steps=2", "ckpt_every=2")
+    # video trains on a bf16 tower: evaluation reads it on the same bf16 tower (the training config's dtype)
+    dtype = ["dtype=bfloat16"] if modality == "video" else []
+    train("--config", cfg, f"run_dir={tmp_path}", "steps=2", "ckpt_every=2", *dtype)
     shards = {"image": "image", "video": "video", "speech": "audio"}[modality]
     r = subprocess.run([sys.executable, "-m", "recipes.evaluate", "--config", cfg, "--checkpoint",
                         str(tmp_path / "checkpoints" / "step_00000002"), "--data",
-                        f"tests/assets/shards/{shards}/index.json", f"run_dir={tmp_path}", "--max-new-tokens", "3"],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)  # fmt: skip
+                        f"tests/assets/shards/{shards}/index.json", f"run_dir={tmp_path}", "--max-new-tokens", "3",
+                        *dtype], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(re.findall(r"EVAL (\{.*\})", r.stdout)[-1])
+    assert res["tower_dtype"] == ("bfloat16" if dtype else "float32")
     assert ({"wer", "cer"} <= set(res)) if modality == "speech" else ({"bleu", "cider", "exact_match"} <= set(res))
     assert res["n"] == {"image": 6, "video": 3, "speech": 5}[modality]
     # another modality's checkpoint is an error naming it, not a silent no-op

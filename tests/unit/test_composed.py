@@ -208,6 +208,7 @@ def test_adapter_files_load_together_in_any_order(parts, inputs, tmp_path):
         meta = json.loads(f.metadata()["mm_llama"])
         state = {k: f.get_tensor(k) for k in f.keys()}
     meta.pop("token_rows")
+    meta.pop("tower_dtype")
     save_file(state, str(old), metadata={"mm_llama": json.dumps(meta)})
 
     want = ComposedModel(tower, image=image, video=video, speech=speech)
@@ -223,3 +224,22 @@ def test_adapter_files_load_together_in_any_order(parts, inputs, tmp_path):
         load_composed(tower, [files["video"]])
     with pytest.raises(CheckpointError, match="two image adapters"):
         load_composed(tower, [files["image"], files["image"]])
+
+
+def test_adapter_files_record_the_tower_dtype(parts, tmp_path):
+    """Each adapter file says which tower weights it was trained on; `--dtype auto` loads that tower."""
+    from mm_llama.adapters.checkpoint import save_adapter, trained_tower_dtype
+    from mm_llama.adapters.video import save_video_adapter
+    from mm_llama.llama.checkpoint import CheckpointError
+
+    tower, image, video, _ = parts
+    save_adapter(image, tmp_path / "i32.safetensors")
+    save_video_adapter(video, tmp_path / "v32.safetensors")
+    assert trained_tower_dtype([tmp_path / "i32.safetensors", tmp_path / "v32.safetensors"]) == "float32"
+    bf16 = Transformer(tower.args)
+    bf16.load_state_dict(tower.state_dict())
+    bf16.to(torch.bfloat16).requires_grad_(False)
+    save_adapter(attach_image_adapter(bf16, "debug"), tmp_path / "i16.safetensors")  # adapter fp32, tower bf16
+    assert trained_tower_dtype([tmp_path / "i16.safetensors"]) == "bfloat16"
+    with pytest.raises(CheckpointError, match="different dtypes.*i16.safetensors: bfloat16"):
+        trained_tower_dtype([tmp_path / "v32.safetensors", tmp_path / "i16.safetensors"])
