@@ -44,6 +44,9 @@ class VisionArgs:
     # 2021): one 3x3 stride-2 conv + GELU per entry (its output channels), then the patch projection with a
     # kernel of patch_size / 2**len(stem). Empty (the default, and Llama 3.2 Vision): the plain patch conv.
     stem: tuple[int, ...] = ()
+    # convolutions per stem entry: 1 = the stride-2 conv alone; 2 = a 3x3 stride-1 conv + GELU before it (a VGG-style
+    # stage: more per-cell capacity at the same token layout)
+    stem_depth: int = 1
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -57,6 +60,8 @@ class VisionArgs:
     def __post_init__(self):
         if self.stem and self.patch_size % 2 ** len(self.stem):
             raise ValueError(f"patch_size {self.patch_size} is not divisible by 2**{len(self.stem)} (stem {self.stem})")
+        if self.stem_depth not in (1, 2):
+            raise ValueError(f"stem_depth {self.stem_depth}: 1 (a stride-2 conv per stem entry) or 2 (stride 1 + 2)")
 
     @property
     def output_dim(self) -> int:
@@ -158,10 +163,14 @@ def tile_padding_mask(ratio_mask_MN: torch.Tensor, real_tokens: int, tokens: int
     return (pad @ pad.transpose(1, 2) * torch.finfo(dtype).min).unsqueeze(1)
 
 
-def conv_stem(channels_in: int, stem: tuple[int, ...]) -> nn.Sequential:
-    """3x3 stride-2 convolutions with GELU (VisionArgs.stem): locality for small encoders trained from scratch."""
+def conv_stem(channels_in: int, stem: tuple[int, ...], depth: int = 1) -> nn.Sequential:
+    """Per entry of VisionArgs.stem: (depth 2: a 3x3 stride-1 conv + GELU, then) a 3x3 stride-2 conv + GELU, with
+    that many output channels: locality for small encoders trained from scratch."""
     layers: list[nn.Module] = []
     for c in stem:
+        if depth == 2:
+            layers += [nn.Conv2d(channels_in, c, 3, 1, 1), nn.GELU()]
+            channels_in = c
         layers += [nn.Conv2d(channels_in, c, 3, 2, 1), nn.GELU()]
         channels_in = c
     return nn.Sequential(*layers)
@@ -171,7 +180,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, a: VisionArgs):
         super().__init__()
         self.args = a
-        self.conv_stem = conv_stem(a.num_channels, a.stem) if a.stem else None
+        self.conv_stem = conv_stem(a.num_channels, a.stem, a.stem_depth) if a.stem else None
         k = a.patch_size // 2 ** len(a.stem)
         self.patch_embedding = nn.Conv2d(a.stem[-1] if a.stem else a.num_channels, a.width, k, k, bias=False)
         self.class_embedding = nn.Parameter(a.width**-0.5 * torch.randn(a.width))

@@ -97,7 +97,25 @@ class CellClassifier(torch.nn.Module):
         return self.head(cells), self.where(cells)
 
 
-def _composite_batch(images, labels, rng, n):
+def _augment_items(images, rng, shift: int):
+    """Per item: a horizontal flip half the time (garments read the same mirrored) and a shift of up to `shift` px
+    each way inside its own 28 px cell (zero fill), so the cell it is in, the caption's layout, stays the same."""
+    import numpy as np
+
+    out = images.copy()
+    flip = rng.random(len(out)) < 0.5
+    out[flip] = out[flip, :, ::-1]
+    if shift:
+        s = out.shape[-1]
+        pad = np.pad(out, ((0, 0), (shift, shift), (shift, shift)))
+        dy, dx = rng.integers(0, 2 * shift + 1, size=(2, len(out)))
+        out = np.stack([p[y : y + s, x : x + s] for p, y, x in zip(pad, dy, dx)])
+    return out
+
+
+def _composite_batch(images, labels, rng, n, shift: int = -1):
+    """n training composites -> (pixels, per-cell labels, 10 = empty); shift >= 0 augments each item
+    (`_augment_items`), -1 keeps them as they are."""
     from PIL import Image
 
     from mm_llama.data import corpora
@@ -106,15 +124,20 @@ def _composite_batch(images, labels, rng, n):
     px, ys = [], []
     for _ in range(n):
         where = corpora.sample_layout(rng, len(images))
-        canvas = corpora.composite_image(images, where)
+        if shift >= 0:
+            cells = list(where)
+            items = _augment_items(images[[where[c] for c in cells]], rng, shift)
+            canvas = corpora.composite_image(items, {c: i for i, c in enumerate(cells)})
+        else:
+            canvas = corpora.composite_image(images, where)
         px.append(resize_plain(Image.fromarray(canvas).convert("RGB"), canvas.shape[0]))
         ys.append([int(labels[where[c]]) if c in where else 10 for c in range(4)])
     return torch.stack(px), torch.tensor(ys)
 
 
-def train_classifier(vision, steps: int, batch: int, seed: int, bf16: bool, log_every: int = 200):
+def train_classifier(vision, steps: int, batch: int, seed: int, bf16: bool, log_every: int = 200, shift: int = -1):
     """The encoder pretraining: the CellClassifier on fresh training-split composites each step (AdamW, one-cycle
-    rate). -> (model, per-step losses)."""
+    rate); shift >= 0 flips and shifts the items (`_augment_items`). -> (model, per-step losses)."""
     import numpy as np
 
     from mm_llama.data import corpora
@@ -128,7 +151,7 @@ def train_classifier(vision, steps: int, batch: int, seed: int, bf16: bool, log_
     losses = []
     model.train()
     for step in range(steps):
-        px, ys = _composite_batch(images, labels, rng, batch)
+        px, ys = _composite_batch(images, labels, rng, batch, shift)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, where = model(px)
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 11), ys.reshape(-1))

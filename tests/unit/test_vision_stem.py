@@ -34,17 +34,20 @@ def test_stem_keeps_the_token_layout():
     assert with_stem(*x).shape == plain(*x).shape == (2, 1, 1, demo.num_patches, demo.output_dim)
     with pytest.raises(ValueError, match="not divisible"):
         VisionArgs(patch_size=14, stem=(8, 8))
+    with pytest.raises(ValueError, match="stem_depth 3"):
+        VisionArgs(stem=(8,), stem_depth=3)
 
 
 def test_stem_is_saved_and_rebuilt(tmp_path):
     torch.manual_seed(0)
     tower = Transformer(get_preset("debug")).requires_grad_(False).eval()
-    vargs = dataclasses.replace(get_vision_preset("debug"), stem=(4,))
+    vargs = dataclasses.replace(get_vision_preset("debug"), stem=(4,), stem_depth=2)
     model = attach_image_adapter(tower, vargs).eval()
+    assert [m.stride for m in model.vision_encoder.conv_stem if hasattr(m, "stride")] == [(1, 1), (2, 2)]
     path = tmp_path / "a.safetensors"
     save_adapter(model, path)
     again = load_adapter(tower, path)
-    assert again.vision_encoder.args.stem == (4,)
+    assert again.vision_encoder.args.stem == (4,) and again.vision_encoder.args.stem_depth == 2
     sd, sd2 = model.vision_encoder.state_dict(), again.vision_encoder.state_dict()
     assert any(k.startswith("conv_stem.") for k in sd) and sd.keys() == sd2.keys()
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
@@ -63,5 +66,7 @@ def test_adapter_files_without_a_stem_entry_load_plain(tmp_path):
         meta = json.loads(f.metadata()["mm_llama"])
         state = {k: f.get_tensor(k) for k in f.keys()}
     meta["vision"].pop("stem")  # written before the stem existed
+    meta["vision"].pop("stem_depth")
     save_file(state, str(old), metadata={"mm_llama": json.dumps(meta)})
     assert load_adapter(tower, old).vision_encoder.args.stem == ()
+    assert load_adapter(tower, old).vision_encoder.args.stem_depth == 1
