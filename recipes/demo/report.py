@@ -11,12 +11,11 @@ import torch
 
 from mm_llama.assets import resolve
 
-from .config import cpu_kernel_path, device_ok_dtype, eval_dtype, shard_samples
-from .seeds import STRETCH, TARGETS
+from .config import STRETCH, TARGETS, cpu_kernel_path, device_ok_dtype, eval_dtype, shard_samples
 
 
 def _target(key: str) -> str:
-    """The contract figure's target as the report states it (recipes/demo/seeds.py TARGETS)."""
+    """The contract figure's target as the report states it (recipes/demo/config.py TARGETS)."""
     value, better = TARGETS[key]
     return f"{'>=' if better == 'min' else '<='} {100 * value:.0f}%" + (" (stretch)" if key in STRETCH else "")
 
