@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--shift", type=int, default=-1, help=">= 0: flip and shift items by up to this many px")
     ap.add_argument("--stem", type=int, nargs="+", default=None, help="the stem's conv widths (default: the preset's)")
     ap.add_argument("--width", type=int, default=None, help="the transformer width (default: the preset's)")
+    ap.add_argument("--lr", type=float, default=1.5e-3, help="the one-cycle peak rate")
+    ap.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay")
+    ap.add_argument("--smooth", type=float, default=0.0, help="label smoothing of the item loss")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     demo = get_vision_preset("demo")
@@ -63,7 +66,8 @@ def main() -> None:
         accs, secs = {}, {}
         for seed in a.seeds:
             t0 = time.perf_counter()
-            model, _ = train_classifier(variants[name], a.steps, a.batch, seed, a.bf16, log_every=0, shift=a.shift)
+            model, _ = train_classifier(variants[name], a.steps, a.batch, seed, a.bf16, log_every=0, shift=a.shift,
+                                        lr=a.lr, weight_decay=a.wd, label_smoothing=a.smooth)  # fmt: skip
             secs[seed] = round(time.perf_counter() - t0, 1)
             accs[seed], items = classifier_accuracy(model, held_out(a.test, seed + 1))
             print(f"{name:6s} seed {seed}: {accs[seed]:.1%} of {items} held-out items, trained in {secs[seed]:.0f} s "

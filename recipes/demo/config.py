@@ -101,19 +101,37 @@ def device_ok_dtype(cfg: DemoConfig) -> str:
     return cfg.dtype
 
 
-def eval_dtype(cfg) -> str:
-    return cfg.eval_dtype or device_ok_dtype(cfg)
+def adapter_files(run: Path) -> list[Path]:
+    """The run's trained adapter files (image, video, speech, Conformer speech) that exist."""
+    return [
+        f for n in ("image", "video", "speech", "conformer") if (f := Path(run) / n / "adapter.safetensors").exists()
+    ]
 
 
-def eval_autocast(cfg):
-    """Compute in the precision the adapters were trained in (bf16 autocast where they were); the tower's weights
-    follow the same dtype (`evaluation._load_models`), the adapters' stay fp32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=eval_dtype(cfg) == "bfloat16")
+def eval_dtype(cfg, run: Path | None = None) -> str:
+    """The frozen tower's dtype for evaluation: `eval_dtype` when set, else the one the run's adapter files record
+    they were trained on (`tower_dtype`; the same rule as `mm-llama caption --dtype auto`), so a run trained on a CPU
+    with bf16 units is evaluated on its bf16 tower on any CPU; without adapter files, the precision this CPU trains
+    in."""
+    if cfg.eval_dtype:
+        return cfg.eval_dtype
+    files = adapter_files(run) if run is not None else []
+    if files:
+        from mm_llama.adapters.checkpoint import trained_tower_dtype
+
+        return trained_tower_dtype(files)
+    return device_ok_dtype(cfg)
+
+
+def eval_autocast(dtype: str):
+    """Compute in the precision the adapters were trained in (bf16 autocast on a bf16 tower); the tower's weights
+    are in `dtype` (`evaluation._load_models`), the adapters' stay fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def load_tower(cfg):
     """The frozen tower for evaluation, loaded in fp32 (the adapters compose on it in fp32); `_load_models` then puts
-    its weights in the training dtype and `eval_autocast` picks the compute precision."""
+    its weights in the trained dtype (`eval_dtype`) and `eval_autocast` picks the compute precision."""
     from mm_llama.llama import Tokenizer, load_pretrained
 
     tower = load_pretrained(resolve(cfg.tower), dtype=torch.float32)

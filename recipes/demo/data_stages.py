@@ -135,9 +135,21 @@ def _composite_batch(images, labels, rng, n, shift: int = -1):
     return torch.stack(px), torch.tensor(ys)
 
 
-def train_classifier(vision, steps: int, batch: int, seed: int, bf16: bool, log_every: int = 200, shift: int = -1):
+def train_classifier(
+    vision,
+    steps: int,
+    batch: int,
+    seed: int,
+    bf16: bool,
+    log_every: int = 200,
+    shift: int = -1,
+    lr: float = 1.5e-3,
+    weight_decay: float = 0.05,
+    label_smoothing: float = 0.0,
+):
     """The encoder pretraining: the CellClassifier on fresh training-split composites each step (AdamW, one-cycle
-    rate); shift >= 0 flips and shifts the items (`_augment_items`). -> (model, per-step losses)."""
+    rate peaking at `lr`); shift >= 0 flips and shifts the items (`_augment_items`); `label_smoothing` on the item
+    loss. -> (model, per-step losses)."""
     import numpy as np
 
     from mm_llama.data import corpora
@@ -146,15 +158,16 @@ def train_classifier(vision, steps: int, batch: int, seed: int, bf16: bool, log_
     images, labels = corpora.load_fashion_mnist("train")
     rng = np.random.default_rng(seed + 10)
     model = CellClassifier(vision)
-    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1.5e-3, total_steps=steps, pct_start=0.02)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.02)
     losses = []
     model.train()
     for step in range(steps):
         px, ys = _composite_batch(images, labels, rng, batch, shift)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, where = model(px)
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 11), ys.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 11), ys.reshape(-1),
+                                                 label_smoothing=label_smoothing)  # fmt: skip
         loss = loss + torch.nn.functional.cross_entropy(where.float().reshape(-1, 4), torch.arange(4).repeat(len(ys)))
         opt.zero_grad()
         loss.backward()

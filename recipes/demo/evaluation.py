@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import eval_autocast, eval_dtype, load_tower, shard_samples
+from .config import adapter_files, eval_autocast, eval_dtype, load_tower, shard_samples
 
 
 def _answers(model, kind: str, tok, samples: list[dict], opts, batch: int = 16) -> list[str]:
@@ -100,33 +100,35 @@ EVALS = {
 }
 
 
-def _load_models(cfg, run, tower) -> dict:
+def _load_models(cfg, run, tower) -> tuple[dict, str]:
     """The trained adapters, each file loaded once: image + video + speech composed on ONE tower ("main"), and the
     Conformer speech adapter on the same tower object ("conformer"; one speech adapter per composed model).
 
-    Precision as in training: adapters in fp32, the frozen tower's weights in the training dtype (bf16 on capable
-    CPUs), compute under `eval_autocast`. A tower kept in fp32 under bf16 autocast is NOT the model that was trained:
-    its embeddings, norms and residual stream stay fp32, and a video adapter trained on the bf16 tower then misreads
-    clips (seed 1 of the demo: teacher-forced captions of its own training clips wrong on 14 of 40 with an fp32
-    tower, 1 of 40 with the bf16 one)."""
+    Precision as in training: adapters in fp32, the frozen tower's weights in the dtype the adapter files record
+    (`eval_dtype`: bf16 when trained on a CPU with bf16 units, on any CPU), compute under `eval_autocast` of that
+    dtype. A tower kept in fp32 under bf16 autocast is NOT the model that was trained: its embeddings, norms and
+    residual stream stay fp32, and a video adapter trained on the bf16 tower then misreads clips (seed 1 of the
+    demo: teacher-forced captions of its own training clips wrong on 14 of 40 with an fp32 tower, 1 of 40 with the
+    bf16 one). -> (models, the tower dtype)."""
     from mm_llama.adapters.composed import load_composed
 
-    files = [run / n / "adapter.safetensors" for n in ("image", "video", "speech")]
-    files = [f for f in files if f.exists()]
-    if (run / "video/adapter.safetensors").exists() and not (run / "image/adapter.safetensors").exists():
+    dtype = eval_dtype(cfg, run)  # before composing: a CheckpointError names files trained on different towers
+    files = [f for f in adapter_files(run) if f.parent.name != "conformer"]
+    if run / "video/adapter.safetensors" in files and run / "image/adapter.safetensors" not in files:
         files.remove(run / "video/adapter.safetensors")
     models = {}
     if files:
         models["main"] = load_composed(tower, files).float()
     if (run / "conformer/adapter.safetensors").exists():
         models["conformer"] = load_composed(tower, [run / "conformer/adapter.safetensors"]).float()
-    tower.to(getattr(torch, eval_dtype(cfg)))  # the shared tower only (a validated choice): the adapters stay fp32
-    return models
+    tower.to(getattr(torch, dtype))  # the shared tower only (a validated choice): the adapters stay fp32
+    return models, dtype
 
 
 def stage_evaluate(cfg, run) -> dict:
     tower, tok = load_tower(cfg)
-    models = _load_models(cfg, run, tower)
+    models, dtype = _load_models(cfg, run, tower)
+    print(f"  evaluating on a {dtype} tower (the adapters in float32)", flush=True)
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
@@ -136,14 +138,15 @@ def stage_evaluate(cfg, run) -> dict:
             print(f"  {name}: no trained adapter, not evaluated", flush=True)
             continue
         t0 = time.perf_counter()
-        with torch.inference_mode(), eval_autocast(cfg):
+        with torch.inference_mode(), eval_autocast(dtype):
             res = fn(cfg, run, model, tok)
         res["seconds"] = time.perf_counter() - t0
+        res["tower_dtype"] = dtype
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
         summary[name] = {k: v for k, v in res.items() if k not in ("rows", "by_voice")}
         print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                           for k, v in summary[name].items()}), flush=True)  # fmt: skip
-    with torch.inference_mode(), eval_autocast(cfg):
+    with torch.inference_mode(), eval_autocast(dtype):
         (out / "qualitative.json").write_text(json.dumps(qualitative(cfg, run, models.get("main"), tok), indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -3,6 +3,7 @@ grid, examples and the commands to try the trained adapters."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from mm_llama.assets import resolve
 
-from .config import STRETCH, TARGETS, cpu_kernel_path, device_ok_dtype, eval_dtype, shard_samples
+from .config import STRETCH, TARGETS, adapter_files, cpu_kernel_path, device_ok_dtype, eval_dtype, shard_samples
 
 
 def _target(key: str) -> str:
@@ -98,13 +99,15 @@ def stage_report(cfg, run) -> dict:
         json.loads((run / "encoder/classifier.json").read_text()) if (run / "encoder/classifier.json").exists() else {}
     )
     _plot_losses(run, run / "loss_curves.png")
+    trained = eval_dtype(dataclasses.replace(cfg, eval_dtype=None), run) if adapter_files(run) else device_ok_dtype(cfg)
+    evaluated = next((s["tower_dtype"] for s in summ.values() if "tower_dtype" in s), eval_dtype(cfg, run))
     img, vid, sp, cf = ev("image"), ev("video"), ev("speech"), ev("conformer")
     if img.get("rows"):
         _caption_grid(run, img["rows"], run / "caption_grid.png")
     q = ev("qualitative")
     L = ["# mm_llama demo report", "",
-         f"Frozen tower: SmolLM2-135M ({cfg.tower}), trained in {device_ok_dtype(cfg)}, "
-         f"evaluated in {eval_dtype(cfg)}; {cfg.nproc} processes of our DDP engine "
+         f"Frozen tower: SmolLM2-135M ({cfg.tower}), trained in {trained}, "
+         f"evaluated in {evaluated}; {cfg.nproc} processes of our DDP engine "
          f"(`accelerate launch`, gloo); {os.cpu_count()} CPU cores ({cpu_kernel_path()}), torch {torch.__version__}.",
          "",
          "## Time per stage", "", "| stage | seconds |", "|---|---:|"]  # fmt: skip

@@ -57,20 +57,31 @@ def test_reduced_demo_every_stage(tmp_path):
     cached = json.loads((tmp_path / "shards/speech_train_enc/index.json").read_text())
     assert cached["samples"] == corpora["speech_train"]["samples"] == 48 + 8
     assert "model.speech.encoder=whisper:" in out
-    # evaluation composes the adapters in fp32 on the tower in its training precision (bf16 weights where trained so)
+    # evaluation composes the adapters in fp32 on the tower dtype their files record (bf16 weights where trained so),
+    # whatever the config or this CPU would pick now
+    import dataclasses
+
     import torch
 
+    from mm_llama.adapters.checkpoint import trained_tower_dtype
     from mm_llama.config import load_config
     from recipes.demo import DemoConfig
-    from recipes.demo.config import load_tower
+    from recipes.demo.config import adapter_files, cpu_has_bf16, eval_dtype, load_tower
     from recipes.demo.evaluation import _load_models
 
+    recorded = trained_tower_dtype(adapter_files(tmp_path))
+    assert recorded == ("bfloat16" if cpu_has_bf16() else "float32")
+    assert {s["tower_dtype"] for s in summary.values()} == {recorded}
+    cfg = load_config(DemoConfig, ROOT / "recipes/configs/demo/tiny.yaml", [f"run_dir={tmp_path}", "dtype=float32"])
+    assert eval_dtype(cfg, tmp_path) == recorded  # not the config's float32: the files say what was trained
+    assert eval_dtype(cfg) == "float32"  # no run given: the config's precision
+    assert eval_dtype(dataclasses.replace(cfg, eval_dtype="bfloat16"), tmp_path) == "bfloat16"  # explicit wins
     cfg = load_config(
         DemoConfig, ROOT / "recipes/configs/demo/tiny.yaml", [f"run_dir={tmp_path}", "eval_dtype=bfloat16"]
     )
     tower, _ = load_tower(cfg)
-    models = _load_models(cfg, tmp_path, tower)
-    assert {p.dtype for p in tower.parameters()} == {torch.bfloat16}
+    models, dtype = _load_models(cfg, tmp_path, tower)
+    assert dtype == "bfloat16" and {p.dtype for p in tower.parameters()} == {torch.bfloat16}
     tower_ids = {id(p) for p in tower.parameters()}
     for model in models.values():
         adapter = [p for p in model.parameters() if id(p) not in tower_ids]
