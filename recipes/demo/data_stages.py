@@ -199,15 +199,16 @@ def classifier_accuracy(model: CellClassifier, samples: list[dict]) -> tuple[flo
 def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
     from safetensors.torch import save_file
 
-    model, losses = train_classifier("demo", cfg.encoder_steps, cfg.encoder_batch, cfg.seed,
-                                     device_ok_dtype(cfg) == "bfloat16")  # fmt: skip
+    bf16 = device_ok_dtype(cfg) == "bfloat16"
+    model, losses = train_classifier("demo", cfg.encoder_steps, cfg.encoder_batch, cfg.seed, bf16,
+                                     label_smoothing=cfg.encoder_smoothing)  # fmt: skip
     out = run / "encoder"
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(out / "encoder.safetensors"))
     # baseline: the same classifier on the held-out composites (test-split items only)
     acc, total = classifier_accuracy(model, shard_samples(run / "shards/image_test/index.json", cfg.eval_limit))
     res = {"item_accuracy": acc, "items": total, "steps": cfg.encoder_steps, "batch": cfg.encoder_batch,
-           "losses": losses}  # fmt: skip
+           "label_smoothing": cfg.encoder_smoothing, "losses": losses}  # fmt: skip
     (out / "classifier.json").write_text(json.dumps(res))
     print(f"  plain classifier: {acc:.1%} of {total} held-out items", flush=True)
     return {k: v for k, v in res.items() if k != "losses"}
