@@ -105,18 +105,33 @@ def caption(
 def caption_video(model, tok, frames_FCHW: torch.Tensor, prompt: str = "", *, max_new_tokens: int = 32,
                   temperature: float = 0.0, on_token=None) -> str:  # fmt: skip
     """Caption one video with a FusedVideoModel: frames encoded and aggregated once; K/V reused at every step."""
-    ids = bos_prefix(tok)
-    ids = ids + [model.video_token_id] + tok.encode(prompt)
-    tokens = model.encode_video(frames_FCHW.to(model.tok_embeddings.weight.device))
-    full = torch.tensor([ids + [0] * max_new_tokens], device=tokens.device)  # positions after the prompt see it
-    kvs, bias, row = model.video_inputs([tokens], full)
+    return caption_videos(model, tok, [frames_FCHW], prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                          on_token=on_token)[0]  # fmt: skip
+
+
+def caption_videos(model, tok, videos: Sequence[torch.Tensor], prompts: str | Sequence[str] = "", *,
+                   max_new_tokens: int = 32, temperature: float = 0.0, on_token=None) -> list[str]:  # fmt: skip
+    """One caption per video ([F, 3, S, S] frames each), decoded as one left-padded batch: each video encoded and
+    aggregated once, each block's K/V once per request, every row sees its own video from its `<|video|>` token."""
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(videos)
+    ids = [bos_prefix(tok) + [model.video_token_id] + tok.encode(p) for p in prompts]
+    device = model.tok_embeddings.weight.device
+    tokens = [model.encode_video(v.to(device)) for v in videos]
+    P = max(len(x) for x in ids)
+    pad = padding_id(tok)
+    # the batch as generate_ids lays it out (left-padded prompts, then the new tokens): positions after a row's
+    # prompt see what its last prompt token sees
+    full = torch.full((len(ids), P + max_new_tokens), pad, dtype=torch.long)
+    for b, x in enumerate(ids):
+        full[b, P - len(x) : P] = torch.tensor(x)
+    kvs, bias, row = model.video_inputs(tokens, full.to(device))
 
     def forward_extra(pad: int, start: int, n: int) -> dict:
         return {"video_state": (kvs, bias[:, :, start : start + n], row[:, start : start + n])}
 
-    pad = padding_id(tok)
-    (out,) = generate_ids(
-        model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=set(tok.stop_ids),
+    out = generate_ids(
+        model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=set(tok.stop_ids),
         pad_id=pad, on_token=on_token, forward_extra=forward_extra,
     )  # fmt: skip
-    return tok.decode(out)
+    return [tok.decode(o) for o in out]

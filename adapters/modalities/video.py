@@ -151,14 +151,11 @@ class Video(Modality):
         return text, None
 
     def hypotheses(self, model, tok, samples, opts):
-        from ..inference import caption_video
+        from ..inference import caption_videos
 
-        out = []
-        for s in samples:
-            ext = require_member(s, VIDEO_EXTS, "video")
-            frames = self._frames(model, s[ext], s["__key__"], opts.frames)
-            out.append(caption_video(model.video, tok, frames, opts.prompt, max_new_tokens=opts.max_new_tokens))
-        return out
+        frames = [self._frames(model, s[require_member(s, VIDEO_EXTS, "video")], s["__key__"], opts.frames)
+                  for s in samples]  # fmt: skip
+        return caption_videos(model.video, tok, frames, opts.prompt, max_new_tokens=opts.max_new_tokens)
 
     def metrics(self, references, hypotheses):
         from .image import SPEC as IMAGE

@@ -125,6 +125,33 @@ def test_video_caption_cached_equals_full_forward():
     assert out == ",".join(map(str, seq[n0:]))
 
 
+def test_video_captions_batched_equal_one_at_a_time():
+    """caption_videos (the evaluation path: one left-padded batch) == caption_video per clip, prompts of different
+    lengths included."""
+    from mm_llama.adapters.inference import caption_video, caption_videos
+
+    class Tok:
+        bos_id, eos_id, pad_id, add_bos, stop_ids = 2, 1, 0, True, set()
+
+        def encode(self, text):
+            return [3 + (ord(c) % 400) for c in text]
+
+        def decode(self, ids):
+            return ",".join(map(str, ids))
+
+    torch.manual_seed(0)
+    vm = FusedVideoModel(image_model(), AggregatorArgs(merge=4, heads=4)).eval()
+    with torch.no_grad():
+        for blk in vm.video_cross_attention_layers:
+            blk.gate_attn.fill_(0.9)
+            blk.gate_ffwd.fill_(0.9)
+    vids = [moving_square("left"), moving_square("right"), moving_square("up")]
+    prompts = ["it moves", "where?", "the square moves to the"]
+    one = [caption_video(vm, Tok(), v, p, max_new_tokens=6) for v, p in zip(vids, prompts)]
+    assert caption_videos(vm, Tok(), vids, prompts, max_new_tokens=6) == one
+    assert len(set(one)) > 1  # the rows read their own clips
+
+
 def test_mixed_batch_image_video_text():
     from mm_llama.data.collate import cross_attention_mask
 
