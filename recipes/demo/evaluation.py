@@ -12,8 +12,9 @@ import torch
 from .config import adapter_files, eval_autocast, eval_dtype, load_tower, shard_samples
 
 
-def _answers(model, kind: str, tok, samples: list[dict], opts, batch: int = 16) -> list[str]:
-    """The plug-in's answers for held-out samples, batched (the calls recipes/evaluate.py makes)."""
+def _answers(model, kind: str, tok, samples: list[dict], opts, batch: int = 32) -> list[str]:
+    """The plug-in's answers for held-out samples, batched (the calls recipes/evaluate.py makes). Batches of 32
+    against 16: images 8.4 vs 12.6 s, clips 4.3 vs 6.0 s, open-vocabulary speech 15.6 vs 19.7 s (96 each)."""
     from mm_llama.adapters.registry import get_modality
 
     spec = get_modality(kind)
