@@ -57,7 +57,8 @@ class DemoConfig:
     encoder_smoothing: float = bounded(0.1, 0.0)
     # training (steps; batch per process)
     # 250 steps: the train loss flattens by 200, yet held-out layouts stay unsettled (2-item diagonal read as vertical:
-    # 90.2-90.4% count+layout on seeds 2 and 0); 400 steps settled them in every run but cost 340 s (issue 21)
+    # 90.2-90.4% count+layout on seeds 2 and 0); 300 settled seeds 0 and 2, not seed 1 (93.8%); 400 settled them in
+    # every run so far but would add about 220 s to a 26.7-minute demo (issue 21)
     image_steps: int = 300
     image_batch: int = 16
     video_steps: int = 200  # 150 left direction short of its target on another CPU (issue 21)
