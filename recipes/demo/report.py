@@ -12,7 +12,7 @@ import torch
 
 from mm_llama.assets import resolve
 
-from .config import STRETCH, TARGETS, adapter_files, cpu_kernel_path, device_ok_dtype, eval_dtype, shard_samples
+from .config import STRETCH, TARGETS, cpu_kernel_path, eval_dtype, shard_samples
 
 
 def _target(key: str) -> str:
@@ -99,7 +99,7 @@ def stage_report(cfg, run) -> dict:
         json.loads((run / "encoder/classifier.json").read_text()) if (run / "encoder/classifier.json").exists() else {}
     )
     _plot_losses(run, run / "loss_curves.png")
-    trained = eval_dtype(dataclasses.replace(cfg, eval_dtype=None), run) if adapter_files(run) else device_ok_dtype(cfg)
+    trained = eval_dtype(dataclasses.replace(cfg, eval_dtype=None), run)  # the files' record, else this CPU's choice
     evaluated = next((s["tower_dtype"] for s in summ.values() if "tower_dtype" in s), eval_dtype(cfg, run))
     img, vid, sp, cf = ev("image"), ev("video"), ev("speech"), ev("conformer")
     if img.get("rows"):

@@ -31,6 +31,28 @@ def moving_square(direction: str, frames: int = 8, size: int = 28) -> torch.Tens
     return torch.stack(out)
 
 
+class Tok:
+    """A character tokenizer for captioning tests: decoded ids read as a comma-joined list."""
+
+    bos_id, eos_id, pad_id, add_bos, stop_ids = 2, 1, 0, True, set()
+
+    def encode(self, text):
+        return [3 + (ord(c) % 400) for c in text]
+
+    def decode(self, ids):
+        return ",".join(map(str, ids))
+
+
+def gated_video_model():
+    """A video model whose blocks are open (gates 0.9), so captions depend on the clip."""
+    vm = FusedVideoModel(image_model(), AggregatorArgs(merge=4, heads=4)).eval()
+    with torch.no_grad():
+        for blk in vm.video_cross_attention_layers:
+            blk.gate_attn.fill_(0.9)
+            blk.gate_ffwd.fill_(0.9)
+    return vm
+
+
 def test_schedules_and_parameter_counts():
     assert video_schedule(list(range(3, 32, 4))) == [15, 31]  # 8B: 8 image blocks -> 2 video blocks
     assert len(video_schedule(list(range(3, 80, 4)))) == 5  # 70B: 20 -> 5
@@ -101,20 +123,7 @@ def test_real_clip_through_video_model():
 def test_video_caption_cached_equals_full_forward():
     from mm_llama.adapters.inference import caption_video
 
-    class Tok:
-        bos_id, eos_id, pad_id, add_bos, stop_ids = 2, 1, 0, True, set()
-
-        def encode(self, text):
-            return [3 + (ord(c) % 400) for c in text]
-
-        def decode(self, ids):
-            return ",".join(map(str, ids))
-
-    vm = FusedVideoModel(image_model(), AggregatorArgs(merge=4, heads=4)).eval()
-    with torch.no_grad():
-        for blk in vm.video_cross_attention_layers:
-            blk.gate_attn.fill_(0.9)
-            blk.gate_ffwd.fill_(0.9)
+    vm = gated_video_model()
     vid = moving_square("left")
     out = caption_video(vm, Tok(), vid, "it moves", max_new_tokens=5)
     seq = [2, vm.video_token_id] + Tok().encode("it moves")
@@ -130,21 +139,7 @@ def test_video_captions_batched_equal_one_at_a_time():
     lengths included."""
     from mm_llama.adapters.inference import caption_video, caption_videos
 
-    class Tok:
-        bos_id, eos_id, pad_id, add_bos, stop_ids = 2, 1, 0, True, set()
-
-        def encode(self, text):
-            return [3 + (ord(c) % 400) for c in text]
-
-        def decode(self, ids):
-            return ",".join(map(str, ids))
-
-    torch.manual_seed(0)
-    vm = FusedVideoModel(image_model(), AggregatorArgs(merge=4, heads=4)).eval()
-    with torch.no_grad():
-        for blk in vm.video_cross_attention_layers:
-            blk.gate_attn.fill_(0.9)
-            blk.gate_ffwd.fill_(0.9)
+    vm = gated_video_model()
     vids = [moving_square("left"), moving_square("right"), moving_square("up")]
     prompts = ["it moves", "where?", "the square moves to the"]
     one = [caption_video(vm, Tok(), v, p, max_new_tokens=6) for v, p in zip(vids, prompts)]
