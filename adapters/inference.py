@@ -10,7 +10,7 @@ from PIL import Image
 
 from mm_llama.data.collate import collate_images, cross_attention_mask
 from mm_llama.data.image import resize_plain, tile_image
-from mm_llama.generate import bos_prefix, generate_ids, padding_id
+from mm_llama.generate import bos_prefix, generate_ids, left_padded, padding_id
 
 from .fusion import FusedVisionModel
 from .xattn import media_attention_mask
@@ -118,14 +118,9 @@ def caption_videos(model, tok, videos: Sequence[torch.Tensor], prompts: str | Se
     ids = [bos_prefix(tok) + [model.video_token_id] + tok.encode(p) for p in prompts]
     device = model.tok_embeddings.weight.device
     tokens = [model.encode_video(v.to(device)) for v in videos]
-    P = max(len(x) for x in ids)
     pad = padding_id(tok)
-    # the batch as generate_ids lays it out (left-padded prompts, then the new tokens): positions after a row's
-    # prompt see what its last prompt token sees
-    full = torch.full((len(ids), P + max_new_tokens), pad, dtype=torch.long)
-    for b, x in enumerate(ids):
-        full[b, P - len(x) : P] = torch.tensor(x)
-    kvs, bias, row = model.video_inputs(tokens, full.to(device))
+    # the batch as generate_ids lays it out: positions after a row's prompt see what its last prompt token sees
+    kvs, bias, row = model.video_inputs(tokens, left_padded(ids, pad, max_new_tokens).to(device))
 
     def forward_extra(pad: int, start: int, n: int) -> dict:
         return {"video_state": (kvs, bias[:, :, start : start + n], row[:, start : start + n])}

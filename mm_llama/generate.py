@@ -67,6 +67,17 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, new_tokens: int = 0) -> torch.Tensor:
+    """The batch as `generate_ids` lays it out: [B, P + new_tokens] ids, each prompt right-aligned to end at the
+    longest prompt's length P, `pad_id` before it and in the `new_tokens` slots after (fused models build their
+    media masks over this layout)."""
+    P = max(len(p) for p in prompts)
+    out = torch.full((len(prompts), P + new_tokens), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        out[b, P - len(p) : P] = torch.tensor(list(p), dtype=torch.long)
+    return out
+
+
 @torch.inference_mode()
 def generate_ids(
     model: Transformer,
@@ -98,10 +109,9 @@ def generate_ids(
         raise ValueError(
             f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {model.args.max_seq_len}"
         )
-    tokens_BP = torch.full((B, P), pad_id, dtype=torch.long)
+    tokens_BP = left_padded(prompts, pad_id)
     valid_BS = torch.zeros(B, total, dtype=torch.bool)
     for b, p in enumerate(prompts):
-        tokens_BP[b, P - len(p) :] = torch.tensor(list(p), dtype=torch.long)
         valid_BS[b, P - len(p) :] = True
     tokens_BP, valid_BS = tokens_BP.to(device), valid_BS.to(device)
     padded = min(lens) != P
