@@ -119,9 +119,15 @@ def composite_image(images: np.ndarray, layout: dict[int, int]) -> np.ndarray:
     return canvas
 
 
-def sample_layout(rng: np.random.Generator, n_images: int) -> dict[int, int]:
-    """2-4 distinct cells, each with a random image index."""
-    k = int(rng.integers(2, 5))
+def sample_layout(rng: np.random.Generator, n_images: int, two_item_share: float | None = None) -> dict[int, int]:
+    """2-4 distinct cells, each with a random image index. The number of items is uniform, or with
+    `two_item_share` that share of layouts has two items (the row / column / diagonal templates) and the rest three
+    or four, evenly."""
+    if two_item_share is None:
+        k = int(rng.integers(2, 5))
+    else:
+        rest = (1.0 - two_item_share) / 2
+        k = int(rng.choice([2, 3, 4], p=[two_item_share, rest, rest]))
     cells = sorted(rng.choice(4, size=k, replace=False).tolist())
     return {c: int(rng.integers(n_images)) for c in cells}
 
@@ -134,12 +140,13 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def composite_records(split: str, n: int, seed: int) -> Iterator[dict]:
-    """Composites built only from `split`'s images; json carries {cell: label} for evaluation."""
+def composite_records(split: str, n: int, seed: int, two_item_share: float | None = None) -> Iterator[dict]:
+    """Composites built only from `split`'s images; json carries {cell: label} for evaluation; `two_item_share`:
+    see `sample_layout` (None: 2, 3 and 4 items equally often)."""
     images, labels = load_fashion_mnist(split)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        where = sample_layout(rng, len(images))
+        where = sample_layout(rng, len(images), two_item_share)
         layout = {c: int(labels[j]) for c, j in where.items()}
         png = _png(composite_image(images, where))
         meta = {"layout": {str(c): v for c, v in layout.items()}}

@@ -18,7 +18,7 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
 
     out, info = run / "shards", {}
     jobs = {
-        "image_train": lambda: corpora.composite_records("train", cfg.image_train, cfg.seed),
+        "image_train": lambda: corpora.composite_records("train", cfg.image_train, cfg.seed, cfg.image_two_item_share),
         "image_test": lambda: corpora.composite_records("test", cfg.image_test, cfg.seed + 1),
         "video_train": lambda: corpora.motion_records("train", cfg.video_train, cfg.seed + 2),
         "video_test": lambda: corpora.motion_records("test", cfg.video_test, cfg.seed + 3),

@@ -24,6 +24,20 @@ def test_every_layout_caption_parses_back():
     assert corpora.composite_caption({0: 0, 3: 5}) == "at the top left a T-shirt and at the bottom right a sandal"
 
 
+def test_two_item_share_of_layouts():
+    def counts(share):
+        rng = np.random.default_rng(0)
+        ks = [len(corpora.sample_layout(rng, 100, share)) for _ in range(3000)]
+        return [ks.count(k) / len(ks) for k in (2, 3, 4)]
+
+    assert counts(None) == pytest.approx([1 / 3] * 3, abs=0.03)  # even, as the held-out set
+    assert counts(0.5) == pytest.approx([0.5, 0.25, 0.25], abs=0.03)
+    assert counts(1.0) == [1.0, 0.0, 0.0]
+    rng = np.random.default_rng(1)
+    assert all(2 <= len(w) <= 4 and all(0 <= v < 7 for v in w.values()) for w in
+               (corpora.sample_layout(rng, 7, 0.5) for _ in range(50)))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "text",
     [
