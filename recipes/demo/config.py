@@ -63,7 +63,8 @@ class DemoConfig:
     # training (steps; batch per process)
     # 250 steps: the train loss flattens by 200, yet held-out layouts stay unsettled (2-item diagonal read as vertical:
     # 90.2-90.4% count+layout on seeds 2 and 0); 300 settled seeds 0 and 2, not seed 1 (93.8%); 400 settled them in
-    # every run so far but would add about 220 s to a 26.7-minute demo (issue 21)
+    # the earlier runs, but 400 steps at batch 14 did not settle seed 1 (90.6%, diagonals read as columns both ways) and
+    # would add about 110 s to a 26.7-minute demo (issue 21)
     image_steps: int = 300
     image_batch: int = 16
     video_steps: int = 200  # 150 left direction short of its target on another CPU (issue 21)
