@@ -109,11 +109,9 @@ def generate_ids(
         raise ValueError(
             f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {model.args.max_seq_len}"
         )
-    tokens_BP = left_padded(prompts, pad_id)
-    valid_BS = torch.zeros(B, total, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        valid_BS[b, P - len(p) :] = True
-    tokens_BP, valid_BS = tokens_BP.to(device), valid_BS.to(device)
+    tokens_BP = left_padded(prompts, pad_id).to(device)
+    # a slot is real from its row's first prompt token on (the prompt, then every new token)
+    valid_BS = (torch.arange(total)[None] >= torch.tensor([P - n for n in lens])[:, None]).to(device)
     padded = min(lens) != P
     positions_BP = (valid_BS[:, :P].long().cumsum(-1) - 1).clamp(min=0)
 
