@@ -293,14 +293,21 @@ def _peak_mem_mb() -> float:
 
 @contextlib.contextmanager
 def _profiler(cfg: TrainConfig, run: Path, enabled: bool):
-    """torch profiler trace of steps 2-4 into RUN/profile/ (`profile=true`); yields a per-step callback."""
+    """torch profiler trace of steps 2-4 into RUN/profile/ (`profile=true`), with a table of the ops by their own
+    time over those steps in RUN/profile/ops.txt; yields a per-step callback."""
     if not (cfg.profile and enabled):
         yield lambda: None
         return
     from torch.profiler import profile, schedule, tensorboard_trace_handler
 
-    with profile(schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-                 on_trace_ready=tensorboard_trace_handler(str(run / "profile"))) as prof:  # fmt: skip
+    trace = tensorboard_trace_handler(str(run / "profile"))
+
+    def ready(prof):
+        trace(prof)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        (run / "profile" / "ops.txt").write_text(table)
+
+    with profile(schedule=schedule(wait=1, warmup=1, active=3, repeat=1), on_trace_ready=ready) as prof:
         yield prof.step
 
 

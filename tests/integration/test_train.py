@@ -146,6 +146,7 @@ def test_killed_rank_makes_the_other_exit_with_an_error(tmp_path):
 def test_profile_and_tensorboard_outputs(tmp_path):
     train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "--profile", "steps=5")
     assert list((tmp_path / "profile").glob("*.json")) and list((tmp_path / "tensorboard").iterdir())
+    assert "Self CPU" in (tmp_path / "profile/ops.txt").read_text()  # the ops by their own time
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("mfu", "flops", "data_wait_fraction", "peak_mem_mb", "bad_samples", "grad_norm", "lr"):
         assert key in rec
