@@ -36,8 +36,11 @@ class DemoConfig:
     seed: int = 0
     nproc: int = 2  # DDP processes (accelerate launch)
     tower: str = "asset:smollm2_gguf"
-    # the frozen tower's weights on CPUs with bf16 units (about 2x fp32 there); float32 elsewhere
-    dtype: str = choice("bfloat16", "bfloat16", "float32")
+    # the frozen tower's weights (and autocast) in training: "auto" = bf16 where this CPU's bf16 matmuls measure
+    # faster than fp32 (`precision_choice`: a 2-core AMD EPYC with avx512_bf16 ~2x; an Intel Xeon with AVX-512 bf16
+    # but no AMX 0.6x, the image stage half as fast as in fp32), fp32 elsewhere; bfloat16 / float32 force one
+    # (bfloat16 still falls back to fp32 on CPUs without bf16 units, which emulate it ~45x slower)
+    dtype: str = choice("auto", "auto", "bfloat16", "float32")
     # corpora
     image_train: int = 8000
     image_test: int = 500
@@ -107,7 +110,61 @@ def cpu_kernel_path() -> str:
     return f"{name}, {path}"
 
 
-def device_ok_dtype(cfg: DemoConfig) -> str:
+@functools.cache
+def bf16_speedup(reps: int = 5) -> float:
+    """How much faster this CPU multiplies tower-shaped matrices in bf16 than in fp32 on one thread (each training
+    process runs one): the median over `reps` timings of [512, 576] x [576, 1536] (SmolLM2's FFN), both ways."""
+    import statistics
+    import time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = {}
+        for dt in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(512, 576, dtype=dt), torch.randn(576, 1536, dtype=dt)
+            (a @ b).sum()  # the kernel's first call compiles it
+            runs = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                for _ in range(8):
+                    a @ b
+                runs.append(time.perf_counter() - t)
+            times[dt] = statistics.median(runs)
+        return times[torch.float32] / times[torch.bfloat16]
+    finally:
+        torch.set_num_threads(threads)
+
+
+BF16_MIN_SPEEDUP = 1.2  # below this, fp32 (exact, no autocast) is the better deal
+
+
+def precision_choice(run: Path | None = None) -> dict:
+    """`dtype: auto` on this machine: {"dtype", "bf16_speedup", "cpu"}. CUDA: bf16. CPU: bf16 where its bf16 units
+    measure at least BF16_MIN_SPEEDUP x fp32 (`bf16_speedup`), else fp32. The first choice in a run folder is kept in
+    RUN/precision.json, so every stage of a run (and a resumed run) trains in the same precision."""
+    import json
+
+    rec = Path(run) / "precision.json" if run is not None else None
+    if rec is not None and rec.exists():
+        return json.loads(rec.read_text())
+    if torch.cuda.is_available():
+        choice_ = {"dtype": "bfloat16", "bf16_speedup": None, "cpu": "CUDA"}
+    else:
+        speed = round(bf16_speedup(), 2) if cpu_has_bf16() else None
+        dtype = "bfloat16" if speed is not None and speed >= BF16_MIN_SPEEDUP else "float32"
+        choice_ = {"dtype": dtype, "bf16_speedup": speed, "cpu": cpu_kernel_path()}
+    if rec is not None:
+        rec.parent.mkdir(parents=True, exist_ok=True)
+        rec.write_text(json.dumps(choice_))
+    return choice_
+
+
+def device_ok_dtype(cfg: DemoConfig, run: Path | None = None) -> str:
+    """The precision the stages train in: `dtype`, or for "auto" the measured choice (`precision_choice`, kept in
+    the run folder when `run` is given)."""
+    if cfg.dtype == "auto":
+        return precision_choice(run)["dtype"]
     if cfg.dtype == "bfloat16" and not torch.cuda.is_available() and not cpu_has_bf16():
         return "float32"  # CPUs without bf16 units emulate it slowly
     return cfg.dtype
@@ -132,7 +189,7 @@ def eval_dtype(cfg, run: Path | None = None) -> str:
         from mm_llama.adapters.checkpoint import trained_tower_dtype
 
         return trained_tower_dtype(files)
-    return device_ok_dtype(cfg)
+    return device_ok_dtype(cfg, run)
 
 
 def eval_autocast(dtype: str):

@@ -199,7 +199,7 @@ def classifier_accuracy(model: CellClassifier, samples: list[dict]) -> tuple[flo
 def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
     from safetensors.torch import save_file
 
-    bf16 = device_ok_dtype(cfg) == "bfloat16"
+    bf16 = device_ok_dtype(cfg, run) == "bfloat16"
     model, losses = train_classifier("demo", cfg.encoder_steps, cfg.encoder_batch, cfg.seed, bf16,
                                      label_smoothing=cfg.encoder_smoothing)  # fmt: skip
     out = run / "encoder"

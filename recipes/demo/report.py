@@ -12,7 +12,7 @@ import torch
 
 from mm_llama.assets import resolve
 
-from .config import STRETCH, TARGETS, cpu_kernel_path, eval_dtype, shard_samples
+from .config import BF16_MIN_SPEEDUP, STRETCH, TARGETS, cpu_kernel_path, eval_dtype, shard_samples
 
 
 def _target(key: str) -> str:
@@ -86,6 +86,20 @@ def _pct(x) -> str:
     return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
 
 
+def _precision_note(run: Path) -> str:
+    """How `dtype: auto` chose the training precision on this machine (RUN/precision.json), if it did."""
+    f = run / "precision.json"
+    if not f.exists():
+        return ""
+    rec = json.loads(f.read_text())
+    if rec.get("bf16_speedup") is None:
+        return f" Precision (`dtype: auto`): {rec['dtype']} ({rec.get('cpu')})."
+    return (
+        f" Precision (`dtype: auto`): bf16 matmuls measured {rec['bf16_speedup']:.2f}x fp32 on one thread, so "
+        f"{rec['dtype']} (bf16 needs {BF16_MIN_SPEEDUP}x)."
+    )
+
+
 def stage_report(cfg, run) -> dict:
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
     summ = json.loads((run / "eval/summary.json").read_text()) if (run / "eval/summary.json").exists() else {}
@@ -108,7 +122,8 @@ def stage_report(cfg, run) -> dict:
     L = ["# mm_llama demo report", "",
          f"Frozen tower: SmolLM2-135M ({cfg.tower}), trained in {trained}, "
          f"evaluated in {evaluated}; {cfg.nproc} processes of our DDP engine "
-         f"(`accelerate launch`, gloo); {os.cpu_count()} CPU cores ({cpu_kernel_path()}), torch {torch.__version__}.",
+         f"(`accelerate launch`, gloo); {os.cpu_count()} CPU cores ({cpu_kernel_path()}), torch {torch.__version__}."
+         + _precision_note(run),
          "",
          "## Time per stage", "", "| stage | seconds |", "|---|---:|"]  # fmt: skip
     L += [f"| {k} | {v['seconds']:.0f} |" for k, v in timings.items()]

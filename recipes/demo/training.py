@@ -38,8 +38,8 @@ def _run_streaming(cmd: list[str], env: dict, log: Path, keep: int = 40) -> tupl
 
 def _train(cfg: DemoConfig, run: Path, name: str, config: str, args: list[str]) -> dict:
     """accelerate launch (N processes, our DDP engine) of the one training recipe."""
-    args = [f"run_dir={run / name}", f"dtype={device_ok_dtype(cfg)}", f"tower.path={cfg.tower}", f"seed={cfg.seed}",
-            *args, *cfg.extra_train_args.get(name, [])]  # fmt: skip
+    args = [f"run_dir={run / name}", f"dtype={device_ok_dtype(cfg, run)}", f"tower.path={cfg.tower}",
+            f"seed={cfg.seed}", *args, *cfg.extra_train_args.get(name, [])]  # fmt: skip
     script = [str(ROOT / "recipes/train.py"), "--config", str(ROOT / "recipes/configs" / config), *args]
     if cfg.nproc > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(cfg.nproc),

@@ -66,11 +66,15 @@ def test_reduced_demo_every_stage(tmp_path):
     from mm_llama.adapters.checkpoint import trained_tower_dtype
     from mm_llama.config import load_config
     from recipes.demo import DemoConfig
-    from recipes.demo.config import adapter_files, cpu_has_bf16, eval_dtype, load_tower
+    from recipes.demo.config import BF16_MIN_SPEEDUP, adapter_files, eval_dtype, load_tower
     from recipes.demo.evaluation import _load_models
 
+    # `dtype: auto` measured this CPU once and every stage trained in its choice
     recorded = trained_tower_dtype(adapter_files(tmp_path))
-    assert recorded == ("bfloat16" if cpu_has_bf16() else "float32")
+    choice = json.loads((tmp_path / "precision.json").read_text())
+    assert recorded == choice["dtype"]
+    assert recorded == ("bfloat16" if (choice["bf16_speedup"] or 0) >= BF16_MIN_SPEEDUP else "float32")
+    assert "Precision (`dtype: auto`)" in (tmp_path / "report.md").read_text()
     assert {s["tower_dtype"] for s in summary.values()} == {recorded}
     cfg = load_config(DemoConfig, ROOT / "recipes/configs/demo/tiny.yaml", [f"run_dir={tmp_path}", "dtype=float32"])
     assert eval_dtype(cfg, tmp_path) == recorded  # not the config's float32: the files say what was trained
@@ -98,6 +102,32 @@ def test_reduced_demo_every_stage(tmp_path):
     again = run(f"run_dir={tmp_path}", "--stages", "image,conformer,report", "conformer=false")
     assert "[image] outputs exist" in again and "[report] outputs exist" in again
     assert "[conformer] off (conformer=false" in again  # the comparison is off by default (make demo's budget)
+
+
+def test_auto_precision_is_measured_once_per_run(tmp_path, monkeypatch):
+    """`dtype: auto` takes bf16 only where this CPU's bf16 matmuls measure BF16_MIN_SPEEDUP x fp32 (an Intel Xeon
+    with AVX-512 bf16 but no AMX measured 0.6x: fp32 there); the first choice is kept in RUN/precision.json, so a
+    resumed run trains on in the same precision whatever a new measurement says; bfloat16 / float32 force one."""
+    import dataclasses
+
+    from recipes.demo import DemoConfig
+    from recipes.demo import config as dc
+
+    cfg = DemoConfig(run_dir=str(tmp_path))
+    assert cfg.dtype == "auto"
+    monkeypatch.setattr(dc, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(dc.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dc, "bf16_speedup", lambda: 0.62)
+    assert dc.device_ok_dtype(cfg) == "float32"
+    monkeypatch.setattr(dc, "bf16_speedup", lambda: 1.9)
+    assert dc.device_ok_dtype(cfg, tmp_path) == "bfloat16"
+    assert json.loads((tmp_path / "precision.json").read_text())["bf16_speedup"] == 1.9
+    monkeypatch.setattr(dc, "bf16_speedup", lambda: 0.5)  # the machine got slower: the run keeps its precision
+    assert dc.device_ok_dtype(cfg, tmp_path) == "bfloat16" and dc.eval_dtype(cfg, tmp_path) == "bfloat16"
+    assert dc.device_ok_dtype(dataclasses.replace(cfg, dtype="float32"), tmp_path) == "float32"
+    monkeypatch.setattr(dc, "cpu_has_bf16", lambda: False)  # no bf16 units: not even measured
+    assert dc.precision_choice() == {"dtype": "float32", "bf16_speedup": None, "cpu": dc.cpu_kernel_path()}
+    assert dc.device_ok_dtype(dataclasses.replace(cfg, dtype="bfloat16")) == "float32"
 
 
 def test_seed_table_takes_the_worst_seed(tmp_path):
