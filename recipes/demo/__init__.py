@@ -21,7 +21,9 @@ Stages (outputs under run_dir):
              (a comparison, off by default: conformer=true)
   evaluate   captions / transcripts of the held-out sets, scored field by field    -> eval/*.json
   report     report.md, loss curves, caption grid                                  -> report.md, *.png
-Training stages run `accelerate launch --multi_gpu --num_processes N recipes/train.py` (our DDP engine, gloo).
+Training stages run `accelerate launch --multi_gpu --num_processes N recipes/train.py` (our DDP engine, gloo), in
+the precision `dtype` names; `auto` (the default) measures this CPU once per run (bf16 only where its bf16 matmuls
+beat fp32 by 1.2x) and keeps the choice in RUN/precision.json.
 
 The package: config.py (DemoConfig and shared helpers), data_stages.py, training.py (training stages as table
 rows), evaluation.py, report.py, pipeline.py (the one stage table and the runner).
