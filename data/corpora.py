@@ -70,15 +70,18 @@ def _item(label: int) -> str:
 
 def composite_caption(layout: dict[int, int]) -> str:
     """{cell: label} -> caption, the place named before the item (so a captioner knows where to look before it names
-    what it sees). Two items in a row/column: "at the top, a X to the left of a Y" / "on the left, a X above a Y";
-    otherwise every item with its cell, in reading order."""
+    what it sees). Two items in a row: "at the top, a X to the left of a Y"; in a column: "at the top left a X and
+    below it a Y"; otherwise every item with its cell, in reading order. A column caption starts as the diagonal one
+    does and parts from it after the first item, where "below it" vs "at the bottom left/right" is a look at one cell:
+    the earlier column template ("on the left, a X above a Y") made the captioner choose column vs diagonal at the
+    first word, before it had looked anywhere, and every layout error of the demo was that choice (issue 21)."""
     cells = sorted(layout)
     if len(cells) == 2:
         a, b = cells
         if a // 2 == b // 2:
             return f"at the {'top' if a < 2 else 'bottom'}, {_item(layout[a])} to the left of {_item(layout[b])}"
         if a % 2 == b % 2:
-            return f"on the {'left' if a % 2 == 0 else 'right'}, {_item(layout[a])} above {_item(layout[b])}"
+            return f"at the {POSITIONS[a]} {_item(layout[a])} and below it {_item(layout[b])}"
     parts = [f"at the {POSITIONS[c]} {_item(layout[c])}" for c in cells]
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
@@ -86,7 +89,7 @@ def composite_caption(layout: dict[int, int]) -> str:
 _ITEM_RE = "|".join(re.escape(n) for n in sorted(FASHION_CLASSES, key=len, reverse=True))
 _ITEM = rf"an? ({_ITEM_RE})"
 _ROW = re.compile(rf"^at the (top|bottom), {_ITEM} to the left of {_ITEM}$")
-_COL = re.compile(rf"^on the (left|right), {_ITEM} above {_ITEM}$")
+_COL = re.compile(rf"^at the top (left|right) {_ITEM} and below it {_ITEM}$")
 _PART = re.compile(rf"^at the ({'|'.join(POSITIONS)}) {_ITEM}$")
 
 

@@ -20,7 +20,7 @@ def test_every_layout_caption_parses_back():
                 assert corpora.parse_composite_caption(text) == layout, text
                 assert corpora.parse_composite_caption(text + ".") == layout
     assert corpora.composite_caption({0: 7, 1: 8}) == "at the top, a sneaker to the left of a bag"
-    assert corpora.composite_caption({1: 9, 3: 1}) == "on the right, an ankle boot above a pair of trousers"
+    assert corpora.composite_caption({1: 9, 3: 1}) == "at the top right an ankle boot and below it a pair of trousers"
     assert corpora.composite_caption({0: 0, 3: 5}) == "at the top left a T-shirt and at the bottom right a sandal"
 
 
@@ -47,6 +47,8 @@ def test_two_item_share_of_layouts():
         "at the top, a hat to the left of a bag",
         "at the top left a bag and at the top left a coat",
         "a bag to the left of a coat",
+        "on the right, a bag above a coat",  # the earlier column template
+        "at the bottom left a bag and below it a coat",
     ],
 )
 def test_malformed_captions_do_not_parse(text):
