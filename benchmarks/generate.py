@@ -52,12 +52,9 @@ def median_time(fn, repeats):
 
 
 def cpu_bf16_units() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return "unknown"
-    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags.split()]
-    return ",".join(found) or "none (bf16 runs on fp32 units via conversion)"
+    from mm_llama.cpu import cpu_bf16_units as units
+
+    return ",".join(units()) or "none (bf16 runs on fp32 units via conversion)"
 
 
 def load_hf(path, dtype, quantize):

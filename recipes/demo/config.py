@@ -11,6 +11,7 @@ import torch
 
 from mm_llama.assets import resolve
 from mm_llama.config import bounded, choice
+from mm_llama.cpu import cpu_has_bf16, cpu_kernel_path
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,29 +88,6 @@ class DemoConfig:
     eval_dtype: str | None = choice(None, None, "bfloat16", "float32")
     max_new_tokens: int = 40
     extra_train_args: dict = field(default_factory=dict)  # stage -> list of key=value for train.py
-
-
-@functools.cache
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def cpu_has_bf16() -> bool:
-    flags = _cpuinfo()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cpu_kernel_path() -> str:
-    """The CPU model and the bf16 path its kernels take: figures move between these (see the report)."""
-    info = _cpuinfo()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
-    words = set(info.split())
-    path = ("bf16 via AMX" if "amx_bf16" in words else "bf16 via AVX-512" if "avx512_bf16" in words
-            else "fp32 fallback (no bf16 units)")  # fmt: skip
-    return f"{name}, {path}"
 
 
 @functools.cache
