@@ -53,7 +53,10 @@ def median_time(fn, repeats):
 
 def cpu_bf16_units() -> str:
     from mm_llama.cpu import cpu_bf16_units as units
+    from mm_llama.cpu import cpu_info
 
+    if not cpu_info():
+        return "unknown"  # no /proc/cpuinfo to read
     return ",".join(units()) or "none (bf16 runs on fp32 units via conversion)"
 
 
