@@ -196,15 +196,67 @@ def classifier_accuracy(model: CellClassifier, samples: list[dict]) -> tuple[flo
     return correct / max(total, 1), total
 
 
-def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
+def save_classifier(model: CellClassifier, out: Path) -> None:
+    """OUT/encoder.safetensors (what the adapters read) and OUT/heads.safetensors (the classifier's own heads, so its
+    reading of other held-out sets, the video clips, can be scored later: `load_classifier`)."""
     from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(out / "encoder.safetensors"))
+    heads = {f"{n}.{k}": v.contiguous() for n in ("head", "where") for k, v in getattr(model, n).state_dict().items()}
+    save_file(heads, str(out / "heads.safetensors"))
+
+
+def load_classifier(run: Path) -> CellClassifier | None:
+    """The encoder stage's classifier (encoder + heads) of a run, or None where its heads were not kept (runs made
+    before the heads were saved)."""
+    from safetensors.torch import load_file
+
+    enc, heads = run / "encoder/encoder.safetensors", run / "encoder/heads.safetensors"
+    if not (enc.exists() and heads.exists()):
+        return None
+    model = CellClassifier("demo")
+    model.encoder.load_state_dict(load_file(str(enc)))
+    hw = load_file(str(heads))
+    for n in ("head", "where"):
+        getattr(model, n).load_state_dict({k.split(".", 1)[1]: v for k, v in hw.items() if k.startswith(n + ".")})
+    return model.eval()
+
+
+def classifier_video_accuracy(model: CellClassifier, samples: list[dict], frames: int = 8) -> dict:
+    """The plain classifier on the held-out clips: the item named in the cell it reads as occupied (the lowest
+    "empty" probability), from the clip's first frame (start cell), its last frame (end cell) and both together
+    (log-probabilities summed), the ceiling the video captioner reads through the same frozen encoder.
+    -> {"first", "last", "both"}: fractions of clips whose item is named right, and "n"."""
+    from mm_llama.adapters.modality import require_member
+    from mm_llama.data.image import normalize_tiles
+    from mm_llama.data.video import VIDEO_EXTS, decode_video
+
+    right = {"first": 0, "last": 0, "both": 0}
+    with torch.no_grad():
+        for i in range(0, len(samples), 64):
+            chunk = samples[i : i + 64]
+            clips = [decode_video(s[require_member(s, VIDEO_EXTS, "video")], s["__key__"], num_frames=frames, size=56)
+                     for s in chunk]  # fmt: skip
+            px = normalize_tiles(torch.stack([c[k] for c in clips for k in (0, frames - 1)]))
+            logp = model(px)[0].float().log_softmax(-1).reshape(len(chunk), 2, 4, 11)
+            cell = logp[..., 10].argmin(-1)  # [B, 2]: the occupied cell of each view
+            item = logp[..., :10].gather(2, cell[..., None, None].expand(-1, -1, 1, 10)).squeeze(2)  # [B, 2, 10]
+            labels = torch.tensor([json.loads(s["json"])["label"] for s in chunk])
+            right["first"] += int((item[:, 0].argmax(-1) == labels).sum())
+            right["last"] += int((item[:, 1].argmax(-1) == labels).sum())
+            right["both"] += int((item.sum(1).argmax(-1) == labels).sum())
+    n = max(len(samples), 1)
+    return {**{k: v / n for k, v in right.items()}, "n": len(samples)}
+
+
+def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
 
     bf16 = device_ok_dtype(cfg, run) == "bfloat16"
     model, losses = train_classifier("demo", cfg.encoder_steps, cfg.encoder_batch, cfg.seed, bf16,
                                      label_smoothing=cfg.encoder_smoothing)  # fmt: skip
     out = run / "encoder"
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(out / "encoder.safetensors"))
+    save_classifier(model, out)
     # baseline: the same classifier on the held-out composites (test-split items only)
     acc, total = classifier_accuracy(model, shard_samples(run / "shards/image_test/index.json", cfg.eval_limit))
     res = {"item_accuracy": acc, "items": total, "steps": cfg.encoder_steps, "batch": cfg.encoder_batch,

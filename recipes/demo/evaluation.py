@@ -59,8 +59,18 @@ def eval_video(cfg, run, model, tok) -> dict:
         i_ok += got is not None and got[0] == truth["label"]
         rows.append({"key": s["__key__"], "ref": s["txt"].decode(), "hyp": h})
     n = max(len(rows), 1)
-    return {"n": len(rows), "direction_right": d_ok / n, "item_right": i_ok / n,
-            "exact": sum(r["ref"] == r["hyp"] for r in rows) / n, "rows": rows}  # fmt: skip
+    res = {"n": len(rows), "direction_right": d_ok / n, "item_right": i_ok / n,
+           "exact": sum(r["ref"] == r["hyp"] for r in rows) / n}  # fmt: skip
+    # the reference: the plain classifier (the encoder stage's heads) on the same clips, in fp32 as the encoder
+    # stage scores it on composites; the captioner reads the same frozen encoder, so this is its ceiling
+    from .data_stages import classifier_video_accuracy, load_classifier
+
+    if (clf := load_classifier(run)) is not None:
+        with torch.autocast("cpu", enabled=False):
+            ref = classifier_video_accuracy(clf, samples)
+        res["classifier_item_right"] = ref["both"]
+        res["classifier_item_right_by_frame"] = {"first": ref["first"], "last": ref["last"]}
+    return {**res, "rows": rows}
 
 
 def eval_speech(cfg, run, model, tok, shards: str = "speech_test") -> dict:

@@ -42,6 +42,8 @@ def test_reduced_demo_every_stage(tmp_path):
                      ("speech_open", "wer")]:  # fmt: skip
         assert isinstance(summary[sec][fig], float) and summary[sec][fig] >= 0, (sec, fig)
     assert summary["image"]["n"] == 4
+    # the plain classifier's reading of the same held-out clips (the encoder stage keeps its heads): the reference
+    assert (tmp_path / "encoder/heads.safetensors").exists() and 0 <= summary["video"]["classifier_item_right"] <= 1
     # the figure is what the per-sample rows say: re-score the stored captions against their references
     from mm_llama.data.corpora import parse_composite_caption
 
@@ -159,3 +161,12 @@ def test_seed_table_takes_the_worst_seed(tmp_path):
         (tmp_path / f"seed_{seed}/eval/summary.json").write_text(json.dumps(summ))
     assert main(["--table-only", "--root", str(tmp_path)]) == 0
     assert "| <= 60% | NO (stretch) |" in (tmp_path / "seeds.md").read_text()
+    # reference rows (the plain classifier on composites and on clips) are tabulated without a target
+    (tmp_path / "seed_0/encoder").mkdir()
+    (tmp_path / "seed_0/encoder/classifier.json").write_text(json.dumps({"item_accuracy": 0.924}))
+    sums[0]["video"] = {"classifier_item_right": 0.5, "item_right": 0.95}
+    (tmp_path / "seed_0/eval/summary.json").write_text(json.dumps(sums[0]))
+    assert main(["--table-only", "--root", str(tmp_path)]) == 0  # a low reference fails nothing
+    md = (tmp_path / "seeds.md").read_text()
+    assert "| classifier.items_right | 92.4% | - | - | 92.4% | 92.4% | 92.4% | (reference) | |" in md
+    assert "| video.classifier_item_right | 50.0% |" in md and "| video.item_right | 95.0% |" in md
