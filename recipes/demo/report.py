@@ -155,6 +155,9 @@ def stage_report(cfg, run) -> dict:
               f"{_target('video.direction_right')} | "
               f"{_pct(vid['direction_right'])} |",
               f"| | item right | {_target('video.item_right')} | {_pct(vid['item_right'])} |"]  # fmt: skip
+        if "classifier_item_right" in vid:
+            L += [f"| plain classifier on the same clips (first and last frame) | item right | (reference) | "
+                  f"{_pct(vid['classifier_item_right'])} |"]  # fmt: skip
     spo = ev("speech_open")
     ref, ref_open = ev("asr_reference"), ev("asr_reference_open")
     if sp:

@@ -1,0 +1,69 @@
+"""How hard is each seed's draw of held-out clips? One trained classifier (a run's encoder stage: encoder + heads)
+reads the held-out video clips each demo seed draws (`motion_records("test", N, seed + 3)`, as the corpora stage
+draws them) and the composites it draws (`composite_records("test", 500, seed + 1)`). With the classifier fixed, the
+spread between draws is the test sets' own sampling spread: the part of the seed-to-seed spread of
+`video.item_right` that no training change can remove. Also the classes each draw holds, and the classifier's
+accuracy per class.
+
+Usage: python benchmarks/demo_video_draws.py --run runs/demo [--seeds 0 1 2 3 4] [--clips 400] [--composites 500]
+Ends with one JSON line: {"run": ..., "draws": {seed: {"clips": {...}, "composites": ...}}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the demo's own code
+
+from mm_llama.data import corpora  # noqa: E402
+from mm_llama.data.shards import read_index, read_samples, write_shards  # noqa: E402
+from recipes.demo.data_stages import classifier_accuracy, classifier_video_accuracy, load_classifier  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default="runs/demo", help="a demo run whose encoder stage kept its heads")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--clips", type=int, default=400)
+    ap.add_argument("--composites", type=int, default=500)
+    a = ap.parse_args(argv)
+    model = load_classifier(Path(a.run))
+    if model is None:
+        print(f"{a.run}: no encoder/encoder.safetensors + encoder/heads.safetensors (run the encoder stage)")
+        return 2
+    torch.set_grad_enabled(False)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in a.seeds:
+            write_shards(corpora.motion_records("test", a.clips, seed + 3), Path(tmp, f"v{seed}"), video_frames=8,
+                         progress=False)  # fmt: skip
+            clips = read_samples(read_index(Path(tmp, f"v{seed}/index.json"))[0])
+            write_shards(corpora.composite_records("test", a.composites, seed + 1), Path(tmp, f"i{seed}"),
+                         progress=False)  # fmt: skip
+            comps = read_samples(read_index(Path(tmp, f"i{seed}/index.json"))[0])
+            labels = [json.loads(s["json"])["label"] for s in clips]
+            per_class = {}
+            for k in range(10):
+                mine = [s for s, lab in zip(clips, labels) if lab == k]
+                if mine:
+                    per_class[corpora.FASHION_CLASSES[k]] = {
+                        "clips": len(mine), "both": classifier_video_accuracy(model, mine)["both"]}  # fmt: skip
+            res = {"clips": classifier_video_accuracy(model, clips), "composites": classifier_accuracy(model, comps)[0],
+                   "per_class": per_class}  # fmt: skip
+            out[seed] = res
+            hard = sum(v["clips"] for c, v in per_class.items() if c in ("T-shirt", "shirt", "pullover", "coat"))
+            print(f"seed {seed}'s draws: clips {res['clips']['both']:.1%} (first frame {res['clips']['first']:.1%}, "
+                  f"last {res['clips']['last']:.1%}), composites {res['composites']:.1%}; upper-body garments "
+                  f"{hard} of {len(clips)} clips", flush=True)  # fmt: skip
+    print(json.dumps({"run": a.run, "draws": out}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
