@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from mm_llama.data import corpora  # noqa: E402
 from mm_llama.data.shards import read_index, read_samples, write_shards  # noqa: E402
-from recipes.demo.data_stages import classifier_accuracy, classifier_video_accuracy, load_classifier  # noqa: E402
+from recipes.demo.data_stages import classifier_accuracy, classifier_video_hits, hit_fractions, load_classifier  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -53,14 +53,17 @@ def main(argv=None) -> int:
                          progress=False)  # fmt: skip
             comps = read_samples(read_index(Path(tmp, f"i{seed}/index.json"))[0])
             labels = [json.loads(s["json"])["label"] for s in clips]
+            hits = classifier_video_hits(model, clips)  # each clip read once; overall and per class from the same
             per_class = {}
             for k in range(10):
-                mine = [s for s, lab in zip(clips, labels) if lab == k]
+                mine = [h for h, lab in zip(hits["both"], labels) if lab == k]
                 if mine:
-                    per_class[corpora.FASHION_CLASSES[k]] = {
-                        "clips": len(mine), "both": classifier_video_accuracy(model, mine)["both"]}  # fmt: skip
-            res = {"clips": classifier_video_accuracy(model, clips), "composites": classifier_accuracy(model, comps)[0],
-                   "per_class": per_class}  # fmt: skip
+                    per_class[corpora.FASHION_CLASSES[k]] = {"clips": len(mine), "both": sum(mine) / len(mine)}
+            res = {
+                "clips": hit_fractions(hits),
+                "composites": classifier_accuracy(model, comps)[0],
+                "per_class": per_class,
+            }
             out[seed] = res
             hard = sum(v["clips"] for c, v in per_class.items() if c in ("T-shirt", "shirt", "pullover", "coat"))
             print(f"seed {seed}'s draws: clips {res['clips']['both']:.1%} (first frame {res['clips']['first']:.1%}, "

@@ -222,16 +222,16 @@ def load_classifier(run: Path) -> CellClassifier | None:
     return model.eval()
 
 
-def classifier_video_accuracy(model: CellClassifier, samples: list[dict], frames: int = 8) -> dict:
-    """The plain classifier on the held-out clips: the item named in the cell it reads as occupied (the lowest
-    "empty" probability), from the clip's first frame (start cell), its last frame (end cell) and both together
-    (log-probabilities summed), the ceiling the video captioner reads through the same frozen encoder.
-    -> {"first", "last", "both"}: fractions of clips whose item is named right, and "n"."""
+def classifier_video_hits(model: CellClassifier, samples: list[dict], frames: int = 8) -> dict[str, list[bool]]:
+    """The plain classifier on the held-out clips: per clip, whether it names the item right in the cell it reads as
+    occupied (the lowest "empty" probability), from the clip's first frame (start cell), its last frame (end cell)
+    and both together (log-probabilities summed): the ceiling the video captioner reads through the same frozen
+    encoder. -> {"first", "last", "both"}: one bool per clip."""
     from mm_llama.adapters.modality import require_member
     from mm_llama.data.image import normalize_tiles
     from mm_llama.data.video import VIDEO_EXTS, decode_video
 
-    right = {"first": 0, "last": 0, "both": 0}
+    hits = {"first": [], "last": [], "both": []}
     with torch.no_grad():
         for i in range(0, len(samples), 64):
             chunk = samples[i : i + 64]
@@ -242,15 +242,23 @@ def classifier_video_accuracy(model: CellClassifier, samples: list[dict], frames
             cell = logp[..., 10].argmin(-1)  # [B, 2]: the occupied cell of each view
             item = logp[..., :10].gather(2, cell[..., None, None].expand(-1, -1, 1, 10)).squeeze(2)  # [B, 2, 10]
             labels = torch.tensor([json.loads(s["json"])["label"] for s in chunk])
-            right["first"] += int((item[:, 0].argmax(-1) == labels).sum())
-            right["last"] += int((item[:, 1].argmax(-1) == labels).sum())
-            right["both"] += int((item.sum(1).argmax(-1) == labels).sum())
-    n = max(len(samples), 1)
-    return {**{k: v / n for k, v in right.items()}, "n": len(samples)}
+            for name, scores in (("first", item[:, 0]), ("last", item[:, 1]), ("both", item.sum(1))):
+                hits[name] += (scores.argmax(-1) == labels).tolist()
+    return hits
+
+
+def hit_fractions(hits: dict[str, list[bool]]) -> dict:
+    """{"first", "last", "both"}: one bool per clip -> the same keys as fractions of the clips, and "n"."""
+    n = len(hits["both"])
+    return {**{k: sum(v) / max(n, 1) for k, v in hits.items()}, "n": n}
+
+
+def classifier_video_accuracy(model: CellClassifier, samples: list[dict], frames: int = 8) -> dict:
+    """`classifier_video_hits` as fractions of the clips -> {"first", "last", "both", "n"}."""
+    return hit_fractions(classifier_video_hits(model, samples, frames))
 
 
 def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
-
     bf16 = device_ok_dtype(cfg, run) == "bfloat16"
     model, losses = train_classifier("demo", cfg.encoder_steps, cfg.encoder_batch, cfg.seed, bf16,
                                      label_smoothing=cfg.encoder_smoothing)  # fmt: skip

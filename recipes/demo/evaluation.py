@@ -154,9 +154,7 @@ def stage_evaluate(cfg, run) -> dict:
         res["seconds"] = time.perf_counter() - t0
         res["tower_dtype"] = dtype
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
-        summary[name] = {
-            k: v for k, v in res.items() if k not in ("rows", "by_voice", "classifier_item_right_by_frame")
-        }
+        summary[name] = {k: v for k, v in res.items() if not isinstance(v, (list, dict))}  # the flat figures
         print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                           for k, v in summary[name].items()}), flush=True)  # fmt: skip
     with torch.inference_mode(), eval_autocast(dtype):
