@@ -7,7 +7,13 @@ import torch
 
 from mm_llama.data import corpora
 from mm_llama.data.shards import read_index, read_samples, write_shards
-from recipes.demo.data_stages import CellClassifier, classifier_video_accuracy, load_classifier, save_classifier
+from recipes.demo.data_stages import (
+    CellClassifier,
+    classifier_video_accuracy,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
 
 
 class CellLight(torch.nn.Module):
@@ -50,3 +56,16 @@ def test_encoder_stage_heads_load_back(tmp_path):
     px = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(model(px), back(px)))
+
+
+def test_trained_classifier_comes_back_in_the_plain_layout(tmp_path):
+    """The encoder stage trains with channels-last convolutions and the fused AdamW; the model it returns has plain
+    contiguous weights, learns (the loss falls over a few steps) and saves and loads back to the same outputs."""
+    model, losses = train_classifier("demo", 6, 8, 0, bf16=False, log_every=0)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert losses[-1] < losses[0]
+    (tmp_path / "encoder").mkdir()
+    save_classifier(model, tmp_path / "encoder")
+    px = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(px), load_classifier(tmp_path)(px)))
