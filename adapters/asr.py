@@ -45,9 +45,19 @@ def prompt_ids(tok, model: FusedSpeechModel, n_speech: int, language: str = "Eng
     return ids + tok.encode(template.format(language=language)) + [model.placeholder_id] * n_speech
 
 
+def first_line(text: str) -> str:
+    """The transcript: the decoded text up to its first line break (a token such as ".\\n" can end it mid-token)."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
 @torch.inference_mode()
 def transcribe(model: FusedSpeechModel, tok, waves: Sequence[torch.Tensor], *, language="English",
-               template=ASR_PROMPT, max_new_tokens=64, temperature=0.0, on_token=None) -> list[str]:  # fmt: skip
+               template=ASR_PROMPT, max_new_tokens=64, temperature=0.0, on_token=None,
+               one_line: bool = True) -> list[str]:  # fmt: skip
+    """Transcripts of 16 kHz clips (one batched encoder call and one batched decode). `one_line`: a transcript
+    ends at its first line break (decoding stops at a token that begins one); after a missed stop token the tower
+    otherwise runs on past the sentence ("...\\n\\nThe original sentence is: ..."). Training transcripts are single
+    lines, so the rule removes only text the adapter was never taught to produce."""
     feats = [features_for(model, w) for w in waves]
     lengths = torch.tensor([f.shape[0] for f in feats])
     batch = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1])
@@ -61,9 +71,10 @@ def transcribe(model: FusedSpeechModel, tok, waves: Sequence[torch.Tensor], *, l
         return {"speech": speech} if start == 0 else {}
 
     pad = padding_id(tok)
-    out = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=set(tok.stop_ids),
+    stops = set(tok.stop_ids) | (tok.ids_starting_with(b"\n") if one_line else set())
+    out = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops,
                        pad_id=pad, on_token=on_token, forward_extra=forward_extra)  # fmt: skip
-    return [tok.decode(o).strip() for o in out]
+    return [first_line(tok.decode(o)) if one_line else tok.decode(o).strip() for o in out]
 
 
 # --- speech adapter checkpoints (trainable weights + what rebuilds the modules) ----------------------------

@@ -104,6 +104,19 @@ class Tokenizer:
         """Raw bytes of `ids` (for streaming: decode only complete UTF-8 sequences)."""
         raise NotImplementedError
 
+    def ids_starting_with(self, prefix: bytes) -> frozenset[int]:
+        """Ids of the ordinary (non-special) tokens whose bytes begin with `prefix` (e.g. b"\\n": the tokens that
+        start a new line). Cached per prefix."""
+        cache = self.__dict__.setdefault("_prefix_ids", {})
+        if prefix not in cache:
+            cache[prefix] = frozenset(i for i, b in self._token_bytes() if b.startswith(prefix))
+        return cache[prefix]
+
+    def _token_bytes(self):
+        """(id, bytes) of every ordinary token; backends override it with a faster table walk."""
+        specials = set(self.special_tokens.values())
+        return ((i, self.decode_token_bytes([i])) for i in range(self.n_words) if i not in specials)
+
     # --- chat -----------------------------------------------------------------------------
     def format_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids for a conversation in the tower's chat format, ending with an open assistant turn."""
@@ -177,6 +190,9 @@ class TiktokenTokenizer(Tokenizer):
     def decode_token_bytes(self, ids):
         return self.model.decode_bytes([int(i) for i in ids])
 
+    def _token_bytes(self):
+        return ((rank, b) for b, rank in self.model._mergeable_ranks.items())
+
 
 class _TokenizersBackend(Tokenizer):
     """Shared code for backends built on HF `tokenizers`."""
@@ -228,6 +244,12 @@ class _TokenizersBackend(Tokenizer):
             else:
                 out += tok.encode()
         return bytes(out)
+
+    def _token_bytes(self):
+        table, specials = _byte_decoder(), set(self.special_tokens)
+        for tok, i in self.tk.get_vocab(with_added_tokens=False).items():
+            if tok not in specials:
+                yield i, bytes(table[c] for c in tok) if all(c in table for c in tok) else tok.encode()
 
 
 _BYTE_DECODER: dict[str, int] | None = None

@@ -96,3 +96,16 @@ def test_from_dir_and_errors(llama3_tokenizer_dir, tmp_path):
     bad.write_text("this is not base64 ranks\n")
     with pytest.raises(ValueError, match="tokenizer.model"):
         Tokenizer.from_pretrained(bad)
+
+
+def test_ids_starting_with_a_line_break(tik, hf, smollm_tok):
+    """The tokens that begin a new line (ASR stops at them): the tiktoken and HF backends agree on Llama 3's
+    vocabulary; on SmolLM2's the fast table walk equals decoding every id; specials never count."""
+    lines = tik.ids_starting_with(b"\n")
+    assert lines == hf.ids_starting_with(b"\n")
+    assert {tik.encode("\n")[0], tik.encode("\n\n")[0], tik.encode("x\n\ny")[1]} <= lines
+    assert not lines & set(tik.special_tokens.values())
+    assert all(tik.decode([i]).startswith("\n") for i in lines) and 10 < len(lines) < 2000
+    slow = {i for i, b in Tokenizer._token_bytes(smollm_tok) if b.startswith(b"\n")}
+    assert smollm_tok.ids_starting_with(b"\n") == slow and smollm_tok.encode("\n")[0] in slow
+    assert smollm_tok.ids_starting_with(b"\n") is smollm_tok.ids_starting_with(b"\n")  # cached
