@@ -50,14 +50,31 @@ def first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
+def collapse_loop(text: str, min_copies: int = 3) -> str:
+    """A transcript that ends in a runaway loop (a phrase of one or more words repeated `min_copies` or more times
+    back to back, the last copy possibly cut short by the token limit) keeps one copy of the phrase: "walk down the
+    side of the side of the side of the" -> "walk down the side of". The shortest looping phrase wins; text
+    without such a tail is returned as it is (two copies, "steps steps", are left alone)."""
+    words = text.split()
+    n = len(words)
+    for size in range(1, n // min_copies + 1):
+        start = n - size  # the periodic tail words[start:] with period `size`, grown backwards
+        while start > 0 and words[start - 1] == words[start - 1 + size]:
+            start -= 1
+        if n - start >= min_copies * size:
+            return " ".join(words[: start + size])
+    return text
+
+
 @torch.inference_mode()
 def transcribe(model: FusedSpeechModel, tok, waves: Sequence[torch.Tensor], *, language="English",
                template=ASR_PROMPT, max_new_tokens=64, temperature=0.0, on_token=None,
-               one_line: bool = True) -> list[str]:  # fmt: skip
+               one_line: bool = True, collapse_loops: bool = True) -> list[str]:  # fmt: skip
     """Transcripts of 16 kHz clips (one batched encoder call and one batched decode). `one_line`: a transcript
     ends at its first line break (decoding stops at a token that begins one); after a missed stop token the tower
     otherwise runs on past the sentence ("...\\n\\nThe original sentence is: ..."). Training transcripts are single
-    lines, so the rule removes only text the adapter was never taught to produce."""
+    lines, so the rule removes only text the adapter was never taught to produce. `collapse_loops`: a runaway loop at
+    the end keeps one copy of its phrase (`collapse_loop`)."""
     feats = [features_for(model, w) for w in waves]
     lengths = torch.tensor([f.shape[0] for f in feats])
     batch = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1])
@@ -74,7 +91,8 @@ def transcribe(model: FusedSpeechModel, tok, waves: Sequence[torch.Tensor], *, l
     stops = set(tok.stop_ids) | (tok.ids_starting_with(b"\n") if one_line else set())
     out = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, stop_ids=stops,
                        pad_id=pad, on_token=on_token, forward_extra=forward_extra)  # fmt: skip
-    return [first_line(tok.decode(o)) if one_line else tok.decode(o).strip() for o in out]
+    texts = [first_line(tok.decode(o)) if one_line else tok.decode(o).strip() for o in out]
+    return [collapse_loop(t) for t in texts] if collapse_loops else texts
 
 
 # --- speech adapter checkpoints (trainable weights + what rebuilds the modules) ----------------------------

@@ -8,6 +8,7 @@ import torch
 
 from mm_llama.adapters.asr import (
     build_speech_model,
+    collapse_loop,
     features_for,
     load_speech_adapter,
     normalize_text,
@@ -23,6 +24,17 @@ from mm_llama.assets import asset_path
 from mm_llama.data.shards import iter_samples, open_url
 
 SHARDS = Path(__file__).resolve().parents[1] / "assets" / "shards" / "audio"
+
+
+def test_collapse_loop_keeps_one_copy_of_a_runaway_phrase():
+    loop = "Ninety five shirts walk down the lazy side of the lazy side of the lazy side of the lazy"
+    assert collapse_loop(loop) == "Ninety five shirts walk down the lazy side of"
+    assert collapse_loop("The coat to the left the left the left the left the") == "The coat to the left"
+    assert collapse_loop("The Little Shady Shady Shady Shady") == "The Little Shady"
+    # what a sentence may hold: two copies, a repeat with words between, a loop not at the end
+    for text in ["walks down thirty nine steps steps", "climbs up and then up", "ha ha ha is what he said", "", "a"]:
+        assert collapse_loop(text) == text
+    assert collapse_loop("go go go", min_copies=4) == "go go go" and collapse_loop("go go go") == "go"
 
 
 def test_normalisation_and_error_rates():
