@@ -237,19 +237,20 @@ class _TokenizersBackend(Tokenizer):
             tok = self.tk.id_to_token(int(i))
             if tok is None:
                 continue
-            if tok in self.special_tokens:
-                out += tok.encode()
-            elif all(c in table for c in tok):
-                out += bytes(table[c] for c in tok)
-            else:
-                out += tok.encode()
+            out += tok.encode() if tok in self.special_tokens else _piece_bytes(tok, table)
         return bytes(out)
 
     def _token_bytes(self):
         table, specials = _byte_decoder(), set(self.special_tokens)
         for tok, i in self.tk.get_vocab(with_added_tokens=False).items():
             if tok not in specials:
-                yield i, bytes(table[c] for c in tok) if all(c in table for c in tok) else tok.encode()
+                yield i, _piece_bytes(tok, table)
+
+
+def _piece_bytes(piece: str, table: dict[str, int]) -> bytes:
+    """A vocabulary entry's bytes: through the GPT-2 byte alphabet where every character is in it (byte-level BPE),
+    else its UTF-8."""
+    return bytes(table[c] for c in piece) if all(c in table for c in piece) else piece.encode()
 
 
 _BYTE_DECODER: dict[str, int] | None = None
