@@ -1,18 +1,27 @@
-"""Trainable modality adapters (image, video, speech) composed onto the frozen tower."""
+"""Trainable modality parts (image, video, speech) composed onto the frozen tower: one model, one forward."""
 
-from .checkpoint import export_hf_mllama, load_adapter, load_pretrained, save_adapter
-from .fusion import FusedVisionModel, default_schedule
+from .composed import ComposedModel, ModelOutput
+from .files import adapter_kind, load_composed, read_adapter_meta, save_part
+from .hf_mllama import export_hf_mllama, load_pretrained
+from .image import ImagePart, build_image_part, default_schedule
 from .vision import VisionArgs, VisionEncoder
 from .xattn import GatedCrossAttentionBlock
 
 __all__ = [
-    "FusedVisionModel",
+    "ComposedModel",
     "GatedCrossAttentionBlock",
+    "ImagePart",
+    "ModelOutput",
     "VisionArgs",
     "VisionEncoder",
+    "adapter_kind",
+    "build_image_part",
     "default_schedule",
     "export_hf_mllama",
-    "load_adapter",
+    "load_composed",
     "load_pretrained",
-    "save_adapter",
+    "read_adapter_meta",
+    "save_part",
 ]
+
+from . import modalities  # noqa: E402, F401 - registers the built-in plug-ins

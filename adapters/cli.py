@@ -15,42 +15,40 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from mm_llama.assets import resolve
+from mm_llama.data.badsamples import SampleError
+from mm_llama.llama import Tokenizer
+from mm_llama.llama import load_pretrained as load_tower
+from mm_llama.llama.checkpoint import CheckpointError
+from mm_llama.llama.quantize import quantize_int8
+
+from .describe import check_handled, describe
+from .files import load_composed, trained_tower_dtype
+from .hf_mllama import is_mllama_folder, load_pretrained
+
 
 def load_model(args):
-    """(ComposedModel, Tokenizer) from --model and the --adapter files."""
-    import torch
-
-    from mm_llama.assets import resolve
-    from mm_llama.llama import Tokenizer
-    from mm_llama.llama import load_pretrained as load_tower
-
-    from .composed import ComposedModel, load_composed
-
-    args.model = resolve(args.model)  # a path, or asset:NAME (shared/ASSETS.md), e.g. asset:smollm2_gguf
+    """(ComposedModel, Tokenizer) from --model and the --adapter files: the tower in --dtype (auto: the dtype the
+    adapters were trained on), the parts in fp32; answers compute as training did (ComposedModel.compute_context)."""
+    args.model = resolve(args.model)  # a path, or asset:NAME, e.g. asset:smollm2_gguf
     args.tokenizer = resolve(args.tokenizer) if args.tokenizer else None
     files = list(args.adapter or []) + [f for f in (getattr(args, "video_adapter", None),) if f]
     if args.dtype == "auto":  # the tower the adapters were trained on: an fp32 tower is not a bf16-trained one's
-        from .checkpoint import trained_tower_dtype
-
         args.dtype = trained_tower_dtype(files) if files else "float32"
     dtype = getattr(torch, args.dtype)
+    quantize = getattr(args, "quantize", None)
     if files:
-        tower = load_tower(args.model, dtype=dtype, device=args.device, quantize=getattr(args, "quantize", None))
-        model = load_composed(tower, files)
-    elif (Path(args.model) / "config.json").is_file() or (Path(args.model) / "params.json").is_file():
-        from mm_llama.llama.checkpoint import CheckpointError
-
-        from .checkpoint import load_pretrained
-
+        model = load_composed(load_tower(args.model, dtype=dtype, device=args.device, quantize=quantize), files)
+    elif is_mllama_folder(args.model) or (Path(args.model) / "params.json").is_file():
         try:
-            image = load_pretrained(args.model, dtype=dtype, device=args.device)
-            if getattr(args, "quantize", None):
-                from mm_llama.llama.quantize import quantize_int8
-
-                quantize_int8(image.tower, dtype)
+            model = load_pretrained(args.model, dtype=dtype, device=args.device)
         except CheckpointError as e:  # e.g. a plain tower folder: say what to add
             raise ValueError(f"{e}; a plain tower needs --adapter FILE (image, video or speech adapter)") from None
-        model = ComposedModel(image.tower, image=image)
+        model.part("image").float()  # parts compute in fp32, as everywhere
+        if quantize:
+            quantize_int8(model.tower, dtype)
     else:
         raise ValueError(f"{args.model}: a plain tower needs --adapter FILE (image, video or speech adapter)")
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
@@ -58,10 +56,6 @@ def load_model(args):
 
 
 def cmd_describe(args) -> int:
-    from mm_llama.data.badsamples import SampleError
-
-    from .describe import check_handled, describe
-
     missing = [p for p in args.inputs if not Path(p).is_file()]
     if missing:
         print(f"mm-llama {args.command}: error: no such file: {', '.join(missing)}", file=sys.stderr)

@@ -1,11 +1,12 @@
 """One entry for the command line and the web page: a media file -> its caption or transcript, answered by the
-plug-in whose media the file is (adapters/registry.py), on the composed model's part for it."""
+plug-in whose medium the file is (adapters/registry.py), through the composed model's one forward."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 from .composed import ComposedModel
+from .generation import answer_file
 from .modality import AnswerOptions
 from .registry import MODALITIES, modality_for_file
 
@@ -38,5 +39,5 @@ def describe(model: ComposedModel, tok, name: str, data: bytes, **options) -> An
     """(kind, text, audio seconds) for one file; options: AnswerOptions fields (prompt, frames, max_new_tokens,
     temperature, top_p, seed, language, on_token). Bad media raise data.badsamples.SampleError naming the file."""
     kind = check_handled(model, name)
-    text, seconds = MODALITIES[kind].answer(model, tok, name, data, AnswerOptions(**options))
+    text, seconds = answer_file(model, tok, kind, data, name, AnswerOptions(**options))
     return Answer(kind, text.strip(), seconds)

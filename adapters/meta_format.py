@@ -29,7 +29,8 @@ from mm_llama.data.image import supported_aspect_ratios
 from mm_llama.llama.checkpoint import CheckpointError, ParamFiller, args_from_meta_params
 from mm_llama.llama.model import Transformer
 
-from .fusion import FusedVisionModel, default_schedule
+from .composed import ComposedModel
+from .image import ImagePart, default_schedule
 from .vision import VisionArgs
 
 # model-parallel split dims by the last two name parts
@@ -135,7 +136,7 @@ def _count_blocks(sd: dict, prefix: str) -> int:
     return max(idx) + 1
 
 
-def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> FusedVisionModel:
+def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> ComposedModel:
     params_path = folder / "params.json"
     params = json.loads(params_path.read_text())
     params = params.get("model", params)
@@ -169,7 +170,7 @@ def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> FusedVi
                        mlp_dim=mlp_dim, global_layers=n_glob, intermediate_layers=inter,
                        max_num_tiles=max_tiles)  # fmt: skip
     with torch.device("meta"):
-        model = FusedVisionModel(Transformer(args), vargs, schedule)
+        model = ComposedModel(Transformer(args), image=ImagePart(args, vargs, schedule))
     filler = ParamFiller(model, source=str(folder), dtype=dtype, device=device, requires_grad=False)
     params_ = filler.params
     for key, t in sd.items():
@@ -178,10 +179,12 @@ def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> FusedVi
             if rest in ("rope.freqs", "freqs"):
                 continue
             if rest.startswith("learnable_embedding."):
-                filler.put("learnable_embedding.weight", t[: params_["learnable_embedding.weight"].shape[0]], key)
+                rows = params_["image.learnable_embedding.weight"].shape[0]
+                filler.put("image.learnable_embedding.weight", t[:rows], key)
             elif rest.startswith("cross_attention_layers."):
+                name = f"image.{rest}"
                 filler.put(
-                    rest, t.reshape(params_[rest].shape) if rest.endswith(("gate_attn", "gate_ffwd")) else t, key
+                    name, t.reshape(params_[name].shape) if rest.endswith(("gate_attn", "gate_ffwd")) else t, key
                 )
             else:
                 filler.put(f"tower.{rest}", t, key)
@@ -192,22 +195,26 @@ def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> FusedVi
             except KeyError:
                 raise CheckpointError(f"{folder}: unexpected vision key {key!r}") from None
             if ours is not None:
-                filler.put(f"vision_encoder.{ours}", t.reshape(params_[f"vision_encoder.{ours}"].shape), key)
+                filler.put(
+                    f"image.vision_encoder.{ours}", t.reshape(params_[f"image.vision_encoder.{ours}"].shape), key
+                )
             elif rest == "conv1._linear.weight":
-                filler.put("vision_encoder.patch_embedding.weight", t.reshape(width, 3, patch, patch), key)
+                filler.put("image.vision_encoder.patch_embedding.weight", t.reshape(width, 3, patch, patch), key)
             elif rest == "gated_positional_embedding":
                 filler.put(
-                    "vision_encoder.gated_positional_embedding.tile_embedding.weight", _grid_to_table(t, max_tiles), key
+                    "image.vision_encoder.gated_positional_embedding.tile_embedding.weight",
+                    _grid_to_table(t, max_tiles),
+                    key,
                 )
             else:
                 which = "pre" if rest.startswith("pre") else "post"
                 filler.put(
-                    f"vision_encoder.{which}_tile_positional_embedding.embedding.weight",
+                    f"image.vision_encoder.{which}_tile_positional_embedding.embedding.weight",
                     _grid_to_table(t, max_tiles),
                     key,
                 )
         elif key.startswith("vision_model.vision_projection."):
-            filler.put("vision_projection." + key.rsplit(".", 1)[1], t, key)
+            filler.put("image.vision_projection." + key.rsplit(".", 1)[1], t, key)
         else:
             raise CheckpointError(f"{folder}: unexpected key {key!r}")
     if args.tie_embeddings:
@@ -215,28 +222,29 @@ def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> FusedVi
     filler.finish()
     model.tower.tie_weights()
     model.tower.reset_buffers()
-    model.freeze_tower()
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
-def save_meta_vision(model: FusedVisionModel, folder: str | Path, *, model_parallel: int = 1) -> None:
-    """Write `model` in Meta's Llama 3.2 Vision layout (the inverse of `load_meta_vision`)."""
+def save_meta_vision(model: ComposedModel, folder: str | Path, *, model_parallel: int = 1) -> None:
+    """Write the tower and image part of `model` in Meta's Llama 3.2 Vision layout (the inverse of
+    `load_meta_vision`)."""
     from mm_llama.llama.format_meta import _find_meta_ffn_multiplier
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    a, v = model.tower.args, model.vision_encoder.args
+    tower, image = model.tower, model.part("image")
+    a, v = tower.args, image.vision_args
     if v.intermediate_from != "input":
         raise CheckpointError("Meta's format implies intermediate features taken from layer inputs")
-    every = -(-a.n_layers // len(model.schedule))
-    if model.schedule != default_schedule(a.n_layers, every, len(model.schedule)):
-        raise CheckpointError(f"schedule {model.schedule} is not Meta's uniform fusion schedule")
+    every = -(-a.n_layers // len(image.schedule))
+    if image.schedule != default_schedule(a.n_layers, every, len(image.schedule)):
+        raise CheckpointError(f"schedule {image.schedule} is not Meta's uniform fusion schedule")
     multiple_of, mult = _find_meta_ffn_multiplier(a.dim, a.ffn_dim)
     params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
               "vocab_size": a.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": mult,
               "norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "use_scaled_rope": a.rope_scaling is not None,
               "vision_chunk_size": v.image_size, "vision_max_num_chunks": v.max_num_tiles,
-              "vision_num_cross_attention_layers": len(model.schedule)}  # fmt: skip
+              "vision_num_cross_attention_layers": len(image.schedule)}  # fmt: skip
     if a.rope_scaling is not None:
         params["rope_scaling_factor"] = a.rope_scaling.factor
     if v.heads != 16:
@@ -245,16 +253,16 @@ def save_meta_vision(model: FusedVisionModel, folder: str | Path, *, model_paral
         params["vision_return_intermediate"] = list(v.intermediate_layers)
     (folder / "params.json").write_text(json.dumps(params, indent=2))
     sd: dict[str, torch.Tensor] = {}
-    for k, t in model.tower.state_dict().items():
+    for k, t in tower.state_dict().items():
         if not (a.tie_embeddings and k == "output.weight"):
             sd[f"text_model.{k}"] = t
-    sd["text_model.learnable_embedding.weight"] = model.learnable_embedding.weight
-    for k, t in model.cross_attention_layers.state_dict().items():
+    sd["text_model.learnable_embedding.weight"] = image.learnable_embedding.weight
+    for k, t in image.cross_attention_layers.state_dict().items():
         sd[f"text_model.cross_attention_layers.{k}"] = t
     ve = "vision_model.vision_encoder."
     inv = {val: key for key, val in _RESBLOCK.items()}
     P, W = v.num_patches, v.width
-    for k, t in model.vision_encoder.state_dict().items():
+    for k, t in image.vision_encoder.state_dict().items():
         m = re.fullmatch(r"(transformer|global_transformer)\.layers\.(\d+)\.(.+)", k)
         if m:
             stack, idx, tail = m.groups()
@@ -279,7 +287,7 @@ def save_meta_vision(model: FusedVisionModel, folder: str | Path, *, model_paral
                     "pre_tile_positional_embedding.gate": "pre_tile_pos_embed.gate",
                     "post_tile_positional_embedding.gate": "post_tile_pos_embed.gate"}  # fmt: skip
             sd[ve + back[k]] = t
-    for k, t in model.vision_projection.state_dict().items():
+    for k, t in image.vision_projection.state_dict().items():
         sd[f"vision_model.vision_projection.{k}"] = t
     sd = {k: t.detach().cpu().contiguous() for k, t in sd.items()}
     for r in range(model_parallel):

@@ -1,32 +1,44 @@
-"""What a modality plug-in declares (one module per modality under adapters/modalities/, listed in
-adapters/registry.py). The composed model, the training recipe, evaluation, the demo, the CLI and the web page only
-call these methods; none of them names a modality.
+"""What a modality plug-in declares: one `Modality` per module under adapters/modalities/, registered in
+adapters/registry.py. The composed model, the trainer, evaluation, the demo, the CLI and the web page call these
+callables and never name a modality.
 
-A plug-in says
-- its options (`Config`, the `model.<name>` section of a training config) and how to build and freeze its part on
-  a tower (`build`), save and load the part's trainable weights (`save` / `load`, the adapter file's `format`);
-- its token ids (`token_rows`: offset from the tower's vocabulary V, count, first row of `row_table(part)`) and
-  which other parts it sits on (`requires`);
-- how it enters the tower's one layer loop: `prepare` turns its forward inputs (`inputs`: batch keys) into a
-  state, `input_rows` changes the input embeddings (speech splices rows), `blocks` adds blocks before tower layers
-  (image and video cross-attention);
-- how a webdataset sample becomes model inputs (`sample_maker`, picklable for DataLoader workers) and how a list
-  of them is batched (`collate`);
-- how to answer a media file (`answer`: the CLI and the web page) and how to score held-out samples (`hypotheses`
-  + `metrics`, recipes/evaluate.py and the demo).
+A `Modality` is a few small groups of independent callables, one group per concern (torchtitan's TrainSpec shape):
+
+  part        the model: build a fresh part, rebuild one from an adapter file's metadata, which token rows it
+              reads, and how it enters the composed forward (`prepare` a state from its batch inputs, then
+              `input_rows` changes the input embeddings and/or `blocks` adds blocks before tower layers)
+  data        the medium it reads (a data-layer `Medium`: extensions, decoder; the shard reader/writer know it
+              from there), a picklable sample maker (raw shard sample -> training item) and `collate`
+  inference   a decoded medium -> one or more generation requests (prompt ids + inputs, the same layout the
+              sample maker trains on), decoding rules (`stop_ids`, `finish`), how piece answers join
+  evaluation  corpus metrics of hypotheses against references
+  scale       the large repeated blocks (one FSDP2 unit each) and the memory plan's pieces
+
+Token ids: a modality needs `rows` ids after the tower's vocabulary V; the registry gives each its own range, in
+registration order (image V..V+7, video V+8, speech V+9), and `part.row_table` names the embedding table (and its
+first row) those ids read. Adapter files record the range; a file whose range differs does not load.
+
+Forward hooks receive the composed model (`model.part(kind)`, `model.token_id(kind)`, `model.tower`); a sample
+without this modality's media must come out exactly as the bare tower.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from mm_llama.data.badsamples import SampleError
+from mm_llama.data.media import Medium
+
 
 @dataclass
 class AnswerOptions:
+    """Options of one answer (CLI, web page, evaluation)."""
+
     prompt: str = ""
     frames: int = 8
     max_new_tokens: int = 32
@@ -37,77 +49,101 @@ class AnswerOptions:
     on_token: Callable | None = None
 
 
+def _none(*_args, **_kw):
+    return None
+
+
+def _unchanged(_model, h_BTD, _input_ids, _state):
+    return h_BTD
+
+
+def _no_blocks(_model, _state) -> dict:
+    return {}
+
+
+def _same_state(state, _start: int, _n: int):
+    return state
+
+
+@dataclass(frozen=True)
+class PartHooks:
+    """The model concern. `build(tower, cfg, parts)`: a fresh part (cfg: the training config's `model` section;
+    parts: those already built, in registry order); `base_parts(tower, cfg)`: the parts it `requires` when a run
+    trains it alone (video: its image part), each a module or an adapter file's path (the caller loads it; frozen);
+    `meta(part)` / `from_meta(tower, meta, parts, source)`: what an adapter file records to rebuild the part's
+    modules (its weights are the part's state_dict); `row_table(parts)`: (the embedding its token ids read, the row
+    the first id reads)."""
+
+    Config: type
+    build: Callable[..., nn.Module]
+    meta: Callable[[nn.Module], dict]
+    from_meta: Callable[..., nn.Module]
+    row_table: Callable[[Mapping[str, nn.Module]], tuple[nn.Embedding, int]]
+    inputs: tuple[str, ...]  # the batch keys it consumes (ComposedModel.forward keyword arguments)
+    prepare: Callable[..., Any]  # (model, input_ids, inputs, cache_kv) -> state, or None when there is nothing to do
+    input_rows: Callable[..., torch.Tensor] = _unchanged  # (model, h_BTD, input_ids, state) -> h_BTD
+    blocks: Callable[..., dict] = _no_blocks  # (model, state) -> {tower layer: [h -> h]}
+    step_state: Callable[[Any, int, int], Any] = _same_state  # the state for layout positions [start, start + n)
+    aux_loss: Callable[..., torch.Tensor | None] = _none  # (model, state, input_ids, labels): summed, or None
+    base_parts: Callable[..., dict] = lambda tower, cfg: {}
+
+
+@dataclass(frozen=True)
+class DataHooks:
+    """The data concern. `samples(model, tok, cfg)`: a picklable callable raw shard sample -> item {input_ids,
+    labels, <its inputs>} holding no model (DataLoader workers receive it); `collate(items)`: the batch inputs."""
+
+    medium: Medium
+    samples: Callable[..., Callable[[dict], dict]]
+    collate: Callable[[list[dict]], dict]
+
+
+@dataclass(frozen=True)
+class InferenceHooks:
+    """The inference concern. `requests(model, tok, data, name, ext, opts)` -> (generation items, the medium's
+    length in seconds or None): the items (prompt ids + inputs, as the sample maker lays them out) for one file's
+    bytes (speech: one per 30 s piece), whose answers `join` puts together. `stop_ids(tok)`: extra ids that end an
+    answer; `finish(text)`: an answer's last clean-up. Bad bytes raise a SampleError naming `name`."""
+
+    what: str  # what an answer is called ("caption", "transcript")
+    requests: Callable[..., tuple[list[dict], float | None]]
+    join: Callable[[list[str]], str] = lambda texts: " ".join(t for t in texts if t)
+    stop_ids: Callable[[Any], set[int]] = lambda tok: set()
+    finish: Callable[[str], str] = str.strip
+
+
+@dataclass(frozen=True)
+class EvalHooks:
+    metrics: Callable[[list[str], list[str]], dict]
+
+
+@dataclass(frozen=True)
+class ScaleHooks:
+    """`shard_units(part)`: large repeated blocks, one FSDP2 unit each under `parallel.adapters=fsdp` (and what
+    activation checkpointing recomputes); `plan_pieces(part, parts, batch, seq_len, dtype, cfg)`: the memory plan's
+    view of its training forward (adapters/plan.py); `file_options`: its config options that name weight files (the
+    plan, which needs shapes only, leaves them out)."""
+
+    shard_units: Callable[[nn.Module], list[nn.Module]] = lambda part: []
+    plan_pieces: Callable[..., Any] | None = None
+    file_options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Modality:
-    name: str = ""
-    exts: tuple[str, ...] = ()  # media file extensions it answers
-    what: str = ""  # what an answer is called on the web page ("caption", "transcript")
-    format: str = ""  # the adapter file's metadata "format"
-    token_rows: tuple[int, int, int] = (0, 0, 0)
-    requires: tuple[str, ...] = ()  # parts it is built on (video: image)
-    inputs: tuple[str, ...] = ()  # ComposedModel.forward keyword arguments it consumes
-    Config: type = object  # its options: the `model.<name>` section of a training config
+    name: str
+    format: str  # the adapter file's metadata "format"
+    rows: int  # token ids it needs after the tower's vocabulary (ranges allocated by the registry)
+    part: PartHooks
+    data: DataHooks
+    inference: InferenceHooks
+    evaluation: EvalHooks
+    scale: ScaleHooks = field(default_factory=ScaleHooks)
+    requires: tuple[str, ...] = ()  # parts it sits on (registered before it)
 
-    # --- building, files ------------------------------------------------------------------------
-    def build(self, tower, cfg, parts: dict) -> nn.Module:
-        """A fresh trainable part on `tower` (tower frozen); cfg: the training config's `model` section."""
-        raise NotImplementedError
-
-    def save(self, part: nn.Module, path) -> None:
-        raise NotImplementedError
-
-    def load(self, tower, path, parts: dict) -> nn.Module:
-        raise NotImplementedError
-
-    def row_table(self, part: nn.Module) -> nn.Embedding:
-        raise NotImplementedError
-
-    # --- the composed forward -------------------------------------------------------------------
-    def prepare(self, model, input_ids: torch.Tensor, inputs: dict):
-        """State for `input_rows` / `blocks` from this modality's forward inputs (None: nothing to do)."""
-        return None
-
-    def input_rows(self, model, h_BTD: torch.Tensor, input_ids: torch.Tensor, state) -> torch.Tensor:
-        return h_BTD
-
-    def blocks(self, model, state) -> dict[int, list]:
-        return {}
-
-    def aux_loss(self, model, state, input_ids: torch.Tensor, labels: torch.Tensor | None):
-        """An auxiliary training loss (summed over the batch, in the units of the summed token loss) or None."""
-        return None
-
-    def shard_units(self, part: nn.Module) -> list[nn.Module]:
-        """The part's large repeated blocks (each called through its own `forward`), one FSDP2 unit each when a
-        run shards the adapters (`parallel.adapters=fsdp`); the rest of the part stays replicated."""
-        return []
-
-    def plan_pieces(self, part: nn.Module, batch: int, seq_len: int, dtype: torch.dtype, cfg):
-        """The memory plan's view of this part's training forward (adapters/plan.py `PlanPieces`): its encoder and
-        blocks as pieces run on the meta device with `batch` samples of `seq_len` tokens in `dtype`; cfg: the
-        training config's `model` section (e.g. frames per video)."""
-        raise NotImplementedError(f"no memory plan for the {self.name} adapter")
-
-    # --- data -----------------------------------------------------------------------------------
-    def sample_maker(self, model, tok, cfg) -> Callable[[dict], dict]:
-        """raw webdataset sample -> {input_ids, labels, <media>} (picklable; holds no model). cfg: the full
-        training config (its data section has the prompt and text length)."""
-        raise NotImplementedError
-
-    def collate(self, items: list[dict]) -> dict:
-        """This modality's forward inputs for a batch of sample-maker items."""
-        return {}
-
-    # --- inference and evaluation ---------------------------------------------------------------
-    def answer(self, model, tok, name: str, data: bytes, opts: AnswerOptions) -> tuple[str, float | None]:
-        """(text, media seconds or None) for one file."""
-        raise NotImplementedError
-
-    def hypotheses(self, model, tok, samples: list[dict], opts: AnswerOptions) -> list[str]:
-        """One answer per raw webdataset sample (batched)."""
-        raise NotImplementedError
-
-    def metrics(self, references: list[str], hypotheses: list[str]) -> dict:
-        raise NotImplementedError
+    @property
+    def exts(self) -> tuple[str, ...]:
+        return self.data.medium.exts
 
 
 def media_member(sample: dict, exts: tuple[str, ...]) -> str | None:
@@ -115,22 +151,24 @@ def media_member(sample: dict, exts: tuple[str, ...]) -> str | None:
     return next((e for e in exts if e in sample), None)
 
 
+def require_member(raw: dict, medium: Medium) -> str:
+    """The sample's member holding this medium, or a counted SampleError naming the sample."""
+    if "__too_large__" in raw:
+        raise SampleError("member_too_large", raw["__too_large__"])
+    ext = media_member(raw, medium.exts)
+    if ext is None:
+        raise SampleError(f"missing_{medium.name}", f"{raw['__shard__']}:{raw['__key__']}: no {medium.name} member")
+    return ext
+
+
+def decode_member(raw: dict, medium: Medium, **kw):
+    """The sample's medium, decoded (a SampleError naming the sample when it does not decode)."""
+    ext = require_member(raw, medium)
+    return medium.decode(raw[ext], raw["__key__"], ext, **kw)
+
+
 def text_target(tok, raw: dict, max_text_tokens: int) -> list[int]:
     """The sample's caption / transcript as target ids (leading space, truncated, then end of sequence)."""
-    from mm_llama.data.badsamples import SampleError
-
     if "txt" not in raw:
         raise SampleError("missing_text", f"{raw['__shard__']}:{raw['__key__']}: no .txt")
     return tok.encode(" " + raw["txt"].decode("utf-8").strip())[:max_text_tokens] + [tok.eos_id]
-
-
-def require_member(raw: dict, exts: tuple[str, ...], what: str) -> str:
-    """The sample's media member of one of these extensions, or a counted SampleError naming the sample."""
-    from mm_llama.data.badsamples import SampleError
-
-    if "__too_large__" in raw:
-        raise SampleError("member_too_large", raw["__too_large__"])
-    ext = media_member(raw, exts)
-    if ext is None:
-        raise SampleError(f"missing_{what}", f"{raw['__shard__']}:{raw['__key__']}: no {what} member")
-    return ext

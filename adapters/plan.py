@@ -238,11 +238,13 @@ LOSS_BACKWARD_BUFFERS = 3
 USABLE = 0.92  # the allocator's fragmentation, CUDA context and communication buffers take the rest
 
 
-def measure_model(tower, part, pieces: PlanPieces, w: Workload) -> ModelSizes:
-    """Count weights and activations of `part` on `tower` (both on the meta device) for the workload."""
+def measure_model(model, pieces: PlanPieces, w: Workload) -> ModelSizes:
+    """Count weights and activations of a composed model's parts on its tower (all on the meta device) for the
+    workload; `pieces`: the trained part's plan pieces."""
+    tower = model.tower
     args = tower.args
     tower_params = set(tower.parameters())
-    adapter = [p for p in dict.fromkeys(part.parameters()) if p not in tower_params]
+    adapter = [p for p in dict.fromkeys(model.parameters()) if p not in tower_params]
     trainable = [p for p in adapter if p.requires_grad]
     frozen = [p for p in adapter if not p.requires_grad]
     B, T = w.batch, w.seq_len + pieces.extra_rows
@@ -251,7 +253,7 @@ def measure_model(tower, part, pieces: PlanPieces, w: Workload) -> ModelSizes:
     x = torch.empty(B, T, args.dim, device="meta", dtype=dt, requires_grad=True)
     freqs = tower.rope(torch.zeros(B, T, dtype=torch.long, device="meta"))
     acts, _ = saved_bytes(lambda: layer(x, freqs), exclude=[*layer.parameters(), freqs])
-    blocks = {piece.name: count_piece(piece, exclude=list(part.parameters())) for piece in pieces.pieces}
+    blocks = {piece.name: count_piece(piece, exclude=adapter) for piece in pieces.pieces}
     N = round(B * w.labels)
     h = torch.empty(N, args.dim, device="meta", dtype=dt, requires_grad=True)
     targets = torch.zeros(N, dtype=torch.long, device="meta")

@@ -23,6 +23,13 @@ import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
+
+from mm_llama.data.badsamples import SampleError
+
+from .cli import load_model
+from .describe import UnsupportedMedia, check_handled, describe
+from .registry import MODALITIES
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>mm_llama</title>
@@ -62,8 +69,6 @@ drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('
 
 class App:
     def __init__(self, args):
-        from .cli import load_model
-
         self.args = args
         self.lock = threading.Lock()  # one request at a time on the model
         args.adapter = list(args.adapter or []) + [f for f in (args.video_adapter, args.speech_adapter) if f]
@@ -72,11 +77,6 @@ class App:
 
     def process(self, name: str, path: Path) -> tuple[int, dict]:
         """(HTTP status, JSON body) for an uploaded file, read from its temporary file under the model lock."""
-        from mm_llama.data.badsamples import SampleError
-
-        from .describe import UnsupportedMedia, check_handled, describe
-        from .registry import MODALITIES
-
         try:
             check_handled(self.model, name)
         except UnsupportedMedia as e:
@@ -91,7 +91,7 @@ class App:
             rid = uuid.uuid4().hex[:8]
             print(f"mm-llama serve: error {rid} on {name!r}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             return 500, {"error": f"internal error {rid} (logged by the server)"}
-        return 200, {"kind": MODALITIES[answer.kind].what, "text": answer.text}
+        return 200, {"kind": MODALITIES[answer.kind].inference.what, "text": answer.text}
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -142,8 +142,6 @@ def make_handler(app: App):
                 return
             if self.path != "/api/process":
                 return self._json(404, {"error": "not found"})
-            from urllib.parse import unquote
-
             raw = self.headers.get("Content-Length")
             if raw is None:
                 return self._json(411, {"error": "Content-Length required"})
@@ -222,7 +220,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--adapter", action="append", default=[], help="adapter file (image, video or speech); repeat")
     s.add_argument("--video-adapter", default=None, help="same as another --adapter (kept for old scripts)")
     s.add_argument("--speech-adapter", default=None, help="same as another --adapter (kept for old scripts)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="the tower's weights; auto: the dtype the adapters were trained with")  # fmt: skip
     s.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only tower linears")
     s.add_argument("--prompt", default="")

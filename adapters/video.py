@@ -5,7 +5,7 @@ consecutive frames into one "effective frame": latents (one per output token) cr
 group's frames, which carry learned frame-in-group (time) embeddings; frames missing from a short last group are
 masked. Video cross-attention blocks (own tanh gates) run before every `every`-th image cross-attention block and
 read all effective frames; text sees a video only after its `<|video|>` token. In the video stage only the
-aggregator and the video blocks train.
+aggregator and the video blocks train (the image part is frozen).
 
 Two start points (`AggregatorArgs.query_init`):
 - "learned" (default): free latents, the perceiver's own output norm; the video blocks start with closed gates.
@@ -13,7 +13,7 @@ Two start points (`AggregatorArgs.query_init`):
   first (an average over mostly background tokens), and a short run learns little from it.
 - "frame_mean": latent p starts as the group's time-averaged token p (plus a learned offset, zero at first), the
   perceiver's output projections start at zero and there is no output norm, so an untrained aggregator hands on
-  the averaged frame itself, at the image tokens' scale; with `FusedVideoModel(init_from_image=True)` the video
+  the averaged frame itself, at the image tokens' scale; with `VideoPart.on_image(..., init_from_image=True)` the video
   blocks start as copies of the trained image blocks at their layers, so the model reads a clip like a still
   image from the first step and training only has to add what changes over time.
 `max_groups` > 0 adds a learned order embedding per effective frame, in units of each token's RMS and random at
@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm_llama.llama.config import ModelArgs
 from mm_llama.llama.model import RMSNorm
 
-from .fusion import TOKEN_ROWS, FusedVisionModel, default_schedule
-from .xattn import GatedCrossAttentionBlock, masks_from_allowed
+from .image import ImagePart, default_schedule
+from .xattn import GatedCrossAttentionBlock
 
 
 @dataclass(frozen=True)
@@ -137,126 +138,63 @@ def video_schedule(image_schedule: list[int], every: int = 4) -> list[int]:
     return [image_schedule[k] for k in picks]
 
 
-class FusedVideoModel(nn.Module):
-    """An image-stage FusedVisionModel + temporal aggregator + video cross-attention blocks."""
+class VideoPart(nn.Module):
+    """Temporal aggregator + video cross-attention blocks. It reads frames through an image part's (frozen) encoder
+    and has no token rows of its own: `<|video|>` reads row 1 of the image part's table (adapters/modalities/video.py),
+    so a video adapter always travels with the image adapter it was trained on."""
 
-    def __init__(self, image_model: FusedVisionModel, agg: AggregatorArgs, every: int = 4,
-                 schedule: list[int] | None = None, init_from_image: bool = False):  # fmt: skip
-        """schedule: explicit tower layers for the video blocks (default: before every `every`-th image block);
-        init_from_image: each video block starts as a copy of the image block at its layer (gates included)."""
+    def __init__(self, tower_args: ModelArgs, tokens_per_frame: int, agg: AggregatorArgs, schedule: list[int]):
         super().__init__()
-        self.image_model = image_model
-        a = image_model.tower.args
-        self.aggregator = TemporalAggregator(a.dim, image_model.vision_encoder.args.num_patches, agg)
-        self.video_schedule = list(schedule) if schedule is not None else video_schedule(image_model.schedule, every)
-        bad = [k for k in self.video_schedule if k not in image_model.schedule]
-        if bad:
-            raise ValueError(f"video blocks at tower layers {bad} have no image block in this image model "
-                             f"(its schedule: {image_model.schedule})")  # fmt: skip
+        self.tower_args = tower_args
+        self.aggregator = TemporalAggregator(tower_args.dim, tokens_per_frame, agg)
+        self.video_schedule = list(schedule)
         self.video_cross_attention_layers = nn.ModuleList(
-            GatedCrossAttentionBlock.for_tower(a) for _ in self.video_schedule
+            GatedCrossAttentionBlock.for_tower(tower_args) for _ in self.video_schedule
         )
-        self.video_token_id = a.vocab_size + 1  # the second extra learnable row
+
+    @classmethod
+    def on_image(
+        cls,
+        image: ImagePart,
+        agg: AggregatorArgs,
+        every: int = 4,
+        schedule: list[int] | None = None,
+        init_from_image: bool = False,
+    ) -> VideoPart:
+        """A video part for this image part. schedule: explicit tower layers for the video blocks (default: before
+        every `every`-th image block); init_from_image: each video block starts as a copy of the image block at its
+        layer (gates included)."""
+        schedule = list(schedule) if schedule is not None else video_schedule(image.schedule, every)
+        bad = [k for k in schedule if k not in image.schedule]
+        if bad:
+            raise ValueError(
+                f"video blocks at tower layers {bad} have no image block in this image part "
+                f"(its schedule: {image.schedule})"
+            )
+        part = cls(image.tower_args, image.vision_args.num_patches, agg, schedule)
         if init_from_image:
-            for layer, blk in zip(self.video_schedule, self.video_cross_attention_layers, strict=True):
-                src = image_model.cross_attention_layers[image_model.schedule.index(layer)]
-                blk.load_state_dict(src.state_dict())
-        self.video_stage()
+            for layer, blk in zip(schedule, part.video_cross_attention_layers, strict=True):
+                blk.load_state_dict(image.cross_attention_layers[image.schedule.index(layer)].state_dict())
+        return part
 
-    def video_stage(self) -> None:
-        """Freeze the tower, image encoder and image adapter: only the aggregator and video blocks train."""
-        self.image_model.requires_grad_(False)
-        self.image_model.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.image_model.eval()
-        return self
-
-    @property
-    def args(self):
-        return self.image_model.tower.args
-
-    @property
-    def tok_embeddings(self):
-        return self.image_model.tower.tok_embeddings
-
-    def encode_video(self, frames_FCHW: torch.Tensor) -> torch.Tensor:
-        """One video's frames (normalised, square, the encoder's size) -> effective-frame tokens [G*L, D]."""
-        im = self.image_model
-        with torch.no_grad():  # the image encoder is frozen in the video stage
-            x = frames_FCHW[:, None, None]  # each frame = one image of one tile
-            Fr = x.shape[0]
-            ones = torch.ones(Fr, 1, dtype=torch.long, device=x.device)
-            mask = torch.zeros(Fr, 1, im.vision_encoder.args.max_num_tiles, dtype=torch.long, device=x.device)
-            mask[..., 0] = 1
-            tiles = torch.zeros(Fr, 1, im.vision_encoder.args.max_num_tiles, *x.shape[3:], device=x.device)
-            tiles[:, :, :1] = x[:, :, 0:1]
-            feats = im.encode_images(tiles, ones, mask)  # [F, N*P, D] (padding tiles included)
-            P = im.vision_encoder.args.num_patches
-            feats = feats[:, :P]
+    def encode(self, image: ImagePart, frames_FCHW: torch.Tensor) -> torch.Tensor:
+        """One video's frames (normalised, square, the encoder's size) -> effective-frame tokens [G*L, D]: each
+        frame is one single-tile image through the image part (frozen: no graph), then the aggregator."""
+        va = image.vision_args
+        with torch.no_grad():
+            Fr = frames_FCHW.shape[0]
+            tiles = frames_FCHW.new_zeros(Fr, 1, va.max_num_tiles, *frames_FCHW.shape[1:])
+            tiles[:, 0, 0] = frames_FCHW
+            ratio_ids = torch.ones(Fr, 1, dtype=torch.long, device=frames_FCHW.device)
+            ratio_mask = torch.zeros(Fr, 1, va.max_num_tiles, dtype=torch.long, device=frames_FCHW.device)
+            ratio_mask[..., 0] = 1
+            feats = image.encode(tiles, ratio_ids, ratio_mask)[:, : va.num_patches]  # the first tile's tokens
         return self.aggregator(feats).reshape(-1, feats.shape[-1])
 
-    def video_inputs(self, video_tokens: list, input_ids: torch.Tensor, token_id: int | None = None, kv: bool = True):
-        """Per-block K/V of the padded media (`kv=False`: the media tokens, each block computes its K/V in its own
-        forward), and the additive mask / row mask for every position of `input_ids` (text sees a sample's video
-        from its `<|video|>` token on; `token_id`: its id, default this model's)."""
-        B = input_ids.shape[0]
-        S = max(v.shape[0] for v in video_tokens if v is not None)
-        media = torch.zeros(B, S, self.args.dim, dtype=self.tok_embeddings.weight.dtype, device=input_ids.device)
-        key_ok = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
-        for b, v in enumerate(video_tokens):
-            if v is not None:
-                media[b, : v.shape[0]], key_ok[b, : v.shape[0]] = v, True
-        token_id = self.video_token_id if token_id is None else token_id
-        seen = (input_ids == token_id).long().cumsum(1) > 0
-        bias, row = masks_from_allowed(seen[:, :, None] & key_ok[:, None, :], media.dtype)
-        blocks = self.video_cross_attention_layers
-        kvs = [blk.media_kv(media) for blk in blocks] if kv else [media] * len(blocks)
-        return kvs, bias, row
-
-    def forward(self, input_ids, *, videos=None, video_tokens=None, video_state=None, **kw):
-        """videos: per sample frames [F, 3, S, S] or None; video_tokens: precomputed `encode_video` outputs;
-        video_state: precomputed (kvs, bias rows, row mask) for exactly these positions (generation)."""
-        if video_state is None:
-            if video_tokens is None and videos is not None:
-                video_tokens = [None if v is None else self.encode_video(v) for v in videos]
-            if video_tokens is not None and any(v is not None for v in video_tokens):
-                video_state = self.video_inputs(video_tokens, input_ids)
-        extra = self.blocks(video_state) if video_state is not None else None
-        return self.image_model(input_ids, extra_blocks=extra, **kw)
-
-    def blocks(self, video_state) -> dict[int, list]:
-        """{tower layer: [h -> h]}: the video blocks for `video_inputs(...)`, for the tower's `inject=`."""
-        kvs, bias, row = video_state
+    def blocks(self, kv: list, bias_B1TS: torch.Tensor, row_BT1: torch.Tensor) -> dict[int, list]:
+        """{tower layer: [h -> h]}: the video blocks for the tower's `inject=` (kv as `ImagePart.blocks`)."""
         out: dict[int, list] = {}
         for k, layer in enumerate(self.video_schedule):
-            blk, kv = self.video_cross_attention_layers[k], kvs[k]
-            out.setdefault(layer, []).append(lambda h, blk=blk, kv=kv: blk(h, kv, bias, row))
+            blk, kv_k = self.video_cross_attention_layers[k], kv[k]
+            out.setdefault(layer, []).append(lambda h, blk=blk, kv_k=kv_k: blk(h, kv_k, bias_B1TS, row_BT1))
         return out
-
-
-def save_video_adapter(model: FusedVideoModel, path) -> None:
-    """Aggregator + video blocks only (the image stage is saved with `save_adapter`)."""
-    import dataclasses
-
-    from .checkpoint import save_trainable
-
-    meta = {"format": "mm_llama.video_adapter.v1", "aggregator": dataclasses.asdict(model.aggregator.args),
-            "video_schedule": model.video_schedule, "token_rows": {"video": list(TOKEN_ROWS["video"])}}  # fmt: skip
-    save_trainable(model, path, meta, "image_model.")
-
-
-def load_video_adapter(image_model: FusedVisionModel, path) -> FusedVideoModel:
-    from mm_llama.llama.checkpoint import CheckpointError
-
-    from .checkpoint import load_trainable, read_adapter_meta
-
-    meta = read_adapter_meta(path)
-    try:
-        model = FusedVideoModel(image_model, AggregatorArgs(**meta["aggregator"]), schedule=meta["video_schedule"])
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    load_trainable(model, path, "image_model.")
-    model.to(image_model.tok_embeddings.weight.device)
-    return model.eval()

@@ -21,8 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from mm_llama.adapters import load_pretrained
-from mm_llama.adapters.inference import caption
+from mm_llama.adapters.generation import Collate, generate_items
+from mm_llama.adapters.modalities.image import ImageSamples
 from mm_llama.data.collate import cross_attention_mask
+from mm_llama.generate import generate_ids, left_padded
 
 V = 2048
 
@@ -75,16 +77,30 @@ def bench(args, dim: int, layers: int):
     img = Image.fromarray((torch.rand(224, 300, 3) * 255).byte().numpy())
     n = args.new_tokens
 
+    item = ImageSamples.of(ours, Tok(), "x").request([img])
+    ids = item["input_ids"]
+    pix = Collate(["image"]).inputs([item])
+
     def run(mode):
-        return caption(ours, Tok(), [img], "x", max_new_tokens=n, media_mode=mode)[0]
+        """cached: the product path (generate_items: K/V once per request); recompute_kv: each block's K/V from
+        the cached media tokens at every step; recompute_all: the vision encoder too, at every step."""
+        if mode == "cached":
+            return generate_items(ours, Tok(), [item], max_new_tokens=n)[0]
+        layout = left_padded([ids], 0, n)
+        xmask = cross_attention_mask(layout.tolist(), V, [[int(pix["aspect_ratio_mask"][0, 0].sum())]], 4)
+        states = ours.states(layout, pix, cache_kv=False) if mode == "recompute_kv" else None
 
-    from mm_llama.adapters.inference import build_prompt_ids, image_inputs
+        def extra(_pad, start, k):
+            if states is not None:
+                return {"states": ours.step_states(states, start, k)}
+            return {**pix, "cross_attention_mask": xmask[:, start : start + k]}
 
-    ids = build_prompt_ids(Tok(), ours, 1, "x")
-    pix = image_inputs(ours, [[img]])
-    x = dict(input_ids=torch.tensor([ids]), pixel_values=pix["pixel_values"],
-             aspect_ratio_ids=pix["aspect_ratio_ids"], aspect_ratio_mask=pix["aspect_ratio_mask"],
-             cross_attention_mask=cross_attention_mask([ids], V, pix["num_tiles"], 4))  # fmt: skip
+        with torch.inference_mode():
+            out = generate_ids(ours, [ids], max_new_tokens=n, pad_id=0, forward_extra=extra)
+        return Tok().decode(out[0])
+
+    tiles = [[int(pix["aspect_ratio_mask"][0, 0].sum())]]
+    x = dict(input_ids=torch.tensor([ids]), **pix, cross_attention_mask=cross_attention_mask([ids], V, tiles, 4))
 
     def run_hf():
         with torch.inference_mode():

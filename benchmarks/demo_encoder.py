@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the demo's own code
 
-from mm_llama.adapters.builders import get_vision_preset
+from mm_llama.adapters.image import get_vision_preset
 from mm_llama.data import corpora
 from recipes.demo.data_stages import classifier_accuracy, train_classifier  # noqa: E402
 

@@ -30,7 +30,8 @@ def main():
         return 0
     import torch.distributed as dist
 
-    from mm_llama.adapters.builders import attach_image_adapter
+    from mm_llama.adapters.composed import ComposedModel
+    from mm_llama.adapters.image import build_image_part
     from mm_llama.data.collate import cross_attention_mask
     from mm_llama.engine import DistributedDataParallel
     from mm_llama.engine.flops import StepFlops, device_peak_flops
@@ -45,16 +46,16 @@ def main():
     with torch.device(dev):
         tower = Transformer(a).to(torch.bfloat16)
     tower.init_weights(std=0.02)
-    model = attach_image_adapter(tower, args.vision).to(dev)
-    v = model.vision_encoder.args
+    model = ComposedModel(tower, image=build_image_part(tower, args.vision)).to(dev)
+    v = model.image.vision_args
     B, T = args.batch, args.seq
     ids = torch.randint(0, a.vocab_size, (B, T), device=dev)
-    ids[:, 1] = model.image_token_id
+    ids[:, 1] = model.token_id("image")
     px = torch.randn(B, 1, v.max_num_tiles, 3, v.image_size, v.image_size, device=dev)
     ar_ids = torch.full((B, 1), 1, dtype=torch.long, device=dev)
     ar_mask = torch.zeros(B, 1, v.max_num_tiles, dtype=torch.long, device=dev)
     ar_mask[:, :, 0] = 1
-    xm = cross_attention_mask(ids.tolist(), model.image_token_id, [[1]] * B, v.max_num_tiles).to(dev)
+    xm = cross_attention_mask(ids.tolist(), model.token_id("image"), [[1]] * B, v.max_num_tiles).to(dev)
     trainable = [p for p in model.parameters() if p.requires_grad]
     peak_flops, source = device_peak_flops(dev, torch.bfloat16, float(os.environ.get("PEAK_TFLOPS", 0)))
     n_train = sum(p.numel() for p in trainable) / 1e9
@@ -73,7 +74,7 @@ def main():
             with count:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     logits = wrapped(ids, pixel_values=px, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask,
-                                     cross_attention_mask=xm)  # fmt: skip
+                                     cross_attention_mask=xm).logits  # fmt: skip
                     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                 loss.backward()
             flops = count.total if step == 0 else flops

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from mm_llama.adapters.asr import build_speech_model, features_for, transcribe
+from mm_llama.adapters.asr import transcribe
+from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
+from mm_llama.adapters.speech_part import build_speech_part, clip_features
 from mm_llama.adapters.whisper import load_whisper_encoder
 from mm_llama.assets import asset_path
 from mm_llama.llama import Tokenizer, load_pretrained
@@ -68,8 +70,8 @@ def main():
     whisper = load_whisper_encoder(asset_path("whisper_tiny_en_ct2"))
     small = ADAPTER_PRESETS["small"]
     models = {
-        "whisper tiny.en + adapter(small)": build_speech_model(tower, whisper, small, freeze_encoder=True),
-        "conformer(small) + adapter(small)": build_speech_model(
+        "whisper tiny.en + adapter(small)": build_speech_part(tower, whisper, small, freeze_encoder=True),
+        "conformer(small) + adapter(small)": build_speech_part(
             tower, ConformerEncoder(CONFORMER_PRESETS["small"]), small
         ),
     }
@@ -78,17 +80,17 @@ def main():
     print(f"{'encoder + adapter':<36}{'audio s / s':>12}")
     for name, m in models.items():
         m.eval()
-        feats = [features_for(m, w) for w in waves]
+        feats = [clip_features(w, m.whisper) for w in waves]
         batch = torch.stack(feats)
         lengths = torch.tensor([f.shape[0] for f in feats])
 
         def run(m=m, batch=batch, lengths=lengths):
             with torch.inference_mode():
-                m.encode_speech(batch, lengths)
+                m.encode(batch, lengths)
 
         t = median(run, args.repeats)
         print(f"{name:<36}{len(waves) * 5 / t:>12.1f}")
-    m = models["whisper tiny.en + adapter(small)"]
+    m = ComposedModel(tower, speech=models["whisper tiny.en + adapter(small)"]).eval()
     t = median(lambda: transcribe(m, tok, waves[:1], max_new_tokens=24), args.repeats)
     print(f"ASR real-time factor (whisper tiny.en + adapter + SmolLM2-135M, 5 s clip, <=24 tokens): {t / 5:.3f}")
     print(f"{'clip length':<14}{'peak RSS added (MB)':>22}{'adapter tokens':>16}")

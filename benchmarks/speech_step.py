@@ -60,18 +60,18 @@ def main() -> None:
                 encoder, freeze_encoder = enc_id, True
 
     def build(adapter: str):
-        from mm_llama.adapters.asr import build_speech_model
         from mm_llama.adapters.speech import ADAPTER_PRESETS
+        from mm_llama.adapters.speech_part import build_speech_part
 
         torch.manual_seed(0)
-        part = build_speech_model(tower, encoder, ADAPTER_PRESETS[adapter], freeze_encoder=True, ctc_weight=1.0)
+        part = build_speech_part(tower, encoder, ADAPTER_PRESETS[adapter], freeze_encoder=True, ctc_weight=1.0)
         return ComposedModel(tower, speech=part).train()
 
     def batch(model, cached: bool):
         Cfg.model.speech.encoder = enc_id if cached else ""
-        items = [spec.sample_maker(model, tok, Cfg)(r) for r in raw]
+        items = [spec.data.samples(model, tok, Cfg)(r) for r in raw]
         text = collate_text(items, pad_id=0)
-        return {"input_ids": text["input_ids"], "labels": text["labels"], **spec.collate(items)}
+        return {"input_ids": text["input_ids"], "labels": text["labels"], **spec.data.collate(items)}
 
     def timed(model, b, aux_only: bool) -> float:
         model.aux_only = aux_only

@@ -95,16 +95,14 @@ def build(side: str, path: str):
     """(module to step, trainable parameters) with the same trainable set on both sides."""
     if side == "ours":
         from mm_llama.adapters import load_pretrained
-        from mm_llama.adapters.composed import ComposedModel
         from mm_llama.engine import DistributedDataParallel
 
-        image = load_pretrained(path, device=device(), hf_compat_masking=True, intermediate_from="output")
-        model = ComposedModel(image.tower, image=image)
+        model = load_pretrained(path, device=device(), hf_compat_masking=True, intermediate_from="output")
+        image = model.image
         model.requires_grad_(False)
         for m in (image.cross_attention_layers, image.vision_projection):
             m.requires_grad_(True)
         model.train()
-        image.tower.eval(), image.vision_encoder.eval()
         trainable = [p for p in model.parameters() if p.requires_grad]
         return DistributedDataParallel(model), trainable
     from transformers import MllamaForConditionalGeneration

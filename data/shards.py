@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .badsamples import SampleError
+from .media import MEDIA, VIDEO, medium_for_ext
 
 TEXT_EXTS = ("txt",)
 INDEX_VERSION = 1
@@ -210,11 +211,8 @@ def iter_samples(stream, shard: str = "", *, max_member_bytes: int = MAX_MEMBER_
 
 
 def decode_fields(sample: dict, *, name: str = "", video_frames: int = 1) -> dict:
-    """Decode every known member of a raw sample. Raises SampleError with a reason."""
-    from .audio import AUDIO_EXTS, decode_audio
-    from .image import IMAGE_EXTS, decode_image
-    from .video import VIDEO_EXTS, decode_video
-
+    """Decode every member of a raw sample whose extension a registered medium (data/media.py) stores, its text and
+    JSON; the decoded media under their medium's name. Raises SampleError with a reason."""
     out = {k: v for k, v in sample.items() if k.startswith("__")}
     name = name or f"{sample.get('__shard__', '')}:{sample.get('__key__', '')}"
     if "__too_large__" in sample:
@@ -222,12 +220,11 @@ def decode_fields(sample: dict, *, name: str = "", video_frames: int = 1) -> dic
     for ext, data in sample.items():
         if ext.startswith("__"):
             continue
-        if ext in IMAGE_EXTS:
-            out["image"] = decode_image(data, name)
-        elif ext in VIDEO_EXTS:
-            out["video"] = decode_video(data, name, num_frames=video_frames)
-        elif ext in AUDIO_EXTS:
-            out["audio"] = decode_audio(data, name, ext)
+        medium = medium_for_ext(ext)
+        if medium is not None:
+            out[medium.name] = medium.decode(
+                data, name, ext, **({"num_frames": video_frames} if medium is VIDEO else {})
+            )
         elif ext in TEXT_EXTS:
             try:
                 out["text"] = data.decode("utf-8")
@@ -292,8 +289,6 @@ def verify_shards(urls: list[str], *, allow_pipe: bool = False, video_frames: in
 # ----------------------------------------------------------------------------------------------
 # writing
 
-MEDIA_FIELDS = ("image", "video", "audio")
-
 
 def sanitize_key(stem: str, index: int) -> str:
     clean = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:60].strip("_")
@@ -301,7 +296,8 @@ def sanitize_key(stem: str, index: int) -> str:
 
 
 def manifest_samples(manifest: str | Path) -> Iterator[dict]:
-    """Samples from a JSONL manifest: {"image"|"video"|"audio": path, "text": str, ...extra fields}."""
+    """Samples from a JSONL manifest: {MEDIUM: path, "text": str, ...extra fields}, MEDIUM a registered medium's name
+    ("image", "video", "audio", ...)."""
     manifest = Path(manifest)
     with manifest.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -312,7 +308,7 @@ def manifest_samples(manifest: str | Path) -> Iterator[dict]:
             except json.JSONDecodeError as e:
                 yield {"__error__": ("bad_manifest_line", f"{manifest}:{lineno}: invalid JSON ({e})")}
                 continue
-            for m in MEDIA_FIELDS:
+            for m in MEDIA:
                 if m in rec and not Path(rec[m]).is_absolute():
                     rec[m] = str(manifest.parent / rec[m])
             rec["__source__"] = f"{manifest}:{lineno}"
@@ -320,18 +316,14 @@ def manifest_samples(manifest: str | Path) -> Iterator[dict]:
 
 
 def folder_samples(folder: str | Path) -> Iterator[dict]:
-    """Samples from a folder of paired files: NAME.(jpg|png|mp4|flac|...) + NAME.txt (+ NAME.json)."""
-    from .audio import AUDIO_EXTS
-    from .image import IMAGE_EXTS
-    from .video import VIDEO_EXTS
-
+    """Samples from a folder of paired files: NAME.(jpg|png|mp4|flac|...: a registered medium's) + NAME.txt
+    (+ NAME.json)."""
     folder = Path(folder)
-    kinds = {**{e: "image" for e in IMAGE_EXTS}, **{e: "video" for e in VIDEO_EXTS}, **{e: "audio" for e in AUDIO_EXTS}}
     for p in sorted(folder.rglob("*")):
-        ext = p.suffix.lower().lstrip(".")
-        if not p.is_file() or ext not in kinds:
+        medium = medium_for_ext(p.suffix.lstrip(".")) if p.suffix else None
+        if not p.is_file() or medium is None:
             continue
-        rec = {kinds[ext]: str(p), "__source__": str(p)}
+        rec = {medium.name: str(p), "__source__": str(p)}
         txt = p.with_suffix(".txt")
         if txt.is_file():
             rec["text"] = txt.read_text(encoding="utf-8")
@@ -387,10 +379,6 @@ def write_shards(
     import webdataset as wds
     from tqdm import tqdm
 
-    from .audio import decode_audio
-    from .image import decode_image
-    from .video import decode_video
-
     out_dir = _prepare_out_dir(out_dir, replace)
     rep = WriteReport()
     t0 = time.perf_counter()
@@ -415,7 +403,7 @@ def write_shards(
             if not isinstance(text, str) or not text.strip():
                 skip("empty_text", f"{src}: missing or empty text")
                 continue
-            media = [m for m in MEDIA_FIELDS if m in rec]
+            media = [m for m in MEDIA if m in rec]
             first = rec.get(media[0]) if media else src
             first = first[0] if isinstance(first, tuple) else first
             out = {"__key__": sanitize_key(Path(str(first)).stem, rep.written)}
@@ -430,18 +418,16 @@ def write_shards(
                         except OSError as e:
                             raise SampleError("missing_file", f"{src}: cannot read {path} ({e.strerror})") from None
                     ext = path.suffix.lower().lstrip(".") or "bin"
-                    if m == "image":
-                        decode_image(data, str(path))
-                    elif m == "video":
-                        decode_video(data, str(path), num_frames=video_frames)
-                    else:
-                        decode_audio(data, str(path), ext)
+                    if ext not in MEDIA[m].exts:
+                        raise SampleError("wrong_extension", f"{src}: {path} is not stored as {m} "
+                                          f"(its extensions: {' '.join(MEDIA[m].exts)})")  # fmt: skip
+                    MEDIA[m].verify(data, str(path), ext)
                     out["jpg" if ext == "jpeg" else ext] = data
             except SampleError as e:
                 skip(e.reason, str(e))
                 continue
             out["txt"] = text.encode("utf-8")
-            extra = {k: v for k, v in rec.items() if k not in MEDIA_FIELDS and k != "text" and not k.startswith("__")}
+            extra = {k: v for k, v in rec.items() if k not in MEDIA and k != "text" and not k.startswith("__")}
             extra = extra.get("json", extra) if set(extra) == {"json"} else extra
             if extra:
                 out["json"] = json.dumps(extra, sort_keys=True, ensure_ascii=False).encode("utf-8")

@@ -126,7 +126,7 @@ def generate_ids(
         generator = torch.Generator(device=device).manual_seed(seed)
 
     extra = (lambda start, n: forward_extra(P, start, n)) if forward_extra is not None else (lambda start, n: {})
-    logits = model(tokens_BP, positions=positions_BP, mask=mask, cache=cache, last_only=True, **extra(0, P))
+    logits = _logits(model(tokens_BP, positions=positions_BP, mask=mask, cache=cache, last_only=True, **extra(0, P)))
     cache.advance(P)
     next_pos_B = positions_BP[:, -1] + 1
     out: list[list[int]] = [[] for _ in range(B)]
@@ -147,11 +147,18 @@ def generate_ids(
         S = cache.pos + 1
         valid_BS[:, cache.pos] = True
         step_mask = valid_BS[:, None, None, :S] if padded else None
-        logits = model(nxt_B[:, None], positions=next_pos_B[:, None], mask=step_mask, cache=cache,
-                       **extra(cache.pos, 1))  # fmt: skip
+        step_out = model(
+            nxt_B[:, None], positions=next_pos_B[:, None], mask=step_mask, cache=cache, **extra(cache.pos, 1)
+        )
+        logits = _logits(step_out)
         cache.advance(1)
         next_pos_B = next_pos_B + 1
     return out
+
+
+def _logits(out) -> torch.Tensor:
+    """The tower returns logits; a composed model returns an output object holding them."""
+    return out if torch.is_tensor(out) else out.logits
 
 
 def bos_prefix(tok) -> list[int]:

@@ -30,3 +30,41 @@ def normalize_text(text: str) -> str:
     text = re.sub(r"[^\w\s']|_", " ", text)
     text = re.sub(r"(?<!\w)'|'(?!\w)", " ", text)
     return " ".join(text.split())
+
+
+def first_line(text: str) -> str:
+    """A transcript: the decoded text up to its first line break (a token such as ".\\n" can end it mid-token)."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def collapse_loop(text: str, min_copies: int = 3) -> str:
+    """A transcript that ends in a runaway loop (a phrase of one or more words repeated `min_copies` or more times
+    back to back, the last copy possibly cut short by the token limit) keeps one copy of the phrase: "walk down the
+    side of the side of the side of the" -> "walk down the side of". The shortest looping phrase wins; text
+    without such a tail is returned as it is (two copies, "steps steps", are left alone)."""
+    words = text.split()
+    n = len(words)
+    for size in range(1, n // min_copies + 1):
+        start = n - size  # the periodic tail words[start:] with period `size`, grown backwards
+        while start > 0 and words[start - 1] == words[start - 1 + size]:
+            start -= 1
+        if n - start >= min_copies * size:
+            return " ".join(words[: start + size])
+    return text
+
+
+def wer_cer(references: list[str], hypotheses: list[str]) -> dict:
+    """Word and character error rates (jiwer) over normalised texts."""
+    import jiwer  # noqa: PLC0415 - scoring only
+
+    refs = [normalize_text(r) or "<empty>" for r in references]
+    hyps = [normalize_text(h) for h in hypotheses]
+    return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps)), "n": len(refs)}
+
+
+def wer_cer_by(references: list[str], hypotheses: list[str], groups: list[str]) -> dict[str, dict]:
+    """`wer_cer` per group (e.g. per voice), groups in sorted order."""
+    return {
+        g: wer_cer([r for r, x in zip(references, groups) if x == g], [h for h, x in zip(hypotheses, groups) if x == g])
+        for g in sorted(set(groups))
+    }

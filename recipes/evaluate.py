@@ -27,6 +27,7 @@ from recipes.train import TrainConfig, build_model, build_tower, load_trained_we
 def main(argv=None) -> int:
     import torch.distributed as dist
 
+    from mm_llama.adapters.generation import answer_samples
     from mm_llama.adapters.modality import AnswerOptions, media_member
     from mm_llama.adapters.registry import get_modality
     from mm_llama.data.shards import expand_urls, read_samples
@@ -68,8 +69,7 @@ def main(argv=None) -> int:
     for i in range(0, len(samples), args.batch_size):
         chunk = samples[i : i + args.batch_size]
         refs += [s["txt"].decode().strip() for s in chunk]
-        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=dt == torch.bfloat16):
-            hyps += spec.hypotheses(model, tok, chunk, opts)
+        hyps += answer_samples(model, tok, spec.name, chunk, opts)
     pairs = list(zip(refs, hyps, strict=True))
     if info.distributed:
         gathered = [None] * info.world_size
@@ -78,7 +78,10 @@ def main(argv=None) -> int:
         skipped = sum(n for _, n in gathered)
     if info.is_main:
         r, h = [p[0] for p in pairs], [p[1] for p in pairs]
-        result = spec.metrics(r, h) | {"skipped_samples": skipped, "tower_dtype": str(dt).removeprefix("torch.")}
+        result = spec.evaluation.metrics(r, h) | {
+            "skipped_samples": skipped,
+            "tower_dtype": str(dt).removeprefix("torch."),
+        }
         result["examples"] = [{"ref": a, "hyp": b} for a, b in pairs[:5]]
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(result, indent=1))

@@ -24,9 +24,11 @@ import torch
 PROMPT_TOKENS = 16  # BOS, the media token and a short prompt before the target text
 
 
-def tower_and_part(cfg):
-    """The config's tower and trainable part on the meta device (shapes only)."""
-    from mm_llama.adapters.checkpoint import is_mllama_folder, mllama_skeleton
+def meta_model(cfg):
+    """The config's model on the meta device (shapes only): its tower and the trained part on the frozen parts it
+    requires; weight files named in the config are not read (a required part named by a file is built fresh)."""
+    from mm_llama.adapters.composed import ComposedModel
+    from mm_llama.adapters.hf_mllama import is_mllama_folder, mllama_skeleton
     from mm_llama.adapters.registry import MODALITIES, get_modality
     from mm_llama.assets import resolve
     from mm_llama.llama import Transformer, get_preset
@@ -34,9 +36,8 @@ def tower_and_part(cfg):
     from recipes.train import TowerCfg
 
     spec = get_modality(cfg.model.modality)
-    sections = {name: _without_files(getattr(cfg.model, name)) for name in MODALITIES}
+    sections = {name: _without_files(getattr(cfg.model, name), m.scale.file_options) for name, m in MODALITIES.items()}
     model_cfg = replace(cfg.model, **sections)
-    parts = {}
     path = Path(resolve(cfg.tower.path)) if cfg.tower.path else None
     if path is not None and not path.exists():
         if cfg.tower.preset == TowerCfg.preset:
@@ -44,63 +45,63 @@ def tower_and_part(cfg):
         print(f"plan: tower.path {path} is not on this machine: the shape of tower.preset={cfg.tower.preset}",
               file=sys.stderr)  # fmt: skip
         path = None
-    if path is not None:
-        if is_mllama_folder(path):  # Llama 3.2 Vision: its text model and its own image adapter's shape
-            fused, _, _ = mllama_skeleton(path)
-            fused.requires_grad_(True)
-            fused.freeze_tower()
-            fused.learnable_embedding.requires_grad_(model_cfg.image.train_token_rows)
-            fused.vision_encoder.requires_grad_(not model_cfg.image.freeze_vision)
-            if spec.name == "image":
-                return fused.tower, fused
-            fused.requires_grad_(False)  # a video stage trains on a frozen image adapter
-            tower, parts = fused.tower, {"image": fused}
-        else:
-            args, _, _ = read_checkpoint(path)
-            with torch.device("meta"):
-                tower = Transformer(args)
+    parts = {}
+    if path is not None and is_mllama_folder(path):  # Llama 3.2 Vision: its text model and its image part's shape
+        fused, _, _ = mllama_skeleton(path)
+        tower, image = fused.tower, fused.image
+        image.requires_grad_(spec.name == "image")
+        image.learnable_embedding.requires_grad_(spec.name == "image" and model_cfg.image.train_token_rows)
+        image.vision_encoder.requires_grad_(spec.name == "image" and not model_cfg.image.freeze_vision)
+        if spec.name == "image":
+            tower.requires_grad_(False)
+            return ComposedModel(tower, image=image)
+        parts["image"] = image  # a video stage trains on a frozen image part
     else:
-        args = get_preset(cfg.tower.preset)
-        if cfg.tower.vocab_size:
-            args = args.replace(vocab_size=cfg.tower.vocab_size)
+        if path is not None:
+            args, _, _ = read_checkpoint(path)
+        else:
+            args = get_preset(cfg.tower.preset)
+            if cfg.tower.vocab_size:
+                args = args.replace(vocab_size=cfg.tower.vocab_size)
         with torch.device("meta"):
             tower = Transformer(args)
     tower.requires_grad_(False)
     with torch.device("meta"):
-        part = spec.build(tower, model_cfg, parts)
-    return tower, part
+        for kind, base in spec.part.base_parts(tower, model_cfg).items():
+            if kind not in parts:
+                parts[kind] = base.requires_grad_(False)
+        parts[spec.name] = spec.part.build(tower, model_cfg, parts)
+    return ComposedModel(tower, parts)
 
 
-def _without_files(section):
+def _without_files(section, names: tuple[str, ...]):
     """The modality's options without weight files to read (the plan needs shapes only)."""
-    names = [f for f in ("vision_init", "release", "image_adapter", "init", "encoder_init") if hasattr(section, f)]
-    return replace(section, **{f: None for f in names}) if names else section
+    present = [f for f in names if hasattr(section, f)]
+    return replace(section, **{f: None for f in present}) if present else section
 
 
 def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: int | None = None):
     """ModelSizes for the config's model and micro-batch; dtype as the recipe picks it on `device`."""
-    from mm_llama.adapters.plan import Workload, measure_model
+    from mm_llama.adapters.plan import Workload, measure_model, param_bytes
     from mm_llama.adapters.registry import get_modality
     from recipes.train import tower_dtype
 
-    tower, part = tower_and_part(cfg)
+    model = meta_model(cfg)
     dt = tower_dtype(cfg, device)
     labels = labels or cfg.data.max_text_tokens + 1
     seq_len = seq_len or labels + PROMPT_TOKENS
     w = Workload(cfg.data.batch_size, seq_len, labels, tower_dtype=dt, compute_dtype=dt)
     # weights are counted in their training dtypes; the pieces then run in the compute dtype (autocast on GPU)
-    from mm_llama.adapters.composed import ComposedModel
-    from mm_llama.adapters.plan import param_bytes
-    from recipes.train import adapter_blocks
-
-    units = adapter_blocks(ComposedModel(tower, **{cfg.model.modality: part}))  # with the parts it requires
+    units = model.shard_units()
     unit_params = list(dict.fromkeys(p for u in units for p in u.parameters()))
     unit_trainable = sum(p.numel() for p in unit_params if p.requires_grad)
     unit_frozen = param_bytes([p for p in unit_params if not p.requires_grad], torch.float32)
     unit_max = max((sum(p.numel() for p in u.parameters()) for u in units), default=0)
-    part.to(dt)
-    pieces = get_modality(cfg.model.modality).plan_pieces(part, w.batch, seq_len, dt, cfg.model)
-    sizes = measure_model(tower, part, pieces, w)
+    spec = get_modality(cfg.model.modality)
+    for part in model.parts.values():
+        part.to(dt)
+    pieces = spec.scale.plan_pieces(model.part(spec.name), model.parts, w.batch, seq_len, dt, cfg.model)
+    sizes = measure_model(model, pieces, w)
     sizes.unit_trainable_params, sizes.unit_frozen, sizes.unit_max_params = unit_trainable, unit_frozen, unit_max
     sizes.compute_bytes = torch.empty((), dtype=dt).element_size()
     return sizes, w
@@ -225,7 +226,7 @@ def measured_step(cfg) -> tuple[int, dict, object]:
     opt = torch.optim.AdamW([{"params": g} for g in groups], lr=cfg.optim.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
-    loader = StreamingLoader(cfg.data.train, map_fn=spec.sample_maker(model, tok, cfg), collate_fn=Collate(spec.name),
+    loader = StreamingLoader(cfg.data.train, map_fn=spec.data.samples(model, tok, cfg), collate_fn=Collate(spec.name),
                              batch_size=cfg.data.batch_size, batches_per_epoch=1, shuffle_buffer=1, seed=cfg.seed,
                              rank=info.rank, world_size=info.world_size, split=cfg.data.split)  # fmt: skip
     batch = next(iter(loader))

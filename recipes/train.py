@@ -43,7 +43,7 @@ def _model_cfg():
     from mm_llama.adapters.registry import MODALITIES
 
     fields = [("modality", str, choice("image", *MODALITIES)), ("tokenizer", str, "")]
-    fields += [(name, spec.Config, field(default_factory=spec.Config)) for name, spec in MODALITIES.items()]
+    fields += [(name, spec.part.Config, field(default_factory=spec.part.Config)) for name, spec in MODALITIES.items()]
     return make_dataclass("ModelCfg", fields)
 
 
@@ -159,7 +159,7 @@ def build_tower(cfg: TrainConfig):
     from mm_llama.llama import Transformer, get_preset, load_pretrained
 
     if cfg.tower.path:
-        from mm_llama.adapters.checkpoint import is_mllama_folder, load_hf_mllama
+        from mm_llama.adapters.hf_mllama import is_mllama_folder, load_hf_mllama
 
         path = resolve(cfg.tower.path)
         if is_mllama_folder(path):  # Llama 3.2 Vision: its text model (model.image.release: its adapter)
@@ -174,40 +174,37 @@ def build_tower(cfg: TrainConfig):
 
 
 def build_model(cfg: TrainConfig, tower):
-    """The tower + a fresh part of the configured modality, built and frozen by its plug-in."""
+    """The tower + a fresh part of the configured modality, built by its plug-in, on the frozen parts it requires
+    (each a module or an adapter file)."""
     from mm_llama.adapters.composed import ComposedModel
+    from mm_llama.adapters.files import load_part
     from mm_llama.adapters.registry import get_modality
 
     spec = get_modality(cfg.model.modality)
-    return ComposedModel(tower, **{spec.name: spec.build(tower, cfg.model, {})})
+    parts = {}
+    for kind, base in spec.part.base_parts(tower, cfg.model).items():
+        part = load_part(tower, base, parts)[1] if isinstance(base, (str, Path)) else base
+        parts[kind] = part.requires_grad_(False)
+    parts[spec.name] = spec.part.build(tower, cfg.model, parts)
+    return ComposedModel(tower, parts)
 
 
-class Collate:
-    """Sample-maker items -> a batch: padded input_ids / labels + the modality's inputs (picklable)."""
+def Collate(modality: str):  # noqa: N802 - the batch function of a run
+    """Sample-maker items -> a batch (picklable): the model's modalities' inputs."""
+    from mm_llama.adapters.generation import Collate as C
+    from mm_llama.adapters.registry import get_modality
 
-    def __init__(self, modality: str):
-        self.modality = modality
-
-    def __call__(self, items: list[dict]) -> dict:
-        from mm_llama.adapters.registry import get_modality
-        from mm_llama.data.collate import collate_text
-
-        text = collate_text(items, pad_id=0)
-        return {"input_ids": text["input_ids"], "labels": text["labels"], **get_modality(self.modality).collate(items)}
+    return C([*get_modality(modality).requires, modality])
 
 
 def init_from_adapter(model, kind: str, path) -> None:
-    """`init_adapter=`: the part's trainable weights from an adapter file of the same modality and options."""
-    from mm_llama.adapters.checkpoint import load_trainable
-    from mm_llama.adapters.composed import adapter_kind
+    """`init_adapter=`: the part's weights from an adapter file of the same modality and options."""
+    from mm_llama.adapters.files import init_part_from_file
     from mm_llama.config import ConfigError
     from mm_llama.llama.checkpoint import CheckpointError
 
     try:
-        found = adapter_kind(path)
-        if found != kind:
-            raise ConfigError(f"init_adapter: {path} is a {found} adapter, this run trains {kind}")
-        load_trainable(model.part(kind), path, "tower.")
+        init_part_from_file(model, kind, path)
     except (CheckpointError, FileNotFoundError) as e:
         raise ConfigError(f"init_adapter: {e} (use a file from a run with the same model.{kind} options)") from None
 
@@ -229,15 +226,8 @@ def load_trained_weights(model, weights: dict, source) -> None:
 
 
 def adapter_blocks(model) -> list:
-    """The large repeated blocks of every part of a composed model (each plug-in's `shard_units`: cross-attention
-    blocks, encoder layers), once each: what `parallel.adapters=fsdp` shards and activation checkpointing
-    recomputes."""
-    from mm_llama.adapters.registry import get_modality
-
-    blocks: list = []
-    for kind in model.kinds:
-        blocks += [u for u in get_modality(kind).shard_units(model.part(kind)) if u not in blocks]
-    return blocks
+    """The large repeated blocks of every part (`ComposedModel.shard_units`)."""
+    return model.shard_units()
 
 
 def checkpoint_activations(model) -> None:
@@ -466,7 +456,7 @@ def train(cfg: TrainConfig) -> list[float]:
     opt = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, cfg.steps))
     loader = StreamingLoader(
-        cfg.data.train, map_fn=spec.sample_maker(model, tok, cfg), collate_fn=Collate(spec.name),
+        cfg.data.train, map_fn=spec.data.samples(model, tok, cfg), collate_fn=Collate(spec.name),
         batch_size=cfg.data.batch_size, batches_per_epoch=10**9, num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
         max_bad_fraction=cfg.data.max_bad_fraction, split=cfg.data.split,
@@ -544,7 +534,9 @@ def train(cfg: TrainConfig) -> list[float]:
     if info.is_main:
         (run / "losses.json").write_text(json.dumps(losses))
     if info.is_main or units:  # sharded adapter blocks are gathered whole for the file: every rank takes part
-        spec.save(model.part(spec.name), run / "adapter.safetensors")
+        from mm_llama.adapters.files import save_part
+
+        save_part(model, spec.name, run / "adapter.safetensors")
     if info.is_main:
         print("LOSSES " + json.dumps(losses), flush=True)
     return losses

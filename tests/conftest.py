@@ -1,3 +1,6 @@
+"""Shared fixtures. Session-scoped models are shared by many tests: a test that trains or edits one takes a fresh
+copy from tests/tiny.py instead."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,7 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from mm_llama.adapters.composed import ComposedModel  # noqa: E402
 from mm_llama.assets import asset_path  # noqa: E402
+from tests import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -17,14 +22,14 @@ def smollm_path():
 
 @pytest.fixture(scope="session")
 def smollm(smollm_path):
-    from mm_llama.llama import load_pretrained
+    from mm_llama.llama import load_pretrained  # noqa: PLC0415
 
     return load_pretrained(smollm_path, dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")
 def smollm_tok(smollm_path):
-    from mm_llama.llama import Tokenizer
+    from mm_llama.llama import Tokenizer  # noqa: PLC0415
 
     return Tokenizer.from_pretrained(smollm_path)
 
@@ -32,3 +37,33 @@ def smollm_tok(smollm_path):
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir():
     return asset_path("llama3_tokenizer_model").parent
+
+
+@pytest.fixture(scope="session")
+def tiny_tower():
+    """The debug tower with 16 layers (read-only: take tests.tiny.tower() to change one)."""
+    return tiny.tower()
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tiny_tower):
+    """image, video and speech parts on `tiny_tower`, gates open (read-only)."""
+    return tiny.parts(tiny_tower)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tower, tiny_parts):
+    """All three parts composed on the tiny tower (read-only)."""
+    return ComposedModel(tiny_tower, tiny_parts).eval()
+
+
+@pytest.fixture(scope="session")
+def char_tok():
+    return tiny.CharTok()
+
+
+@pytest.fixture(scope="session")
+def hf_mllama_folder(tmp_path_factory):
+    """(folder, transformers model) of a tiny random Mllama: 6 text layers with cross-attention at 1 and 4."""
+    folder = tmp_path_factory.mktemp("hf_mllama")
+    return folder, tiny.hf_mllama(folder)

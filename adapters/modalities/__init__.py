@@ -1,1 +1,8 @@
-"""Modality plug-ins: one module each (image, video, speech); adapters/registry.py lists them."""
+"""The built-in modality plug-ins, registered in this order (a part's `requires` first): one line each."""
+
+from ..registry import register
+from . import image, speech, video
+
+register(image.SPEC)
+register(video.SPEC)
+register(speech.SPEC)

@@ -168,7 +168,7 @@ def eval_dtype(cfg, run: Path | None = None) -> str:
         return cfg.eval_dtype
     files = adapter_files(run) if run is not None else []
     if files:
-        from mm_llama.adapters.checkpoint import trained_tower_dtype
+        from mm_llama.adapters.files import trained_tower_dtype
 
         return trained_tower_dtype(files)
     return device_ok_dtype(cfg, run)

@@ -74,7 +74,7 @@ class CellClassifier(torch.nn.Module):
 
     def __init__(self, vision="demo"):
         super().__init__()
-        from mm_llama.adapters.builders import get_vision_preset
+        from mm_llama.adapters.image import get_vision_preset
         from mm_llama.adapters.vision import VisionEncoder
 
         self.encoder = VisionEncoder(get_vision_preset(vision) if isinstance(vision, str) else vision)
@@ -232,13 +232,14 @@ def classifier_video_hits(model: CellClassifier, samples: list[dict], frames: in
     encoder. -> {"first", "last", "both"}: one bool per clip."""
     from mm_llama.adapters.modality import require_member
     from mm_llama.data.image import normalize_tiles
-    from mm_llama.data.video import VIDEO_EXTS, decode_video
+    from mm_llama.data.media import VIDEO
+    from mm_llama.data.video import decode_video
 
     hits = {"first": [], "last": [], "both": []}
     with torch.no_grad():
         for i in range(0, len(samples), 64):
             chunk = samples[i : i + 64]
-            clips = [decode_video(s[require_member(s, VIDEO_EXTS, "video")], s["__key__"], num_frames=frames, size=56)
+            clips = [decode_video(s[require_member(s, VIDEO)], s["__key__"], num_frames=frames, size=56)
                      for s in chunk]  # fmt: skip
             px = normalize_tiles(torch.stack([c[k] for c in clips for k in (0, frames - 1)]))
             logp = model(px)[0].float().log_softmax(-1).reshape(len(chunk), 2, 4, 11)

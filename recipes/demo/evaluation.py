@@ -15,10 +15,11 @@ from .config import adapter_files, eval_autocast, eval_dtype, load_tower, shard_
 def _answers(model, kind: str, tok, samples: list[dict], opts, batch: int = 32) -> list[str]:
     """The plug-in's answers for held-out samples, batched (the calls recipes/evaluate.py makes). Batches of 32
     against 16: images 8.4 vs 12.6 s, clips 4.3 vs 6.0 s, open-vocabulary speech 15.6 vs 19.7 s (96 each)."""
-    from mm_llama.adapters.registry import get_modality
+    from mm_llama.adapters.generation import answer_samples
 
-    spec = get_modality(kind)
-    return [h for i in range(0, len(samples), batch) for h in spec.hypotheses(model, tok, samples[i : i + batch], opts)]
+    return [
+        h for i in range(0, len(samples), batch) for h in answer_samples(model, tok, kind, samples[i : i + batch], opts)
+    ]
 
 
 def eval_image(cfg, run, model, tok) -> dict:
@@ -76,17 +77,15 @@ def eval_video(cfg, run, model, tok) -> dict:
 def eval_speech(cfg, run, model, tok, shards: str = "speech_test") -> dict:
     """Transcribe the held-out clips (unseen voices and sentences); WER/CER overall and per voice, and the
     distinct transcripts as a fraction of the distinct references (a model that ignores the audio repeats itself)."""
-    from mm_llama.adapters.asr import wer_cer_by
     from mm_llama.adapters.modality import AnswerOptions
-    from mm_llama.adapters.registry import get_modality
-    from mm_llama.text import normalize_text
+    from mm_llama.text import normalize_text, wer_cer, wer_cer_by
 
     samples = shard_samples(run / f"shards/{shards}/index.json", cfg.eval_limit)
     samples.sort(key=lambda s: len(s["wav"]))  # similar lengths per batch
     hyps = _answers(model, "speech", tok, samples, AnswerOptions(max_new_tokens=cfg.max_new_tokens))
     refs = [s["txt"].decode() for s in samples]
     voices = [json.loads(s["json"])["voice"] for s in samples]
-    res = get_modality("speech").metrics(refs, hyps)
+    res = wer_cer(refs, hyps)
     res["distinct_fraction"] = len({normalize_text(h) for h in hyps}) / max(len({normalize_text(r) for r in refs}), 1)
     res["by_voice"] = {v: r["wer"] for v, r in wer_cer_by(refs, hyps, voices).items()}
     res["rows"] = [{"ref": r, "hyp": h, "voice": v} for r, h, v in zip(refs, hyps, voices)]
@@ -121,7 +120,7 @@ def _load_models(cfg, run, tower) -> tuple[dict, str]:
     residual stream stay fp32, and a video adapter trained on the bf16 tower then misreads clips (seed 1 of the
     demo: teacher-forced captions of its own training clips wrong on 14 of 40 with an fp32 tower, 1 of 40 with the
     bf16 one). -> (models, the tower dtype)."""
-    from mm_llama.adapters.composed import load_composed
+    from mm_llama.adapters.files import load_composed
 
     dtype = eval_dtype(cfg, run)  # before composing: a CheckpointError names files trained on different towers
     files = [f for f in adapter_files(run) if f.parent.name != "conformer"]

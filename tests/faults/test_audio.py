@@ -10,11 +10,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from mm_llama.adapters.asr import build_speech_model, save_speech_adapter
 from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.describe import describe
+from mm_llama.adapters.files import save_part
 from mm_llama.adapters.modalities.speech import CHUNK_SECONDS, MIN_SECONDS, chunks
 from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
+from mm_llama.adapters.speech_part import build_speech_part
 from mm_llama.data.badsamples import SampleError
 
 
@@ -28,7 +29,7 @@ def wav_bytes(seconds: float, rate: int = 16000) -> bytes:
 @pytest.fixture(scope="module")
 def model(smollm):
     torch.manual_seed(0)
-    speech = build_speech_model(smollm, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"])
+    speech = build_speech_part(smollm, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"])
     return ComposedModel(smollm, speech=speech).eval()
 
 
@@ -60,7 +61,7 @@ def test_chunks_cover_the_clip():
 
 
 def test_cli_short_clip_exit_2(model, smollm_path, tmp_path):
-    save_speech_adapter(model.speech, tmp_path / "speech.safetensors")
+    save_part(model, "speech", tmp_path / "speech.safetensors")
     (tmp_path / "tiny.wav").write_bytes(wav_bytes(0.01))
     mm = str(Path(sys.executable).parent / "mm-llama")
     r = subprocess.run([mm, "asr", "--model", str(smollm_path), "--adapter", str(tmp_path / "speech.safetensors"),

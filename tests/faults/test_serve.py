@@ -11,24 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiny
 from tests.ddp_helpers import free_port
 from tests.faults.test_audio import wav_bytes
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm_path, smollm):
-    from mm_llama.adapters import save_adapter
-    from mm_llama.adapters.asr import build_speech_model, save_speech_adapter
-    from mm_llama.adapters.builders import attach_image_adapter
-    from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
-
     tmp = tmp_path_factory.mktemp("serve")
-    save_adapter(attach_image_adapter(smollm, "debug"), tmp / "img.safetensors")
-    speech = build_speech_model(smollm, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"])
-    save_speech_adapter(speech, tmp / "speech.safetensors")
+    files = tiny.adapter_files(smollm, tmp, ["image", "speech"])
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "mm-llama"), "serve", "--model", str(smollm_path),
-           "--adapter", str(tmp / "img.safetensors"), "--adapter", str(tmp / "speech.safetensors"),
+           "--adapter", str(files["image"]), "--adapter", str(files["speech"]),
            "--port", str(port), "--max-new-tokens", "2", "--timeout", "2", "--workers", "2",
            "--max-upload-mb", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

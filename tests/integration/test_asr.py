@@ -6,22 +6,17 @@ from pathlib import Path
 
 import torch
 
-from mm_llama.adapters.asr import (
-    build_speech_model,
-    collapse_loop,
-    features_for,
-    load_speech_adapter,
-    normalize_text,
-    prompt_ids,
-    save_speech_adapter,
-    transcribe,
-    wer_cer,
-    wer_cer_by,
-)
+from mm_llama.adapters.asr import transcribe
+from mm_llama.adapters.composed import ComposedModel
+from mm_llama.adapters.files import load_composed, save_part
+from mm_llama.adapters.generation import Collate
+from mm_llama.adapters.modalities.speech import SpeechSamples
 from mm_llama.adapters.speech import ADAPTER_PRESETS
+from mm_llama.adapters.speech_part import build_speech_part
 from mm_llama.adapters.whisper import load_whisper_encoder
 from mm_llama.assets import asset_path
 from mm_llama.data.shards import iter_samples, open_url
+from mm_llama.text import collapse_loop, normalize_text, wer_cer, wer_cer_by
 
 SHARDS = Path(__file__).resolve().parents[1] / "assets" / "shards" / "audio"
 
@@ -56,41 +51,42 @@ def clip():
     return decode_audio(s["flac"], "tone", "flac")
 
 
-def test_transcribe_whisper_encoder_real_tower_consistent(smollm, smollm_tok, tmp_path):
+def whisper_model(smollm) -> ComposedModel:
     enc = load_whisper_encoder(asset_path("whisper_tiny_en_ct2"))
     torch.manual_seed(0)
-    model = build_speech_model(smollm, enc, ADAPTER_PRESETS["debug"], freeze_encoder=True)
-    assert not any(p.requires_grad for p in model.encoder.parameters())
+    return ComposedModel(smollm, speech=build_speech_part(smollm, enc, ADAPTER_PRESETS["debug"], freeze_encoder=True))
+
+
+def test_transcribe_whisper_encoder_real_tower_consistent(smollm, smollm_tok, tmp_path):
+    model = whisper_model(smollm)
+    assert not any(p.requires_grad for p in model.speech.encoder.parameters())
     wave = clip()
     (text,) = transcribe(model, smollm_tok, [wave], max_new_tokens=6)
     (raw,) = transcribe(model, smollm_tok, [wave], max_new_tokens=6, one_line=False)
     # the same greedy decode with full forwards and no cache; a transcript ends at a token that begins a new line
-    feats = features_for(model, wave)[None]
-    speech = model.encode_speech(feats, torch.tensor([feats.shape[1]]))
-    ids = prompt_ids(smollm_tok, model, speech[0].shape[0])
-    seq, line_ends = list(ids), None
+    item = SpeechSamples.of(model, smollm_tok).request(wave)
+    inputs = Collate(["speech"]).inputs([item])
+    seq, line_ends = list(item["input_ids"]), None
     with torch.no_grad():
         for _ in range(6):
-            logits = model(torch.tensor([seq]), speech=speech)
-            nxt = int(logits[0, -1].argmax())
+            nxt = int(model(torch.tensor([seq]), **inputs).logits[0, -1].argmax())
             if nxt in smollm_tok.stop_ids:
                 break
             if line_ends is None and nxt in smollm_tok.ids_starting_with(b"\n"):
                 line_ends = len(seq)
             seq.append(nxt)
-    assert raw == smollm_tok.decode(seq[len(ids) :]).strip()
-    assert text == smollm_tok.decode(seq[len(ids) : line_ends]).strip().split("\n")[0].strip()
+    n = len(item["input_ids"])
+    assert raw == smollm_tok.decode(seq[n:]).strip()
+    assert text == smollm_tok.decode(seq[n:line_ends]).strip().split("\n")[0].strip()
     # the untrained adapter runs on past its line (".\n\nThe original ..."): the rule is exercised, not vacuous
     assert "\n" in raw and "\n" not in text
-    save_speech_adapter(model, tmp_path / "speech.safetensors")
-    back = load_speech_adapter(smollm, tmp_path / "speech.safetensors")
+    save_part(model, "speech", tmp_path / "speech.safetensors")
+    back = load_composed(smollm, [tmp_path / "speech.safetensors"])
     assert transcribe(back, smollm_tok, [wave], max_new_tokens=6) == [text]
 
 
 def test_asr_cli(tmp_path, smollm_path, smollm):
-    enc = load_whisper_encoder(asset_path("whisper_tiny_en_ct2"))
-    model = build_speech_model(smollm, enc, ADAPTER_PRESETS["debug"], freeze_encoder=True)
-    save_speech_adapter(model, tmp_path / "speech.safetensors")
+    save_part(whisper_model(smollm), "speech", tmp_path / "speech.safetensors")
     import soundfile as sf
 
     sf.write(tmp_path / "clip.wav", torch.stack([clip(), clip()], 1).numpy(), 16000)  # stereo

@@ -65,7 +65,7 @@ def test_reduced_demo_every_stage(tmp_path):
 
     import torch
 
-    from mm_llama.adapters.checkpoint import trained_tower_dtype
+    from mm_llama.adapters.files import trained_tower_dtype
     from mm_llama.config import load_config
     from recipes.demo import DemoConfig
     from recipes.demo.config import BF16_MIN_SPEEDUP, adapter_files, eval_dtype, load_tower

@@ -156,12 +156,12 @@ def test_training_starts_from_an_hf_mllama_folder(tmp_path, capsys):
     _, _ = train(*base, f"run_dir={tmp_path / 'lr0'}", "optim.lr=0", "steps=1")
     from safetensors.torch import load_file
 
-    from mm_llama.adapters.checkpoint import load_pretrained
+    from mm_llama.adapters.hf_mllama import load_pretrained
 
     saved = load_file(tmp_path / "lr0" / "adapter.safetensors")
     release = load_pretrained(folder)
     assert float(saved["cross_attention_layers.0.gate_attn"]) == pytest.approx(0.5)
-    w = release.cross_attention_layers[0].feed_forward.w1.weight
+    w = release.image.cross_attention_layers[0].feed_forward.w1.weight
     assert torch.equal(saved["cross_attention_layers.0.feed_forward.w1.weight"], w)
     losses, _ = train(*base, f"run_dir={tmp_path / 'lr'}", "optim.lr=3e-3")
     assert len(losses) == 3 and losses[-1] < losses[0]

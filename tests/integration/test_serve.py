@@ -18,20 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def server(tmp_path, smollm_path, smollm):
     from PIL import Image
 
-    from mm_llama.adapters import save_adapter
-    from mm_llama.adapters.asr import build_speech_model, save_speech_adapter
-    from mm_llama.adapters.builders import attach_image_adapter
-    from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
+    from tests import tiny
 
-    save_adapter(attach_image_adapter(smollm, "debug"), tmp_path / "img.safetensors")
-    speech = build_speech_model(smollm, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"])
-    save_speech_adapter(speech, tmp_path / "speech.safetensors")
+    files = tiny.adapter_files(smollm, tmp_path, ["image", "speech"], gates=0.0)
     Image.new("RGB", (48, 32), (200, 30, 30)).save(tmp_path / "red.png")
     shutil.copy(ROOT / "tests" / "assets" / "make_assets.py", tmp_path / "not_media.py")
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mm-llama"), "serve", "--model", str(smollm_path),
-                             "--adapter", str(tmp_path / "img.safetensors"), "--speech-adapter",
-                             str(tmp_path / "speech.safetensors"), "--port", str(port), "--prompt",
+                             "--adapter", str(files["image"]), "--speech-adapter",
+                             str(files["speech"]), "--port", str(port), "--prompt",
                              "The capital of France is", "--max-new-tokens", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}/"

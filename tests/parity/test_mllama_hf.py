@@ -1,13 +1,20 @@
-"""Image adapter vs transformers' Mllama (tiny random configs through our HF loader), gates, freezing, counts."""
+"""The image part vs transformers' Mllama (tiny random configs through our HF loader), gates, freezing, counts,
+export to transformers and Meta's layout."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from mm_llama.adapters import FusedVisionModel, VisionEncoder, load_pretrained
-from mm_llama.adapters.builders import attach_image_adapter, get_vision_preset, xattn_schedule
+from mm_llama.adapters import ComposedModel, VisionEncoder, load_pretrained
+from mm_llama.adapters.files import load_composed, save_part
+from mm_llama.adapters.image import ImagePart, build_image_part, default_schedule, get_vision_preset
 from mm_llama.adapters.xattn import GatedCrossAttentionBlock
 from mm_llama.data.collate import cross_attention_mask
-from mm_llama.llama import Transformer, get_preset
+from mm_llama.llama import CheckpointError, RopeScaling, Transformer, get_preset
+from tests import tiny
+
+V = tiny.HF_V
 
 
 def hf_lib():
@@ -20,27 +27,9 @@ def hf_lib():
     return transformers
 
 
-V = 120
-
-
 def hf_mllama(tmp_path, cross_layers, n_text_layers, kv_heads=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = hf_lib().MllamaConfig(
-        vision_config=dict(hidden_size=32, attention_heads=4, num_hidden_layers=5, num_global_layers=2,
-                           intermediate_size=64, image_size=28, patch_size=14, max_num_tiles=4,
-                           intermediate_layers_indices=[1, 3], vision_output_dim=96),
-        text_config=dict(vocab_size=V, hidden_size=64, num_hidden_layers=n_text_layers, num_attention_heads=4,
-                         num_key_value_heads=kv_heads, intermediate_size=96, cross_attention_layers=cross_layers,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
-        image_token_index=V,
-    )  # fmt: skip
-    hf = hf_lib().MllamaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # open the gates: zero gates would hide every cross-attention bug
-        for n, p in hf.named_parameters():
-            if "gate" in n:
-                p.uniform_(-1.2, 1.2)
-    hf.save_pretrained(tmp_path)
-    return hf
+    hf_lib()
+    return tiny.hf_mllama(tmp_path, cross_layers, n_text_layers, kv_heads, seed)
 
 
 def inputs(ids, images, seed=0, img=V):
@@ -76,13 +65,17 @@ def test_logits_match_hf_mllama(tmp_path, name):
     cross, n_layers, ids, images = CASES[name]
     hf = hf_mllama(tmp_path, cross, n_layers)
     ours = load_pretrained(tmp_path, hf_compat_masking=True, intermediate_from="output")
-    assert ours.schedule == [c - k for k, c in enumerate(cross)]
+    assert ours.image.schedule == [c - k for k, c in enumerate(cross)]
     x = inputs(ids, images)
     with torch.no_grad():
         ref = hf(**x).logits
-        got = ours(**x)
+        got = ours(**x).logits
+        # the mask our data path builds from the <|image|> positions (no cross_attention_mask given)
+        derived = ours(**{k: v for k, v in x.items() if k != "cross_attention_mask"}).logits
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 1e-4
+    real = torch.tensor([[t < len(s) for t in range(got.shape[1])] for s in ids])
+    assert torch.equal(derived[real], got[real])
 
 
 def test_text_only_request_matches_hf(tmp_path):
@@ -90,7 +83,7 @@ def test_text_only_request_matches_hf(tmp_path):
     ours = load_pretrained(tmp_path)
     ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
     with torch.no_grad():
-        assert (ours(ids) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
+        assert (ours(ids).logits - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
 
 
 def test_intermediate_features_are_layer_inputs_as_in_meta(tmp_path):
@@ -98,8 +91,8 @@ def test_intermediate_features_are_layer_inputs_as_in_meta(tmp_path):
     transformers 5.x collects their OUTPUT. Ours (default, Meta) with indices [k] equals transformers 5.x
     with indices [k - 1], which pins both semantics down exactly."""
     hf_mllama(tmp_path, [2], 5)  # our indices [1, 3] (inputs) == transformers 5.x indices [0, 2] (outputs)
-    ours = load_pretrained(tmp_path)
-    assert ours.vision_encoder.args.intermediate_from == "input"
+    ours = load_pretrained(tmp_path).image
+    assert ours.vision_args.intermediate_from == "input"
     cfg = hf_lib().MllamaVisionConfig(hidden_size=32, attention_heads=4, num_hidden_layers=5, num_global_layers=2,
                                           intermediate_size=64, image_size=28, patch_size=14, max_num_tiles=4,
                                           intermediate_layers_indices=[0, 2], vision_output_dim=96)  # fmt: skip
@@ -120,19 +113,19 @@ def test_meta_masking_differs_from_hf_only_on_rows_without_images(tmp_path):
     late = inputs([[3, 4, 5, V, 6, 7]], [[(2, 2)]])  # rows 0-2 see no image
     early = inputs([[V, 4, 5, 6, 7, 8]], [[(2, 2)]])  # every row sees the image
     with torch.no_grad():
-        d_late = (meta(**late) - compat(**late)).abs().amax(-1)[0]
-        d_early = (meta(**early) - compat(**early)).abs().max()
+        d_late = (meta(**late).logits - compat(**late).logits).abs().amax(-1)[0]
+        d_early = (meta(**early).logits - compat(**early).logits).abs().max()
     assert d_late[:3].min() > 1e-3  # the leak changes the rows before the image ...
     assert d_early == 0  # ... and nothing when no row is fully masked
     # with Meta masking, rows before the first image equal the text-only model exactly
     with torch.no_grad():
-        text_only = meta(late["input_ids"][:, :3])
-        assert torch.allclose(meta(**late)[:, :3], text_only, atol=1e-6)
+        text_only = meta(late["input_ids"][:, :3]).logits
+        assert torch.allclose(meta(**late).logits[:, :3], text_only, atol=1e-6)
 
 
 def test_vision_encoder_bitwise_equal_to_hf(tmp_path):
     hf = hf_mllama(tmp_path, [2], 5)
-    ours = load_pretrained(tmp_path, intermediate_from="output")
+    ours = load_pretrained(tmp_path, intermediate_from="output").image
     x = inputs([[V, 5]], [[(3, 7)]])
     with torch.no_grad():
         ref = hf.model.vision_model(pixel_values=x["pixel_values"], aspect_ratio_ids=x["aspect_ratio_ids"],
@@ -141,34 +134,30 @@ def test_vision_encoder_bitwise_equal_to_hf(tmp_path):
     assert torch.equal(got, ref)
 
 
-def small_tower():
-    t = Transformer(get_preset("debug").replace(n_layers=8))
-    t.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
-    return t
+def small_model(**kw) -> ComposedModel:
+    tower = tiny.tower(n_layers=8)
+    return ComposedModel(tower, image=build_image_part(tower, "debug", **kw))
 
 
 def test_zero_gates_equal_bare_tower_and_tower_frozen():
-    tower = small_tower()
-    model = attach_image_adapter(tower, "debug")
-    assert model.schedule == [3, 7]
+    model = small_model()
+    assert model.image.schedule == [3, 7]
     x = inputs([[1, 512, 5, 6, 7], [512, 3, 4, 5, 6]], [[(2, 2)], [(1, 1)]], img=512)
     with torch.no_grad():
-        fused = model(**x)
-        bare = tower(embeds=model.embed(x["input_ids"]))  # same inputs (<|image|> reads its learnable row)
+        fused = model(**x).logits
+        bare = model.tower(embeds=model.embed(x["input_ids"]))  # same inputs (<|image|> reads its learnable row)
         text = torch.tensor([[1, 2, 3, 4, 5]])
-        assert torch.equal(model(text), tower(text))
-    assert torch.equal(fused, bare)  # gates at 0: the fused model IS the tower
+        assert torch.equal(model(text).logits, model.tower(text))
+    assert torch.equal(fused, bare)  # gates at 0: the composed model IS the tower
     assert not any(p.requires_grad for p in model.tower.parameters())
     model.train()
-    assert not model.tower.training and model.vision_encoder.training
+    assert not model.tower.training and model.image.vision_encoder.training
     before = {k: v.clone() for k, v in model.tower.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loss = model(**x).logsumexp(-1).mean()
-    loss.backward()
+    model(**x).logits.logsumexp(-1).mean().backward()
     opt.step()
     assert all(torch.equal(v, model.tower.state_dict()[k]) for k, v in before.items())
-    assert model.cross_attention_layers[0].gate_attn.grad is not None
-    assert "cross_attention_layers" in model.trainable_parameters_table()
+    assert model.image.cross_attention_layers[0].gate_attn.grad is not None
 
 
 def test_parameter_counts():
@@ -182,101 +171,51 @@ def test_parameter_counts():
         a = get_preset(preset)
         with torch.device("meta"):
             block = GatedCrossAttentionBlock.for_tower(a)
-        n = sum(p.numel() for p in block.parameters()) * len(xattn_schedule(a))
-        assert len(xattn_schedule(a)) == n_blocks
+        n = sum(p.numel() for p in block.parameters()) * len(default_schedule(a.n_layers))
+        assert len(default_schedule(a.n_layers)) == n_blocks
         assert abs(n - total) / total < 0.03, (preset, n)
 
 
 def test_schedule_validation():
     with pytest.raises(ValueError, match="schedule"):
-        FusedVisionModel(small_tower(), get_vision_preset("debug"), [5, 3])
+        ImagePart(get_preset("debug").replace(n_layers=8), get_vision_preset("debug"), [5, 3])
 
 
-def test_caption_generation_cached_equals_recomputed_and_full_forward():
-    from PIL import Image
-
-    from mm_llama.adapters.inference import build_prompt_ids, caption, image_inputs
-    from mm_llama.llama.tokenizer import GGUFTokenizer  # noqa: F401  (any tokenizer works; use a tiny stub)
-
-    class Tok:
-        bos_id, eos_id, pad_id, add_bos, stop_ids = 2, 1, 0, True, set()
-
-        def encode(self, text):
-            return [3 + (ord(c) % 500) for c in text]
-
-        def decode(self, ids):
-            return ",".join(map(str, ids))
-
-    torch.manual_seed(0)
-    model = attach_image_adapter(small_tower(), "debug")
+def test_adapter_file_roundtrip(tmp_path):
+    model = small_model()
     with torch.no_grad():
-        for layer in model.cross_attention_layers:
-            layer.gate_attn.fill_(0.9)
-            layer.gate_ffwd.fill_(-0.7)
-    model.eval()
-    imgs = [Image.new("RGB", (40, 30), (200, 20, 20)), [], [Image.new("RGB", (20, 50), (20, 20, 200))] * 2]
-    prompts = ["a photo of", "text only prompt", "two images:"]
-    outs = {m: caption(model, Tok(), imgs, prompts, max_new_tokens=6, media_mode=m)
-            for m in ("cached", "recompute_kv", "recompute_all")}  # fmt: skip
-    assert outs["cached"] == outs["recompute_kv"] == outs["recompute_all"]
-    # the first sample, greedy step by step with full forwards (no caches at all)
-    ids = build_prompt_ids(Tok(), model, 1, prompts[0])
-    pix = image_inputs(model, [[imgs[0]]])
-    seq = list(ids)
-    for _ in range(6):
-        x = torch.tensor([seq])
-        xm = cross_attention_mask([seq], model.image_token_id, pix["num_tiles"], 4)
-        with torch.no_grad():
-            logits = model(x, pixel_values=pix["pixel_values"], aspect_ratio_ids=pix["aspect_ratio_ids"],
-                           aspect_ratio_mask=pix["aspect_ratio_mask"], cross_attention_mask=xm)  # fmt: skip
-        seq.append(int(logits[0, -1].argmax()))
-    assert outs["cached"][0] == ",".join(map(str, seq[len(ids) :]))
-
-
-def test_adapter_only_checkpoint_roundtrip(tmp_path):
-    from mm_llama.adapters import load_adapter, save_adapter
-    from mm_llama.llama import CheckpointError
-
-    tower = small_tower()
-    model = attach_image_adapter(tower, "debug")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.01 * torch.randn_like(p))
-    save_adapter(model, tmp_path / "adapter.safetensors")
+        for p in model.image.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_part(model, "image", tmp_path / "adapter.safetensors")
     from safetensors.torch import load_file
 
     keys = load_file(tmp_path / "adapter.safetensors").keys()
     assert keys and not any(k.startswith("tower.") for k in keys)
-    back = load_adapter(small_tower(), tmp_path / "adapter.safetensors")
+    back = load_composed(tiny.tower(n_layers=8), [tmp_path / "adapter.safetensors"])
     x = inputs([[512, 3, 4, 5]], [[(2, 2)]], img=512)
     with torch.no_grad():
-        assert torch.equal(back(**x), model.eval()(**x))
+        assert torch.equal(back(**x).logits, model.eval()(**x).logits)
     other = Transformer(get_preset("debug").replace(n_layers=8, ffn_dim=96))
     with pytest.raises(CheckpointError, match="different tower.*ffn_dim"):
-        load_adapter(other, tmp_path / "adapter.safetensors")
+        load_composed(other, [tmp_path / "adapter.safetensors"])
 
 
 @pytest.mark.parametrize("scaling", [False, True])
 def test_export_roundtrip_through_transformers(tmp_path, scaling):
     """ours -> HF Mllama folder -> transformers logits == ours; and back through our loader."""
     from mm_llama.adapters import export_hf_mllama
-    from mm_llama.llama import RopeScaling
 
     args = get_preset("debug").replace(n_layers=7, rope_scaling=RopeScaling(factor=8.0) if scaling else None)
     tower = Transformer(args)
     tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(1))
-    import dataclasses
-
     # transformers 5.x takes intermediate features one layer later than Meta (see the test above): build the
     # adapter with its convention so its logits can be compared with transformers'
     vision = dataclasses.replace(get_vision_preset("debug"), intermediate_from="output")
-    model = attach_image_adapter(tower, vision, hf_compat_masking=True)
+    model = ComposedModel(tower.requires_grad_(False), image=build_image_part(tower, vision, hf_compat_masking=True))
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn_like(p))
-        for block in model.cross_attention_layers:
+        for p in model.image.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        for block in model.image.cross_attention_layers:
             block.gate_attn.fill_(0.8)
             block.gate_ffwd.fill_(-0.6)
     model.eval()
@@ -284,11 +223,11 @@ def test_export_roundtrip_through_transformers(tmp_path, scaling):
     hf = hf_lib().MllamaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     x = inputs([[512, 3, 4, 512, 5, 6], [7, 512, 8, 9, 10, 11]], [[(2, 2), (1, 1)], [(4, 6)]], img=512)
     with torch.no_grad():
-        got = model(**x)
+        got = model(**x).logits
         assert (hf(**x).logits - got).abs().max().item() <= 1e-4
         back = load_pretrained(tmp_path / "hf", hf_compat_masking=True, intermediate_from="output")
-        assert back.schedule == model.schedule
-        assert (back(**x) - got).abs().max().item() <= 1e-5
+        assert back.image.schedule == model.image.schedule
+        assert (back(**x).logits - got).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("mp", [1, 2])
@@ -298,12 +237,12 @@ def test_meta_format_roundtrip_equals_hf_folder(tmp_path, mp):
 
     hf_mllama(tmp_path / "hf", [1, 4], 6)  # cross layers before tower layers 1 and 3 = Meta's uniform schedule
     a = load_pretrained(tmp_path / "hf")
-    assert a.schedule == [1, 3]
+    assert a.image.schedule == [1, 3]
     # HF's random init fills table entries no aspect ratio owns (e.g. tile 4 of a 3x1 image); converted real
     # checkpoints have zeros there, as Meta's grids imply: make the random model representable first
     from mm_llama.adapters.meta_format import _grid_to_table, table_to_grid
 
-    ve, P, W = a.vision_encoder, a.vision_encoder.args.num_patches, a.vision_encoder.args.width
+    ve, P, W = a.image.vision_encoder, a.image.vision_args.num_patches, a.image.vision_args.width
     with torch.no_grad():
         tables = ((ve.gated_positional_embedding.tile_embedding, P), (ve.pre_tile_positional_embedding.embedding, 1),
                   (ve.post_tile_positional_embedding.embedding, 1))  # fmt: skip
@@ -311,10 +250,10 @@ def test_meta_format_roundtrip_equals_hf_folder(tmp_path, mp):
             emb.weight.copy_(_grid_to_table(table_to_grid(emb.weight, 4, p, W), 4))
     save_meta_vision(a, tmp_path / "meta", model_parallel=mp)
     b = load_pretrained(tmp_path / "meta")
-    assert b.schedule == a.schedule and b.vision_encoder.args == a.vision_encoder.args
+    assert b.image.schedule == a.image.schedule and b.image.vision_args == a.image.vision_args
     x = inputs([[V, 5, V, 6, 7], [3, 4, V, 8, 9]], [[(4, 6), (3, 7)], [(2, 5)]])
     with torch.no_grad():
-        assert torch.equal(a(**x), b(**x))
+        assert torch.equal(a(**x).logits, b(**x).logits)
 
 
 def test_meta_tile_grid_semantics():

@@ -1,4 +1,4 @@
-"""One composed model: image, video and speech adapters on one frozen tower, any subset, mixed batches."""
+"""One composed model: image, video and speech parts on one frozen tower, any subset, mixed batches, labels."""
 
 import itertools
 
@@ -6,94 +6,51 @@ import pytest
 import torch
 from PIL import Image
 
-from mm_llama.adapters.asr import build_speech_model
-from mm_llama.adapters.builders import attach_image_adapter
 from mm_llama.adapters.composed import ComposedModel, label_positions
-from mm_llama.adapters.fusion import TOKEN_ROWS
-from mm_llama.adapters.inference import image_inputs
-from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
-from mm_llama.adapters.video import AggregatorArgs, FusedVideoModel
-from mm_llama.data.collate import cross_attention_mask
-from mm_llama.llama import Transformer, get_preset
+from mm_llama.adapters.modalities.image import image_batch
+from mm_llama.llama.checkpoint import CheckpointError
+from tests import tiny
 
 T = 14  # every test sequence has this length, so samples batch without padding
 
 
-def open_gates(blocks, value=0.7):
-    with torch.no_grad():
-        for blk in blocks:
-            blk.gate_attn.fill_(value)
-            blk.gate_ffwd.fill_(value)
-
-
 @pytest.fixture(scope="module")
-def parts():
-    torch.manual_seed(0)
-    tower = Transformer(get_preset("debug").replace(n_layers=16))
-    tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
-    tower.requires_grad_(False).eval()
-    image = attach_image_adapter(tower, "debug")
-    open_gates(image.cross_attention_layers)
-    video = FusedVideoModel(image, AggregatorArgs(merge=4, heads=4))
-    open_gates(video.video_cross_attention_layers)
-    speech = build_speech_model(tower, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"])
-    for m in (image, video, speech):
-        m.eval()
-    return tower, image, video, speech
-
-
-@pytest.fixture(scope="module")
-def inputs(parts):
-    """Per kind: (composed ids [1, T], single-model ids [1, T], media)."""
-    tower, image, video, speech = parts
-    V = tower.args.vocab_size
+def inputs(tiny_model):
+    """Per kind: (ids [1, T] with the kind's token(s), its media)."""
+    m = tiny_model
     g = torch.Generator().manual_seed(1)
-    text = torch.randint(3, V, (1, T), generator=g)
+    text = torch.randint(3, m.args.vocab_size, (1, T), generator=g)
     img = Image.fromarray((torch.rand(40, 30, 3, generator=g) * 255).byte().numpy())
     frames = torch.randn(8, 3, 28, 28, generator=g)
     feats = torch.randn(37, 80, generator=g)
-    n_speech = int(speech.expected_speech_tokens(torch.tensor([37]))[0])
+    n_speech = int(m.speech.output_rows(torch.tensor([37]))[0])
     assert 0 < n_speech < T - 3
 
-    def with_token(single_id, composed_id, at, n=1):
-        single, composed = text.clone(), text.clone()
-        single[0, at : at + n], composed[0, at : at + n] = single_id, composed_id
-        return composed, single
+    def with_token(kind, at, n=1):
+        ids = text.clone()
+        ids[0, at : at + n] = m.token_id(kind)
+        return ids
 
     return {
-        "text": (text, text, None),
-        "image": (*with_token(V, V + TOKEN_ROWS["image"][0], 1), img),
-        "video": (*with_token(V + 1, V + TOKEN_ROWS["video"][0], 1), frames),
-        "speech": (*with_token(V, V + TOKEN_ROWS["speech"][0], 2, n_speech), feats),
+        "text": (text, None),
+        "image": (with_token("image", 1), img),
+        "video": (with_token("video", 1), frames),
+        "speech": (with_token("speech", 2, n_speech), feats),
     }
 
 
-def image_kwargs(image, ids_BT, imgs):
-    pix = image_inputs(image, imgs)
-    a = image.vision_encoder.args
-    xm = cross_attention_mask(ids_BT.tolist(), image.image_token_id, pix["num_tiles"], a.max_num_tiles)
-    return {k: pix[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")} | {"cross_attention_mask": xm}
-
-
-def single_output(parts, kind, ids, media):
-    tower, image, video, speech = parts
-    if kind == "text":
-        return tower(ids)
+def media_kwargs(model, kind, ids, media):
     if kind == "image":
-        return image(ids, **image_kwargs(image, ids, [[media]]))
+        return image_batch(model, [[media]])
     if kind == "video":
-        return video(ids, videos=[media])
-    return speech(ids, media[None], torch.tensor([media.shape[0]]))
-
-
-def composed_output(model, kind, ids, media):
-    if kind == "image":
-        return model(ids, **image_kwargs(model.image, ids, [[media]])).logits
-    if kind == "video":
-        return model(ids, videos=[media]).logits
+        return {"videos": [media]}
     if kind == "speech":
-        return model(ids, speech_features=[media]).logits
-    return model(ids).logits
+        return {"speech_features": [media]}
+    return {}
+
+
+def logits(model, kind, ids, media):
+    return model(ids, **media_kwargs(model, kind, ids, media)).logits
 
 
 SUBSETS = [set(s) for n in range(4) for s in itertools.combinations(("image", "video", "speech"), n)]
@@ -101,145 +58,126 @@ SUBSETS = [set(s) for n in range(4) for s in itertools.combinations(("image", "v
 
 @pytest.mark.parametrize("subset", SUBSETS, ids=lambda s: "+".join(sorted(s)) or "none")
 @torch.no_grad()
-def test_every_subset_is_exact(parts, inputs, subset):
-    """Text rows equal the bare tower; each input equals its single-adapter model, whatever else is loaded."""
-    tower, image, video, speech = parts
-    model = ComposedModel(tower, image=image if "image" in subset else None, video=video if "video" in subset else None,
-                          speech=speech if "speech" in subset else None)  # fmt: skip
-    loaded = set(model.modalities)
-    assert loaded == subset | ({"image"} if "video" in subset else set())
-    for kind in ("text", *sorted(loaded)):
-        composed_ids, single_ids, media = inputs[kind]
-        want = single_output(parts, kind, single_ids, media)
-        assert torch.equal(composed_output(model, kind, composed_ids, media), want), kind
+def test_every_subset_is_exact(tiny_tower, tiny_parts, inputs, subset):
+    """Text rows equal the bare tower; each input's output equals the model with only the part(s) it needs."""
+    need = {"image": {"image"}, "video": {"image", "video"}, "speech": {"speech"}}
+    loaded = set().union(subset, *(need[k] for k in subset))
+    model = ComposedModel(tiny_tower, {k: tiny_parts[k] for k in loaded})
+    assert set(model.modalities) == loaded
+    assert torch.equal(logits(model, "text", *inputs["text"]), tiny_tower(inputs["text"][0]))
+    for kind in sorted(subset):
+        alone = ComposedModel(tiny_tower, {k: tiny_parts[k] for k in need[kind]})
+        assert torch.equal(logits(model, kind, *inputs[kind]), logits(alone, kind, *inputs[kind])), kind
 
 
 @torch.no_grad()
-def test_mixed_batch(parts, inputs):
-    tower, image, video, speech = parts
-    model = ComposedModel(tower, image=image, video=video, speech=speech)
+def test_mixed_batch(tiny_model, inputs):
+    m = tiny_model
     kinds = ["image", "text", "speech", "video"]
     ids = torch.cat([inputs[k][0] for k in kinds])
-    out = model(
+    out = m(
         ids,
-        **image_kwargs(image, ids, [[inputs["image"][2]], [], [], []]),
-        videos=[None, None, None, inputs["video"][2]],
-        speech_features=[None, None, inputs["speech"][2], None],
+        **image_batch(m, [[inputs["image"][1]], [], [], []]),
+        videos=[None, None, None, inputs["video"][1]],
+        speech_features=[None, None, inputs["speech"][1], None],
     ).logits
     for b, kind in enumerate(kinds):
-        want = single_output(parts, kind, inputs[kind][1], inputs[kind][2])
-        torch.testing.assert_close(out[b : b + 1], want, rtol=1e-5, atol=1e-5, msg=kind)
+        torch.testing.assert_close(out[b : b + 1], logits(m, kind, *inputs[kind]), rtol=1e-5, atol=1e-5, msg=kind)
     # in a batch where the blocks run, a sample without media is exactly the bare tower on the same batch
     two = ids[:2]
-    out = model(two, **image_kwargs(image, two, [[inputs["image"][2]], []])).logits
-    assert torch.equal(out[1], tower(embeds=model.embed(two))[1])
-    assert not torch.equal(out[0], tower(embeds=model.embed(two))[0])
+    out = m(two, **image_batch(m, [[inputs["image"][1]], []])).logits
+    assert torch.equal(out[1], m.tower(embeds=m.embed(two))[1])
+    assert not torch.equal(out[0], m.tower(embeds=m.embed(two))[0])
 
 
-def test_labels_give_the_mean_loss_at_labelled_positions(parts, inputs):
-    tower, image, video, speech = parts
-    model = ComposedModel(tower, speech=speech)
-    ids, _, feats = inputs["speech"]
+def test_labels_give_the_mean_loss_at_labelled_positions(inputs):
+    m = tiny.model(["speech"])
+    ids, feats = inputs["speech"]
     labels = torch.full_like(ids, -100)
     labels[0, -4:] = ids[0, -4:]
-    out = model(ids, speech_features=[feats], labels=labels)
-    full = model(ids, speech_features=[feats]).logits[0]
+    out = m(ids, speech_features=[feats], labels=labels)
+    full = m(ids, speech_features=[feats]).logits[0]
     sel = label_positions(labels)[0]
-    assert out.logits.shape == (int(sel.sum()), tower.args.vocab_size)
-    want = torch.nn.functional.cross_entropy(full[sel], ids[0, 1:][sel[:-1]])
-    torch.testing.assert_close(out.loss, want)
+    assert out.logits.shape == (int(sel.sum()), m.args.vocab_size)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(full[sel], ids[0, 1:][sel[:-1]]))
     assert out.n_tokens == int(sel.sum()) == 4
     out.loss.backward()
-    assert all(p.grad is not None for p in speech.adapter.parameters())
-    assert all(p.grad is None for p in tower.parameters())
-    speech.zero_grad(set_to_none=True)
+    assert all(p.grad is not None for p in m.speech.adapter.parameters())
+    assert all(p.grad is None for p in m.tower.parameters())
 
 
-def test_token_rows_are_distinct_and_checked(parts):
-    tower, image, video, speech = parts
-    model = ComposedModel(tower, image=image, video=video, speech=speech)
-    V = tower.args.vocab_size
-    assert [model.token_id(k) for k in ("image", "video", "speech")] == [V, V + 8, V + 9]
-    with pytest.raises(ValueError, match="overlap"):
-        ComposedModel(tower, image=image, speech=speech, token_rows={"image": (0, 8, 0), "speech": (0, 1, 0)})
+def test_token_ids_come_from_the_registry(tiny_model, tiny_tower, tiny_parts):
+    V = tiny_tower.args.vocab_size
+    assert [tiny_model.token_id(k) for k in ("image", "video", "speech")] == [V, V + 8, V + 9]
+    assert tiny_model.token_rows == {"image": (0, 8), "video": (8, 1), "speech": (9, 1)}
     with pytest.raises(KeyError, match="no speech adapter"):
-        ComposedModel(tower, image=image).token_id("speech")
-    other = Transformer(tower.args)
-    with pytest.raises(ValueError, match="another tower"):
-        ComposedModel(other, image=image)
+        ComposedModel(tiny_tower, image=tiny_parts["image"]).token_id("speech")
+    with pytest.raises(ValueError, match="video adapter needs a image adapter"):
+        ComposedModel(tiny_tower, video=tiny_parts["video"])
 
 
-def test_frozen_tower_and_train_mode(parts):
-    tower, image, video, speech = parts
-    model = ComposedModel(tower, image=image, video=video, speech=speech)
-    model.train()
-    assert not tower.training and not image.training  # the video stage keeps its image model frozen
-    assert video.aggregator.training and speech.adapter.training
-    assert not any(p.requires_grad for p in tower.parameters())
-    model.eval()
+def test_frozen_parts_stay_in_eval_mode():
+    m = tiny.model()
+    m.image.requires_grad_(False)  # the video stage: its image part frozen
+    m.speech.encoder.requires_grad_(False)
+    m.train()
+    assert not m.tower.training and not m.image.training and not m.speech.encoder.training
+    assert m.video.aggregator.training and m.speech.adapter.training
+    assert not any(p.requires_grad for p in m.tower.parameters())
 
 
 @torch.no_grad()
-def test_adapter_files_load_together_in_any_order(parts, inputs, tmp_path):
+def test_adapter_files_load_together_in_any_order(tiny_model, inputs, tmp_path):
     import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from mm_llama.adapters.asr import save_speech_adapter
-    from mm_llama.adapters.checkpoint import save_adapter
-    from mm_llama.adapters.composed import adapter_kind, load_composed
-    from mm_llama.adapters.video import save_video_adapter
-    from mm_llama.llama.checkpoint import CheckpointError
+    from mm_llama.adapters.files import adapter_kind, load_composed, save_part
 
-    tower, image, video, speech = parts
-    files = {
-        "image": tmp_path / "i.safetensors",
-        "video": tmp_path / "v.safetensors",
-        "speech": tmp_path / "s.safetensors",
-    }
-    save_adapter(image, files["image"])
-    save_video_adapter(video, files["video"])
-    save_speech_adapter(speech, files["speech"])
+    files = {k: tmp_path / f"{k}.safetensors" for k in ("image", "video", "speech")}
+    for kind, path in files.items():
+        save_part(tiny_model, kind, path)
     assert {k: adapter_kind(p) for k, p in files.items()} == {k: k for k in files}
-    # files written before token rows were saved (the previous format) load with the default layout
+    # files written before token rows, tower shapes and dtypes were recorded load as well
     old = tmp_path / "old_speech.safetensors"
     with safe_open(str(files["speech"]), framework="pt") as f:
         meta = json.loads(f.metadata()["mm_llama"])
         state = {k: f.get_tensor(k) for k in f.keys()}
-    meta.pop("token_rows")
-    meta.pop("tower_dtype")
+    for key in ("token_rows", "tower_dtype", "tower", "version"):
+        meta.pop(key)
     save_file(state, str(old), metadata={"mm_llama": json.dumps(meta)})
-
-    want = ComposedModel(tower, image=image, video=video, speech=speech)
     for order in ([files["speech"], files["video"], files["image"]], [files["image"], old, files["video"]]):
-        fresh = Transformer(tower.args)
-        fresh.load_state_dict(tower.state_dict())
-        model = load_composed(fresh.requires_grad_(False).eval(), order)
+        model = load_composed(tiny.tower(), order)
         assert model.modalities == ["image", "video", "speech"]
         for kind in ("text", "image", "video", "speech"):
-            ids, _, media = inputs[kind]
-            assert torch.equal(composed_output(model, kind, ids, media), composed_output(want, kind, ids, media))
+            assert torch.equal(logits(model, kind, *inputs[kind]), logits(tiny_model, kind, *inputs[kind]))
     with pytest.raises(CheckpointError, match="video adapter runs on its image adapter"):
-        load_composed(tower, [files["video"]])
+        load_composed(tiny.tower(), [files["video"]])
     with pytest.raises(CheckpointError, match="two image adapters"):
-        load_composed(tower, [files["image"], files["image"]])
+        load_composed(tiny.tower(), [files["image"], files["image"]])
+    with pytest.raises(CheckpointError, match="different tower"):
+        load_composed(tiny.tower(n_layers=8), [files["image"]])
 
 
-def test_adapter_files_record_the_tower_dtype(parts, tmp_path):
+def test_adapter_files_record_the_tower_dtype(tmp_path):
     """Each adapter file says which tower weights it was trained on; `--dtype auto` loads that tower."""
-    from mm_llama.adapters.checkpoint import save_adapter, trained_tower_dtype
-    from mm_llama.adapters.video import save_video_adapter
-    from mm_llama.llama.checkpoint import CheckpointError
+    from mm_llama.adapters.files import save_part, trained_tower_dtype
 
-    tower, image, video, _ = parts
-    save_adapter(image, tmp_path / "i32.safetensors")
-    save_video_adapter(video, tmp_path / "v32.safetensors")
-    assert trained_tower_dtype([tmp_path / "i32.safetensors", tmp_path / "v32.safetensors"]) == "float32"
-    bf16 = Transformer(tower.args)
-    bf16.load_state_dict(tower.state_dict())
-    bf16.to(torch.bfloat16).requires_grad_(False)
-    save_adapter(attach_image_adapter(bf16, "debug"), tmp_path / "i16.safetensors")  # adapter fp32, tower bf16
+    m = tiny.model(["image"])
+    save_part(m, "image", tmp_path / "i32.safetensors")
+    m.tower.to(torch.bfloat16)  # the part stays fp32, the tower is bf16
+    save_part(m, "image", tmp_path / "i16.safetensors")
+    assert trained_tower_dtype([tmp_path / "i32.safetensors"]) == "float32"
     assert trained_tower_dtype([tmp_path / "i16.safetensors"]) == "bfloat16"
     with pytest.raises(CheckpointError, match="different dtypes.*i16.safetensors: bfloat16"):
-        trained_tower_dtype([tmp_path / "v32.safetensors", tmp_path / "i16.safetensors"])
+        trained_tower_dtype([tmp_path / "i32.safetensors", tmp_path / "i16.safetensors"])
+
+
+def test_parts_hold_no_tower(tiny_tower, tiny_parts):
+    towers = {id(m) for p in tiny_parts.values() for m in p.modules() if m is tiny_tower}
+    assert not towers
+    bad = torch.nn.Module()
+    bad.tower = tiny_tower
+    with pytest.raises(ValueError, match="parts hold only their own weights"):
+        ComposedModel(tiny_tower, image=bad)

@@ -5,9 +5,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mm_llama.adapters.composed import ComposedModel
 from mm_llama.engine.flops import StepFlops, device_peak_flops
-from tests.unit.test_composed import image_kwargs, inputs, parts  # noqa: F401  (fixtures)
+from tests import tiny
+from tests.unit.test_composed import inputs, media_kwargs  # noqa: F401  (fixtures)
 
 
 def count_both(model, run):
@@ -35,21 +35,22 @@ def labelled(ids):
 
 
 @pytest.mark.parametrize("kind", ["image", "video", "speech"])
-def test_step_flops_match_torch_flop_counter(parts, inputs, kind):  # noqa: F811
-    tower, image, video, speech = parts
-    model = ComposedModel(tower, image=image, video=video, speech=speech)
+def test_step_flops_match_torch_flop_counter(inputs, kind):  # noqa: F811
+    model = tiny.model()
     model.requires_grad_(False)
-    trainable = {"image": image.cross_attention_layers, "video": video.video_cross_attention_layers,
-                 "speech": speech}[kind]  # fmt: skip
+    trainable = {
+        "image": model.image.cross_attention_layers,
+        "video": model.video.video_cross_attention_layers,
+        "speech": model.speech,
+    }[kind]
     trainable.requires_grad_(True)
-    tower.requires_grad_(False)
-    ids, _, media = inputs[kind]
+    ids, media = inputs[kind]
     ids = ids.repeat(2, 1)
-    kw = {"image": lambda: image_kwargs(image, ids, [[media], [media]]), "video": lambda: {"videos": [media, media]},
-          "speech": lambda: {"speech_features": [media, media]}}[kind]  # fmt: skip
+    kw = media_kwargs(model, kind, ids, media)
+    kw = {k: (v * 2 if isinstance(v, list) else torch.cat([v, v])) for k, v in kw.items()}
 
     def run(m):
-        return m(ids, labels=labelled(ids), **kw()).loss
+        return m(ids, labels=labelled(ids), **kw).loss
 
     ours, ref = count_both(model, run)
     trainable.requires_grad_(False)
@@ -75,11 +76,10 @@ def test_convolution_flops(groups, stride, input_grad):
         assert ours.total == ref.get_total_flops()
 
 
-def test_no_backward_below_the_lowest_trainable_part(parts, inputs):  # noqa: F811
+def test_no_backward_below_the_lowest_trainable_part(tiny_tower, inputs):  # noqa: F811
     """Frozen everything: forward only; a trainable top block: backward only above it."""
-    tower, image, video, speech = parts
+    tower = tiny_tower
     ids = inputs["text"][0]
-    tower.requires_grad_(False)
     with StepFlops() as frozen:
         tower(ids)
     assert frozen.backward == 0

@@ -1,5 +1,5 @@
 """Every registered modality plug-in works through the generic paths alone: build, sample maker (picklable, no
-model inside), collate, the composed forward with labels, save/load of its adapter file."""
+model inside), collate, the composed forward with labels, save/load of its adapter file, an answer to a file."""
 
 import pickle
 from pathlib import Path
@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mm_llama.adapters.composed import ComposedModel, adapter_kind, load_composed
-from mm_llama.adapters.inference import image_inputs
-from mm_llama.adapters.modality import Modality
-from mm_llama.adapters.registry import MODALITIES, get_modality, modality_for_file
+from mm_llama.adapters.composed import ComposedModel
+from mm_llama.adapters.describe import describe
+from mm_llama.adapters.files import adapter_kind, load_composed, save_part
+from mm_llama.adapters.modalities.image import image_batch
+from mm_llama.adapters.registry import MODALITIES, get_modality, modality_for_file, token_rows
 from mm_llama.config import load_config
 from mm_llama.data.image import decode_image
 from mm_llama.data.shards import expand_urls, read_samples
@@ -18,11 +19,6 @@ from recipes.train import Collate, TrainConfig, build_model, build_tower
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARDS = {"image": "image", "video": "video", "speech": "audio"}
-
-
-@pytest.fixture(scope="module")
-def tok(smollm_tok):
-    return smollm_tok
 
 
 def built(kind):
@@ -33,10 +29,10 @@ def built(kind):
 
 def test_registry_lists_complete_plugins():
     assert list(MODALITIES) == ["image", "video", "speech"]
+    assert token_rows() == {"image": (0, 8), "video": (8, 1), "speech": (9, 1)}
     for name, spec in MODALITIES.items():
-        assert spec.name == name and spec.format and spec.exts and spec.inputs
-        for method in ("build", "save", "load", "row_table", "sample_maker", "answer", "hypotheses", "metrics"):
-            assert getattr(type(spec), method) is not getattr(Modality, method), (name, method)
+        assert spec.name == name and spec.format and spec.exts and spec.part.inputs
+        assert spec.scale.plan_pieces is not None and spec.scale.shard_units is not None
     assert modality_for_file("a/b.JPG").name == "image" and modality_for_file("x.mp4").name == "video"
     assert modality_for_file("talk.flac").name == "speech" and modality_for_file("notes.txt") is None
     with pytest.raises(KeyError, match="unknown modality 'smell'"):
@@ -44,43 +40,47 @@ def test_registry_lists_complete_plugins():
 
 
 @pytest.mark.parametrize("kind", list(MODALITIES))
-def test_plugin_through_the_generic_paths(kind, tok, tmp_path):
+def test_plugin_through_the_generic_paths(kind, smollm_tok, tmp_path):
     cfg, model = built(kind)
     spec = get_modality(kind)
     assert isinstance(model, ComposedModel) and kind in model.modalities
-    maker = spec.sample_maker(model, tok, cfg)
+    maker = spec.data.samples(model, smollm_tok, cfg)
     blob = pickle.dumps(maker)  # DataLoader workers receive it: no model inside
-    assert len(blob) < 10 * 2**20 and b"ComposedModel" not in blob and b"Fused" not in blob
+    assert (
+        len(blob) < 10 * 2**20
+        and b"ComposedModel" not in blob
+        and not any(p in blob for p in (b"ImagePart", b"VideoPart", b"SpeechPart"))
+    )
     raw = read_samples(expand_urls(str(ROOT / f"tests/assets/shards/{SHARDS[kind]}/index.json")), 2)
     batch = Collate(kind)([maker(s) for s in raw])
-    assert set(batch) == {"input_ids", "labels"} | (set(batch) & set(spec.inputs))
+    assert set(batch) == {"input_ids", "labels"} | (set(batch) & set(spec.part.inputs))
     model.train()
     out = model(**batch)
     assert torch.isfinite(out.loss) and out.n_tokens == int((batch["labels"][:, 1:] != -100).sum())
     out.loss.backward()
     assert any(p.grad is not None for p in model.part(kind).parameters() if p.requires_grad)
     assert all(p.grad is None for p in model.tower.parameters())
-    path = tmp_path / f"{kind}.safetensors"
-    spec.save(model.part(kind), path)
-    assert adapter_kind(path) == kind
-    if kind == "video":  # a video adapter travels with its image adapter
-        get_modality("image").save(model.image, tmp_path / "image.safetensors")
-        back = load_composed(model.tower, [path, tmp_path / "image.safetensors"])
-    else:
-        back = load_composed(model.tower, [path])
+    files = []
+    for k in model.kinds:  # a video adapter travels with its image adapter
+        save_part(model, k, tmp_path / f"{k}.safetensors")
+        files.append(tmp_path / f"{k}.safetensors")
+    assert adapter_kind(files[-1]) == kind
+    back = load_composed(model.tower, files)
     model.eval()
     with torch.no_grad():
         assert torch.equal(back(**batch).logits, model(**batch).logits)
+    ext = next(e for e in spec.exts if e in raw[0])
+    answer = describe(back, smollm_tok, f"clip.{ext}", raw[0][ext], max_new_tokens=3)
+    assert answer.kind == kind and isinstance(answer.text, str)
 
 
-def test_training_tiles_images_as_inference_does(tok):
-    """The debug encoder takes up to 4 tiles: the sample maker tiles like `image_inputs` (it used to resize to one
-    tile in training while inference tiled)."""
+def test_training_tiles_images_as_inference_does(smollm_tok):
+    """The debug encoder takes up to 4 tiles: the sample maker tiles as inference does (one function)."""
     cfg, model = built("image")
-    assert model.image.vision_encoder.args.max_num_tiles == 4
+    assert model.image.vision_args.max_num_tiles == 4
     raw = read_samples(expand_urls(str(ROOT / "tests/assets/shards/image/index.json")), 3)
-    batch = Collate("image")([get_modality("image").sample_maker(model, tok, cfg)(s) for s in raw])
-    ref = image_inputs(model.image, [[decode_image(s[next(e for e in ("png", "jpg", "jpeg") if e in s)])] for s in raw])
+    batch = Collate("image")([get_modality("image").data.samples(model, smollm_tok, cfg)(s) for s in raw])
+    ref = image_batch(model, [[decode_image(s[next(e for e in ("png", "jpg", "jpeg") if e in s)])] for s in raw])
     for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
         assert torch.equal(batch[k], ref[k]), k
 

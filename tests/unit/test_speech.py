@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.speech import (
     ADAPTER_PRESETS,
     CONFORMER_PRESETS,
@@ -11,39 +12,39 @@ from mm_llama.adapters.speech import (
     SpeechAdapter,
     count_params,
 )
-from mm_llama.adapters.speech_fusion import FusedSpeechModel
+from mm_llama.adapters.speech_part import build_speech_part
 from mm_llama.data.collate import build_example, collate_text, expand_placeholders
-from mm_llama.llama import Transformer, get_preset
+from mm_llama.llama import get_preset
+from tests import tiny
 
 
-def debug_models(seed=0):
+def debug_models(seed=0, **kw) -> ComposedModel:
+    """A debug tower + a debug Conformer speech part."""
+    t = tiny.tower(n_layers=2, seed=seed)
     torch.manual_seed(seed)
-    enc = ConformerEncoder(CONFORMER_PRESETS["debug"])
-    ad = SpeechAdapter(enc.out_dim, 64, ADAPTER_PRESETS["debug"])
-    tower = Transformer(get_preset("debug"))
-    tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(seed))
-    return FusedSpeechModel(tower, enc, ad).eval()
+    part = build_speech_part(t, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"], **kw)
+    return ComposedModel(t, speech=part).eval()
 
 
 @pytest.mark.parametrize("frames", [1, 3, 4, 5, 7, 8, 97, 101])
 def test_lengths_exact_for_odd_clip_lengths(frames):
-    m = debug_models()
+    m = debug_models().speech
     x = torch.randn(1, frames, 80)
-    emb = m.encode_speech(x, torch.tensor([frames]))
+    emb = m.encode(x, torch.tensor([frames]))
     enc_len = (frames + 3) // 4
     assert emb[0].shape == (((enc_len - 1) // 2 + 1), 64)
-    assert m.expected_speech_tokens(torch.tensor([frames])).item() == emb[0].shape[0]
+    assert m.output_rows(torch.tensor([frames])).item() == emb[0].shape[0]
 
 
 def test_batched_equals_unbatched():
-    m = debug_models()
+    m = debug_models().speech
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(1, 37, 80, generator=g), torch.randn(1, 90, 80, generator=g)
     batch = torch.zeros(2, 90, 80)
     batch[0, :37], batch[1] = a[0], b[0]
     with torch.no_grad():
-        both = m.encode_speech(batch, torch.tensor([37, 90]))
-        alone = [m.encode_speech(a, torch.tensor([37]))[0], m.encode_speech(b, torch.tensor([90]))[0]]
+        both = m.encode(batch, torch.tensor([37, 90]))
+        alone = [m.encode(a, torch.tensor([37]))[0], m.encode(b, torch.tensor([90]))[0]]
     for x, y in zip(both, alone):
         assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5)
 
@@ -72,29 +73,27 @@ def test_splice_and_text_only_equal_tower_and_tower_frozen():
     m = debug_models()
     text = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
-        assert torch.equal(m(text), m.tower(text))
+        assert torch.equal(m(text).logits, m.tower(text))
     frames = torch.tensor([50, 23])
-    n = m.expected_speech_tokens(frames).tolist()
-    P = m.placeholder_id
+    n = m.speech.output_rows(frames).tolist()
+    P = m.token_id("speech")
     prompts = [expand_placeholders([1, 7, P, 9], P, [k]) for k in n]
-    items = [build_example(p, [20, 21, 22]) for p in prompts]
-    batch = collate_text(items, pad_id=0)
+    batch = collate_text([build_example(p, [20, 21, 22]) for p in prompts], pad_id=0)
     feats = torch.randn(2, 50, 80)
-    logits = m(batch["input_ids"], feats, frames)
-    assert logits.shape[:2] == batch["input_ids"].shape
+    speech = [feats[0, :50], feats[1, :23]]
     assert (batch["labels"][0, : len(prompts[0])] == -100).all()
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
     m.train()
+    out = m(batch["input_ids"], speech_features=speech, labels=batch["labels"])
     assert not m.tower.training
     before = {k: v.clone() for k, v in m.tower.state_dict().items()}
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    loss.backward()
+    out.loss.backward()
     opt.step()
     assert all(p.grad is None for p in m.tower.parameters())
     assert all(torch.equal(v, m.tower.state_dict()[k]) for k, v in before.items())
-    assert m.adapter.proj.weight.grad is not None and m.encoder.input_proj.weight.grad is not None
-    with pytest.raises(ValueError, match="sample 0: 2 speech placeholder tokens but the adapter produced"):
-        m(torch.tensor([[1, P, P, 3]]), feats[:1], frames[:1])
+    assert m.speech.adapter.proj.weight.grad is not None and m.speech.encoder.input_proj.weight.grad is not None
+    with pytest.raises(ValueError, match="sample 0: 2 <.speech.> placeholders but"):
+        m(torch.tensor([[1, P, P, 3]]), speech_features=speech[:1])
 
 
 def test_paper_preset_parameter_counts():
@@ -124,64 +123,38 @@ def test_frame_stacking_lengths_and_padding(frames):
 # --- cached encoder outputs and the auxiliary CTC loss --------------------------------------------------------
 
 
-def _wav_bytes(seconds: float, freq: float) -> bytes:
-    import io
-    import wave
-
-    import numpy as np
-
-    t = np.arange(int(16000 * seconds)) / 16000
-    pcm = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(pcm.tobytes())
-    return buf.getvalue()
-
-
-def _speech_model(ctc_weight=0.0, seed=0):
-    from mm_llama.adapters.asr import build_speech_model
-    from mm_llama.adapters.composed import ComposedModel
-
-    torch.manual_seed(seed)
-    tower = Transformer(get_preset("debug"))
-    tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(seed))
-    part = build_speech_model(tower, ConformerEncoder(CONFORMER_PRESETS["debug"]), ADAPTER_PRESETS["debug"],
-                              freeze_encoder=True, ctc_weight=ctc_weight)  # fmt: skip
-    return ComposedModel(tower, speech=part)
-
-
 def test_cached_encoder_outputs_equal_live_encoding(tmp_path, smollm_tok):
     """derive_shards copies every sample with its frozen-encoder output; the sample maker trains on the cache only
     when it was written by the configured encoder, and the adapter rows from it equal the live ones (float16
     storage)."""
     from mm_llama.adapters.modalities.speech import SpeechSamples, cache_encoder_outputs, encode_speech
-    from mm_llama.adapters.speech_fusion import SpeechTokenCount
     from mm_llama.data.audio import decode_audio, log_mel
+    from mm_llama.data.badsamples import SampleError
     from mm_llama.data.shards import read_index, read_samples, write_shards
 
-    recs = [{"audio": (f"c{i}.wav", _wav_bytes(0.3 + 0.4 * i, 300 + 100 * i)), "text": f"clip {i}"} for i in range(3)]
+    recs = [
+        {"audio": (f"c{i}.wav", tiny.wav_bytes(0.3 + 0.4 * i, 300 + 100 * i)), "text": f"clip {i}"} for i in range(3)
+    ]
     write_shards(recs, tmp_path / "src", progress=False)
-    model = _speech_model().eval()
+    model = debug_models(freeze_encoder=True)
     rep = cache_encoder_outputs(model.speech.encoder, "conformer:debug", tmp_path / "src/index.json", tmp_path / "enc")
     assert rep.written == 3
     samples = read_samples(read_index(tmp_path / "enc/index.json")[0])
     assert [s["txt"] for s in samples] == [f"clip {i}".encode() for i in range(3)]
     waves = [decode_audio(s["wav"], s["__key__"], "wav") for s in samples]
-    live = encode_speech(model, [log_mel(w) for w in waves])
-    count = SpeechTokenCount.of(model.speech)
-    make = SpeechSamples(count, False, model.token_id("speech"), smollm_tok, 16, cached_encoder="conformer:debug")
-    items = [make(s) for s in samples]
-    assert all("speech_enc" in it and "speech" not in it for it in items)
-    cached = encode_speech(model, None, [it["speech_enc"] for it in items])
+    with torch.no_grad():
+        live = encode_speech(model.speech, [log_mel(w) for w in waves], None, "cpu")
+        make = SpeechSamples.of(model, smollm_tok, max_text_tokens=16, cached_encoder="conformer:debug")
+        items = [make(s) for s in samples]
+        assert all("speech_enc" in it and "speech" not in it for it in items)
+        cached = encode_speech(model.speech, None, [it["speech_enc"] for it in items], "cpu")
     for it, a, b in zip(items, live, cached):
         assert a.shape == b.shape and it["input_ids"].count(model.token_id("speech")) == a.shape[0]
         assert torch.allclose(a, b, atol=2e-3, rtol=2e-3)
     # another encoder's cache is not used: the clip is encoded live from its audio
-    other = SpeechSamples(count, False, model.token_id("speech"), smollm_tok, 16, cached_encoder="conformer:small")
+    other = SpeechSamples.of(model, smollm_tok, max_text_tokens=16, cached_encoder="conformer:small")
     assert "speech" in other(samples[0]) and "speech_enc" not in other(samples[0])
     # a damaged cache member is a counted bad sample naming the clip
-    from mm_llama.data.badsamples import SampleError
-
     with pytest.raises(SampleError, match="enc.npy"):
         make({**samples[0], "enc.npy": b"not an array"})
 
@@ -189,13 +162,13 @@ def test_cached_encoder_outputs_equal_live_encoding(tmp_path, smollm_tok):
 def test_ctc_auxiliary_loss_trains_rows_towards_the_token_table(tmp_path):
     """The CTC head adds a finite loss in training only, reaches the adapter, learns, and is saved and loaded
     with the adapter (generation never uses it)."""
-    from mm_llama.adapters.asr import load_speech_adapter, save_speech_adapter
+    from mm_llama.adapters.files import load_composed, save_part
 
-    model = _speech_model(ctc_weight=0.5)
+    model = debug_models(freeze_encoder=True, ctc_weight=0.5)
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(40, 80, generator=g), torch.randn(56, 80, generator=g)]
-    n = model.speech.expected_speech_tokens(torch.tensor([40, 56])).tolist()
-    V, sp = model.tower.args.vocab_size, model.token_id("speech")
+    n = model.speech.output_rows(torch.tensor([40, 56])).tolist()
+    sp = model.token_id("speech")
     targets = [[5, 9, 9, 3], [7, 2, 11]]
     ids, labels = [], []
     for k, t in zip(n, targets):
@@ -218,8 +191,7 @@ def test_ctc_auxiliary_loss_trains_rows_towards_the_token_table(tmp_path):
     assert float(model(**batch).aux_sum.detach()) < 0.5 * first
     model.eval()
     assert model(**batch).aux_sum is None
-    assert V > max(max(t) for t in targets)
-    save_speech_adapter(model.speech, tmp_path / "a.safetensors")
-    back = load_speech_adapter(model.tower, tmp_path / "a.safetensors")
+    save_part(model, "speech", tmp_path / "a.safetensors")
+    back = load_composed(model.tower, [tmp_path / "a.safetensors"]).speech
     assert back.ctc is not None and back.ctc.weight == 0.5
     assert torch.equal(back.ctc.blank, model.speech.ctc.blank)

@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
-from mm_llama.adapters.builders import attach_image_adapter, get_vision_preset
-from mm_llama.adapters.checkpoint import export_hf_mllama, load_adapter, save_adapter
+from mm_llama.adapters.composed import ComposedModel
+from mm_llama.adapters.files import load_composed, save_part
+from mm_llama.adapters.hf_mllama import export_hf_mllama
+from mm_llama.adapters.image import build_image_part, get_vision_preset
 from mm_llama.adapters.vision import VisionArgs, VisionEncoder
-from mm_llama.llama import Transformer, get_preset
 from mm_llama.llama.checkpoint import CheckpointError
+from tests import tiny
 
 
 def _inputs(a: VisionArgs, B: int = 2):
@@ -40,15 +42,15 @@ def test_stem_keeps_the_token_layout():
 
 def test_stem_is_saved_and_rebuilt(tmp_path):
     torch.manual_seed(0)
-    tower = Transformer(get_preset("debug")).requires_grad_(False).eval()
+    tower = tiny.tower(n_layers=2)
     vargs = dataclasses.replace(get_vision_preset("debug"), stem=(4,), stem_depth=2)
-    model = attach_image_adapter(tower, vargs).eval()
-    assert [m.stride for m in model.vision_encoder.conv_stem if hasattr(m, "stride")] == [(1, 1), (2, 2)]
+    model = ComposedModel(tower, image=build_image_part(tower, vargs)).eval()
+    assert [m.stride for m in model.image.vision_encoder.conv_stem if hasattr(m, "stride")] == [(1, 1), (2, 2)]
     path = tmp_path / "a.safetensors"
-    save_adapter(model, path)
-    again = load_adapter(tower, path)
-    assert again.vision_encoder.args.stem == (4,) and again.vision_encoder.args.stem_depth == 2
-    sd, sd2 = model.vision_encoder.state_dict(), again.vision_encoder.state_dict()
+    save_part(model, "image", path)
+    again = load_composed(tower, [path]).image
+    assert again.vision_args.stem == (4,) and again.vision_args.stem_depth == 2
+    sd, sd2 = model.image.vision_encoder.state_dict(), again.vision_encoder.state_dict()
     assert any(k.startswith("conv_stem.") for k in sd) and sd.keys() == sd2.keys()
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
     with pytest.raises(CheckpointError, match="convolutional stem"):
@@ -59,14 +61,14 @@ def test_adapter_files_without_a_stem_entry_load_plain(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    tower = Transformer(get_preset("debug")).requires_grad_(False).eval()
+    tower = tiny.tower(n_layers=2)
     path, old = tmp_path / "a.safetensors", tmp_path / "old.safetensors"
-    save_adapter(attach_image_adapter(tower, "debug"), path)
+    save_part(ComposedModel(tower, image=build_image_part(tower, "debug")), "image", path)
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["mm_llama"])
         state = {k: f.get_tensor(k) for k in f.keys()}
     meta["vision"].pop("stem")  # written before the stem existed
     meta["vision"].pop("stem_depth")
     save_file(state, str(old), metadata={"mm_llama": json.dumps(meta)})
-    assert load_adapter(tower, old).vision_encoder.args.stem == ()
-    assert load_adapter(tower, old).vision_encoder.args.stem_depth == 1
+    args = load_composed(tower, [old]).image.vision_args
+    assert args.stem == () and args.stem_depth == 1

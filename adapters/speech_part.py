@@ -1,9 +1,10 @@
-"""Splicing speech into the frozen tower: adapter outputs replace placeholder tokens, one per output frame.
+"""The speech part: an encoder (the paper's Conformer, or a pretrained Whisper encoder), the speech adapter and a
+learnable `<|speech|>` row; the adapter's output rows replace `<|speech|>` placeholders in the input, one per output
+frame (adapters/modalities/speech.py splices them).
 
 A prompt is built as  [BOS] "Repeat after me in English:" <|speech|> x n  transcript  where n is exactly the
-adapter's output length for that clip (`expected_speech_tokens`). Labels are masked on prompt and speech positions
-(`data.collate.build_example`). The tower stays frozen and in eval mode; trainable: encoder (unless frozen),
-adapter and the extra embedding rows.
+adapter's output length for that clip (`SpeechTokenCount`). Trainable: encoder (unless frozen), adapter, the token
+rows and, with `ctc_weight` > 0, a CTC head over the tower's own token table (training only).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mm_llama.llama.model import Transformer
+from mm_llama.llama.config import ModelArgs
 
-from .fusion import NUM_EXTRA_TOKENS, embed_with_extra_rows, init_extra_rows
+from .image import NUM_EXTRA_TOKENS, init_token_rows
 from .speech import SpeechAdapter, adapter_frames, conformer_frames
 from .whisper import WhisperEncoder
 
@@ -28,9 +29,9 @@ class SpeechTokenCount:
         self.whisper, self.encoder_stack, self.adapter_stack = whisper, encoder_stack, adapter_stack
 
     @classmethod
-    def of(cls, model: FusedSpeechModel) -> SpeechTokenCount:
-        whisper = isinstance(model.encoder, WhisperEncoder)
-        return cls(whisper, 1 if whisper else model.encoder.args.stack, model.adapter.args.stack)
+    def of(cls, part: SpeechPart) -> SpeechTokenCount:
+        whisper = isinstance(part.encoder, WhisperEncoder)
+        return cls(whisper, 1 if whisper else part.encoder.args.stack, part.adapter.args.stack)
 
     def from_encoder_frames(self, n_encoder_frames: int) -> int:
         """Rows for a clip whose (cached) encoder output has this many frames."""
@@ -116,73 +117,59 @@ class CTCHead(nn.Module):
         return [t for i, t in enumerate(ids) if t != blank and (i == 0 or t != ids[i - 1])]
 
 
-class FusedSpeechModel(nn.Module):
-    def __init__(self, tower: Transformer, encoder: nn.Module, adapter: SpeechAdapter, *, freeze_encoder=False,
-                 ctc_weight: float = 0.0):  # fmt: skip
+class SpeechPart(nn.Module):
+    def __init__(
+        self,
+        tower_args: ModelArgs,
+        encoder: nn.Module,
+        adapter: SpeechAdapter,
+        *,
+        freeze_encoder: bool = False,
+        ctc_weight: float = 0.0,
+    ):
         super().__init__()
-        self.tower, self.encoder, self.adapter = tower, encoder, adapter
-        self.ctc = CTCHead(tower.args.dim, ctc_weight) if ctc_weight > 0 else None
-        self.learnable_embedding = nn.Embedding(NUM_EXTRA_TOKENS, tower.args.dim)
-        init_extra_rows(self.learnable_embedding, tower)
-        self.placeholder_id = tower.args.vocab_size  # the first extra row: <|speech|>
+        self.tower_args = tower_args
+        self.encoder, self.adapter = encoder, adapter
+        self.ctc = CTCHead(tower_args.dim, ctc_weight) if ctc_weight > 0 else None
+        self.learnable_embedding = nn.Embedding(NUM_EXTRA_TOKENS, tower_args.dim)  # row 0: <|speech|>
         self.freeze_encoder = freeze_encoder
-        self.tower.requires_grad_(False)
         if freeze_encoder:
             self.encoder.requires_grad_(False)
-        self.train(False)
 
     @property
-    def args(self):
-        return self.tower.args
-
-    @property
-    def tok_embeddings(self):
-        return self.tower.tok_embeddings
+    def whisper(self) -> bool:
+        return isinstance(self.encoder, WhisperEncoder)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.tower.eval()
         if self.freeze_encoder:
             self.encoder.eval()
         return self
 
-    def expected_speech_tokens(self, feature_lengths: torch.Tensor) -> torch.Tensor:
-        enc = self.encoder
-        lengths = enc.output_lengths(feature_lengths)
-        return self.adapter.output_lengths(lengths)
-
-    def encode_speech(self, features_BFM: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-        """Per clip [n_tokens, D] embeddings (features: log-mel [B, F, n_mels]; Whisper's own features for Whisper)."""
-        return self.adapt(*self.run_encoder(features_BFM, lengths))
+    def output_rows(self, feature_lengths: torch.Tensor) -> torch.Tensor:
+        """Adapter output rows for clips of these feature lengths."""
+        return self.adapter.output_lengths(self.encoder.output_lengths(feature_lengths))
 
     def run_encoder(self, features_BFM: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (encoder output [B, T, D_enc], its lengths [B])."""
         return run_encoder(self.encoder, features_BFM, lengths)
 
     def adapt(self, h_BTD: torch.Tensor, enc_len: torch.Tensor) -> list[torch.Tensor]:
-        """Encoder output (live or cached) -> per clip adapter rows [n_tokens, D]."""
+        """Encoder output (live or cached) -> per clip adapter rows [n_rows, D]."""
         out, out_len = self.adapter(h_BTD, enc_len)
         return [out[b, : int(n)] for b, n in enumerate(out_len)]
 
-    def embed(self, input_ids_BT: torch.Tensor, speech: list[torch.Tensor] | None) -> torch.Tensor:
-        h = embed_with_extra_rows(self.tower, self.learnable_embedding, input_ids_BT)
-        if speech is not None:
-            h = h.clone()
-            for b, emb in enumerate(speech):
-                where = (input_ids_BT[b] == self.placeholder_id).nonzero().squeeze(-1)
-                if len(where) != emb.shape[0]:
-                    raise ValueError(
-                        f"sample {b}: {len(where)} speech placeholder tokens but the adapter produced {emb.shape[0]} "
-                        "frames (expand the placeholder with expected_speech_tokens)"
-                    )
-                h[b, where] = emb.to(h.dtype)
-        return h
+    def encode(self, features_BFM: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Per clip [n_rows, D] (features: log-mel [B, F, n_mels]; Whisper's own features for Whisper)."""
+        return self.adapt(*self.run_encoder(features_BFM, lengths))
 
-    def forward(self, input_ids, features=None, feature_lengths=None, *, speech=None, positions=None, mask=None,
-                cache=None, last_only=False, select=None):  # fmt: skip
-        """Logits [B, T, V]. features/feature_lengths: one clip per sample (length 0: no audio);
-        speech: precomputed `encode_speech` output (generation encodes once, then splices at prefill only)."""
-        if speech is None and features is not None:
-            speech = self.encode_speech(features, feature_lengths)
-        h = self.embed(input_ids, speech)
-        return self.tower(embeds=h, positions=positions, mask=mask, cache=cache, last_only=last_only, select=select)
+
+def build_speech_part(tower, encoder: nn.Module, adapter_args, **kw) -> SpeechPart:
+    """A fresh speech part for `tower`: its outputs and token rows start at the scale of the tower's token table."""
+    table = tower.tok_embeddings.weight
+    adapter = SpeechAdapter(encoder.args.width, tower.args.dim, adapter_args)
+    if not table.is_meta:  # the meta device: the memory plan's model (shapes only)
+        adapter.init_output_scale(float(table.detach().float().std()))
+    part = SpeechPart(tower.args, encoder, adapter, **kw)
+    init_token_rows(part.learnable_embedding, table)
+    return part

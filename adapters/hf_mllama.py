@@ -1,4 +1,5 @@
-"""Load Llama 3.2 Vision-style checkpoints into `FusedVisionModel`.
+"""Llama 3.2 Vision checkpoints in the Hugging Face Mllama layout: loading (a `ComposedModel` of the text tower and
+its image part) and export (tower + trained image part -> a folder transformers loads).
 
 Supported now: Hugging Face Mllama folders (`config.json` with model_type "mllama" + safetensors), in both the
 transformers 4 key layout (`language_model.model.*`, `language_model.lm_head`, `vision_model.*`,
@@ -27,7 +28,8 @@ from mm_llama.llama.checkpoint import (
 )
 from mm_llama.llama.model import Transformer
 
-from .fusion import NUM_EXTRA_TOKENS, TOKEN_ROWS, FusedVisionModel
+from .composed import ComposedModel
+from .image import NUM_EXTRA_TOKENS, ImagePart
 from .vision import VisionArgs
 
 _XATTN_KEYS = {
@@ -91,7 +93,7 @@ def _normalise_hf_key(key: str) -> tuple[str, str]:
 
 def mllama_skeleton(
     folder: Path, hf_compat_masking: bool = False, intermediate_from: str = "input"
-) -> tuple[FusedVisionModel, list[int], dict]:
+) -> tuple[ComposedModel, list[int], dict]:
     """The model an HF Mllama folder describes, built on the meta device from its config.json alone (no weights
     read): (model, its HF flat indices of the cross-attention layers, flat index -> tower layer)."""
     cfg_path = folder / "config.json"
@@ -120,7 +122,8 @@ def mllama_skeleton(
             j += 1
     vargs = vision_args_from_hf(vc, str(cfg_path), intermediate_from)
     with torch.device("meta"):
-        model = FusedVisionModel(Transformer(args), vargs, schedule, hf_compat_masking=hf_compat_masking)
+        tower = Transformer(args)
+        model = ComposedModel(tower, image=ImagePart(args, vargs, schedule, hf_compat_masking=hf_compat_masking))
     return model, cross, flat_to_self
 
 
@@ -128,17 +131,16 @@ def load_hf_mllama(
     folder: Path, dtype=torch.float32, device="cpu", hf_compat_masking: bool = False, intermediate_from: str = "input",
     *, tower: Transformer | None = None, text_only: bool = False,
 ):  # fmt: skip
-    """An HF Mllama folder -> FusedVisionModel (all frozen). `text_only`: only the text tower is read and returned
-    (training a recipe on the folder's tower); `tower`: the image adapter is read onto this already-loaded tower
-    of the same shape and the text weights are not read again."""
+    """An HF Mllama folder -> a ComposedModel of its text tower and image part (all frozen). `text_only`: only the
+    text tower is read and returned (training a recipe on the folder's tower); `tower`: only the image part is read
+    and returned, for this already-loaded tower of the same shape (the text weights are not read again)."""
     from safetensors import safe_open
 
+    folder = Path(folder)
     model, cross, flat_to_self = mllama_skeleton(folder, hf_compat_masking, intermediate_from)
     args = model.tower.args
-    if tower is not None:
-        if tower.args != args:
-            raise CheckpointError(f"{folder}: its text model ({args}) is not the given tower ({tower.args})")
-        model.tower = tower
+    if tower is not None and tower.args != args:
+        raise CheckpointError(f"{folder}: its text model ({args}) is not the given tower ({tower.args})")
     filler = ParamFiller(model, source=str(folder), dtype=dtype, device=device, requires_grad=False)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -160,9 +162,9 @@ def load_hf_mllama(
                     raise CheckpointError(f"{f}: unexpected key {key!r} for an Mllama checkpoint") from None
                 get = functools.partial(sf.get_tensor, key)
                 if part == "vision":
-                    put(f"vision_encoder.{rest}", get, key)
+                    put(f"image.vision_encoder.{rest}", get, key)
                 elif part == "projector":
-                    put(f"vision_projection.{rest}", get, key)
+                    put(f"image.vision_projection.{rest}", get, key)
                 elif part == "lm_head":
                     put("tower.output.weight", get, key)
                 elif rest == "embed_tokens.weight":
@@ -171,7 +173,7 @@ def load_hf_mllama(
                     if t.shape[0] != V + NUM_EXTRA_TOKENS:
                         raise CheckpointError(f"{f}: {key}: expected {V}+{NUM_EXTRA_TOKENS} rows, found {t.shape[0]}")
                     put("tower.tok_embeddings.weight", lambda t=t, V=V: t[:V], key)
-                    put("learnable_embedding.weight", lambda t=t, V=V: t[V:], key)
+                    put("image.learnable_embedding.weight", lambda t=t, V=V: t[V:], key)
                 elif rest == "norm.weight":
                     put("tower.norm.weight", get, key)
                 elif "rotary_emb" in rest:
@@ -185,7 +187,7 @@ def load_hf_mllama(
                         k = cross.index(flat)
                         if tail not in _XATTN_KEYS:
                             raise CheckpointError(f"{f}: unexpected cross-attention key {key!r}")
-                        put(f"cross_attention_layers.{k}.{_XATTN_KEYS[tail]}", get, key)
+                        put(f"image.cross_attention_layers.{k}.{_XATTN_KEYS[tail]}", get, key)
                     else:
                         meta = hf_to_meta_key(f"layers.{flat_to_self[flat]}.{tail}")
                         if meta is None:
@@ -196,16 +198,13 @@ def load_hf_mllama(
     if args.tie_embeddings:
         filler.skip("tower.output.weight")
     filler.finish()
+    if tower is not None:
+        return model.image.requires_grad_(False).eval()
+    model.tower.tie_weights()
+    model.tower.reset_buffers()
     if text_only:
-        tower = model.tower
-        tower.tie_weights()
-        tower.reset_buffers()
-        return tower.requires_grad_(False).eval()
-    if tower is None:
-        model.tower.tie_weights()
-        model.tower.reset_buffers()
-    model.freeze_tower()
-    return model
+        return model.tower.requires_grad_(False).eval()
+    return model.requires_grad_(False).eval()
 
 
 def is_mllama_folder(path) -> bool:
@@ -219,7 +218,8 @@ def is_mllama_folder(path) -> bool:
 def load_pretrained(
     path, dtype=torch.float32, device="cpu", *, hf_compat_masking: bool = False, intermediate_from: str = "input"
 ):
-    """Llama 3.2 Vision model from a Hugging Face Mllama folder or a Meta folder (params.json + consolidated.pth).
+    """Llama 3.2 Vision from a Hugging Face Mllama folder or a Meta folder (params.json + consolidated.pth): a
+    ComposedModel of its text tower and image part.
 
     Defaults follow Meta's reference code. To reproduce transformers 5.x numerics exactly pass
     `hf_compat_masking=True` (its cross-attention row leak) and `intermediate_from="output"` (its vision encoder
@@ -237,135 +237,17 @@ def load_pretrained(
 
 
 # ----------------------------------------------------------------------------------------------
-# adapter-only checkpoints: just the trainable weights, plus what is needed to rebuild the modules
-
-
-def _adapter_meta(model: FusedVisionModel) -> dict:
-    import dataclasses
-
-    v = dataclasses.asdict(model.vision_encoder.args)
-    v.pop("extra", None)
-    a = model.tower.args
-    return {
-        "format": "mm_llama.image_adapter.v1",
-        "token_rows": {"image": list(TOKEN_ROWS["image"])},
-        "vision": v,
-        "schedule": model.schedule,
-        "image_token_id": model.image_token_id,
-        "tower": {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-                  "vocab_size": a.vocab_size, "ffn_dim": a.ffn_dim},
-    }  # fmt: skip
-
-
-def tower_weight_dtype(model: torch.nn.Module) -> str | None:
-    """The dtype name of the frozen tower's weights in `model` (its token embedding), e.g. "bfloat16"."""
-    for name, p in model.named_parameters():
-        if name == "tok_embeddings.weight" or name.endswith(".tok_embeddings.weight"):
-            return str(p.dtype).removeprefix("torch.")
-    return None
-
-
-def save_trainable(model: torch.nn.Module, path: str | Path, meta: dict, frozen_prefix: str) -> None:
-    """Write every weight outside `frozen_prefix` to a safetensors file with `meta`, atomically (temp + rename).
-    The metadata also records `tower_dtype`, the tower's weight dtype the part was trained with, so inference can
-    run it on the same tower (`trained_tower_dtype`). Weights sharded with FSDP2 (a run with
-    `parallel.adapters=fsdp`) are gathered whole: then every rank calls this (a collective) and rank 0 writes."""
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    from mm_llama.engine.shard import gather_full, is_sharded
-
-    path = Path(path)
-    meta = {"tower_dtype": tower_weight_dtype(model), **meta}
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(frozen_prefix)}
-    writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if any(is_sharded(v) for v in state.values()):
-        state = gather_full(state, keep=writer)
-    if not writer:
-        return
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"mm_llama": json.dumps(meta)})
-    tmp.replace(path)
-
-
-def load_trainable(model: torch.nn.Module, path: str | Path, frozen_prefix: str) -> None:
-    """Load what `save_trainable` wrote; the file must hold exactly the weights outside `frozen_prefix`."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    expected = {k for k in model.state_dict() if not k.startswith(frozen_prefix)}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    model.load_state_dict(state, strict=False)
-
-
-def save_adapter(model: FusedVisionModel, path: str | Path) -> None:
-    """Write the trainable (non-tower) weights to a safetensors file, atomically (temp file + rename)."""
-    save_trainable(model, path, _adapter_meta(model), "tower.")
-
-
-def read_adapter_meta(path: str | Path) -> dict:
-    """The mm_llama metadata of an adapter checkpoint (image, video or speech)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter checkpoint does not exist: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("mm_llama")
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
-    if meta is None:
-        raise CheckpointError(f"{path}: no mm_llama adapter metadata (was it written by an mm_llama save_* function?)")
-    return json.loads(meta)
-
-
-def trained_tower_dtype(paths) -> str:
-    """The tower weight dtype the adapter files were trained with ("float32" for files that do not record it);
-    a CheckpointError names the files when they disagree."""
-    seen = {str(p): read_adapter_meta(p).get("tower_dtype") or "float32" for p in paths}
-    if len(set(seen.values())) > 1:
-        listed = ", ".join(f"{p}: {d}" for p, d in seen.items())
-        raise CheckpointError(f"the adapters were trained on towers of different dtypes ({listed}); pick one with "
-                              "--dtype")  # fmt: skip
-    return next(iter(seen.values()), "float32")
-
-
-def load_adapter(tower: Transformer, path: str | Path, dtype=None, device=None) -> FusedVisionModel:
-    """Attach the image adapter stored at `path` to `tower` (checked against the tower it was trained on)."""
-    meta = read_adapter_meta(path)
-    want = meta["tower"]
-    a = tower.args
-    have = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-            "vocab_size": a.vocab_size, "ffn_dim": a.ffn_dim}  # fmt: skip
-    diff = {k: (want[k], have[k]) for k in want if want[k] != have.get(k)}
-    if diff:
-        raise CheckpointError(f"{path}: adapter was trained on a different tower: {diff} (adapter, this tower)")
-    v = dict(meta["vision"])
-    v["intermediate_layers"] = tuple(v["intermediate_layers"])
-    v["stem"] = tuple(v.get("stem", ()))  # adapter files written before the stem existed have none
-    model = FusedVisionModel(tower, VisionArgs(**v), meta["schedule"], image_token_id=meta["image_token_id"])
-    load_trainable(model, path, "tower.")
-    p = tower.tok_embeddings.weight
-    model.to(device=device or p.device, dtype=dtype or p.dtype)
-    model.freeze_tower()
-    return model.eval()
-
-
-# ----------------------------------------------------------------------------------------------
 # export: tower + trained adapter -> a Hugging Face Mllama folder transformers can load
 
 _XATTN_KEYS_INV = {v: k for k, v in _XATTN_KEYS.items()}
 
 
 def export_hf_mllama(
-    model: FusedVisionModel, folder: str | Path, *, dtype=None, bos_id=None, eos_id=None, pad_id=None
+    model: ComposedModel, folder: str | Path, *, dtype=None, bos_id=None, eos_id=None, pad_id=None
 ) -> Path:
-    """Write config.json + model.safetensors in the Mllama layout (one flat layer list, cross-attention layers
-    at flat index schedule[k] + k; embed_tokens = frozen table + learnable rows; q/k rows permuted for HF RoPE)."""
+    """Write the tower and image part of `model` as config.json + model.safetensors in the Mllama layout (one flat
+    layer list, cross-attention layers at flat index schedule[k] + k; embed_tokens = frozen table + learnable rows;
+    q/k rows permuted for HF RoPE)."""
     import dataclasses
 
     from safetensors.torch import save_file
@@ -374,12 +256,13 @@ def export_hf_mllama(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    a, v = model.tower.args, model.vision_encoder.args
+    image = model.part("image")
+    a, v = model.tower.args, image.vision_args
     if a.head_dim != a.dim // a.n_heads:
         raise CheckpointError("Mllama configs cannot express head_dim != hidden_size // num_attention_heads")
     if v.stem:
         raise CheckpointError(f"Mllama configs cannot express a convolutional stem (vision stem {v.stem})")
-    cross_flat = [s + k for k, s in enumerate(model.schedule)]
+    cross_flat = [s + k for k, s in enumerate(image.schedule)]
     n_flat = a.n_layers + len(cross_flat)
     self_flat = [f for f in range(n_flat) if f not in cross_flat]
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
@@ -389,7 +272,7 @@ def export_hf_mllama(
         if key == "output.weight" and a.tie_embeddings:
             continue
         if key == "tok_embeddings.weight":
-            sd["language_model.model.embed_tokens.weight"] = torch.cat([t, model.learnable_embedding.weight], 0)
+            sd["language_model.model.embed_tokens.weight"] = torch.cat([t, image.learnable_embedding.weight], 0)
             continue
         if key == "output.weight":
             sd["language_model.lm_head.weight"] = t
@@ -403,12 +286,12 @@ def export_hf_mllama(
         elif key.endswith("attention.wk.weight"):
             t = permute_meta_to_hf(t, a.n_kv_heads)
         sd["language_model." + hf] = t
-    for k, block in enumerate(model.cross_attention_layers):
+    for k, block in enumerate(image.cross_attention_layers):
         for name, t in block.state_dict().items():
             sd[f"language_model.model.layers.{cross_flat[k]}.{_XATTN_KEYS_INV[name]}"] = t
-    for name, t in model.vision_encoder.state_dict().items():
+    for name, t in image.vision_encoder.state_dict().items():
         sd[f"vision_model.{name}"] = t
-    for name, t in model.vision_projection.state_dict().items():
+    for name, t in image.vision_projection.state_dict().items():
         sd[f"multi_modal_projector.{name}"] = t
     save_file({k: cast(t.detach().cpu().contiguous()) for k, t in sd.items()}, str(folder / "model.safetensors"))
     text_config = {
@@ -456,7 +339,7 @@ def export_hf_mllama(
     config = {
         "model_type": "mllama",
         "architectures": ["MllamaForConditionalGeneration"],
-        "image_token_index": model.image_token_id,
+        "image_token_index": a.vocab_size,
         "text_config": text_config,
         "vision_config": vision_config,
     }
