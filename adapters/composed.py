@@ -133,6 +133,10 @@ class ComposedModel(nn.Module):
             units += [u for u in MODALITIES[kind].scale.shard_units(self.part(kind)) if u not in units]
         return units
 
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the parts' media encoders (the plug-ins' `encoders`)."""
+        return [p for k in self.kinds for m in MODALITIES[k].part.encoders(self.part(k)) for p in m.parameters()]
+
     def compute_context(self):
         """Generation and evaluation compute as training did: under autocast of the tower's weight dtype when that
         is a 16-bit type (the parts stay fp32), plainly for an fp32 tower."""

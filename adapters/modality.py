@@ -86,6 +86,7 @@ class PartHooks:
     step_state: Callable[[Any, int, int], Any] = _same_state  # the state for layout positions [start, start + n)
     aux_loss: Callable[..., torch.Tensor | None] = _none  # (model, state, input_ids, labels): summed, or None
     base_parts: Callable[..., dict] = lambda tower, cfg: {}
+    encoders: Callable[[nn.Module], list[nn.Module]] = lambda part: []  # its media encoders (optim.encoder_lr_scale)
 
 
 @dataclass(frozen=True)

@@ -25,17 +25,13 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the demo's own code
-
 from mm_llama.adapters.image import get_vision_preset
 from mm_llama.data import corpora
-from recipes.demo.data_stages import classifier_accuracy, train_classifier  # noqa: E402
+from mm_llama.recipes.demo.data_stages import classifier_accuracy, train_classifier  # noqa: E402
 
 
 def held_out(n: int, seed: int) -> list[dict]:

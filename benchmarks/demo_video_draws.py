@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the demo's own code
-
 from mm_llama.data import corpora  # noqa: E402
 from mm_llama.data.shards import read_index, read_samples, write_shards  # noqa: E402
-from recipes.demo.data_stages import classifier_accuracy, classifier_video_hits, hit_fractions, load_classifier  # noqa: E402
+from mm_llama.recipes.demo.data_stages import classifier_accuracy, classifier_video_hits, hit_fractions, load_classifier  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -29,7 +28,6 @@ from mm_llama.llama import Tokenizer, load_pretrained
 
 MEM_CHILD = r"""
 import sys, torch, json
-sys.path.insert(0, sys.argv[2])
 from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder, SpeechAdapter
 from mm_llama.data.audio import log_mel
 torch.manual_seed(0)
@@ -95,7 +93,7 @@ def main():
     print(f"ASR real-time factor (whisper tiny.en + adapter + SmolLM2-135M, 5 s clip, <=24 tokens): {t / 5:.3f}")
     print(f"{'clip length':<14}{'peak RSS added (MB)':>22}{'adapter tokens':>16}")
     for sec in (5, 15, 30, 60):
-        out = subprocess.run([sys.executable, "-c", MEM_CHILD, str(sec), str(Path(__file__).resolve().parents[1])],
+        out = subprocess.run([sys.executable, "-c", MEM_CHILD, str(sec)],
                              capture_output=True, text=True, check=True)  # fmt: skip
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{sec:>5} s{'':<8}{r['added'] / 1e6:>22.0f}{r['tokens']:>16}")

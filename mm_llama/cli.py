@@ -200,17 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_plan(args) -> int:
-    """recipes/plan.py reads the training recipe's configs, so it runs from a checkout (the editable install's)."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "recipes" / "plan.py").is_file():
-        print("mm-llama plan: the recipes/ folder of a checkout is needed (pip install -e the repository)",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from recipes.plan import main as plan_main
+    """The memory plan (the recipe's own: mm_llama.recipes.plan, installed with the package)."""
+    from mm_llama.recipes.plan import main as plan_main  # noqa: PLC0415 - the recipe layer, loaded on demand
 
     return plan_main(args.args, prog="mm-llama plan")
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from mm_llama.assets import resolve
-from mm_llama.config import load_config
-from recipes.train import TrainConfig, build_model, build_tower, load_trained_weights, tower_dtype
+from mm_llama.engine.parallelize import weight_dtype
+from mm_llama.engine.trainer import load_trained_weights
+
+from .train import load_train_config, model_for
 
 
 def main(argv=None) -> int:
@@ -44,14 +46,14 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    cfg = load_train_config(args.config, args.overrides)
     spec = get_modality(cfg.model.modality)
     info = init_distributed(device="cpu" if not torch.cuda.is_available() else None)
     tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
     # the tower it was trained with: its weights in the training dtype (bf16 under bf16 autocast where the recipe
     # trained that way), the trained part in fp32; an fp32 tower is not the model a bf16-trained adapter learnt on
-    dt = tower_dtype(cfg, info.device)
-    model = build_model(cfg, build_tower(cfg).to(dtype=dt)).to(info.device)
+    dt = weight_dtype(cfg.dtype, info.device)
+    model = model_for(cfg, dt).to(info.device)
     weights, _, _ = load_checkpoint(args.checkpoint, 0)
     load_trained_weights(model, weights, args.checkpoint)
     model.eval()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def meta_model(cfg):
     from mm_llama.assets import resolve
     from mm_llama.llama import Transformer, get_preset
     from mm_llama.llama.checkpoint import read_checkpoint
-    from recipes.train import TowerCfg
+
+    from .train import TowerCfg
 
     spec = get_modality(cfg.model.modality)
     sections = {name: _without_files(getattr(cfg.model, name), m.scale.file_options) for name, m in MODALITIES.items()}
@@ -84,10 +86,10 @@ def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: in
     """ModelSizes for the config's model and micro-batch; dtype as the recipe picks it on `device`."""
     from mm_llama.adapters.plan import Workload, measure_model, param_bytes
     from mm_llama.adapters.registry import get_modality
-    from recipes.train import tower_dtype
+    from mm_llama.engine.parallelize import weight_dtype
 
     model = meta_model(cfg)
-    dt = tower_dtype(cfg, device)
+    dt = weight_dtype(cfg.dtype, device)
     labels = labels or cfg.data.max_text_tokens + 1
     seq_len = seq_len or labels + PROMPT_TOKENS
     w = Workload(cfg.data.batch_size, seq_len, labels, tower_dtype=dt, compute_dtype=dt)
@@ -190,76 +192,49 @@ def to_json(sizes, w, plans, own) -> dict:
 
 
 def measured_step(cfg) -> tuple[int, dict, object]:
-    """Peak bytes of one real training step of `cfg` on this rank (the recipe's own model, sharding, engine,
-    optimizer and first batch of `data.train`), after a first step so AdamW's state exists; under torchrun every
-    rank runs it with the config's `parallel.*` layout. CUDA: the allocator's peak; CPU: the bytes of every live
-    tensor of the model (this rank's shards), buckets and optimizer before the step plus the profiler's high-water
-    mark of allocations during it. Returns (peak, the batch's shapes for the plan, the process-group info)."""
-    from mm_llama.adapters.registry import get_modality
-    from mm_llama.assets import resolve
-    from mm_llama.data.loader import StreamingLoader
-    from mm_llama.engine import DistributedDataParallel, init_distributed
-    from mm_llama.engine.shard import is_sharded
-    from mm_llama.engine.step import train_step
-    from mm_llama.llama import Tokenizer
-    from recipes.train import Collate, build_model, build_tower, checkpoint_activations, shard_tower, tower_dtype
+    """Peak bytes of one real training step of `cfg` on this rank: the training recipe's own trainer (model,
+    placement, engine, optimizer) on the first batch of `data.train`, after a first step so AdamW's state exists
+    (no run folder is touched: the trainer runs in a temporary one, resume off); under torchrun every rank runs it
+    with the config's `parallel.*` layout. CUDA: the allocator's peak; CPU: the bytes of every live tensor of the
+    model (this rank's shards), buckets and optimizer before the step plus the profiler's high-water mark of
+    allocations during it. Returns (peak, the batch's shapes for the plan, the process-group info)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available()
-    info = init_distributed(device=None if cuda else "cpu")
-    device = info.device
-    torch.manual_seed(cfg.seed)
-    spec = get_modality(cfg.model.modality)
-    dt = tower_dtype(cfg, device)
-    amp = torch.bfloat16 if dt == torch.bfloat16 else None
-    tower = build_tower(cfg).to(dtype=dt)
-    model = build_model(cfg, tower)
-    if cfg.activation_checkpointing:
-        checkpoint_activations(model)
-    if cfg.parallel.tower == "fsdp" and info.distributed:
-        shard_tower(model, info, cfg.parallel.mesh, adapters=cfg.parallel.adapters == "fsdp", compute_dtype=amp)
-    else:
-        model.to(device)
-    model.train()
-    wrapped = DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [g for g in ([p for p in trainable if not is_sharded(p)], [p for p in trainable if is_sharded(p)]) if g]
-    opt = torch.optim.AdamW([{"params": g} for g in groups], lr=cfg.optim.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
-    loader = StreamingLoader(cfg.data.train, map_fn=spec.data.samples(model, tok, cfg), collate_fn=Collate(spec.name),
-                             batch_size=cfg.data.batch_size, batches_per_epoch=1, shuffle_buffer=1, seed=cfg.seed,
-                             rank=info.rank, world_size=info.world_size, split=cfg.data.split)  # fmt: skip
-    batch = next(iter(loader))
+    from mm_llama.engine.shard import is_sharded
+
+    from .train import trainer_for
+
+    cfg = replace(cfg, resume="none", run_dir=tempfile.mkdtemp(prefix="mm_llama_plan_"), tensorboard=False)
+    trainer = trainer_for(cfg, batches_per_epoch=1, shuffle_buffer=1)
+    batch = next(iter(trainer.loader))
 
     def step():
-        train_step(wrapped, opt, sched, iter([batch]), trainable, device=device, autocast_dtype=amp,
-                   world_size=info.world_size)  # fmt: skip
+        trainer.step(iter([batch]))
 
     step()
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     shapes = {"seq_len": int(batch["input_ids"].shape[1]), "labels": labelled / batch["input_ids"].shape[0]}
-    if cuda:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(), shapes, info
-    from torch.profiler import ProfilerActivity, profile
-
+        return torch.cuda.max_memory_allocated(), shapes, trainer.info
     live: dict[int, int] = {}
-    tensors = [*model.parameters(), *model.buffers(), *(b.buffer for b in wrapped.buckets)]
-    tensors += [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    tensors = [*trainer.model.parameters(), *trainer.model.buffers()]
+    tensors += [b.buffer for b in getattr(trainer.wrapped, "buckets", [])]
+    tensors += [t for st in trainer.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
     for t in tensors:
         st = (t.to_local() if is_sharded(t) else t).untyped_storage()
         live[st._cdata] = st.nbytes()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     level = high = 0
-    for _, delta in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                           if e.name() == "[memory]"):  # fmt: skip
+    events = prof.profiler.kineto_results.events()
+    for _, delta in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
         level += delta
         high = max(high, level)
-    return sum(live.values()) + high, shapes, info
+    return sum(live.values()) + high, shapes, trainer.info
 
 
 def check(cfg) -> dict:
@@ -305,15 +280,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from mm_llama.config import ConfigError, load_config
+    from mm_llama.config import ConfigError
     from mm_llama.llama.checkpoint import CheckpointError
-    from recipes.train import TrainConfig
+
+    from .train import load_train_config
 
     if args.gpus < 1 or args.gpu_mem <= 0 or args.gpus_per_machine < 1:
         print("plan: --gpus and --gpus-per-machine must be >= 1 and --gpu-mem > 0", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg = load_train_config(args.config, args.overrides)
         sizes, w, plans, own = plan_config(cfg, args.gpus, args.gpu_mem, args.gpus_per_machine, seq_len=args.seq_len)
     except (ConfigError, CheckpointError, FileNotFoundError, KeyError, NotImplementedError) as e:
         print(f"mm-llama plan: error: {e}", file=sys.stderr)

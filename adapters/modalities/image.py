@@ -238,6 +238,7 @@ SPEC = Modality(
         prepare=prepare,
         blocks=lambda model, state: model.image.blocks(*state),
         step_state=slice_positions,
+        encoders=lambda part: [part.vision_encoder],
     ),
     data=DataHooks(medium=IMAGE, samples=samples, collate=collate),
     inference=InferenceHooks(what="caption", requests=requests),

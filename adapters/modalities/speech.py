@@ -308,6 +308,7 @@ SPEC = Modality(
         input_rows=input_rows,
         step_state=lambda state, start, n: state if start == 0 else None,  # spliced at prefill only
         aux_loss=aux_loss,
+        encoders=lambda part: [part.encoder],
     ),
     data=DataHooks(medium=AUDIO, samples=samples, collate=collate),
     inference=InferenceHooks(

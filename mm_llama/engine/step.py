@@ -6,8 +6,9 @@ tokens) and `.n_tokens`.
     train_step(wrapped, optimizer, ...)       -> one optimizer step: forward_backward, global loss, clip, step
 
 The loss is normalised by the GLOBAL number of labelled tokens of the step (all ranks, all micro-batches), so the
-DDP average of the gradients is the gradient of the global token mean, whatever the split across ranks. Micro-
-batches before the last run under `no_sync()` (gradients accumulate locally, one all-reduce per step).
+DDP average of the gradients is the gradient of the global token mean, whatever the split across ranks and
+micro-batches. The count is read from the labels on the host before the forward and all-reduced once per step.
+Micro-batches before the last run under `no_sync()` (gradients accumulate locally, one all-reduce per step).
 Side concerns (profiling, metrics, checkpoints, fault injection) live outside, in the recipe's loop.
 """
 
@@ -34,6 +35,11 @@ def _to(batch: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def labelled_tokens(batch: dict) -> int:
+    """Positions whose next token is a label (what the model's loss sums over)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def _global_count(n: int, device) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return n
@@ -53,23 +59,24 @@ def forward_backward(
 ) -> tuple[float, int]:
     """Forward + backward of `grad_accum` micro-batches (dicts with input_ids, labels and the model's inputs).
     Returns this rank's summed loss and labelled-token count."""
-    total_loss, total_tokens = 0.0, 0
     batches = iter(micro_batches)
-    for micro in range(grad_accum):
-        batch = _to(next(batches), device)
-        last = micro == grad_accum - 1
+    micro = [next(batches) for _ in range(grad_accum)]
+    tokens = sum(labelled_tokens(b) for b in micro)
+    n_global = _global_count(tokens, device)  # one collective per step, before any forward
+    total_loss = 0.0
+    for i, batch in enumerate(micro):
+        batch = _to(batch, device)
+        last = i == grad_accum - 1
         sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
         amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with sync, amp:
             out = wrapped(**batch)
-            n_global = _global_count(out.n_tokens, device)
             # the DDP average over ranks then equals the gradient of the global token mean; auxiliary losses (in
             # the same summed units) are added to the objective, the reported loss stays the token loss
             objective = out.loss_sum if getattr(out, "aux_sum", None) is None else out.loss_sum + out.aux_sum
-            (objective * world_size / max(n_global, 1) / grad_accum).backward()
+            (objective * world_size / max(n_global, 1)).backward()
         total_loss += float(out.loss_sum.detach())
-        total_tokens += out.n_tokens
-    return total_loss, total_tokens
+    return total_loss, tokens
 
 
 def train_step(

@@ -1,6 +1,6 @@
 """Make the tiny committed test shards in tests/assets/shards/ (run from the repo root):
 
-    python tests/assets/make_assets.py
+    python -m tests.assets.make_assets
 
 Synthetic but real-format media: PNG/JPEG/WebP images in odd modes (grayscale, palette, RGBA, CMYK, 16-bit,
 EXIF-rotated), FLAC/WAV/MP3 audio (8/16/24-bit, stereo, 8-48 kHz), H.264 MP4 clips of a moving square. Shards
@@ -13,17 +13,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from mm_llama.data.shards import write_shards  # noqa: E402
+from mm_llama.data.shards import write_shards
 
 OUT = Path(__file__).resolve().parent / "shards"
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}

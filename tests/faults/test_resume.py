@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.integration.test_train import BIN, _port, train
+from tests.integration.test_train import BIN, FAULTS, _port, train
 
 CFG = "recipes/configs/debug_speech.yaml"
 ARGS = ["steps=6", "ckpt_every=2", "keep_last=3"]
@@ -95,8 +95,8 @@ def test_rank_killed_during_a_checkpoint_save_then_resume(tmp_path):
 
     ref, _ = train("--config", CFG, f"run_dir={tmp_path / 'ref'}", *ARGS, launcher=launcher())
     run = tmp_path / "run"
-    _, r = train("--config", CFG, f"run_dir={run}", *ARGS, "debug_kill_rank=1", "debug_kill_step=4",
-                 "debug_kill_in=save", launcher=launcher(), check=False)  # fmt: skip
+    _, r = train("--config", CFG, f"run_dir={run}", *ARGS, "--kill-rank", "1", "--kill-step", "4",
+                 "--kill-in", "save", launcher=launcher(), check=False, script=FAULTS)  # fmt: skip
     assert r.returncode != 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000002"]
     losses, r = train("--config", CFG, f"run_dir={run}", *ARGS, launcher=launcher())

@@ -8,16 +8,12 @@ import argparse
 import json
 import os
 import signal
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests.ddp_helpers
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from mm_llama.engine import DistributedDataParallel, exit_process, init_distributed  # noqa: E402
-from tests.ddp_helpers import AdapterNet, batch  # noqa: E402
+from mm_llama.engine import DistributedDataParallel, exit_process, init_distributed
+from tests.ddp_helpers import AdapterNet, batch
 
 
 def main():

@@ -20,8 +20,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MM_LLAMA_PG_TIMEOUT": "120"}
 GOLDEN_IMAGE = [11.114079, 10.932533, 10.822812, 10.964510, 10.831417, 10.857991]
 
 
-def train(*args, launcher=None, check=True):
-    cmd = (launcher or [sys.executable]) + [TRAIN, *args]
+FAULTS = ["-m", "tests.fault_train"]  # the recipe with faults injected through the trainer's callbacks
+
+
+def train(*args, launcher=None, check=True, script=None):
+    cmd = (launcher or [sys.executable]) + (script or [TRAIN]) + list(args)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
     if check:
         assert r.returncode == 0, r.stderr[-4000:]
@@ -118,11 +121,11 @@ def test_engine_torch_runs(tmp_path):
 
 def test_nonfinite_losses_skipped_then_stop(tmp_path):
     losses, r = train(
-        "--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path / 'a'}", "debug_nan_steps=[2]"
+        "--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path / 'a'}", "--nan-steps", "2", script=FAULTS
     )
     assert len(losses) == 6 and "non-finite loss, step skipped" in r.stderr
     _, r = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path / 'b'}", "optim.max_nonfinite=2",
-                 "debug_nan_steps=[1,2,3,4]", check=False)  # fmt: skip
+                 "--nan-steps", "1,2,3,4", check=False, script=FAULTS)  # fmt: skip
     assert r.returncode != 0 and "non-finite losses" in r.stderr and "stopping" in r.stderr
 
 
@@ -133,8 +136,8 @@ def test_killed_rank_makes_the_other_exit_with_an_error(tmp_path):
     for rank in (0, 1):
         env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "MM_LLAMA_PG_TIMEOUT": "60"}  # fmt: skip
-        cmd = [sys.executable, TRAIN, "--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path}",
-               "steps=20", "debug_kill_rank=1", "debug_kill_step=3"]  # fmt: skip
+        cmd = [sys.executable, *FAULTS, "--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path}",
+               "steps=20", "--kill-rank", "1", "--kill-step", "3"]  # fmt: skip
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                       env=env))  # fmt: skip
     out0, err0 = procs[0].communicate(timeout=300)

@@ -15,7 +15,7 @@ from mm_llama.adapters.registry import MODALITIES, get_modality, modality_for_fi
 from mm_llama.config import load_config
 from mm_llama.data.image import decode_image
 from mm_llama.data.shards import expand_urls, read_samples
-from recipes.train import Collate, TrainConfig, build_model, build_tower
+from recipes.train import TrainConfig, build_model, build_tower, collate_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARDS = {"image": "image", "video": "video", "speech": "audio"}
@@ -52,7 +52,7 @@ def test_plugin_through_the_generic_paths(kind, smollm_tok, tmp_path):
         and not any(p in blob for p in (b"ImagePart", b"VideoPart", b"SpeechPart"))
     )
     raw = read_samples(expand_urls(str(ROOT / f"tests/assets/shards/{SHARDS[kind]}/index.json")), 2)
-    batch = Collate(kind)([maker(s) for s in raw])
+    batch = collate_for(cfg)([maker(s) for s in raw])
     assert set(batch) == {"input_ids", "labels"} | (set(batch) & set(spec.part.inputs))
     model.train()
     out = model(**batch)
@@ -79,7 +79,7 @@ def test_training_tiles_images_as_inference_does(smollm_tok):
     cfg, model = built("image")
     assert model.image.vision_args.max_num_tiles == 4
     raw = read_samples(expand_urls(str(ROOT / "tests/assets/shards/image/index.json")), 3)
-    batch = Collate("image")([get_modality("image").data.samples(model, smollm_tok, cfg)(s) for s in raw])
+    batch = collate_for(cfg)([get_modality("image").data.samples(model, smollm_tok, cfg)(s) for s in raw])
     ref = image_batch(model, [[decode_image(s[next(e for e in ("png", "jpg", "jpeg") if e in s)])] for s in raw])
     for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
         assert torch.equal(batch[k], ref[k]), k
@@ -88,8 +88,8 @@ def test_training_tiles_images_as_inference_does(smollm_tok):
 def test_encoder_lr_scale_groups():
     """optim.encoder_lr_scale: the trained vision encoder in its own AdamW group at that fraction of the rate, through
     warm-up and decay; every trainable parameter in exactly one group; 1.0 keeps the single group of before."""
+    from mm_llama.engine.parallelize import param_groups
     from mm_llama.engine.step import warmup_cosine
-    from recipes.train import param_groups
 
     cfg = load_config(TrainConfig, ROOT / "recipes/configs/debug_image.yaml", ["optim.encoder_lr_scale=0.1"])
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def test_encoder_lr_scale_groups():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     enc = {id(p) for n, p in model.named_parameters() if p.requires_grad and "vision_encoder" in n.split(".")}
     assert enc and enc < trainable  # debug_image trains its encoder (freeze_vision false)
-    groups = param_groups(model, cfg.optim)
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.encoder_lr_scale)
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable)
     assert [g["lr"] for g in groups] == [3.0e-3, pytest.approx(3.0e-4)]
     assert {id(p) for p in groups[1]["params"]} == enc
@@ -109,4 +109,4 @@ def test_encoder_lr_scale_groups():
         a, b = sched.get_last_lr()
         assert b == pytest.approx(0.1 * a)
     one = load_config(TrainConfig, ROOT / "recipes/configs/debug_image.yaml")
-    assert len(param_groups(model, one.optim)) == 1
+    assert len(param_groups(model, one.optim.lr, one.optim.encoder_lr_scale)) == 1

@@ -1,0 +1,327 @@
+"""The trainer: set-up built once (process group, model placement, engine, optimizer, schedule, data, resume), then
+the loop (torchtitan's shape): batch iterator -> `train_step` (mm_llama/engine/step.py) -> checkpoints, metrics,
+progress. It knows no modality: the caller gives it callables that build the model, make the data loader and save
+the trained weights (recipes/train.py does, for every registered modality). Side concerns are context managers or
+callbacks: the profiler (`profile`), fault injection for tests (a `Callback`).
+
+`TrainerConfig` holds the run's keys of a training config (everything but the tower, model and data sections,
+which belong to the recipe); YAML lists only what differs from these defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mm_llama.config import ConfigError, auto_or_bounded, bounded, choice, save_config
+from mm_llama.llama.checkpoint import CheckpointError
+
+from .checkpoint import find_resumable, load_checkpoint, save_checkpoint, set_rng_state, verify_checkpoint
+from .ddp import DistributedDataParallel
+from .dist import init_distributed
+from .flops import StepFlops, device_peak_flops
+from .metrics import Metrics, Progress, peak_mem_mb, profiler
+from .parallelize import param_groups, place, weight_dtype
+from .shard import gather_full, is_sharded, load_full, local_optimizer_state, reshard_optimizer_state
+from .step import StepResult, train_step, warmup_cosine
+
+
+@dataclass
+class OptimConfig:
+    lr: float = bounded(1e-3, 0.0)
+    weight_decay: float = bounded(0.0, 0.0)
+    warmup_steps: int = bounded(2, 0)
+    grad_accum: int = bounded(1, 1)
+    clip: float = bounded(1.0, 0.0)
+    max_nonfinite: int = bounded(5, 0)
+    # learning-rate multiplier for media encoders' weights (the image part's `vision_encoder`, a speech part's
+    # `encoder`): a pretrained encoder fine-tuned beside fresh adapters wants a fraction of their rate (Llama 3
+    # updates the image encoder during adapter training; only the language model stays frozen)
+    encoder_lr_scale: float = bounded(1.0, 0.0)
+
+
+@dataclass
+class ParallelConfig:
+    # replicate: every rank holds the whole frozen tower; fsdp: FSDP2 shards it per transformer block
+    tower: str = choice("replicate", "replicate", "fsdp")
+    # flat: shard over all ranks; hybrid: shard within a machine (LOCAL_WORLD_SIZE ranks), replicate across machines
+    mesh: str = choice("flat", "flat", "hybrid")
+    # replicate: the adapters on our DDP engine; fsdp: their large blocks (cross-attention blocks, encoder layers)
+    # sharded by FSDP2 too (needs tower=fsdp), the rest on our engine
+    adapters: str = choice("replicate", "replicate", "fsdp")
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str = "runs/debug"
+    steps: int = bounded(10, 1)
+    seed: int = 0
+    engine: str = choice("ours", "ours", "torch")
+    bucket_cap_mb: float | str = auto_or_bounded("auto", 0.0)  # auto: sized from the trainable gradients
+    log_every: int = bounded(1, 1)
+    ckpt_every: int = bounded(5, 1)
+    keep_last: int = bounded(3, 1)
+    resume: str = "auto"  # auto | none | a checkpoint folder
+    dtype: str = choice("auto", "auto", "float32", "bfloat16")  # tower: auto = bfloat16 on CUDA, float32 on CPU
+    activation_checkpointing: bool = False  # recompute tower layers and adapter blocks in backward
+    stop_after: int | None = bounded(None, 1)  # stop (as if killed) after this many steps: resume tests
+    profile: bool = False  # torch profiler trace of steps 2-4 into RUN/profile/
+    tensorboard: bool = True
+    progress_every_s: float = bounded(30.0, 0.0)  # without a terminal: a progress line this often (rank 0)
+    peak_tflops: float | None = bounded(None, 0.0)  # MFU peak per device; default: spec sheet (GPU), measured (CPU)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def check_config(cfg: TrainerConfig) -> None:
+    """What the single keys' checks cannot see: combinations (a ConfigError names them)."""
+    if cfg.parallel.adapters == "fsdp" and cfg.parallel.tower != "fsdp":
+        raise ConfigError("parallel.adapters=fsdp needs parallel.tower=fsdp (the adapters shard on the tower's mesh)")
+    if cfg.parallel.tower == "fsdp" and cfg.engine != "ours":
+        raise ConfigError("parallel.tower=fsdp needs engine=ours (torch's DDP would broadcast the sharded tower)")
+
+
+class Callback:
+    """Hooks into the loop (tests inject faults with them): each may be overridden."""
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None: ...
+
+    def on_loss(self, trainer: Trainer, step: int, loss: float) -> float:
+        return loss
+
+    def before_checkpoint_publish(self, trainer: Trainer, step: int) -> None: ...
+
+
+def choose_checkpoint(cfg: TrainerConfig, world_size: int, is_main: bool) -> Path | None:
+    """The checkpoint to resume from: `resume=auto` -> the newest that verifies (the skipped ones are named),
+    `none` -> none, a path -> that one, which must verify (CheckpointError otherwise)."""
+    if cfg.resume in ("none", ""):
+        return None
+    if cfg.resume != "auto":
+        problem = verify_checkpoint(cfg.resume, world_size)
+        if problem:
+            raise CheckpointError(f"resume={cfg.resume}: {problem}")
+        return Path(cfg.resume)
+    ckpt, skipped = find_resumable(cfg.run_dir, world_size)
+    if is_main:
+        for why in skipped:
+            print(f"resume: skipped {why}", file=sys.stderr, flush=True)
+        if ckpt is not None:
+            print(f"resume: from {ckpt}", file=sys.stderr, flush=True)
+        elif skipped:
+            print("resume: no intact checkpoint; starting from step 0", file=sys.stderr, flush=True)
+    return ckpt
+
+
+def load_trained_weights(model: nn.Module, weights: dict, source) -> None:
+    """Trainable weights of a training checkpoint into the model built from the same config: every key must be one
+    of the model's (a checkpoint of another modality or layout is an error, not a silent no-op)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unexpected = [k for k in weights if k not in params]
+    if unexpected:
+        raise CheckpointError(f"{source}: weights the model does not have: {unexpected[:5]} (another config?)")
+    for k, v in weights.items():  # whole tensors; a sharded parameter takes its shard of it
+        if tuple(v.shape) != tuple(params[k].shape):
+            raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the model {tuple(params[k].shape)}")
+        load_full(params[k], v)
+
+
+class Trainer:
+    """One training run, set up once. `build_model(dtype)`: the model with its tower's weights in `dtype` (on the
+    CPU; the trainer places it); `make_loader(model, info)`: this rank's resumable batch iterator (a
+    `data.loader.StreamingLoader`); `save_model(model, path)`: the trained weights as a file (called on every rank
+    when adapter blocks are sharded). `config`: what is saved as RUN/config.yaml (default: `cfg`)."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        *,
+        build_model: Callable[[torch.dtype], nn.Module],
+        make_loader: Callable,
+        save_model: Callable[[nn.Module, Path], None],
+        config=None,
+        callbacks: Sequence[Callback] = (),
+    ):
+        check_config(cfg)
+        self.cfg, self.save_model, self.callbacks = cfg, save_model, list(callbacks)
+        self.info = info = init_distributed(device="cpu" if not torch.cuda.is_available() else None)
+        torch.manual_seed(cfg.seed)
+        self.run_dir = Path(cfg.run_dir)
+        ckpt = choose_checkpoint(cfg, info.world_size, info.is_main)  # before anything of the run is written
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(
+                config or cfg, self.run_dir / ("config.yaml" if ckpt is None else f"config.resume_{ckpt.name}.yaml")
+            )
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.dtype = weight_dtype(cfg.dtype, info.device)
+        self.amp = torch.bfloat16 if self.dtype == torch.bfloat16 else None  # bf16 towers run parts in autocast
+        self.model = model = build_model(self.dtype)
+        self.units = place(
+            model, info, cfg.parallel, activation_checkpointing=cfg.activation_checkpointing, compute_dtype=self.amp
+        )
+        model.train()
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.wrapped = self._wrap(model)
+        self.sharded = any(is_sharded(p) for p in self.trainable)
+        opt = cfg.optim
+        groups = param_groups(model, opt.lr, opt.encoder_lr_scale)
+        self.optimizer = torch.optim.AdamW(groups, lr=opt.lr, weight_decay=opt.weight_decay)
+        schedule = functools.partial(warmup_cosine, warmup=opt.warmup_steps, total=cfg.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.loader = make_loader(model, info)
+        self.step_count, self.losses, self.nonfinite = 0, [], 0
+        if ckpt is not None:
+            self._restore(ckpt)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The data-parallel engine: ours (bucketed overlap) or torch's DDP (`engine=torch`, several processes)."""
+        cfg, info = self.cfg, self.info
+        # the aux objective leaves the parts that feed only the tower (e.g. token rows) without gradients
+        unused = getattr(model, "aux_only", False)
+        if cfg.engine == "ours":
+            return DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb, find_unused_parameters=unused)
+        if info.distributed:
+            cap = None if cfg.bucket_cap_mb == "auto" else cfg.bucket_cap_mb  # torch's own default (25 MiB)
+            return torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cap, find_unused_parameters=unused)
+        return model
+
+    def _restore(self, ckpt: Path) -> None:
+        weights, state, data_state = load_checkpoint(ckpt, self.info.rank)
+        load_trained_weights(self.model, weights, ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        reshard_optimizer_state(self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.loader.load_state_dict(data_state)
+        self.step_count, self.losses, self.nonfinite = state["step"], list(state["losses"]), state["nonfinite"]
+
+    # --- the step and the loop -----------------------------------------------------------------
+    def step(self, batches) -> StepResult:
+        """One optimizer step on the next `grad_accum` batches of the iterator `batches`."""
+        cfg = self.cfg
+
+        def hook(loss: float) -> float:
+            for cb in self.callbacks:
+                loss = cb.on_loss(self, self.step_count, loss)
+            return loss
+
+        return train_step(
+            self.wrapped,
+            self.optimizer,
+            self.scheduler,
+            batches,
+            self.trainable,
+            device=self.info.device,
+            grad_accum=cfg.optim.grad_accum,
+            clip=cfg.optim.clip,
+            world_size=self.info.world_size,
+            autocast_dtype=self.amp,
+            loss_hook=hook,
+        )
+
+    def run(self) -> list[float]:
+        """Train to `steps` (or `stop_after`), checkpointing and logging; save the trained weights; the losses."""
+        cfg, info = self.cfg, self.info
+        metrics = Metrics(self.run_dir, info.is_main, cfg.tensorboard)
+        peak, peak_source = device_peak_flops(info.device, self.amp or torch.float32, cfg.peak_tflops)
+        if info.is_main:
+            print(f"MFU peak: {peak / 1e12:.3g} TFLOP/s per device ({peak_source})", file=sys.stderr)
+        batches = iter(self.loader)
+        bar = Progress(cfg.steps, self.step_count, cfg.progress_every_s) if info.is_main else None
+        wait0 = self.loader.data_wait_s
+        with profiler(self.run_dir, cfg.profile and info.is_main) as prof_step:
+            while self.step_count < cfg.steps:
+                t0 = time.perf_counter()
+                for cb in self.callbacks:
+                    cb.on_step_start(self, self.step_count)
+                count = StepFlops() if (self.step_count + 1) % cfg.log_every == 0 else None
+                with count or contextlib.nullcontext():
+                    res = self.step(batches)
+                if res.skipped:
+                    self._skipped()
+                    continue
+                self.step_count += 1
+                self.losses.append(res.loss)
+                dt = time.perf_counter() - t0
+                prof_step()
+                tps = res.tokens * info.world_size / dt
+                if self.step_count % cfg.log_every == 0:
+                    wait, wait0 = self.loader.data_wait_s - wait0, self.loader.data_wait_s
+                    rec = {
+                        "step": self.step_count,
+                        "loss": res.loss,
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": res.grad_norm,
+                        "tokens_per_s": tps,
+                        "flops": count.total,
+                        "mfu": count.total / (dt * peak),
+                        "data_wait_fraction": wait / dt,
+                        "nonfinite": self.nonfinite,
+                        "peak_mem_mb": peak_mem_mb(),
+                    }
+                    metrics.log(rec | self.loader.metrics())
+                if bar is not None:
+                    bar.update(self.step_count, res.loss, tps)
+                if self.step_count % cfg.ckpt_every == 0 or self.step_count == cfg.steps:
+                    self.save_checkpoint()
+                if cfg.stop_after is not None and self.step_count >= cfg.stop_after:
+                    break
+        metrics.close()
+        if bar is not None:
+            bar.close()
+        if info.is_main:
+            (self.run_dir / "losses.json").write_text(json.dumps(self.losses))
+        if info.is_main or self.units:  # sharded adapter blocks are gathered whole for the file: every rank takes part
+            self.save_model(self.model, self.run_dir / "adapter.safetensors")
+        return self.losses
+
+    def _skipped(self) -> None:
+        self.nonfinite += 1
+        if self.info.is_main:
+            print(f"step {self.step_count}: non-finite loss, step skipped ({self.nonfinite} so far)", file=sys.stderr)
+        if self.nonfinite > self.cfg.optim.max_nonfinite:
+            raise RuntimeError(
+                f"{self.nonfinite} non-finite losses (last at step {self.step_count}): stopping; check lr/data"
+            )
+
+    def save_checkpoint(self) -> Path:
+        """A checkpoint of this step (every rank takes part)."""
+        info, step = self.info, self.step_count
+        state = self.model.state_dict()
+        weights = gather_full({k: v for k, v in state.items() if k in self.trainable_names}, keep=info.is_main)
+        opt_shard = local_optimizer_state(self.optimizer.state_dict()) if self.sharded else None
+
+        def before_publish():
+            for cb in self.callbacks:
+                cb.before_checkpoint_publish(self, step)
+
+        return save_checkpoint(
+            self.run_dir,
+            step,
+            weights=weights,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra={"losses": self.losses, "nonfinite": self.nonfinite},
+            data_states=self.loader.state_dict(),
+            rank=info.rank,
+            is_main=info.is_main,
+            keep=self.cfg.keep_last,
+            barrier=dist.barrier if info.distributed else None,
+            world_size=info.world_size,
+            before_publish=before_publish,
+            optimizer_shard=opt_shard,
+        )
