@@ -30,12 +30,12 @@ import time
 import torch
 
 from mm_llama.adapters.image import get_vision_preset
-from mm_llama.data import corpora
-from mm_llama.recipes.demo.data_stages import classifier_accuracy, train_classifier  # noqa: E402
+from mm_llama.recipes.demo import scenes
+from mm_llama.recipes.demo.classifier import classifier_accuracy, train_classifier  # noqa: E402
 
 
 def held_out(n: int, seed: int) -> list[dict]:
-    return [{"png": r["image"][1], "json": json.dumps(r["json"])} for r in corpora.composite_records("test", n, seed)]
+    return [{"png": r["image"][1], "json": json.dumps(r["json"])} for r in scenes.composite_records("test", n, seed)]
 
 
 def main() -> None:

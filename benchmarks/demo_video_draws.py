@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from mm_llama.data import corpora  # noqa: E402
 from mm_llama.data.shards import read_index, read_samples, write_shards  # noqa: E402
-from mm_llama.recipes.demo.data_stages import classifier_accuracy, classifier_video_hits, hit_fractions, load_classifier  # noqa: E402
+from mm_llama.recipes.demo import scenes
+from mm_llama.recipes.demo.classifier import classifier_accuracy, classifier_video_hits, hit_fractions, load_classifier  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,10 +43,10 @@ def main(argv=None) -> int:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:
-            write_shards(corpora.motion_records("test", a.clips, seed + 3), Path(tmp, f"v{seed}"), video_frames=8,
+            write_shards(scenes.motion_records("test", a.clips, seed + 3), Path(tmp, f"v{seed}"),
                          progress=False)  # fmt: skip
             clips = read_samples(read_index(Path(tmp, f"v{seed}/index.json"))[0])
-            write_shards(corpora.composite_records("test", a.composites, seed + 1), Path(tmp, f"i{seed}"),
+            write_shards(scenes.composite_records("test", a.composites, seed + 1), Path(tmp, f"i{seed}"),
                          progress=False)  # fmt: skip
             comps = read_samples(read_index(Path(tmp, f"i{seed}/index.json"))[0])
             labels = [json.loads(s["json"])["label"] for s in clips]
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             for k in range(10):
                 mine = [h for h, lab in zip(hits["both"], labels) if lab == k]
                 if mine:
-                    per_class[corpora.FASHION_CLASSES[k]] = {"clips": len(mine), "both": sum(mine) / len(mine)}
+                    per_class[scenes.FASHION_CLASSES[k]] = {"clips": len(mine), "both": sum(mine) / len(mine)}
             res = {
                 "clips": hit_fractions(hits),
                 "composites": classifier_accuracy(model, comps)[0],

@@ -1,7 +1,7 @@
 """What one speech-adapter training step costs, per choice the demo made (CPU, fp32, medians of --repeats).
 
-16 spoken-language clips (`data.corpora.spoken_plan`, espeak-ng) in one batch on the real SmolLM2-135M tower with
-the frozen Whisper tiny.en encoder, the training forward + backward of `ComposedModel` (what recipes/train.py runs):
+16 spoken-language clips (`recipes.demo.corpora.spoken_plan`, espeak-ng) in one batch on the real SmolLM2-135M tower
+with the frozen Whisper tiny.en encoder, the training forward + backward of `ComposedModel` (what the recipe runs):
 
   token loss + CTC, 80 ms rows (small_whisper), encoder run live
   token loss + CTC, 160 ms rows (small_whisper_160ms), encoder run live
@@ -35,10 +35,10 @@ def main() -> None:
     from mm_llama.adapters.modalities.speech import cache_encoder_outputs, load_encoder
     from mm_llama.adapters.registry import get_modality
     from mm_llama.assets import resolve
-    from mm_llama.data import corpora
     from mm_llama.data.collate import collate_text
     from mm_llama.data.shards import read_index, read_samples, write_shards
     from mm_llama.llama import Tokenizer, load_pretrained
+    from mm_llama.recipes.demo import corpora
 
     enc_id = "whisper:asset:whisper_tiny_en_ct2"
     tower = load_pretrained(resolve("asset:smollm2_gguf"), dtype=torch.float32).requires_grad_(False).eval()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .badsamples import SampleError
-from .media import MEDIA, VIDEO, medium_for_ext
+from .media import MEDIA, medium_for_ext
 
 TEXT_EXTS = ("txt",)
 INDEX_VERSION = 1
@@ -210,9 +210,10 @@ def iter_samples(stream, shard: str = "", *, max_member_bytes: int = MAX_MEMBER_
 # decoding one raw sample (also used by the verifier and the writer's checks)
 
 
-def decode_fields(sample: dict, *, name: str = "", video_frames: int = 1) -> dict:
+def decode_fields(sample: dict, *, name: str = "", options: dict[str, dict] | None = None) -> dict:
     """Decode every member of a raw sample whose extension a registered medium (data/media.py) stores, its text and
-    JSON; the decoded media under their medium's name. Raises SampleError with a reason."""
+    JSON; the decoded media under their medium's name (`options`: medium name -> its decoder's options, e.g.
+    {"video": {"num_frames": 8}}). Raises SampleError with a reason."""
     out = {k: v for k, v in sample.items() if k.startswith("__")}
     name = name or f"{sample.get('__shard__', '')}:{sample.get('__key__', '')}"
     if "__too_large__" in sample:
@@ -222,9 +223,7 @@ def decode_fields(sample: dict, *, name: str = "", video_frames: int = 1) -> dic
             continue
         medium = medium_for_ext(ext)
         if medium is not None:
-            out[medium.name] = medium.decode(
-                data, name, ext, **({"num_frames": video_frames} if medium is VIDEO else {})
-            )
+            out[medium.name] = medium.decode(data, name, ext, **(options or {}).get(medium.name, {}))
         elif ext in TEXT_EXTS:
             try:
                 out["text"] = data.decode("utf-8")
@@ -256,7 +255,7 @@ class VerifyReport:
         return {"shards": self.shards, "samples": self.samples, "bad": self.bad, "reasons": dict(self.reasons)}
 
 
-def verify_shards(urls: list[str], *, allow_pipe: bool = False, video_frames: int = 1) -> VerifyReport:
+def verify_shards(urls: list[str], *, allow_pipe: bool = False, options: dict[str, dict] | None = None) -> VerifyReport:
     """Read and decode every sample of every shard, counting problems by reason."""
     rep = VerifyReport()
     for url in urls:
@@ -272,7 +271,7 @@ def verify_shards(urls: list[str], *, allow_pipe: bool = False, video_frames: in
             for s in iter_samples(stream, url):
                 rep.samples += 1
                 try:
-                    decode_fields(s, video_frames=video_frames)
+                    decode_fields(s, options=options)
                 except SampleError as e:
                     rep.bad += 1
                     rep.reasons[e.reason] += 1
@@ -367,7 +366,6 @@ def write_shards(
     maxcount: int = 1000,
     maxsize: float = 512e6,
     mtime: float = 946684800.0,  # 2000-01-01: fixed, so re-runs give byte-identical shards
-    video_frames: int = 1,
     progress: bool = True,
     replace: bool = False,
 ) -> WriteReport:

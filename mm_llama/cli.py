@@ -125,7 +125,7 @@ def cmd_shards_verify(args) -> int:
     from mm_llama.data.shards import expand_urls, verify_shards
 
     urls = expand_urls(args.urls, allow_pipe=args.allow_pipe)
-    rep = verify_shards(urls, allow_pipe=args.allow_pipe, video_frames=args.video_frames)
+    rep = verify_shards(urls, allow_pipe=args.allow_pipe, options={"video": {"num_frames": args.video_frames}})
     print(_json.dumps(rep.summary()))
     for e in rep.examples[:20]:
         print(f"bad: {e}", file=sys.stderr)

@@ -2,6 +2,6 @@
 
 import sys
 
-from .pipeline import main
+from .stages import main
 
 sys.exit(main())

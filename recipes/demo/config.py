@@ -14,21 +14,11 @@ from mm_llama.config import bounded, choice
 from mm_llama.cpu import cpu_has_bf16, cpu_kernel_path
 
 ROOT = Path(__file__).resolve().parents[2]
+STAGE_CONFIGS = ROOT / "recipes/configs/demo"  # STAGE.yaml: how each training stage trains (recipes/demo/stages.py)
 
 
-# contract figure -> (target, "min" when higher is better / "max" when lower is better); the report and
-# `make demo-seeds` (seeds.py) state the same targets. STRETCH targets are tabulated but do not decide the exit
-# status (speech_open: the open-vocabulary row of the speech issue, out of the adapter's bounded domain).
-TARGETS = {
-    "image.count_and_layout_right": (0.95, "min"),
-    "image.items_right": (0.90, "min"),
-    "video.direction_right": (0.95, "min"),
-    "video.item_right": (0.90, "min"),
-    "speech.wer": (0.10, "max"),
-    "speech.distinct_fraction": (0.95, "min"),
-    "speech_open.wer": (0.60, "max"),
-}
-STRETCH = {"speech_open.wer"}
+def stage_config(name: str) -> Path:
+    return STAGE_CONFIGS / f"{name}.yaml"
 
 
 @dataclass
@@ -49,18 +39,17 @@ class DemoConfig:
     # have three or four); None: 2-4 items evenly, as in the held-out set. With the earlier column template ("on the
     # left, a X above a Y") the layout errors were two-item columns vs diagonals and 0.5 did not settle them (seed 1:
     # 94.8% count+layout, 93.8% evenly); the column caption now parts from the diagonal after the first item
-    # (data.corpora.composite_caption), so the default stays even
+    # (scenes.composite_caption), so the default stays even
     image_two_item_share: float | None = bounded(None, 0.0, 1.0)
     video_train: int = 3000
     # one item per clip: the draw itself moves video.item_right. One fixed classifier read the 400-clip draws of seeds
     # 0-2 at 93.0 / 93.2 / 90.8% and their 1,200-clip draws at 93.0 / 92.5 / 92.9% (benchmarks/demo_video_draws.py)
     video_test: int = 1200
-    speech_train: int = 2000  # the spoken-language domain (data.corpora.spoken_sentences), espeak-ng voices + piper
+    speech_train: int = 2000  # the spoken-language domain (corpora.spoken_sentences), espeak-ng voices + piper
     speech_test: int = 200  # unseen sentences, unseen espeak-ng voices
     piper_train: int = 100  # of speech_train, read by the neural piper voice
     speech_open_train: int = 0  # open-vocabulary fortune sentences mixed into the speech training set
     speech_open_test: int = 200  # the open-vocabulary row: held-out fortune sentences, unseen voices
-    speech_encoder: str = "whisper:asset:whisper_tiny_en_ct2"  # frozen; its outputs are cached with the shards
     # encoder pretraining (plain classifier): the captioners read it frozen, so its accuracy caps their item figures.
     # 6,000 steps: 92.4% on AMD seed 2 (bf16; 3,000: 91.1%) and 92.0% on an Intel Xeon, seed 0 (fp32; 3,000: 90.7%),
     # where image items rose from 89.6% to 91.0%; it costs about 200 s on the AMD EPYC, 520 s on the Xeon (issue 21)
@@ -69,27 +58,16 @@ class DemoConfig:
     # label smoothing of the item loss: 91.9 / 92.1 / 91.1% held-out items for seeds 0-2, none 91.2 / 91.2 / 90.7%,
     # 0.2 91.6% (seed 0; benchmarks/demo_encoder.py --smooth, bf16)
     encoder_smoothing: float = bounded(0.1, 0.0)
-    # training (steps; batch per process)
-    # 300 steps. With the earlier column caption 250 left layouts unsettled (2-item diagonals read as columns:
-    # 90.2-90.4% count+layout on seeds 2 and 0) and neither 300 nor 400 settled seed 1 (93.8%, 90.6%); with the current
-    # one seed 0 reads 100% at 300 steps (97.8% before, every error a right column captioned as the anti-diagonal)
-    image_steps: int = 300
-    image_batch: int = 16
-    video_steps: int = 200  # 150 left direction short of its target on another CPU (issue 21)
-    video_batch: int = 16
-    speech_ctc_steps: int = 400  # phase 1: CTC only on the cached encoder outputs (the tower skipped: cheap)
-    speech_steps: int = 60  # phase 2: the token loss through the frozen tower (+ CTC), from the phase-1 adapter
-    speech_batch: int = 8
-    conformer: bool = False  # the from-scratch Conformer comparison (conformer_ctc + conformer + its evaluation, about
-    # 5 minutes on 2 cores with bf16 units): off by default so make demo fits its 30 minutes; conformer=true runs it
-    conformer_ctc_steps: int = 150  # the same two phases for the from-scratch Conformer (trained: not cached,
-    # about 2.3 s per CTC step here, 10x the cached Whisper phase, so fewer steps fit the budget)
-    conformer_steps: int = 30
+    # the from-scratch Conformer comparison (stages conformer_ctc, conformer and its evaluation, about 5 minutes on 2
+    # cores with bf16 units): off by default so make demo fits its 30 minutes; conformer=true runs it
+    conformer: bool = False
     eval_limit: int | None = None  # cap each held-out set (reduced runs)
     # None: the precision the adapters were trained in (bf16 tower weights + autocast on capable CPUs)
     eval_dtype: str | None = choice(None, None, "bfloat16", "float32")
     max_new_tokens: int = 40
-    extra_train_args: dict = field(default_factory=dict)  # stage -> list of key=value for train.py
+    # stage -> key=value overrides of its training config (recipes/configs/demo/STAGE.yaml, the one source of how
+    # each stage trains), e.g. {"image": ["steps=8", "data.batch_size=4"]} (the reduced demo)
+    stages: dict = field(default_factory=dict)
 
 
 @functools.cache
@@ -174,15 +152,9 @@ def eval_dtype(cfg, run: Path | None = None) -> str:
     return device_ok_dtype(cfg, run)
 
 
-def eval_autocast(dtype: str):
-    """Compute in the precision the adapters were trained in (bf16 autocast on a bf16 tower); the tower's weights
-    are in `dtype` (`evaluation._load_models`), the adapters' stay fp32."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-
 def load_tower(cfg):
     """The frozen tower for evaluation, loaded in fp32 (the adapters compose on it in fp32); `_load_models` then puts
-    its weights in the trained dtype (`eval_dtype`) and `eval_autocast` picks the compute precision."""
+    its weights in the trained dtype (`eval_dtype`); answers compute under autocast of it (as training did)."""
     from mm_llama.llama import Tokenizer, load_pretrained
 
     tower = load_pretrained(resolve(cfg.tower), dtype=torch.float32)

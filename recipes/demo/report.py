@@ -12,13 +12,19 @@ import torch
 
 from mm_llama.assets import resolve
 
-from .config import BF16_MIN_SPEEDUP, STRETCH, TARGETS, cpu_kernel_path, eval_dtype, shard_samples
+from .config import BF16_MIN_SPEEDUP, cpu_kernel_path, eval_dtype, shard_samples
+from .figures import FIGURES
 
 
-def _target(key: str) -> str:
-    """The contract figure's target as the report states it (recipes/demo/config.py TARGETS)."""
-    value, better = TARGETS[key]
-    return f"{'>=' if better == 'min' else '<='} {100 * value:.0f}%" + (" (stretch)" if key in STRETCH else "")
+def results_table(summ: dict, timings: dict, sections: dict) -> list[str]:
+    """The figures of the figure table this run produced, with their targets; the set sizes and training steps."""
+    lines = ["## Results on held-out data", "", "| figure | what | target | result |", "|---|---|---|---:|"]
+    lines += [f"| `{f.key}` | {f.what} | {f.target_text()} | {_pct(v)} |"
+              for f in FIGURES if (v := f.value(summ)) is not None]  # fmt: skip
+    sizes = ", ".join(f"{k} {s['n']}" for k, s in sections.items() if s.get("n"))
+    steps = ", ".join(f"{k} {v['result']['steps']}" for k, v in timings.items() if "steps" in (v.get("result") or {}))
+    lines += ["", f"Held-out samples: {sizes}. Training steps: {steps}.", ""]
+    return lines
 
 
 def _plot_losses(run: Path, path: Path) -> None:
@@ -109,9 +115,6 @@ def stage_report(cfg, run) -> dict:
         return json.loads(f.read_text()) if f.exists() else {}
 
     corp = json.loads((run / "shards/corpora.json").read_text())
-    clf = (
-        json.loads((run / "encoder/classifier.json").read_text()) if (run / "encoder/classifier.json").exists() else {}
-    )
     _plot_losses(run, run / "loss_curves.png")
     trained = eval_dtype(dataclasses.replace(cfg, eval_dtype=None), run)  # the files' record, else this CPU's choice
     evaluated = next((s["tower_dtype"] for s in summ.values() if "tower_dtype" in s), eval_dtype(cfg, run))
@@ -138,55 +141,11 @@ def stage_report(cfg, run) -> dict:
           f"train and test: {corp.get('speech_sentence_overlap')}. Training voices: "
           f"{', '.join(corp.get('speech_voices', {}).get('train', []))}. Test voices (unseen): "
           f"{', '.join(corp.get('speech_voices', {}).get('test', []))}.", ""]  # fmt: skip
-    L += ["## Results on held-out data", "", "| task | metric | target | result |", "|---|---|---|---:|"]
-    if img:
-        L += [f"| image captioning ({img['n']} composites of test-split items) | item count right | | "
-              f"{_pct(img['count_right'])} |",
-              f"| | item count and layout right | {_target('image.count_and_layout_right')} | "
-              f"{_pct(img['count_and_layout_right'])} |",
-              f"| | items named right in their position | {_target('image.items_right')} | "
-              f"{_pct(img['items_right'])} |",
-              f"| | whole caption exact | | {_pct(img['exact'])} |"]  # fmt: skip
-    if clf:
-        L += [f"| plain classifier (same ViT + linear head per cell, {clf['steps']} steps x {clf['batch']}) | "
-              f"items right | (reference) | {_pct(clf['item_accuracy'])} |"]  # fmt: skip
-    if vid:
-        L += [f"| video captioning ({vid['n']} clips of test-split items) | direction right | "
-              f"{_target('video.direction_right')} | "
-              f"{_pct(vid['direction_right'])} |",
-              f"| | item right | {_target('video.item_right')} | {_pct(vid['item_right'])} |"]  # fmt: skip
-        if "classifier_item_right" in vid:
-            L += [f"| plain classifier on the same clips (first and last frame) | item right | (reference) | "
-                  f"{_pct(vid['classifier_item_right'])} |"]  # fmt: skip
-    spo = ev("speech_open")
-    ref, ref_open = ev("asr_reference"), ev("asr_reference_open")
-    if sp:
-        L += [f"| ASR, spoken-language domain ({sp['n']} clips, unseen sentences and voices): Whisper tiny.en (frozen, "
-              f"outputs cached) + adapter, {cfg.speech_ctc_steps} CTC-phase + {cfg.speech_steps} token-loss steps | "
-              f"WER | {_target('speech.wer')} | "
-              f"{_pct(sp['wer'])} |", f"| | CER | | {_pct(sp['cer'])} |",
-              f"| | distinct transcripts / distinct references (few = the tower ignores the audio) | "
-              f"{_target('speech.distinct_fraction')} | "
-              f"{_pct(sp.get('distinct_fraction', float('nan')))} ({_distinct(sp['rows'])}) |"]  # fmt: skip
-    if ref:
-        L += [f"| complete pretrained Whisper tiny.en, its own decoder (`make asr-reference`, same {ref['n']} "
-              f"clips) | WER | (reference) | {_pct(ref['wer'])} |"]  # fmt: skip
-    if cf:
-        L += [
-            f"| same domain, from-scratch Conformer (small) + adapter, {cfg.conformer_ctc_steps} CTC-phase + "
-            f"{cfg.conformer_steps} token-loss steps | WER | "
-            f"(comparison) | {_pct(cf['wer'])} |",
-            f"| | distinct transcripts | | {_distinct(cf['rows'])} |",
-        ]
-    if spo:
-        mix = (f"{cfg.speech_open_train} fortune clips mixed into training" if cfg.speech_open_train else
-               "trained on the bounded domain only: out of its domain")  # fmt: skip
-        L += [f"| ASR, open vocabulary ({spo['n']} held-out fortune sentences, unseen voices), the same adapter "
-              f"({mix}) | WER | {_target('speech_open.wer')} | "
-              f"{_pct(spo['wer'])} |", f"| | distinct transcripts | | {_distinct(spo['rows'])} |"]  # fmt: skip
-    if ref_open:
-        L += [f"| complete pretrained Whisper tiny.en on the open-vocabulary clips | WER | (reference) | "
-              f"{_pct(ref_open['wer'])} |"]  # fmt: skip
+    L += results_table(summ, timings, {"image": img, "video": vid, "speech": sp, "speech_open": ev("speech_open")})
+    for name, ref in (("domain", ev("asr_reference")), ("open-vocabulary", ev("asr_reference_open"))):
+        if ref:
+            L += [f"Reference: the complete pretrained Whisper tiny.en with its own decoder on the same {name} clips "
+                  f"(`make asr-reference`): WER {_pct(ref['wer'])}."]  # fmt: skip
     L += ["", "![loss curves](loss_curves.png)", ""]
     if img.get("rows"):
         L += [

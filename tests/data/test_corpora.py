@@ -1,5 +1,6 @@
-"""Demo corpora (data/corpora.py): caption grammars invert exactly, clips need temporal order, the speech corpus is
-open-vocabulary with disjoint train/test sentences and voices, and in-memory media go through write_shards."""
+"""Demo corpora (recipes/demo/scenes.py, corpora.py): caption grammars invert exactly, clips need temporal order,
+the speech corpus is open-vocabulary with disjoint train/test sentences and voices, and in-memory media go through
+write_shards."""
 
 import itertools
 import json
@@ -7,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from mm_llama.data import corpora
 from mm_llama.data.shards import iter_samples, open_url, read_index, write_shards
+from recipes.demo import corpora, scenes
 
 
 def test_every_layout_caption_parses_back():
@@ -16,18 +17,18 @@ def test_every_layout_caption_parses_back():
         for cells in itertools.combinations(range(4), k):
             for labels in [(0, 1, 2, 3), (9, 9, 8, 1), (1, 4, 7, 9)]:
                 layout = dict(zip(cells, labels))
-                text = corpora.composite_caption(layout)
-                assert corpora.parse_composite_caption(text) == layout, text
-                assert corpora.parse_composite_caption(text + ".") == layout
-    assert corpora.composite_caption({0: 7, 1: 8}) == "at the top, a sneaker to the left of a bag"
-    assert corpora.composite_caption({1: 9, 3: 1}) == "at the top right an ankle boot and below it a pair of trousers"
-    assert corpora.composite_caption({0: 0, 3: 5}) == "at the top left a T-shirt and at the bottom right a sandal"
+                text = scenes.composite_caption(layout)
+                assert scenes.parse_composite_caption(text) == layout, text
+                assert scenes.parse_composite_caption(text + ".") == layout
+    assert scenes.composite_caption({0: 7, 1: 8}) == "at the top, a sneaker to the left of a bag"
+    assert scenes.composite_caption({1: 9, 3: 1}) == "at the top right an ankle boot and below it a pair of trousers"
+    assert scenes.composite_caption({0: 0, 3: 5}) == "at the top left a T-shirt and at the bottom right a sandal"
 
 
 def test_two_item_share_of_layouts():
     def counts(share):
         rng = np.random.default_rng(0)
-        ks = [len(corpora.sample_layout(rng, 100, share)) for _ in range(3000)]
+        ks = [len(scenes.sample_layout(rng, 100, share)) for _ in range(3000)]
         return [ks.count(k) / len(ks) for k in (2, 3, 4)]
 
     assert counts(None) == pytest.approx([1 / 3] * 3, abs=0.03)  # even, as the held-out set
@@ -35,7 +36,7 @@ def test_two_item_share_of_layouts():
     assert counts(1.0) == [1.0, 0.0, 0.0]
     rng = np.random.default_rng(1)
     assert all(2 <= len(w) <= 4 and all(0 <= v < 7 for v in w.values()) for w in
-               (corpora.sample_layout(rng, 7, 0.5) for _ in range(50)))  # fmt: skip
+               (scenes.sample_layout(rng, 7, 0.5) for _ in range(50)))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -52,33 +53,33 @@ def test_two_item_share_of_layouts():
     ],
 )
 def test_malformed_captions_do_not_parse(text):
-    assert corpora.parse_composite_caption(text) is None
+    assert scenes.parse_composite_caption(text) is None
 
 
 def test_motion_needs_temporal_order():
     item = np.full((28, 28), 200, np.uint8)
-    right = corpora.motion_frames(item, "to the right", 28)
-    left = corpora.motion_frames(item, "to the left", 28)
+    right = scenes.motion_frames(item, "to the right", 28)
+    left = scenes.motion_frames(item, "to the left", 28)
     assert right.shape == (8, 56, 56)
     assert np.array_equal(right, left[::-1])  # same frames, opposite order
     assert right[0, 28:, :28].min() == 200 and right[-1, 28:, 28:].min() == 200 and right[-1, :, :28].max() == 0
-    down = corpora.motion_frames(item, "down", 0)
+    down = scenes.motion_frames(item, "down", 0)
     assert down[3, :28, :28].min() == 200 and down[4, 28:, :28].min() == 200 and down[4, :28].max() == 0
-    for d in corpora.DIRECTIONS:
-        assert corpora.parse_motion_caption(corpora.motion_caption(3, d)) == (3, d)
-    assert corpora.parse_motion_caption("a dress moves sideways") is None
+    for d in scenes.DIRECTIONS:
+        assert scenes.parse_motion_caption(scenes.motion_caption(3, d)) == (3, d)
+    assert scenes.parse_motion_caption("a dress moves sideways") is None
 
 
 def test_fashion_mnist_and_clip_shards(tmp_path):
-    images, labels = corpora.load_fashion_mnist("test")
+    images, labels = scenes.load_fashion_mnist("test")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8 and set(labels.tolist()) == set(range(10))
-    rep = write_shards(corpora.motion_records("test", 4, 0), tmp_path / "v", video_frames=8, progress=False)
-    rep2 = write_shards(corpora.composite_records("test", 5, 0), tmp_path / "i", progress=False)
+    rep = write_shards(scenes.motion_records("test", 4, 0), tmp_path / "v", progress=False)
+    rep2 = write_shards(scenes.composite_records("test", 5, 0), tmp_path / "i", progress=False)
     assert (rep.written, rep.skipped, rep2.written) == (4, 0, 5)
     urls, _ = read_index(tmp_path / "i/index.json")
     s = next(iter_samples(open_url(urls[0]), urls[0]))
     layout = {int(c): v for c, v in json.loads(s["json"])["layout"].items()}
-    assert corpora.parse_composite_caption(s["txt"].decode()) == layout and s["png"][:4] == b"\x89PNG"
+    assert scenes.parse_composite_caption(s["txt"].decode()) == layout and s["png"][:4] == b"\x89PNG"
 
 
 def test_speech_corpus_is_open_vocabulary_with_disjoint_splits():
@@ -90,7 +91,7 @@ def test_speech_corpus_is_open_vocabulary_with_disjoint_splits():
     assert not {p[0] for p in train} & {p[0] for p in test}
     assert not {p[2] for p in train if p[1] == "espeak"} & {p[2] for p in test}
     assert sum(p[1] == "piper" for p in train) == 5 and all(p[1] == "espeak" for p in test)
-    with pytest.raises(corpora.CorpusError, match="fortunes give"):
+    with pytest.raises(scenes.CorpusError, match="fortunes give"):
         corpora.speech_plan(sents, len(sents), 1, 0)
 
 
@@ -101,7 +102,7 @@ def test_tts_engines_give_decodable_speech():
                                        ("A man paints with his brains.", "piper", "joe", 1.0, 0)], "t"):  # fmt: skip
         wave = decode_audio(rec["audio"][1], rec["audio"][0], "wav")
         assert wave.ndim == 1 and 0.8 * 16000 < wave.shape[0] < 6 * 16000 and float(wave.abs().max()) > 0.05
-    with pytest.raises(corpora.CorpusError, match="espeak-ng -v no-such-voice"):
+    with pytest.raises(scenes.CorpusError, match="espeak-ng -v no-such-voice"):
         corpora.espeak_wav("hello there", "no-such-voice")
 
 
@@ -121,7 +122,7 @@ def test_spoken_domain_splits_vocabulary_and_determinism():
     heard = {w for s in corpora.spoken_sentences("train", 3000, 0) for w in normalize_text(s).split()}
     assert heard <= words and len(heard) >= 150
     assert not any(ch.isdigit() for s in tests for ch in s)
-    for name in corpora.FASHION_CLASSES:  # the demo's own world: every item name is spoken
+    for name in scenes.FASHION_CLASSES:  # the demo's own world: every item name is spoken
         assert any(name in s for s in corpora.spoken_sentences("train", 500, 0))
     with pytest.raises(ValueError, match="split"):
         corpora.spoken_sentences("dev", 3, 0)

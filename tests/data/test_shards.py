@@ -180,5 +180,10 @@ def test_http_urls_stream(shard_dir):
         url = f"http://127.0.0.1:{srv.server_address[1]}/shard-{{000000..000001}}.tar"
         urls = expand_urls(url)
         assert len(urls) == 2
-        assert verify_shards(urls, video_frames=2).summary() == {"shards": 2, "samples": 3, "bad": 0, "reasons": {}}
+        assert verify_shards(urls, options={"video": {"num_frames": 2}}).summary() == {
+            "shards": 2,
+            "samples": 3,
+            "bad": 0,
+            "reasons": {},
+        }
         srv.shutdown()

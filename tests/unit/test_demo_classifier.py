@@ -1,13 +1,13 @@
-"""The demo's plain-classifier reference on the held-out clips (recipes.demo.data_stages): which cell of each view
+"""The demo's plain-classifier reference on the held-out clips (recipes.demo.classifier): which cell of each view
 it reads, and the label it is scored against; the heads saved by the encoder stage load back."""
 
 import json
 
 import torch
 
-from mm_llama.data import corpora
 from mm_llama.data.shards import read_index, read_samples, write_shards
-from recipes.demo.data_stages import (
+from recipes.demo import scenes
+from recipes.demo.classifier import (
     CellClassifier,
     classifier_video_accuracy,
     load_classifier,
@@ -36,7 +36,7 @@ class CellLight(torch.nn.Module):
 
 
 def test_classifier_reads_the_occupied_cell_of_each_clip(tmp_path):
-    write_shards(corpora.motion_records("test", 12, 0), tmp_path / "v", video_frames=8, progress=False)
+    write_shards(scenes.motion_records("test", 12, 0), tmp_path / "v", progress=False)
     samples = read_samples(read_index(tmp_path / "v/index.json")[0])
     labels = [json.loads(s["json"])["label"] for s in samples]
     k = labels[0]
