@@ -14,7 +14,7 @@ ASSETS_LOCK := requirements/assets.lock.txt
 APT_PKGS := chromium chromium-driver espeak-ng dataset-fashion-mnist fortunes fortunes-min
 PYTEST_ARGS ?=
 
-.PHONY: all test test-slow demo demo-seeds install install-dev lint format bench asr-reference clean apt lock lock-info check-fresh
+.PHONY: all test test-slow demo demo-seeds install install-dev lint format style bench asr-reference clean apt lock lock-info check-fresh
 
 all: test
 
@@ -63,6 +63,10 @@ lint: install-dev
 format: install-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# the style counts (fmt: skip, function-level imports, long files and functions) and their limits; --list names them
+style: install-dev
+	$(PY) -m tests.style --list
 
 lock-info:
 	@echo "mm-llama: dependencies installed from $$(cat $(VENV)/.installed)"

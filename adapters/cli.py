@@ -62,17 +62,29 @@ def cmd_describe(args) -> int:
         return 2
     t0 = time.perf_counter()
     model, tok = load_model(args)
-    print(f"[loaded {'+'.join(model.modalities)} adapters on a {args.dtype} tower in {time.perf_counter() - t0:.1f} s]",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"[loaded {'+'.join(model.modalities)} adapters on a {args.dtype} tower in {time.perf_counter() - t0:.1f} s]",
+        file=sys.stderr,
+    )
     for path in args.inputs:
         check_handled(model, path)  # every input is handled before any work starts (ValueError -> exit 2)
     failed = 0
     for path in args.inputs:
         t0 = time.perf_counter()
         try:
-            answer = describe(model, tok, path, Path(path).read_bytes(), prompt=args.prompt, frames=args.frames,
-                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                  seed=args.seed, language=args.language)  # fmt: skip
+            answer = describe(
+                model,
+                tok,
+                path,
+                Path(path).read_bytes(),
+                prompt=args.prompt,
+                frames=args.frames,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                language=args.language,
+            )
         except SampleError as e:
             print(f"mm-llama {args.command}: {e}", file=sys.stderr)
             failed += 1
@@ -101,11 +113,19 @@ def _add_common(c, max_new_tokens: int) -> None:
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--top-p", type=float, default=1.0)
     c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="the tower's weights; auto: the dtype the adapters were trained with (recorded in each "
-                        "file; float32 for older files and Mllama folders)")  # fmt: skip
-    c.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weight-only tower linears (pair with --dtype bfloat16; inference only)")  # fmt: skip
+    c.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the tower's weights; auto: the dtype the adapters were trained with (recorded in each "
+        "file; float32 for older files and Mllama folders)",
+    )
+    c.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8 weight-only tower linears (pair with --dtype bfloat16; inference only)",
+    )
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cmd_describe)
 

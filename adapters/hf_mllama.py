@@ -11,12 +11,15 @@ transformers 4 key layout (`language_model.model.*`, `language_model.lm_head`, `
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mm_llama.data.image import supported_aspect_ratios
 from mm_llama.llama.checkpoint import (
@@ -24,12 +27,15 @@ from mm_llama.llama.checkpoint import (
     ParamFiller,
     args_from_hf_config,
     hf_to_meta_key,
+    meta_to_hf_key,
     permute_hf_to_meta,
+    permute_meta_to_hf,
 )
 from mm_llama.llama.model import Transformer
 
 from .composed import ComposedModel
 from .image import NUM_EXTRA_TOKENS, ImagePart
+from .meta_format import load_meta_vision
 from .vision import VisionArgs
 
 _XATTN_KEYS = {
@@ -107,8 +113,12 @@ def mllama_skeleton(
     cross = list(tc.get("cross_attention_layers", []))
     n_flat = tc["num_hidden_layers"]
     # the text tower is a plain Llama once the cross-attention layers are taken out of the flat list
-    text = {**tc, "model_type": "llama", "num_hidden_layers": n_flat - len(cross),
-            "max_position_embeddings": tc.get("max_position_embeddings", 131072)}  # fmt: skip
+    text = {
+        **tc,
+        "model_type": "llama",
+        "num_hidden_layers": n_flat - len(cross),
+        "max_position_embeddings": tc.get("max_position_embeddings", 131072),
+    }
     try:
         args = args_from_hf_config(text, f"{cfg_path} text_config")
     except KeyError as e:
@@ -128,13 +138,19 @@ def mllama_skeleton(
 
 
 def load_hf_mllama(
-    folder: Path, dtype=torch.float32, device="cpu", hf_compat_masking: bool = False, intermediate_from: str = "input",
-    *, tower: Transformer | None = None, text_only: bool = False,
-):  # fmt: skip
+    folder: Path,
+    dtype=torch.float32,
+    device="cpu",
+    hf_compat_masking: bool = False,
+    intermediate_from: str = "input",
+    *,
+    tower: Transformer | None = None,
+    text_only: bool = False,
+):
+    # long: one pass over the checkpoint's keys; each HF key family mapped where it is read
     """An HF Mllama folder -> a ComposedModel of its text tower and image part (all frozen). `text_only`: only the
     text tower is read and returned (training a recipe on the folder's tower); `tower`: only the image part is read
     and returned, for this already-loaded tower of the same shape (the text weights are not read again)."""
-    from safetensors import safe_open
 
     folder = Path(folder)
     model, cross, flat_to_self = mllama_skeleton(folder, hf_compat_masking, intermediate_from)
@@ -230,8 +246,6 @@ def load_pretrained(
     if (p / "config.json").is_file():
         return load_hf_mllama(p, dtype, device, hf_compat_masking, intermediate_from)
     if (p / "params.json").is_file():
-        from .meta_format import load_meta_vision
-
         return load_meta_vision(p, dtype, device)
     raise CheckpointError(f"{p}: not an Mllama checkpoint folder (config.json with model_type 'mllama')")
 
@@ -245,14 +259,10 @@ _XATTN_KEYS_INV = {v: k for k, v in _XATTN_KEYS.items()}
 def export_hf_mllama(
     model: ComposedModel, folder: str | Path, *, dtype=None, bos_id=None, eos_id=None, pad_id=None
 ) -> Path:
+    # long: the inverse of load_hf_mllama's key map and the config it implies, kept side by side
     """Write the tower and image part of `model` as config.json + model.safetensors in the Mllama layout (one flat
     layer list, cross-attention layers at flat index schedule[k] + k; embed_tokens = frozen table + learnable rows;
     q/k rows permuted for HF RoPE)."""
-    import dataclasses
-
-    from safetensors.torch import save_file
-
-    from mm_llama.llama.checkpoint import meta_to_hf_key, permute_meta_to_hf
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -311,9 +321,11 @@ def export_hf_mllama(
     }
     llama3 = a.vocab_size >= 128256  # Llama 3 special ids unless told otherwise
     # (other vocabularies: transformers insists on an in-range pad id for its embedding's padding_idx)
-    for name, given, default in (("bos_token_id", bos_id, 128000 if llama3 else None),
-                                 ("eos_token_id", eos_id, 128001 if llama3 else None),
-                                 ("pad_token_id", pad_id, 128004 if llama3 else 0)):  # fmt: skip
+    for name, given, default in (
+        ("bos_token_id", bos_id, 128000 if llama3 else None),
+        ("eos_token_id", eos_id, 128001 if llama3 else None),
+        ("pad_token_id", pad_id, 128004 if llama3 else 0),
+    ):
         value = given if given is not None else default
         if value is not None:
             text_config[name] = value

@@ -27,6 +27,7 @@ import torch
 
 from mm_llama.data.image import supported_aspect_ratios
 from mm_llama.llama.checkpoint import CheckpointError, ParamFiller, args_from_meta_params
+from mm_llama.llama.format_meta import _find_meta_ffn_multiplier
 from mm_llama.llama.model import Transformer
 
 from .composed import ComposedModel
@@ -92,16 +93,25 @@ def meta_vision_key(rest: str) -> str | None:
         if tail in ("gate_attn", "gate_ffn"):
             return f"{stack}.layers.{idx}.{tail}"
         raise KeyError(rest)
-    simple = {"class_embedding": "class_embedding", "ln_pre.weight": "layernorm_pre.weight",
-              "ln_pre.bias": "layernorm_pre.bias", "ln_post.weight": "layernorm_post.weight",
-              "ln_post.bias": "layernorm_post.bias", "positional_embedding": "gated_positional_embedding.embedding",
-              "gated_positional_embedding_gate": "gated_positional_embedding.gate",
-              "pre_tile_pos_embed.gate": "pre_tile_positional_embedding.gate",
-              "post_tile_pos_embed.gate": "post_tile_positional_embedding.gate"}  # fmt: skip
+    simple = {
+        "class_embedding": "class_embedding",
+        "ln_pre.weight": "layernorm_pre.weight",
+        "ln_pre.bias": "layernorm_pre.bias",
+        "ln_post.weight": "layernorm_post.weight",
+        "ln_post.bias": "layernorm_post.bias",
+        "positional_embedding": "gated_positional_embedding.embedding",
+        "gated_positional_embedding_gate": "gated_positional_embedding.gate",
+        "pre_tile_pos_embed.gate": "pre_tile_positional_embedding.gate",
+        "post_tile_pos_embed.gate": "post_tile_positional_embedding.gate",
+    }
     if rest in simple:
         return simple[rest]
-    if rest in ("conv1._linear.weight", "gated_positional_embedding", "pre_tile_pos_embed.embedding",
-                "post_tile_pos_embed.embedding"):  # fmt: skip
+    if rest in (
+        "conv1._linear.weight",
+        "gated_positional_embedding",
+        "pre_tile_pos_embed.embedding",
+        "post_tile_pos_embed.embedding",
+    ):
         return None
     raise KeyError(rest)
 
@@ -137,6 +147,7 @@ def _count_blocks(sd: dict, prefix: str) -> int:
 
 
 def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> ComposedModel:
+    # long: one pass over Meta's keys; each key family mapped where it is read
     params_path = folder / "params.json"
     params = json.loads(params_path.read_text())
     params = params.get("model", params)
@@ -166,9 +177,17 @@ def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> Compose
     if len(inter) != n_inter:
         raise CheckpointError(f"{folder}: cannot tell which {n_inter} intermediate layers the projection expects")
     heads = params.get("vision_heads", 16)
-    vargs = VisionArgs(image_size=image_size, patch_size=patch, width=width, layers=n_vis, heads=heads,
-                       mlp_dim=mlp_dim, global_layers=n_glob, intermediate_layers=inter,
-                       max_num_tiles=max_tiles)  # fmt: skip
+    vargs = VisionArgs(
+        image_size=image_size,
+        patch_size=patch,
+        width=width,
+        layers=n_vis,
+        heads=heads,
+        mlp_dim=mlp_dim,
+        global_layers=n_glob,
+        intermediate_layers=inter,
+        max_num_tiles=max_tiles,
+    )
     with torch.device("meta"):
         model = ComposedModel(Transformer(args), image=ImagePart(args, vargs, schedule))
     filler = ParamFiller(model, source=str(folder), dtype=dtype, device=device, requires_grad=False)
@@ -226,9 +245,9 @@ def load_meta_vision(folder: Path, dtype=torch.float32, device="cpu") -> Compose
 
 
 def save_meta_vision(model: ComposedModel, folder: str | Path, *, model_parallel: int = 1) -> None:
+    # long: the inverse of load_meta_vision's key map, kept in the same order
     """Write the tower and image part of `model` in Meta's Llama 3.2 Vision layout (the inverse of
     `load_meta_vision`)."""
-    from mm_llama.llama.format_meta import _find_meta_ffn_multiplier
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -240,11 +259,21 @@ def save_meta_vision(model: ComposedModel, folder: str | Path, *, model_parallel
     if image.schedule != default_schedule(a.n_layers, every, len(image.schedule)):
         raise CheckpointError(f"schedule {image.schedule} is not Meta's uniform fusion schedule")
     multiple_of, mult = _find_meta_ffn_multiplier(a.dim, a.ffn_dim)
-    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
-              "vocab_size": a.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": mult,
-              "norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "use_scaled_rope": a.rope_scaling is not None,
-              "vision_chunk_size": v.image_size, "vision_max_num_chunks": v.max_num_tiles,
-              "vision_num_cross_attention_layers": len(image.schedule)}  # fmt: skip
+    params = {
+        "dim": a.dim,
+        "n_layers": a.n_layers,
+        "n_heads": a.n_heads,
+        "n_kv_heads": a.n_kv_heads,
+        "vocab_size": a.vocab_size,
+        "multiple_of": multiple_of,
+        "ffn_dim_multiplier": mult,
+        "norm_eps": a.norm_eps,
+        "rope_theta": a.rope_theta,
+        "use_scaled_rope": a.rope_scaling is not None,
+        "vision_chunk_size": v.image_size,
+        "vision_max_num_chunks": v.max_num_tiles,
+        "vision_num_cross_attention_layers": len(image.schedule),
+    }
     if a.rope_scaling is not None:
         params["rope_scaling_factor"] = a.rope_scaling.factor
     if v.heads != 16:
@@ -279,13 +308,17 @@ def save_meta_vision(model: ComposedModel, folder: str | Path, *, model_parallel
             which = "pre" if k.startswith("pre") else "post"
             sd[f"{ve}{which}_tile_pos_embed.embedding"] = table_to_grid(t, v.max_num_tiles, 1, W)
         else:
-            back = {"class_embedding": "class_embedding", "layernorm_pre.weight": "ln_pre.weight",
-                    "layernorm_pre.bias": "ln_pre.bias", "layernorm_post.weight": "ln_post.weight",
-                    "layernorm_post.bias": "ln_post.bias",
-                    "gated_positional_embedding.embedding": "positional_embedding",
-                    "gated_positional_embedding.gate": "gated_positional_embedding_gate",
-                    "pre_tile_positional_embedding.gate": "pre_tile_pos_embed.gate",
-                    "post_tile_positional_embedding.gate": "post_tile_pos_embed.gate"}  # fmt: skip
+            back = {
+                "class_embedding": "class_embedding",
+                "layernorm_pre.weight": "ln_pre.weight",
+                "layernorm_pre.bias": "ln_pre.bias",
+                "layernorm_post.weight": "ln_post.weight",
+                "layernorm_post.bias": "ln_post.bias",
+                "gated_positional_embedding.embedding": "positional_embedding",
+                "gated_positional_embedding.gate": "gated_positional_embedding_gate",
+                "pre_tile_positional_embedding.gate": "pre_tile_pos_embed.gate",
+                "post_tile_positional_embedding.gate": "post_tile_pos_embed.gate",
+            }
             sd[ve + back[k]] = t
     for k, t in image.vision_projection.state_dict().items():
         sd[f"vision_model.vision_projection.{k}"] = t

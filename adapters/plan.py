@@ -130,8 +130,11 @@ def count_piece(piece: Piece, exclude=()) -> PieceCount:
     def post(module, args, kwargs, out):
         stack.pop()
 
-    handles = [h for u in piece.units for h in (u.register_forward_pre_hook(pre, with_kwargs=True),
-                                                 u.register_forward_hook(post, with_kwargs=True))]  # fmt: skip
+    handles = [
+        h
+        for u in piece.units
+        for h in (u.register_forward_pre_hook(pre, with_kwargs=True), u.register_forward_hook(post, with_kwargs=True))
+    ]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttentionMode():
             piece.fn()
@@ -257,16 +260,26 @@ def measure_model(model, pieces: PlanPieces, w: Workload) -> ModelSizes:
     N = round(B * w.labels)
     h = torch.empty(N, args.dim, device="meta", dtype=dt, requires_grad=True)
     targets = torch.zeros(N, dtype=torch.long, device="meta")
-    logits, _ = saved_bytes(lambda: F.cross_entropy(tower.output(tower.norm(h)).float(), targets),
-                            exclude=[*tower.parameters()])  # fmt: skip
+    logits, _ = saved_bytes(
+        lambda: F.cross_entropy(tower.output(tower.norm(h)).float(), targets), exclude=[*tower.parameters()]
+    )
     return ModelSizes(
-        tower=param_bytes(tower_params, dt), tower_block=param_bytes(layer.parameters(), dt),
-        tower_output=param_bytes(tower.output.parameters(), dt), adapter_frozen=param_bytes(frozen, torch.float32),
-        trainable_params=sum(p.numel() for p in trainable), layer_acts=acts, layer_input=tensor_bytes(x),
-        rope=tensor_bytes(freqs), blocks_acts=blocks, shared=pieces.shared_bytes, logits=logits,
-        logits_grad=LOSS_BACKWARD_BUFFERS * N * args.vocab_size * 4, n_layers=args.n_layers,
-        lowest_layer=pieces.lowest_layer, tower_params=sum(p.numel() for p in tower_params),
-    )  # fmt: skip
+        tower=param_bytes(tower_params, dt),
+        tower_block=param_bytes(layer.parameters(), dt),
+        tower_output=param_bytes(tower.output.parameters(), dt),
+        adapter_frozen=param_bytes(frozen, torch.float32),
+        trainable_params=sum(p.numel() for p in trainable),
+        layer_acts=acts,
+        layer_input=tensor_bytes(x),
+        rope=tensor_bytes(freqs),
+        blocks_acts=blocks,
+        shared=pieces.shared_bytes,
+        logits=logits,
+        logits_grad=LOSS_BACKWARD_BUFFERS * N * args.vocab_size * 4,
+        n_layers=args.n_layers,
+        lowest_layer=pieces.lowest_layer,
+        tower_params=sum(p.numel() for p in tower_params),
+    )
 
 
 def plan(sizes: ModelSizes, layout: Layout, gpu_mem: float) -> Plan:

@@ -83,8 +83,15 @@ class App:
             return 415, {"error": str(e)}
         try:
             with self.lock:
-                answer = describe(self.model, self.tok, name, path.read_bytes(), prompt=self.args.prompt,
-                                  frames=self.args.frames, max_new_tokens=self.args.max_new_tokens)  # fmt: skip
+                answer = describe(
+                    self.model,
+                    self.tok,
+                    name,
+                    path.read_bytes(),
+                    prompt=self.args.prompt,
+                    frames=self.args.frames,
+                    max_new_tokens=self.args.max_new_tokens,
+                )
         except SampleError as e:
             return 422, {"error": str(e)}
         except Exception:  # noqa: BLE001 -- a bug or an odd input: logged with an id the page shows
@@ -107,6 +114,7 @@ def host_allowed(header: str | None, bind_host: str) -> bool:
 
 
 def make_handler(app: App):
+    # long: the request handler class: every HTTP status decided in one place
     class Handler(BaseHTTPRequestHandler):
         timeout = app.args.timeout  # seconds a socket may stall (a slow or stopped upload frees its worker)
 
@@ -185,8 +193,10 @@ class BoundedServer(ThreadingHTTPServer):
                 request.settimeout(1.0)
                 request.recv(65536)  # the request head: closing with it unread would reset the connection
                 body = b'{"error": "busy: too many requests at once, try again"}'
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                )
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -220,8 +230,12 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--adapter", action="append", default=[], help="adapter file (image, video or speech); repeat")
     s.add_argument("--video-adapter", default=None, help="same as another --adapter (kept for old scripts)")
     s.add_argument("--speech-adapter", default=None, help="same as another --adapter (kept for old scripts)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="the tower's weights; auto: the dtype the adapters were trained with")  # fmt: skip
+    s.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the tower's weights; auto: the dtype the adapters were trained with",
+    )
     s.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only tower linears")
     s.add_argument("--prompt", default="")
     s.add_argument("--frames", type=int, default=8)

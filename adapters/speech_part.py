@@ -10,13 +10,15 @@ rows and, with `ctc_weight` > 0, a CTC head over the tower's own token table (tr
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from mm_llama.data.audio import log_mel
 from mm_llama.llama.config import ModelArgs
 
 from .image import NUM_EXTRA_TOKENS, init_token_rows
 from .speech import SpeechAdapter, adapter_frames, conformer_frames
-from .whisper import WhisperEncoder
+from .whisper import WhisperEncoder, whisper_log_mel
 
 ASR_PROMPT = "Repeat after me in {language}:"
 
@@ -47,9 +49,6 @@ class SpeechTokenCount:
 
 def clip_features(wave: torch.Tensor, whisper: bool) -> torch.Tensor:
     """[frames, n_mels] features of a 16 kHz clip: Whisper's own log-mel for a Whisper encoder, ours otherwise."""
-    from mm_llama.data.audio import log_mel
-
-    from .whisper import whisper_log_mel
 
     return whisper_log_mel(wave).transpose(0, 1) if whisper else log_mel(wave)
 
@@ -75,8 +74,6 @@ class CTCHead(nn.Module):
         self._keys: tuple | None = None  # ((data_ptr, version, device) of the frozen table, its rows unit-normalised)
 
     def _table_keys(self, table: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
         tag = (table.data_ptr(), table._version, table.device)
         if self._keys is None or self._keys[0] != tag:
             with torch.no_grad():
@@ -87,7 +84,6 @@ class CTCHead(nn.Module):
         """Summed CTC negative log-likelihood (x weight) of each clip's target token ids given its rows. The softmax
         runs over the batch's own target tokens plus `negatives` tokens drawn at random from the table (sampled
         softmax: the full 49k-128k table costs more than the adapter itself), or the whole table (negatives=0)."""
-        import torch.nn.functional as F
 
         keys = self._table_keys(table)
         V = keys.shape[0]
@@ -109,7 +105,6 @@ class CTCHead(nn.Module):
     @torch.no_grad()
     def greedy(self, table: torch.Tensor, rows: torch.Tensor) -> list[int]:
         """Best-path CTC decoding of one clip's rows over the whole table (repeats merged, blanks dropped)."""
-        import torch.nn.functional as F
 
         keys = torch.cat([self._table_keys(table), F.normalize(self.blank.float(), dim=-1)[None]])
         ids = (F.normalize(rows.float(), dim=-1) @ keys.T).argmax(-1).tolist()

@@ -109,9 +109,11 @@ class TemporalAggregator(nn.Module):
         m = self.args.merge
         G = self.num_groups(Fr)
         if self.group_embedding is not None and G > self.group_embedding.shape[0]:
-            raise ValueError(f"{Fr} frames make {G} effective frames (merge {m}), but this aggregator has order "
-                             f"embeddings for {self.group_embedding.shape[0]}: sample at most "
-                             f"{self.group_embedding.shape[0] * m} frames")  # fmt: skip
+            raise ValueError(
+                f"{Fr} frames make {G} effective frames (merge {m}), but this aggregator has order "
+                f"embeddings for {self.group_embedding.shape[0]}: sample at most "
+                f"{self.group_embedding.shape[0] * m} frames"
+            )
         pad = G * m - Fr
         x = torch.cat([frames_FPD, frames_FPD.new_zeros(pad, P, D)]) if pad else frames_FPD
         x = x.view(G, m, P, D)

@@ -110,8 +110,10 @@ class VisionAttention(nn.Module):
 
     def forward(self, x_MLW: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         M, L, _ = x_MLW.shape
-        q, k, v = (p(x_MLW).view(M, L, self.heads, self.head_dim).transpose(1, 2) for p in
-                   (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
+        q, k, v = (
+            p(x_MLW).view(M, L, self.heads, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(o.transpose(1, 2).reshape(M, L, -1))
 

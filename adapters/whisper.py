@@ -17,9 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from mm_llama.deps import import_torchaudio
+from mm_llama.llama.checkpoint import CheckpointError
+
+from .ctranslate2 import read_ct2
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,7 @@ class WhisperAttention(nn.Module):
 
     def forward(self, x_BTD, key_mask_B11T):
         B, T, D = x_BTD.shape
-        q, k, v = (p(x_BTD).view(B, T, self.heads, -1).transpose(1, 2) for p in
-                   (self.q_proj, self.k_proj, self.v_proj))  # fmt: skip
+        q, k, v = (p(x_BTD).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask_B11T)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, D))
 
@@ -115,31 +118,34 @@ def _ct2_to_hf_names(v: dict, n_layers: int) -> dict[str, torch.Tensor]:
         p = f"encoder/layer_{i}/"
         w, b = v[p + "self_attention/linear_0/weight"], v[p + "self_attention/linear_0/bias"]
         (qw, kw, vw), (qb, _kb, vb) = w.chunk(3, 0), b.chunk(3, 0)
-        out.update({
-            f"layers.{i}.self_attn.q_proj.weight": qw, f"layers.{i}.self_attn.q_proj.bias": qb,
-            f"layers.{i}.self_attn.k_proj.weight": kw,
-            f"layers.{i}.self_attn.v_proj.weight": vw, f"layers.{i}.self_attn.v_proj.bias": vb,
-            f"layers.{i}.self_attn.out_proj.weight": v[p + "self_attention/linear_1/weight"],
-            f"layers.{i}.self_attn.out_proj.bias": v[p + "self_attention/linear_1/bias"],
-            f"layers.{i}.self_attn_layer_norm.weight": v[p + "self_attention/layer_norm/gamma"],
-            f"layers.{i}.self_attn_layer_norm.bias": v[p + "self_attention/layer_norm/beta"],
-            f"layers.{i}.fc1.weight": v[p + "ffn/linear_0/weight"], f"layers.{i}.fc1.bias": v[p + "ffn/linear_0/bias"],
-            f"layers.{i}.fc2.weight": v[p + "ffn/linear_1/weight"], f"layers.{i}.fc2.bias": v[p + "ffn/linear_1/bias"],
-            f"layers.{i}.final_layer_norm.weight": v[p + "ffn/layer_norm/gamma"],
-            f"layers.{i}.final_layer_norm.bias": v[p + "ffn/layer_norm/beta"],
-        })  # fmt: skip
+        out.update(
+            {
+                f"layers.{i}.self_attn.q_proj.weight": qw,
+                f"layers.{i}.self_attn.q_proj.bias": qb,
+                f"layers.{i}.self_attn.k_proj.weight": kw,
+                f"layers.{i}.self_attn.v_proj.weight": vw,
+                f"layers.{i}.self_attn.v_proj.bias": vb,
+                f"layers.{i}.self_attn.out_proj.weight": v[p + "self_attention/linear_1/weight"],
+                f"layers.{i}.self_attn.out_proj.bias": v[p + "self_attention/linear_1/bias"],
+                f"layers.{i}.self_attn_layer_norm.weight": v[p + "self_attention/layer_norm/gamma"],
+                f"layers.{i}.self_attn_layer_norm.bias": v[p + "self_attention/layer_norm/beta"],
+                f"layers.{i}.fc1.weight": v[p + "ffn/linear_0/weight"],
+                f"layers.{i}.fc1.bias": v[p + "ffn/linear_0/bias"],
+                f"layers.{i}.fc2.weight": v[p + "ffn/linear_1/weight"],
+                f"layers.{i}.fc2.bias": v[p + "ffn/linear_1/bias"],
+                f"layers.{i}.final_layer_norm.weight": v[p + "ffn/layer_norm/gamma"],
+                f"layers.{i}.final_layer_norm.bias": v[p + "ffn/layer_norm/beta"],
+            }
+        )
     return out
 
 
 def load_whisper_encoder(path: str | Path, dtype=torch.float32, device="cpu") -> WhisperEncoder:
     """From a CTranslate2 model.bin (or a folder holding one) or a Hugging Face Whisper folder."""
-    from mm_llama.llama.checkpoint import CheckpointError
 
     p = Path(path)
     ct2 = p if p.suffix == ".bin" else p / "model.bin"
     if ct2.is_file():
-        from .ctranslate2 import read_ct2
-
         v, info = read_ct2(ct2)
         if info["spec"] != "WhisperSpec":
             raise CheckpointError(f"{ct2}: CTranslate2 spec {info['spec']!r} is not WhisperSpec")
@@ -147,17 +153,25 @@ def load_whisper_encoder(path: str | Path, dtype=torch.float32, device="cpu") ->
             int(k.split("/")[1][6:]) for k in v if k.split("/")[1][6:].isdigit() and k.startswith("encoder/layer_")
         )
         w = v["encoder/conv1/weight"]
-        a = WhisperArgs(n_mels=w.shape[1], width=w.shape[0], layers=n_layers, heads=int(v["encoder/num_heads"]),
-                        ffn_dim=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
-                        n_ctx=v["encoder/position_encodings/encodings"].shape[0])  # fmt: skip
+        a = WhisperArgs(
+            n_mels=w.shape[1],
+            width=w.shape[0],
+            layers=n_layers,
+            heads=int(v["encoder/num_heads"]),
+            ffn_dim=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+            n_ctx=v["encoder/position_encodings/encodings"].shape[0],
+        )
         state = _ct2_to_hf_names(v, n_layers)
     elif (p / "config.json").is_file():
-        from safetensors import safe_open
-
         cfg = json.loads((p / "config.json").read_text())
-        a = WhisperArgs(n_mels=cfg["num_mel_bins"], width=cfg["d_model"], layers=cfg["encoder_layers"],
-                        heads=cfg["encoder_attention_heads"], ffn_dim=cfg["encoder_ffn_dim"],
-                        n_ctx=cfg["max_source_positions"])  # fmt: skip
+        a = WhisperArgs(
+            n_mels=cfg["num_mel_bins"],
+            width=cfg["d_model"],
+            layers=cfg["encoder_layers"],
+            heads=cfg["encoder_attention_heads"],
+            ffn_dim=cfg["encoder_ffn_dim"],
+            n_ctx=cfg["max_source_positions"],
+        )
         state = {}
         for f in sorted(p.glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as sf:

@@ -20,6 +20,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import tokenizers
+import torch
+
+from mm_llama.adapters.whisper import whisper_log_mel
+from mm_llama.assets import asset_path
+from mm_llama.data.audio import AUDIO_EXTS, decode_audio
+from mm_llama.data.shards import read_index, read_samples
+from mm_llama.text import wer_cer, wer_cer_by
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -29,24 +39,16 @@ def main():
     ap.add_argument("--out", help="JSON result (default: RUN/eval/asr_reference.json for RUN/shards/...)")
     args = ap.parse_args()
     try:
-        import ctranslate2
+        import ctranslate2  # noqa: PLC0415 - optional: only this reference needs the CTranslate2 runtime
     except ImportError:
         sys.exit("this reference needs the CTranslate2 runtime: pip install ctranslate2")
-    import numpy as np
-    import tokenizers
-    import torch
-
-    from mm_llama.adapters.asr import wer_cer, wer_cer_by
-    from mm_llama.adapters.whisper import whisper_log_mel
-    from mm_llama.assets import asset_path
-    from mm_llama.data.audio import AUDIO_EXTS, decode_audio
-    from mm_llama.data.shards import read_index, read_samples
 
     if not Path(args.shards).exists():
         sys.exit(f"{args.shards}: no such index (run `python -m recipes.demo --stages corpora` first)")
     model_dir = Path(asset_path("whisper_tiny_en_ct2")).parent
-    model = ctranslate2.models.Whisper(str(model_dir), device="cpu", compute_type="float32",
-                                       intra_threads=torch.get_num_threads())  # fmt: skip
+    model = ctranslate2.models.Whisper(
+        str(model_dir), device="cpu", compute_type="float32", intra_threads=torch.get_num_threads()
+    )
     tok = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     prompt = tok.encode("<|startoftranscript|><|notimestamps|>", add_special_tokens=False).ids
     samples = read_samples(read_index(args.shards)[0], args.limit)
@@ -65,8 +67,10 @@ def main():
         voices.append(json.loads(s["json"]).get("voice", "?") if "json" in s else "?")
     seconds = time.perf_counter() - t0
     total = wer_cer(refs, hyps)
-    print(f"\nComplete Whisper tiny.en (CTranslate2, beam {args.beam}) on {total['n']} clips of {args.shards} "
-          f"({seconds:.0f} s): WER {100 * total['wer']:.1f}%  CER {100 * total['cer']:.1f}%")  # fmt: skip
+    print(
+        f"\nComplete Whisper tiny.en (CTranslate2, beam {args.beam}) on {total['n']} clips of {args.shards} "
+        f"({seconds:.0f} s): WER {100 * total['wer']:.1f}%  CER {100 * total['cer']:.1f}%"
+    )
     per_voice = wer_cer_by(refs, hyps, voices)
     for v, r in per_voice.items():
         print(f"  {v:<22}{r['n']:>4} clips  WER {100 * r['wer']:5.1f}%  CER {100 * r['cer']:5.1f}%")
@@ -74,9 +78,14 @@ def main():
     tag = "" if folder == "speech_test" else "_" + folder.removeprefix("speech_").removesuffix("_test")
     out = Path(args.out) if args.out else Path(args.shards).resolve().parents[2] / "eval" / f"asr_reference{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {**total, "by_voice": {v: r["wer"] for v, r in per_voice.items()}, "beam": args.beam,
-              "shards": args.shards, "seconds": seconds,
-              "rows": [{"ref": r, "hyp": h, "voice": v} for r, h, v in zip(refs, hyps, voices)]}  # fmt: skip
+    result = {
+        **total,
+        "by_voice": {v: r["wer"] for v, r in per_voice.items()},
+        "beam": args.beam,
+        "shards": args.shards,
+        "seconds": seconds,
+        "rows": [{"ref": r, "hyp": h, "voice": v} for r, h, v in zip(refs, hyps, voices)],
+    }
     out.write_text(json.dumps(result, indent=1))
     print(f"  -> {out}")
     for r, h in list(zip(refs, hyps))[:5]:

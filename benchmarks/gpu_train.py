@@ -15,9 +15,18 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+
+from mm_llama.adapters.composed import ComposedModel
+from mm_llama.adapters.image import build_image_part
+from mm_llama.data.collate import cross_attention_mask
+from mm_llama.engine import DistributedDataParallel
+from mm_llama.engine.flops import StepFlops, device_peak_flops
+from mm_llama.llama import Transformer, get_preset
 
 
 def main():
+    # long: a benchmark reads top to bottom: set-up, each engine timed on the GPU
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seq", type=int, default=512)
@@ -28,14 +37,6 @@ def main():
     if not torch.cuda.is_available():
         print("benchmarks/gpu_train.py: no CUDA device on this machine; nothing to measure.")
         return 0
-    import torch.distributed as dist
-
-    from mm_llama.adapters.composed import ComposedModel
-    from mm_llama.adapters.image import build_image_part
-    from mm_llama.data.collate import cross_attention_mask
-    from mm_llama.engine import DistributedDataParallel
-    from mm_llama.engine.flops import StepFlops, device_peak_flops
-    from mm_llama.llama import Transformer, get_preset
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -59,11 +60,14 @@ def main():
     trainable = [p for p in model.parameters() if p.requires_grad]
     peak_flops, source = device_peak_flops(dev, torch.bfloat16, float(os.environ.get("PEAK_TFLOPS", 0)))
     n_train = sum(p.numel() for p in trainable) / 1e9
-    print(f"{torch.cuda.get_device_name()} | tower {args.preset} bf16 frozen | trainable {n_train:.2f}B | "
-          f"batch {B} x {T} tokens, 1 tile of {v.image_size}px")  # fmt: skip
+    print(
+        f"{torch.cuda.get_device_name()} | tower {args.preset} bf16 frozen | trainable {n_train:.2f}B | "
+        f"batch {B} x {T} tokens, 1 tile of {v.image_size}px"
+    )
     for engine in ("ours", "torch"):
-        wrapped = (DistributedDataParallel(model) if engine == "ours"
-                   else torch.nn.parallel.DistributedDataParallel(model))  # fmt: skip
+        wrapped = (
+            DistributedDataParallel(model) if engine == "ours" else torch.nn.parallel.DistributedDataParallel(model)
+        )
         opt = torch.optim.AdamW(trainable, lr=1e-5)
         torch.cuda.reset_peak_memory_stats()
         times, flops = [], 0
@@ -73,8 +77,13 @@ def main():
             count = StepFlops() if step == 0 else contextlib.nullcontext()  # FLOPs executed (same every step)
             with count:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = wrapped(ids, pixel_values=px, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask,
-                                     cross_attention_mask=xm).logits  # fmt: skip
+                    logits = wrapped(
+                        ids,
+                        pixel_values=px,
+                        aspect_ratio_ids=ar_ids,
+                        aspect_ratio_mask=ar_mask,
+                        cross_attention_mask=xm,
+                    ).logits
                     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                 loss.backward()
             flops = count.total if step == 0 else flops
@@ -85,8 +94,10 @@ def main():
                 times.append(time.perf_counter() - t0)
         t = statistics.median(times)
         tps = B * T / t
-        print(f"engine={engine:<6} {tps:9.0f} tokens/s  MFU {flops / t / peak_flops:6.1%} ({source})  "
-              f"peak memory {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB  step {t * 1e3:.0f} ms")  # fmt: skip
+        print(
+            f"engine={engine:<6} {tps:9.0f} tokens/s  MFU {flops / t / peak_flops:6.1%} ({source})  "
+            f"peak memory {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB  step {t * 1e3:.0f} ms"
+        )
         if engine == "ours":
             wrapped.remove_hooks()
         del wrapped, opt

@@ -93,8 +93,7 @@ def main():
     print(f"ASR real-time factor (whisper tiny.en + adapter + SmolLM2-135M, 5 s clip, <=24 tokens): {t / 5:.3f}")
     print(f"{'clip length':<14}{'peak RSS added (MB)':>22}{'adapter tokens':>16}")
     for sec in (5, 15, 30, 60):
-        out = subprocess.run([sys.executable, "-c", MEM_CHILD, str(sec)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", MEM_CHILD, str(sec)], capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{sec:>5} s{'':<8}{r['added'] / 1e6:>22.0f}{r['tokens']:>16}")
 

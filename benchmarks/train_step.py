@@ -28,9 +28,18 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+
+from torch.profiler import ProfilerActivity, profile
+from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+from mm_llama.adapters import load_pretrained
+from mm_llama.data.collate import cross_attention_mask
+from mm_llama.engine import DistributedDataParallel
+from mm_llama.engine.flops import StepFlops
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -42,23 +51,45 @@ B, T, LABELLED = 4, 256, 64
 
 def text_shape(tiny: bool) -> dict:
     if tiny:
-        return dict(vocab_size=512, hidden_size=64, num_hidden_layers=7, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=128, cross_attention_layers=[3])  # fmt: skip
-    return dict(vocab_size=49152, hidden_size=576, num_hidden_layers=37, num_attention_heads=9, num_key_value_heads=3,
-                intermediate_size=1536, cross_attention_layers=list(range(3, 37, 5)), rope_theta=100000.0)  # fmt: skip
+        return dict(
+            vocab_size=512,
+            hidden_size=64,
+            num_hidden_layers=7,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            cross_attention_layers=[3],
+        )
+    return dict(
+        vocab_size=49152,
+        hidden_size=576,
+        num_hidden_layers=37,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        cross_attention_layers=list(range(3, 37, 5)),
+        rope_theta=100000.0,
+    )
 
 
 def write_folder(path: str, tiny: bool) -> dict:
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
-
     text = text_shape(tiny)
     cfg = MllamaConfig(
-        vision_config=dict(hidden_size=128, attention_heads=4, num_hidden_layers=4, num_global_layers=2,
-                           intermediate_size=512, image_size=112, patch_size=14, max_num_tiles=4,
-                           intermediate_layers_indices=[1, 3], vision_output_dim=384),
+        vision_config=dict(
+            hidden_size=128,
+            attention_heads=4,
+            num_hidden_layers=4,
+            num_global_layers=2,
+            intermediate_size=512,
+            image_size=112,
+            patch_size=14,
+            max_num_tiles=4,
+            intermediate_layers_indices=[1, 3],
+            vision_output_dim=384,
+        ),
         text_config=dict(**text, pad_token_id=0, eos_token_id=1, bos_token_id=2),
         image_token_index=text["vocab_size"],
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     hf = MllamaForConditionalGeneration(cfg)
     with torch.no_grad():  # open the gates (zero gates would make the cross-attention a no-op forward)
@@ -70,8 +101,6 @@ def write_folder(path: str, tiny: bool) -> dict:
 
 
 def batch(rank: int, vocab: int):
-    from mm_llama.data.collate import cross_attention_mask
-
     g = torch.Generator().manual_seed(100 + rank)
     ids = torch.randint(3, vocab, (B, T), generator=g)
     ids[:, 1] = vocab  # <|image|>
@@ -81,8 +110,14 @@ def batch(rank: int, vocab: int):
     xm = cross_attention_mask(ids.tolist(), vocab, [[1]] * B, 4)
     ar_mask = torch.zeros(B, 1, 4, dtype=torch.long)
     ar_mask[:, :, 0] = 1
-    return dict(input_ids=ids, labels=labels, pixel_values=px, aspect_ratio_ids=torch.ones(B, 1, dtype=torch.long),
-                aspect_ratio_mask=ar_mask, cross_attention_mask=xm)  # fmt: skip
+    return dict(
+        input_ids=ids,
+        labels=labels,
+        pixel_values=px,
+        aspect_ratio_ids=torch.ones(B, 1, dtype=torch.long),
+        aspect_ratio_mask=ar_mask,
+        cross_attention_mask=xm,
+    )
 
 
 def device() -> torch.device:
@@ -94,9 +129,6 @@ def device() -> torch.device:
 def build(side: str, path: str):
     """(module to step, trainable parameters) with the same trainable set on both sides."""
     if side == "ours":
-        from mm_llama.adapters import load_pretrained
-        from mm_llama.engine import DistributedDataParallel
-
         model = load_pretrained(path, device=device(), hf_compat_masking=True, intermediate_from="output")
         image = model.image
         model.requires_grad_(False)
@@ -105,7 +137,6 @@ def build(side: str, path: str):
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         return DistributedDataParallel(model), trainable
-    from transformers import MllamaForConditionalGeneration
 
     hf = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device())
     hf.requires_grad_(False)
@@ -135,7 +166,6 @@ def step_fn(side, wrapped, opt, inputs, autocast):
 def peak_step_bytes(step) -> tuple[int, object]:
     """High-water mark of bytes allocated during one step above the level before it (CPU: the profiler's allocation
     events; CUDA: max_memory_allocated)."""
-    from torch.profiler import ProfilerActivity, profile
 
     if device().type == "cuda":
         torch.cuda.synchronize()
@@ -157,8 +187,6 @@ def peak_step_bytes(step) -> tuple[int, object]:
 
 
 def worker(args, path: str) -> None:
-    from mm_llama.engine.flops import StepFlops
-
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -188,8 +216,13 @@ def worker(args, path: str) -> None:
             with StepFlops() as flops:  # the FLOPs this step executes (mm_llama.engine.flops), both sides alike
                 peak, prof = peak_step_bytes(step)
             key = f"{side}_{dtype}"
-            res[key] = {"step_s": t.item(), "tok_s": dist.get_world_size() * B * T / t.item(),
-                        "peak_mb": peak / 2**20, "loss": first_loss, "gflop": flops.total / 1e9}  # fmt: skip
+            res[key] = {
+                "step_s": t.item(),
+                "tok_s": dist.get_world_size() * B * T / t.item(),
+                "peak_mb": peak / 2**20,
+                "loss": first_loss,
+                "gflop": flops.total / 1e9,
+            }
             if rank == 0:
                 print(f"\n== {side} {dtype}: where the time goes (rank 0, one profiled step)", flush=True)
                 by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -202,6 +235,7 @@ def worker(args, path: str) -> None:
 
 
 def main():
+    # long: a benchmark reads top to bottom: set-up, each side timed, the ratios
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtypes", default="fp32,bf16")
@@ -210,17 +244,27 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(args, args.worker)
-    import subprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         write_folder(tmp, args.tiny)
-        env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
-               "MASTER_PORT": str(29600 + os.getpid() % 300)}  # fmt: skip
+        env = {
+            **os.environ,
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "OMP_NUM_THREADS": "1",
+            "MASTER_PORT": str(29600 + os.getpid() % 300),
+        }
         cmd = [sys.executable, __file__, "--worker", tmp, "--steps", str(args.steps), "--dtypes", args.dtypes]
         cmd += ["--tiny"] if args.tiny else []
-        procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                                  stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL, text=True)
-                 for r in range(2)]  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                cmd,
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
+                text=True,
+            )
+            for r in range(2)
+        ]
         out = procs[0].communicate()[0]
         procs[1].wait()
     if any(p.returncode for p in procs):
@@ -229,12 +273,16 @@ def main():
     lines = out.splitlines()
     print("\n".join(line for line in lines if not line.startswith("RESULT ")))
     res = {line.split()[1]: json.loads(line.split(maxsplit=2)[2]) for line in lines if line.startswith("RESULT ")}
-    print(f"\n{'side':<8}{'dtype':<6}{'step s':>8}{'tokens/s':>10}{'peak MB':>10}{'first loss':>12}"
-          f"{'GFLOP/step':>12}{'GFLOP/s':>9}")  # fmt: skip
+    print(
+        f"\n{'side':<8}{'dtype':<6}{'step s':>8}{'tokens/s':>10}{'peak MB':>10}{'first loss':>12}"
+        f"{'GFLOP/step':>12}{'GFLOP/s':>9}"
+    )
     for key, r in res.items():
         side, dtype = key.split("_")
-        print(f"{side:<8}{dtype:<6}{r['step_s']:>8.2f}{r['tok_s']:>10.0f}{r['peak_mb']:>10.0f}{r['loss']:>12.6f}"
-              f"{r['gflop']:>12.1f}{r['gflop'] / r['step_s']:>9.1f}")  # fmt: skip
+        print(
+            f"{side:<8}{dtype:<6}{r['step_s']:>8.2f}{r['tok_s']:>10.0f}{r['peak_mb']:>10.0f}{r['loss']:>12.6f}"
+            f"{r['gflop']:>12.1f}{r['gflop'] / r['step_s']:>9.1f}"
+        )
     figures = {}
     for dtype in args.dtypes.split(","):
         o, h = res[f"ours_{dtype}"], res[f"theirs_{dtype}"]

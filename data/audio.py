@@ -8,7 +8,9 @@ from __future__ import annotations
 import io
 from functools import lru_cache
 
+import av
 import numpy as np
+import soundfile as sf
 import torch
 
 from mm_llama.deps import import_torchaudio
@@ -24,15 +26,11 @@ HOP = 160  # 10 ms
 
 
 def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int]:
-    import soundfile as sf
-
     wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     return wav.T, sr  # [channels, samples]
 
 
 def _decode_av(data: bytes) -> tuple[np.ndarray, int]:
-    import av
-
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.audio:
             raise ValueError("no audio stream")

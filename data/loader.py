@@ -148,6 +148,7 @@ class ShardStream(IterableDataset):
 
     # --- the worker loop ------------------------------------------------------------------------
     def __iter__(self):
+        # long: the stream's resumable cursor is advanced in exactly one loop (data/loader.py docstring)
         info = get_worker_info()
         physical = info.id if info is not None else 0
         logical = (physical + self.rotation) % self.num_workers
@@ -238,6 +239,7 @@ class StreamingLoader:
         bucket_batches: int = 8,
         split: str = "shards",
     ):
+        # long: the loader's options are validated together, before any worker starts
         """split: "shards" (each rank and worker reads its own shards: the normal case), "interleave" (every rank
         reads the same stream and keeps every world-th sample, so N ranks x batch B/N see exactly the global batches
         of one process with batch B; use 0 workers), or "none" (every rank reads everything)."""
@@ -258,11 +260,21 @@ class StreamingLoader:
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.dataset = ShardStream(
-            urls, map_fn=map_fn, collate_fn=collate_fn, batch_size=batch_size, shuffle_buffer=shuffle_buffer,
-            seed=seed, rank=stream_rank, world_size=stream_world, num_workers=num_workers, allow_pipe=allow_pipe,
-            max_bad_fraction=max_bad_fraction, min_samples_for_limit=min_samples_for_limit,
-            length_fn=length_fn, bucket_batches=bucket_batches,
-        )  # fmt: skip
+            urls,
+            map_fn=map_fn,
+            collate_fn=collate_fn,
+            batch_size=batch_size,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            rank=stream_rank,
+            world_size=stream_world,
+            num_workers=num_workers,
+            allow_pipe=allow_pipe,
+            max_bad_fraction=max_bad_fraction,
+            min_samples_for_limit=min_samples_for_limit,
+            length_fn=length_fn,
+            bucket_batches=bucket_batches,
+        )
         if split == "interleave":
             self.dataset.keep_rank, self.dataset.keep_world = rank, world_size
         self.tracker = BadSampleTracker(max_bad_fraction, min_samples_for_limit)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 
+import av
 import numpy as np
 import torch
 
@@ -60,7 +61,6 @@ def decode_video(
     seek_threshold: int = 4,
 ) -> torch.Tensor:
     """Bytes (or a path) -> uint8 [num_frames, 3, H, W], frames at the centres of num_frames equal time slices."""
-    import av
 
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     try:

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import json as _json
 import sys
 import time
+from pathlib import Path
+
+import torch
+
+from mm_llama.adapters.cli import add_asr_parser
+from mm_llama.adapters.cli import add_parser as add_caption
+from mm_llama.adapters.modalities.speech import cache_encoder_outputs, load_encoder
+from mm_llama.adapters.serve import add_serve_parser
+from mm_llama.data.shards import expand_urls, verify_shards
+from mm_llama.data.writer import folder_samples, manifest_samples, write_shards
+
+from .assets import asset_path
+from .generate import StreamPrinter, generate
+from .llama import Tokenizer, load_pretrained
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
 
 
 def _dtype(name: str):
-    import torch
-
     return getattr(torch, DTYPES[name])
 
 
@@ -22,15 +35,16 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weight-only tower linears (pair with --dtype bf16; inference only)")  # fmt: skip
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8 weight-only tower linears (pair with --dtype bf16; inference only)",
+    )
     p.add_argument("--device", default="cpu")
 
 
 def cmd_generate(args) -> int:
-    from .generate import StreamPrinter, generate
-    from .llama import Tokenizer, load_pretrained
-
     model = load_pretrained(args.model, dtype=_dtype(args.dtype), device=args.device, quantize=args.quantize)
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     for prompt in args.prompt:
@@ -68,9 +82,6 @@ DEMO_PROMPTS = [
 
 def cmd_demo(args) -> int:
     """The real SmolLM2-135M tower answering prompts (the multimodal demo is `python -m recipes.demo`)."""
-    from .assets import asset_path
-    from .generate import StreamPrinter, generate
-    from .llama import Tokenizer, load_pretrained
 
     path = asset_path("smollm2_gguf")
     t0 = time.perf_counter()
@@ -97,22 +108,26 @@ def cmd_demo(args) -> int:
 
 
 def cmd_shards_write(args) -> int:
-    import json as _json
-
-    from mm_llama.data.shards import folder_samples, manifest_samples, write_shards
-
     src = args.input
-    from pathlib import Path
 
     samples = folder_samples(src) if Path(src).is_dir() else manifest_samples(src)
     rep = write_shards(
-        samples, args.out, prefix=args.prefix, maxcount=args.maxcount, maxsize=args.maxsize_mb * 1e6,
-        progress=not args.quiet, replace=args.replace,
-    )  # fmt: skip
+        samples,
+        args.out,
+        prefix=args.prefix,
+        maxcount=args.maxcount,
+        maxsize=args.maxsize_mb * 1e6,
+        progress=not args.quiet,
+        replace=args.replace,
+    )
     summary = {
-        "written": rep.written, "skipped": rep.skipped, "reasons": dict(rep.reasons), "shards": len(rep.shards),
-        "index": str(Path(args.out) / "index.json"), "samples_per_s": round(rep.written / max(rep.seconds, 1e-9), 1),
-    }  # fmt: skip
+        "written": rep.written,
+        "skipped": rep.skipped,
+        "reasons": dict(rep.reasons),
+        "shards": len(rep.shards),
+        "index": str(Path(args.out) / "index.json"),
+        "samples_per_s": round(rep.written / max(rep.seconds, 1e-9), 1),
+    }
     print(_json.dumps(summary))
     for e in rep.first_errors:
         print(f"skipped: {e}", file=sys.stderr)
@@ -120,10 +135,6 @@ def cmd_shards_write(args) -> int:
 
 
 def cmd_shards_verify(args) -> int:
-    import json as _json
-
-    from mm_llama.data.shards import expand_urls, verify_shards
-
     urls = expand_urls(args.urls, allow_pipe=args.allow_pipe)
     rep = verify_shards(urls, allow_pipe=args.allow_pipe, options={"video": {"num_frames": args.video_frames}})
     print(_json.dumps(rep.summary()))
@@ -133,13 +144,17 @@ def cmd_shards_verify(args) -> int:
 
 
 def cmd_shards_encode(args) -> int:
-    import json as _json
-
-    from mm_llama.adapters.modalities.speech import cache_encoder_outputs, load_encoder
-
     rep = cache_encoder_outputs(load_encoder(args.encoder), args.encoder, args.index, args.out, replace=args.replace)
-    print(_json.dumps({"written": rep.written, "shards": len(rep.shards), "seconds": round(rep.seconds, 1),
-                       "index": f"{args.out}/index.json"}))  # fmt: skip
+    print(
+        _json.dumps(
+            {
+                "written": rep.written,
+                "shards": len(rep.shards),
+                "seconds": round(rep.seconds, 1),
+                "index": f"{args.out}/index.json",
+            }
+        )
+    )
     return 0
 
 
@@ -178,21 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--replace", action="store_true", help="remove the shards and index already in --out first")
     e.set_defaults(func=cmd_shards_encode)
 
-    from mm_llama.adapters.cli import add_asr_parser  # application layer: the library core never imports adapters
-    from mm_llama.adapters.cli import add_parser as add_caption
-    from mm_llama.adapters.serve import add_serve_parser
-
     add_caption(sub)
     add_asr_parser(sub)
     add_serve_parser(sub)
 
-    pl = sub.add_parser("plan", add_help=False, help="memory per GPU of a training config and the parallel.* layout "
-                        "that fits (mm-llama plan --config C --gpus N --gpu-mem GB; --help for more)")  # fmt: skip
+    pl = sub.add_parser(
+        "plan",
+        add_help=False,
+        help="memory per GPU of a training config and the parallel.* layout "
+        "that fits (mm-llama plan --config C --gpus N --gpu-mem GB; --help for more)",
+    )
     pl.add_argument("args", nargs=argparse.REMAINDER)
     pl.set_defaults(func=cmd_plan)
 
-    d = sub.add_parser("demo", help="streamed text generation with the embedded SmolLM2 tower (`make demo` runs the "
-                       "multimodal demo, python -m recipes.demo)")  # fmt: skip
+    d = sub.add_parser(
+        "demo",
+        help="streamed text generation with the embedded SmolLM2 tower (`make demo` runs the "
+        "multimodal demo, python -m recipes.demo)",
+    )
     d.add_argument("--prompt", action="append", default=None)
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.set_defaults(func=cmd_demo)

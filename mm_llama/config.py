@@ -79,8 +79,9 @@ def _coerce(value, hint, where):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if value is None:
-        if hint is type(None) or (origin in (typing.Union, getattr(__import__("types"), "UnionType", None))
-                                   and type(None) in args):  # fmt: skip
+        if hint is type(None) or (
+            origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args
+        ):
             return None
         raise ConfigError(f"{where}: null is not allowed here")
     if float in (hint, *args) and isinstance(value, int) and not isinstance(value, bool):

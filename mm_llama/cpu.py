@@ -19,8 +19,9 @@ def cpu_info() -> str:
 
 
 def cpu_name() -> str:
-    return next((ln.split(":", 1)[1].strip() for ln in cpu_info().splitlines() if ln.startswith("model name")),
-                "unknown CPU")  # fmt: skip
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in cpu_info().splitlines() if ln.startswith("model name")), "unknown CPU"
+    )
 
 
 def cpu_bf16_units() -> list[str]:
@@ -36,6 +37,5 @@ def cpu_has_bf16() -> bool:
 def cpu_kernel_path() -> str:
     """The CPU model and the bf16 path its kernels take, e.g. "AMD EPYC, bf16 via AVX-512"."""
     units = cpu_bf16_units()
-    path = ("bf16 via AMX" if "amx_bf16" in units else "bf16 via AVX-512" if units
-            else "fp32 fallback (no bf16 units)")  # fmt: skip
+    path = "bf16 via AMX" if "amx_bf16" in units else "bf16 via AVX-512" if units else "fp32 fallback (no bf16 units)"
     return f"{cpu_name()}, {path}"

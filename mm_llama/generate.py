@@ -93,6 +93,7 @@ def generate_ids(
     on_token: Callable[[int, int], None] | None = None,
     forward_extra: Callable[[int, int, int], dict] | None = None,
 ) -> list[list[int]]:
+    # long: prefill and the decode loop share the cache, mask and position state
     """New token ids per prompt (stop token excluded). `on_token(seq_index, token_id)` streams them.
 
     forward_extra(pad, start, length) -> extra keyword arguments for the model call that covers cache slots

@@ -6,8 +6,12 @@ from __future__ import annotations
 import re
 import unicodedata
 
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
-        "seventeen eighteen nineteen".split()  # fmt: skip
+import jiwer
+
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split()
+)
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -55,8 +59,6 @@ def collapse_loop(text: str, min_copies: int = 3) -> str:
 
 def wer_cer(references: list[str], hypotheses: list[str]) -> dict:
     """Word and character error rates (jiwer) over normalised texts."""
-    import jiwer  # noqa: PLC0415 - scoring only
-
     refs = [normalize_text(r) or "<empty>" for r in references]
     hyps = [normalize_text(h) for h in hypotheses]
     return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps)), "n": len(refs)}

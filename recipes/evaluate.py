@@ -18,25 +18,23 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from mm_llama.adapters.generation import answer_samples
+from mm_llama.adapters.modality import AnswerOptions, media_member
+from mm_llama.adapters.registry import get_modality
 from mm_llama.assets import resolve
+from mm_llama.data.shards import expand_urls, read_samples
+from mm_llama.engine import init_distributed
+from mm_llama.engine.checkpoint import load_checkpoint
 from mm_llama.engine.parallelize import weight_dtype
 from mm_llama.engine.trainer import load_trained_weights
+from mm_llama.llama import Tokenizer
 
 from .train import load_train_config, model_for
 
 
 def main(argv=None) -> int:
-    import torch.distributed as dist
-
-    from mm_llama.adapters.generation import answer_samples
-    from mm_llama.adapters.modality import AnswerOptions, media_member
-    from mm_llama.adapters.registry import get_modality
-    from mm_llama.data.shards import expand_urls, read_samples
-    from mm_llama.engine import init_distributed
-    from mm_llama.engine.checkpoint import load_checkpoint
-    from mm_llama.llama import Tokenizer
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--checkpoint", required=True)
@@ -65,8 +63,11 @@ def main(argv=None) -> int:
             skipped += 1
         else:
             samples.append(s)
-    opts = AnswerOptions(prompt=cfg.data.prompt, max_new_tokens=args.max_new_tokens,
-                         frames=getattr(getattr(cfg.model, spec.name), "frames", 8))  # fmt: skip
+    opts = AnswerOptions(
+        prompt=cfg.data.prompt,
+        max_new_tokens=args.max_new_tokens,
+        frames=getattr(getattr(cfg.model, spec.name), "frames", 8),
+    )
     refs, hyps = [], []
     for i in range(0, len(samples), args.batch_size):
         chunk = samples[i : i + args.batch_size]

@@ -15,12 +15,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from dataclasses import replace
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mm_llama.adapters.composed import ComposedModel
+from mm_llama.adapters.hf_mllama import is_mllama_folder, mllama_skeleton
+from mm_llama.adapters.plan import USABLE, Layout, Workload, candidates, measure_model, param_bytes, plan
+from mm_llama.adapters.registry import MODALITIES, get_modality
+from mm_llama.assets import resolve
+from mm_llama.config import ConfigError
+from mm_llama.engine import exit_process
+from mm_llama.engine.dist import launched_distributed
+from mm_llama.engine.parallelize import weight_dtype
+from mm_llama.engine.shard import is_sharded
+from mm_llama.llama import Transformer, get_preset
+from mm_llama.llama.checkpoint import CheckpointError, read_checkpoint
+
+from .train import TowerCfg, load_train_config, trainer_for
 
 PROMPT_TOKENS = 16  # BOS, the media token and a short prompt before the target text
 
@@ -28,14 +46,6 @@ PROMPT_TOKENS = 16  # BOS, the media token and a short prompt before the target 
 def meta_model(cfg):
     """The config's model on the meta device (shapes only): its tower and the trained part on the frozen parts it
     requires; weight files named in the config are not read (a required part named by a file is built fresh)."""
-    from mm_llama.adapters.composed import ComposedModel
-    from mm_llama.adapters.hf_mllama import is_mllama_folder, mllama_skeleton
-    from mm_llama.adapters.registry import MODALITIES, get_modality
-    from mm_llama.assets import resolve
-    from mm_llama.llama import Transformer, get_preset
-    from mm_llama.llama.checkpoint import read_checkpoint
-
-    from .train import TowerCfg
 
     spec = get_modality(cfg.model.modality)
     sections = {name: _without_files(getattr(cfg.model, name), m.scale.file_options) for name, m in MODALITIES.items()}
@@ -44,8 +54,10 @@ def meta_model(cfg):
     if path is not None and not path.exists():
         if cfg.tower.preset == TowerCfg.preset:
             raise FileNotFoundError(f"tower.path {path} is not on this machine: give tower.preset=NAME for its shape")
-        print(f"plan: tower.path {path} is not on this machine: the shape of tower.preset={cfg.tower.preset}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"plan: tower.path {path} is not on this machine: the shape of tower.preset={cfg.tower.preset}",
+            file=sys.stderr,
+        )
         path = None
     parts = {}
     if path is not None and is_mllama_folder(path):  # Llama 3.2 Vision: its text model and its image part's shape
@@ -84,9 +96,6 @@ def _without_files(section, names: tuple[str, ...]):
 
 def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: int | None = None):
     """ModelSizes for the config's model and micro-batch; dtype as the recipe picks it on `device`."""
-    from mm_llama.adapters.plan import Workload, measure_model, param_bytes
-    from mm_llama.adapters.registry import get_modality
-    from mm_llama.engine.parallelize import weight_dtype
 
     model = meta_model(cfg)
     dt = weight_dtype(cfg.dtype, device)
@@ -111,19 +120,17 @@ def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: in
 
 def plan_config(cfg, gpus: int, gpu_mem: float, gpus_per_machine: int = 8, **kw):
     """(sizes, workload, [Plan for every candidate layout], the config's own Plan)."""
-    from mm_llama.adapters.plan import Layout, candidates, plan
 
     sizes, w = measure(cfg, **kw)
     per_machine = min(gpus_per_machine, gpus)
     plans = [plan(sizes, lay, gpu_mem) for lay in candidates(gpus, per_machine)]
-    own = Layout(gpus, per_machine, cfg.parallel.tower, cfg.parallel.mesh, cfg.activation_checkpointing,
-                 cfg.parallel.adapters)  # fmt: skip
+    own = Layout(
+        gpus, per_machine, cfg.parallel.tower, cfg.parallel.mesh, cfg.activation_checkpointing, cfg.parallel.adapters
+    )
     return sizes, w, plans, plan(sizes, own, gpu_mem)
 
 
 def report(cfg, sizes, w, plans, own, gpus: int, gpu_mem: float, config_name: str) -> str:
-    from mm_llama.adapters.plan import USABLE
-
     lines = [
         f"plan: {config_name}: {cfg.model.modality} adapter on a {sizes.tower_params / 1e9:.1f}B-parameter "
         f"tower ({sizes.n_layers} layers, {str(w.tower_dtype).replace('torch.', '')}); "
@@ -131,19 +138,30 @@ def report(cfg, sizes, w, plans, own, gpus: int, gpu_mem: float, config_name: st
         f"per GPU: micro-batch {w.batch} x {w.seq_len} tokens ({w.labels} labelled); {gpus} GPUs x {gpu_mem:g} GB "
         f"(usable {USABLE:.0%})",
     ]
-    cols = {"tower weights": "tower", "units gathered": "gathered", "adapter frozen weights": "adapter",
-            "trainable weights": "trained", "gradients": "grads", "optimizer state": "AdamW",
-            "activations: tower layers": "act:tower", "activations: adapter": "act:adapt",
-            "activations: logits + loss": "act:loss"}  # fmt: skip
+    cols = {
+        "tower weights": "tower",
+        "units gathered": "gathered",
+        "adapter frozen weights": "adapter",
+        "trainable weights": "trained",
+        "gradients": "grads",
+        "optimizer state": "AdamW",
+        "activations: tower layers": "act:tower",
+        "activations: adapter": "act:adapt",
+        "activations: logits + loss": "act:loss",
+    }
     width = max(len(p.layout.short()) for p in plans) + 2
     lines.append("GB per GPU: " + "; ".join(f"{v} = {k}" for k, v in cols.items()))
     lines.append(f"{'layout':<{width}}" + "".join(f"{v:>10}" for v in cols.values()) + f"{'total':>10}  fits")
     for p in plans:
-        lines.append(f"{p.layout.short():<{width}}" + "".join(f"{p.rows[k]:>10.2f}" for k in cols)
-                     + f"{p.total:>10.2f}  {'yes' if p.fits else 'no'}")  # fmt: skip
+        lines.append(
+            f"{p.layout.short():<{width}}"
+            + "".join(f"{p.rows[k]:>10.2f}" for k in cols)
+            + f"{p.total:>10.2f}  {'yes' if p.fits else 'no'}"
+        )
     best = next((p for p in plans if p.fits), None)
-    lines.append(f"this config ({own.layout.describe()}): {own.total:.1f} GB per GPU: "
-                 f"{'fits' if own.fits else 'does NOT fit'}")  # fmt: skip
+    lines.append(
+        f"this config ({own.layout.describe()}): {own.total:.1f} GB per GPU: {'fits' if own.fits else 'does NOT fit'}"
+    )
     if best is not None:
         lines.append(f"verdict: fits; use {best.layout.describe()} ({best.total:.1f} GB per GPU)")
     else:
@@ -160,9 +178,6 @@ def report(cfg, sizes, w, plans, own, gpus: int, gpu_mem: float, config_name: st
 
 def min_gpus(sizes, layout, gpu_mem: float, limit: int = 65536) -> str:
     """The fewest GPUs (whole machines) on which `layout` fits, or a note that none up to `limit` does."""
-    from dataclasses import replace as dc_replace
-
-    from mm_llama.adapters.plan import plan
 
     n = layout.gpus_per_machine
     while n <= limit:
@@ -171,20 +186,25 @@ def min_gpus(sizes, layout, gpu_mem: float, limit: int = 65536) -> str:
         n *= 2
     fixed = plan(sizes, dc_replace(layout, gpus=limit), gpu_mem)
     big = sorted(fixed.rows.items(), key=lambda kv: -kv[1])[:3]
-    return ("no number of GPUs: " + ", ".join(f"{k} {v:.1f} GB" for k, v in big) + " per GPU do not shrink with "
-            "more of them")  # fmt: skip
+    return (
+        "no number of GPUs: " + ", ".join(f"{k} {v:.1f} GB" for k, v in big) + " per GPU do not shrink with "
+        "more of them"
+    )
 
 
 def to_json(sizes, w, plans, own) -> dict:
     best = next((p for p in plans if p.fits), None)
     return {
         "trainable_params": sizes.trainable_params,
-        "batch": w.batch, "seq_len": w.seq_len, "labels": w.labels,
-        "layouts": [{"layout": p.layout.describe(), "fits": p.fits, "total_gb": p.total, "rows_gb": p.rows}
-                    for p in plans],
+        "batch": w.batch,
+        "seq_len": w.seq_len,
+        "labels": w.labels,
+        "layouts": [
+            {"layout": p.layout.describe(), "fits": p.fits, "total_gb": p.total, "rows_gb": p.rows} for p in plans
+        ],
         "config": {"layout": own.layout.describe(), "fits": own.fits, "total_gb": own.total, "rows_gb": own.rows},
         "verdict": {"fits": best is not None, "use": best.layout.describe() if best else None},
-    }  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,11 +218,6 @@ def measured_step(cfg) -> tuple[int, dict, object]:
     with the config's `parallel.*` layout. CUDA: the allocator's peak; CPU: the bytes of every live tensor of the
     model (this rank's shards), buckets and optimizer before the step plus the profiler's high-water mark of
     allocations during it. Returns (peak, the batch's shapes for the plan, the process-group info)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from mm_llama.engine.shard import is_sharded
-
-    from .train import trainer_for
 
     cfg = replace(cfg, resume="none", run_dir=tempfile.mkdtemp(prefix="mm_llama_plan_"), tensorboard=False)
     trainer = trainer_for(cfg, batches_per_epoch=1, shuffle_buffer=1)
@@ -240,7 +255,6 @@ def measured_step(cfg) -> tuple[int, dict, object]:
 def check(cfg) -> dict:
     """The plan for this rank (its layout: one process, or the config's `parallel.*` under torchrun) vs a measured
     step of the same config and batch shapes."""
-    from mm_llama.adapters.plan import Layout, plan
 
     measured, shapes, info = measured_step(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -255,9 +269,15 @@ def check(cfg) -> dict:
         cfg.parallel.adapters if sharded else "replicate",
     )
     predicted = plan(sizes, layout, 1e9)
-    return {"predicted_gb": predicted.total, "measured_gb": measured / 1e9, "rank": info.rank,
-            "layout": layout.describe(), "ratio": predicted.total * 1e9 / measured, "rows_gb": predicted.rows,
-            **shapes}  # fmt: skip
+    return {
+        "predicted_gb": predicted.total,
+        "measured_gb": measured / 1e9,
+        "rank": info.rank,
+        "layout": layout.describe(),
+        "ratio": predicted.total * 1e9 / measured,
+        "rows_gb": predicted.rows,
+        **shapes,
+    }
 
 
 def main(argv=None, prog: str | None = None) -> int:
@@ -273,18 +293,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpus-per-machine", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: text + 16)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
-    ap.add_argument("--measure", action="store_true",
-                    help="also run one real step of the config here (one process; scale it down with key=value) "
-                         "and print the plan's prediction for it beside the measured peak")  # fmt: skip
+    ap.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run one real step of the config here (one process; scale it down with key=value) "
+        "and print the plan's prediction for it beside the measured peak",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value, as for recipes/train.py")
 
 
 def run(args) -> int:
-    from mm_llama.config import ConfigError
-    from mm_llama.llama.checkpoint import CheckpointError
-
-    from .train import load_train_config
-
     if args.gpus < 1 or args.gpu_mem <= 0 or args.gpus_per_machine < 1:
         print("plan: --gpus and --gpus-per-machine must be >= 1 and --gpu-mem > 0", file=sys.stderr)
         return 2
@@ -294,7 +312,6 @@ def run(args) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, KeyError, NotImplementedError) as e:
         print(f"mm-llama plan: error: {e}", file=sys.stderr)
         return 2
-    import os
 
     if os.environ.get("RANK", "0") != "0":
         pass  # under torchrun (--measure of a sharded layout): rank 0 prints
@@ -305,12 +322,13 @@ def run(args) -> int:
     if args.measure:
         c = check(cfg)
         if c["rank"] == 0:
-            print(f"measured here (rank 0, {c['layout']}, batch {cfg.data.batch_size} x {c['seq_len']} tokens, "
-                  f"{c['labels']:.2f} labelled): predicted {c['predicted_gb']:.3f} GB, measured "
-                  f"{c['measured_gb']:.3f} GB, ratio {c['ratio']:.3f}", flush=True)  # fmt: skip
+            print(
+                f"measured here (rank 0, {c['layout']}, batch {cfg.data.batch_size} x {c['seq_len']} tokens, "
+                f"{c['labels']:.2f} labelled): predicted {c['predicted_gb']:.3f} GB, measured "
+                f"{c['measured_gb']:.3f} GB, ratio {c['ratio']:.3f}",
+                flush=True,
+            )
             print(json.dumps({"plan_check": c}), flush=True)
-        from mm_llama.engine import exit_process
-        from mm_llama.engine.dist import launched_distributed
 
         if launched_distributed():
             exit_process(0)

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 from mm_llama.adapters.composed import ComposedModel  # noqa: E402
 from mm_llama.assets import asset_path  # noqa: E402
+from mm_llama.llama import Tokenizer, load_pretrained  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
@@ -22,15 +23,11 @@ def smollm_path():
 
 @pytest.fixture(scope="session")
 def smollm(smollm_path):
-    from mm_llama.llama import load_pretrained  # noqa: PLC0415
-
     return load_pretrained(smollm_path, dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")
 def smollm_tok(smollm_path):
-    from mm_llama.llama import Tokenizer  # noqa: PLC0415
-
     return Tokenizer.from_pretrained(smollm_path)
 
 

@@ -11,8 +11,12 @@ import socket
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.device_mesh import init_device_mesh
 
 from mm_llama.engine import DistributedDataParallel, exit_process
+from mm_llama.engine.shard import resident_bytes, shard_frozen
+from mm_llama.llama import Transformer, get_preset
 
 
 def free_port() -> int:
@@ -34,8 +38,9 @@ class AdapterNet(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(vocab, dim)
         self.trunk = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
-        self.adapters = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-                                      for _ in range(layers))  # fmt: skip
+        self.adapters = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)) for _ in range(layers)
+        )
         self.branch = nn.Linear(dim, dim)  # modality-conditional adapter
         self.out = nn.Linear(dim, vocab, bias=False)
         self.out.weight = self.emb.weight  # tied / shared parameter
@@ -69,20 +74,20 @@ def train_pair(rank: int, world: int, port: int, cfg: dict) -> None:
     find_unused = cfg.get("find_unused", False)
     kw = dict(bucket_cap_mb=cfg.get("cap_mb", 0.01), gradient_as_bucket_view=cfg.get("as_view", True))
     ours = DistributedDataParallel(
-        ours_m, first_bucket_cap_mb=cfg.get("first_mb", 0.002), find_unused_parameters=find_unused,
-        comm_hook=cfg.get("hook"), **kw,
-    )  # fmt: skip
+        ours_m,
+        first_bucket_cap_mb=cfg.get("first_mb", 0.002),
+        find_unused_parameters=find_unused,
+        comm_hook=cfg.get("hook"),
+        **kw,
+    )
     ref = nn.parallel.DistributedDataParallel(ref_m, find_unused_parameters=find_unused, **kw)
     if cfg.get("hook") == "fp16":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
         ref.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif cfg.get("hook") == "bf16":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
         ref.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-            for m in (ours_m, ref_m)]  # fmt: skip
+    opts = [
+        torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9) for m in (ours_m, ref_m)
+    ]
     accum = cfg.get("accum", 1)
     exact = world == 2 and cfg.get("exact", True)
     for step in range(cfg.get("steps", 4)):
@@ -182,7 +187,6 @@ class TiedTowerWithAdapter(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from mm_llama.llama import Transformer, get_preset
 
         torch.manual_seed(0)
         self.tower = Transformer(get_preset("debug").replace(tie_embeddings=True))
@@ -198,10 +202,8 @@ class TiedTowerWithAdapter(nn.Module):
 
 def sharded_tied_tower(rank: int, world: int, port: int, out) -> None:
     """Loss and adapter gradient with the tied tower sharded by FSDP2 (each rank the whole batch) == unsharded."""
-    from mm_llama.engine.shard import resident_bytes, shard_frozen
 
     setup(rank, world, port)
-    from torch.distributed.device_mesh import init_device_mesh
 
     ref, model = TiedTowerWithAdapter(), TiedTowerWithAdapter()
     tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -215,8 +217,12 @@ def sharded_tied_tower(rank: int, world: int, port: int, out) -> None:
         out[f"error{rank}"] = str(e)
     model = TiedTowerWithAdapter()
     tower = model.tower
-    shard_frozen(model, [*tower.layers, [tower.tok_embeddings, tower.output]], init_device_mesh("cpu", (world,)),
-                 leave=set(model.adapter.parameters()))  # fmt: skip
+    shard_frozen(
+        model,
+        [*tower.layers, [tower.tok_embeddings, tower.output]],
+        init_device_mesh("cpu", (world,)),
+        leave=set(model.adapter.parameters()),
+    )
     for _ in range(2):  # twice: the units are gathered again on the second step
         model.adapter.weight.grad = None
         loss = model(tokens).pow(2).mean()

@@ -7,10 +7,13 @@ from __future__ import annotations
 import io
 import wave
 
+import av
 import numpy as np
 import torch
+from PIL import Image
 
 from mm_llama.adapters.composed import ComposedModel
+from mm_llama.adapters.files import save_part
 from mm_llama.adapters.image import build_image_part
 from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
 from mm_llama.adapters.speech_part import build_speech_part
@@ -85,7 +88,6 @@ def moving_square(direction: str, frames: int = 8, size: int = 28) -> torch.Tens
 
 def video_bytes(direction: str = "right", frames: int = 8, size: int = 28) -> bytes:
     """An mp4 of `moving_square` (H.264 through PyAV)."""
-    import av  # noqa: PLC0415 - only the tests that write clips need it
 
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
@@ -117,8 +119,6 @@ def wav_bytes(seconds: float = 0.5, freq: float = 440.0) -> bytes:
 
 
 def png_bytes(seed: int = 0, size: tuple[int, int] = (40, 30)) -> bytes:
-    from PIL import Image  # noqa: PLC0415 - PIL is heavy to import for tests that need no image
-
     g = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(g.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
@@ -172,7 +172,6 @@ def hf_mllama(folder, cross_layers=(1, 4), n_text_layers: int = 6, kv_heads: int
 
 def adapter_files(t: Transformer, folder, kinds=("image", "video", "speech"), seed: int = 0, gates: float = 0.7):
     """Adapter files of fresh tiny parts for tower `t` (a video file comes with its image file): {kind: path}."""
-    from mm_llama.adapters.files import save_part  # noqa: PLC0415 - keeps this module light to import
 
     p = parts(t, seed, gates)
     kinds = list(dict.fromkeys(["image", *kinds] if "video" in kinds else kinds))

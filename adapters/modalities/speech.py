@@ -21,7 +21,7 @@ from mm_llama.config import ConfigError, bounded, choice
 from mm_llama.data.badsamples import SampleError
 from mm_llama.data.collate import build_example
 from mm_llama.data.media import AUDIO
-from mm_llama.data.shards import derive_shards
+from mm_llama.data.writer import derive_shards
 from mm_llama.generate import bos_prefix
 from mm_llama.text import collapse_loop, first_line, wer_cer
 

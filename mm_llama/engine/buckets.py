@@ -9,10 +9,13 @@ buckets are sorted by their smallest tensor index; with one (the gradient-ready 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+
+from .shard import is_sharded
 
 AUTO_BUCKETS = 32  # "auto": about this many buckets over the trainable gradients ...
 AUTO_MIN_BYTES = 1 << 20  # ... but none below 1 MiB (per-call latency) ...
@@ -105,3 +108,32 @@ def plan_buckets(
     limits = [first_bucket_cap_bytes, bucket_cap_bytes]
     indices, _ = compute_bucket_assignment_by_size([params[i] for i in order], limits, order)
     return indices
+
+
+def trainable_parameters(module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+    """named_modules x named_parameters(recurse=False), shared parameters counted once (torch DDP's walk). Parameters
+    sharded by FSDP2 (DTensors) are left out: FSDP2 reduce-scatters their gradients itself."""
+
+    names, params, seen = [], [], set()
+    for mod_name, mod in module.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen or is_sharded(p):
+                continue
+            seen.add(id(p))
+            names.append(f"{mod_name}.{p_name}" if mod_name else p_name)
+            params.append(p)
+    return names, params
+
+
+def iter_tensors(obj) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from iter_tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from iter_tensors(o)
+    elif hasattr(obj, "__dataclass_fields__"):
+        for f in obj.__dataclass_fields__:
+            yield from iter_tensors(getattr(obj, f))

@@ -10,6 +10,7 @@ checkpoint that verifies and says which newer ones it skipped and why. Only the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from mm_llama.llama.errors import CheckpointError
 from mm_llama.rng import py_rng_state_from_list, py_rng_state_to_list
@@ -42,8 +44,6 @@ MANIFEST = "manifest.json"
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -53,8 +53,12 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(folder: Path, step: int, world_size: int, optimizer_shards: bool = False) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"step": step, "world_size": world_size, "optimizer_shards": optimizer_shards,
-                "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}  # fmt: skip
+    manifest = {
+        "step": step,
+        "world_size": world_size,
+        "optimizer_shards": optimizer_shards,
+        "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+    }
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, folder / MANIFEST)
@@ -110,15 +114,26 @@ def set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(
-    run_dir, step: int, *, weights: dict, optimizer, scheduler, extra: dict, data_states: dict, rank: int,
-    is_main: bool, keep: int = 3, barrier=None, world_size: int = 1, before_publish=None,
+    run_dir,
+    step: int,
+    *,
+    weights: dict,
+    optimizer,
+    scheduler,
+    extra: dict,
+    data_states: dict,
+    rank: int,
+    is_main: bool,
+    keep: int = 3,
+    barrier=None,
+    world_size: int = 1,
+    before_publish=None,
     optimizer_shard: dict | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """All ranks call this; rank-local data cursors go in data_rank{r}.json, the rest is written by rank 0, then the
     manifest, then the rename. `before_publish()` runs on every rank once its files are written (fault injection).
     `optimizer_shard` (adapters sharded with FSDP2): this rank's optimizer state, written by every rank as
     optimizer_rank{r}.pt instead of the optimizer in train_state.pt."""
-    from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
@@ -139,8 +154,7 @@ def save_checkpoint(
     if is_main:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
         opt_state = optimizer.state_dict() if optimizer_shard is None else None
-        state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(), **extra}  # fmt: skip
+        state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": rng_state(), **extra}
         torch.save(state, tmp / "train_state.pt")
         write_manifest(tmp, step, world_size, optimizer_shards=optimizer_shard is not None)
         if final.exists():
@@ -155,16 +169,17 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path, rank: int) -> tuple[dict, dict, dict]:
     """(weights, train_state, this rank's data cursor); a missing or damaged file is a CheckpointError naming it."""
-    from safetensors.torch import load_file
 
     path = Path(path)
     data_file = path / f"data_rank{rank}.json"
     if not data_file.is_file():
         raise CheckpointError(f"{path}: no data cursor for rank {rank} (was it saved with another world size?)")
     parts = {}
-    for name, read in (("adapter.safetensors", lambda f: load_file(str(f))),
-                       ("train_state.pt", lambda f: torch.load(f, weights_only=True)),
-                       (data_file.name, lambda f: json.loads(f.read_text()))):  # fmt: skip
+    for name, read in (
+        ("adapter.safetensors", lambda f: load_file(str(f))),
+        ("train_state.pt", lambda f: torch.load(f, weights_only=True)),
+        (data_file.name, lambda f: json.loads(f.read_text())),
+    ):
         try:
             parts[name] = read(path / name)
         except Exception as e:  # noqa: BLE001 -- any failure to read a user's file becomes one named error

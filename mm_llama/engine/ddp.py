@@ -48,8 +48,6 @@ World size 1 runs the same code without communication.
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -57,61 +55,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
 
-from .buckets import auto_bucket_caps, plan_buckets, trainable_bytes
+from .buckets import auto_bucket_caps, iter_tensors, plan_buckets, trainable_parameters
+from .comm import (
+    broadcast,
+    global_rank,
+    probe_link,
+    resolve_comm_hook,
+    verify_same_parameters,
+)
 
 MiB = 1024 * 1024
-
-
-# ----------------------------------------------------------------------------------------------
-# communication hooks
-
-
-class AllReduceHook:
-    """Plain SUM all-reduce of a bucket pre-scaled by 1/world_size (torch DDP's default numerics)."""
-
-    prescale = True
-
-    def launch(self, buffer: torch.Tensor, group, world_size: int):
-        return dist.all_reduce(buffer, group=group, async_op=True)
-
-    def finish(self, handle, buffer: torch.Tensor) -> None:
-        handle.wait()
-
-
-class CompressHook:
-    """Cast the bucket to a 16-bit dtype, divide by world size, all-reduce, cast back
-    (same numerics as torch's `fp16_compress_hook` / `bf16_compress_hook`)."""
-
-    prescale = False
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-    def launch(self, buffer, group, world_size):
-        compressed = buffer.to(self.dtype).div_(world_size)
-        return dist.all_reduce(compressed, group=group, async_op=True), compressed
-
-    def finish(self, handle, buffer):
-        work, compressed = handle
-        work.wait()
-        buffer.copy_(compressed)
-
-
-def resolve_comm_hook(hook) -> AllReduceHook | CompressHook:
-    if hook is None or hook == "allreduce":
-        return AllReduceHook()
-    if hook in ("bf16", "bfloat16"):
-        return CompressHook(torch.bfloat16)
-    if hook in ("fp16", "float16"):
-        return CompressHook(torch.float16)
-    if hasattr(hook, "launch") and hasattr(hook, "finish"):
-        return hook
-    raise ValueError(
-        f"unknown comm_hook {hook!r}: use None/'allreduce', 'bf16', 'fp16' or an object with launch/finish"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 class _Bucket:
@@ -123,36 +76,6 @@ class _Bucket:
         self.buffer = buffer
         self.pending = len(param_indices)
         self.handle = None
-
-
-def _trainable_parameters(module: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
-    """named_modules x named_parameters(recurse=False), shared parameters counted once (torch DDP's walk). Parameters
-    sharded by FSDP2 (DTensors) are left out: FSDP2 reduce-scatters their gradients itself."""
-    from .shard import is_sharded
-
-    names, params, seen = [], [], set()
-    for mod_name, mod in module.named_modules():
-        for p_name, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen or is_sharded(p):
-                continue
-            seen.add(id(p))
-            names.append(f"{mod_name}.{p_name}" if mod_name else p_name)
-            params.append(p)
-    return names, params
-
-
-def _iter_tensors(obj) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _iter_tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _iter_tensors(o)
-    elif hasattr(obj, "__dataclass_fields__"):
-        for f in obj.__dataclass_fields__:
-            yield from _iter_tensors(getattr(obj, f))
 
 
 class DistributedDataParallel(nn.Module):
@@ -171,6 +94,7 @@ class DistributedDataParallel(nn.Module):
         comm_hook=None,
         rebuild_buckets: bool = True,
     ):
+        # long: the engine's set-up in the DDP paper's order (parameters, rank-0 broadcast, link probe, buckets, hooks)
         super().__init__()
         self.module = module
         if process_group is None and dist.is_available() and dist.is_initialized():
@@ -178,10 +102,12 @@ class DistributedDataParallel(nn.Module):
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
         self.rank = dist.get_rank(process_group) if process_group is not None else 0
-        self.param_names, self.params = _trainable_parameters(module)
+        self.param_names, self.params = trainable_parameters(module)
         if not self.params:
-            raise ValueError("DistributedDataParallel: the module has no parameter with requires_grad=True (that "
-                             "FSDP2 does not shard)")  # fmt: skip
+            raise ValueError(
+                "DistributedDataParallel: the module has no parameter with requires_grad=True (that "
+                "FSDP2 does not shard)"
+            )
         if bucket_cap_mb != "auto" and not (isinstance(bucket_cap_mb, int | float) and bucket_cap_mb > 0):
             raise ValueError(f"bucket_cap_mb must be a positive number of MiB or 'auto', not {bucket_cap_mb!r}")
         self.gradient_as_bucket_view = gradient_as_bucket_view
@@ -191,14 +117,14 @@ class DistributedDataParallel(nn.Module):
         self.require_backward_grad_sync = True
         self._index = {id(p): i for i, p in enumerate(self.params)}
         if self.world_size > 1:
-            self._verify_same_parameters()
-            self._broadcast(self.params)
+            verify_same_parameters(self.param_names, self.params, self.process_group, self.world_size)
+            broadcast(self.params, self.process_group)
             if broadcast_buffers:
-                self._broadcast(list(module.buffers()))
+                broadcast(list(module.buffers()), self.process_group)
         self.comm_probe_s: float | None = None  # "auto": measured all-reduce time of every trainable gradient
         if bucket_cap_mb == "auto":  # sized from the trainable gradients and the link (buckets.auto_bucket_caps)
             if self.world_size > 1:
-                self.comm_probe_s = self._probe_link()
+                self.comm_probe_s = probe_link(self.params, self.process_group)
             self.bucket_cap_bytes, first = auto_bucket_caps(self.params, self.comm_probe_s)
         else:
             self.bucket_cap_bytes, first = int(bucket_cap_mb * MiB), MiB  # torch's rule: 1 MiB first
@@ -220,69 +146,6 @@ class DistributedDataParallel(nn.Module):
         ]
 
     # --- set-up -------------------------------------------------------------------------------
-    def _probe_link(self, probe_bytes: int = 16 * MiB) -> float:
-        """Seconds to all-reduce every trainable gradient on this link, extrapolated from the best of 3 all-reduces
-        of one probe buffer (after a warm-up); the slowest rank's estimate, so every rank plans the same buckets."""
-        total = trainable_bytes(self.params)
-        ref = self.params[0]
-        n = max(1, min(total, probe_bytes) // ref.element_size())
-        buf = torch.zeros(n, dtype=ref.dtype, device=ref.device)
-        best = float("inf")
-        for i in range(4):
-            if ref.device.type == "cuda":
-                torch.cuda.synchronize(ref.device)
-            t0 = time.perf_counter()
-            dist.all_reduce(buf, group=self.process_group)
-            if ref.device.type == "cuda":
-                torch.cuda.synchronize(ref.device)
-            if i:
-                best = min(best, time.perf_counter() - t0)
-        est = torch.tensor([best * total / (n * ref.element_size())], dtype=torch.float64, device=ref.device)
-        dist.all_reduce(est, op=dist.ReduceOp.MAX, group=self.process_group)
-        return float(est.item())
-
-    def _global_rank(self, group_rank: int) -> int:
-        return dist.get_global_rank(self.process_group, group_rank) if self.process_group is not None else 0
-
-    def _verify_same_parameters(self) -> None:
-        mine = [(name, tuple(p.shape), str(p.dtype)) for name, p in zip(self.param_names, self.params)]
-        gathered: list = [None] * self.world_size
-        dist.all_gather_object(gathered, mine, group=self.process_group)
-        ref = gathered[0]
-        for r, theirs in enumerate(gathered[1:], start=1):
-            if theirs == ref:
-                continue
-            for j in range(max(len(ref), len(theirs))):
-                a = ref[j] if j < len(ref) else None
-                b = theirs[j] if j < len(theirs) else None
-                if a != b:
-                    raise RuntimeError(
-                        "DistributedDataParallel: trainable parameters differ across ranks at position "
-                        f"{j}: rank 0 has {a} and rank {r} has {b} (name, shape, dtype); every rank must build "
-                        f"the same model (rank 0: {len(ref)} trainable tensors, rank {r}: {len(theirs)})"
-                    )
-
-    @torch.no_grad()
-    def _broadcast(self, tensors: list[torch.Tensor], chunk_bytes: int = 256 * MiB) -> None:
-        src = self._global_rank(0)
-        groups: dict[tuple, list[torch.Tensor]] = {}
-        for t in tensors:
-            groups.setdefault((t.dtype, t.device), []).append(t)
-        for group in groups.values():
-            chunk, size = [], 0
-            for t in group + [None]:
-                if t is not None:
-                    chunk.append(t)
-                    size += t.numel() * t.element_size()
-                if chunk and (t is None or size >= chunk_bytes):
-                    flat = torch.cat([c.detach().reshape(-1) for c in chunk])
-                    dist.broadcast(flat, src=src, group=self.process_group)
-                    offset = 0
-                    for c in chunk:
-                        c.copy_(flat[offset : offset + c.numel()].view_as(c))
-                        offset += c.numel()
-                    chunk, size = [], 0
-
     def _build_buckets(self, order: list[int] | None) -> None:
         plan = plan_buckets(
             self.params,
@@ -342,7 +205,7 @@ class DistributedDataParallel(nn.Module):
         if self.broadcast_buffers and self.world_size > 1:
             buffers = list(self.module.buffers())
             if buffers:
-                self._broadcast(buffers)
+                broadcast(buffers, self.process_group)
         out = self.module(*args, **kwargs)
         if grad and self.find_unused_parameters and self._sync_this_backward:
             self._reached = self._reachable_params(out)
@@ -350,8 +213,8 @@ class DistributedDataParallel(nn.Module):
 
     def _reachable_params(self, out) -> set[int]:
         seen, reached = set(), set()
-        stack = [t.grad_fn for t in _iter_tensors(out) if t.grad_fn is not None]
-        for t in _iter_tensors(out):  # an output that is itself a trainable leaf
+        stack = [t.grad_fn for t in iter_tensors(out) if t.grad_fn is not None]
+        for t in iter_tensors(out):  # an output that is itself a trainable leaf
             if t.requires_grad and t.grad_fn is None and id(t) in self._index:
                 reached.add(self._index[id(t)])
         while stack:
@@ -369,7 +232,7 @@ class DistributedDataParallel(nn.Module):
         order = self._ready_order
         if self.world_size > 1:
             box = [order if self.rank == 0 else None]
-            dist.broadcast_object_list(box, src=self._global_rank(0), group=self.process_group)
+            dist.broadcast_object_list(box, src=global_rank(self.process_group, 0), group=self.process_group)
             order = box[0]
         self._build_buckets(order=list(order))
         self._rebuilt = True

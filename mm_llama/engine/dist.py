@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,6 @@ def exit_process(code: int = 0) -> None:
     """End a process that used a process group: tear the group down, flush, and leave WITHOUT the interpreter's
     C++ static teardown. torch 2.11 + gloo sometimes aborts there ("terminate called without an active
     exception", no Python frame), torch's own DDP included, which would turn a finished run into a crash."""
-    import sys
 
     destroy_distributed()
     sys.stdout.flush()

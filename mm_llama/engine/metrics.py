@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import profile, schedule, tensorboard_trace_handler
+from tqdm import tqdm
 
 TB_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_fraction", "peak_mem_mb", "bad_samples")
 
@@ -52,8 +54,6 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
         self.bar = None
         if sys.stderr.isatty():
-            from tqdm import tqdm  # noqa: PLC0415 - a terminal only
-
             self.bar = tqdm(total=total, initial=start, desc="train")
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
@@ -92,8 +92,6 @@ def profiler(run: Path, enabled: bool):
     if not enabled:
         yield lambda: None
         return
-    from torch.profiler import profile, schedule, tensorboard_trace_handler  # noqa: PLC0415 - profiling runs only
-
     trace = tensorboard_trace_handler(str(run / "profile"))
 
     def ready(prof):

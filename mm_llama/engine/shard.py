@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @dataclass
@@ -42,7 +45,6 @@ def device_mesh(device: torch.device, world_size: int, local_world_size: int, la
     """The FSDP2 mesh: `flat` = one dimension over all ranks; `hybrid` = (machines, ranks per machine): shards
     within a machine, replicas across machines (HSDP). A world that does not split into whole machines is an
     error naming the sizes."""
-    from torch.distributed.device_mesh import init_device_mesh
 
     if layout == "flat" or local_world_size >= world_size:
         return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
@@ -75,7 +77,6 @@ def shard_frozen(
     (averaged over ranks, as our engine averages the replicated rest). Every other trainable parameter must be in
     `leave`: it belongs to the DDP engine. `compute_dtype` (bf16 under autocast): the trained units are gathered in
     it and their gradients reduced in fp32 (FSDP2's mixed precision; their fp32 shards stay the optimizer's)."""
-    from torch.distributed.fsdp import fully_shard
 
     leave = set(leave or ())
     trained_units = list(trained_units)
@@ -83,7 +84,6 @@ def shard_frozen(
     stray = [n for n, p in root.named_parameters() if p.requires_grad and p not in leave and p not in in_trained]
     if stray:
         raise ValueError(f"shard_frozen: trainable parameters would be sharded: {stray[:5]} (pass them in leave)")
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
     for unit in trained_units:
@@ -121,23 +121,25 @@ def gather_full(named: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.T
 def load_full(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter, sharded (this rank's shard of it, no communication) or not."""
     if is_sharded(param):
-        from torch.distributed.tensor import distribute_tensor
-
-        full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                 src_data_rank=None)  # fmt: skip
+        full = distribute_tensor(
+            full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
     param.copy_(full)
 
 
 def local_optimizer_state(state: dict) -> dict:
     """An optimizer state_dict with every sharded state tensor replaced by this rank's shard (a plain tensor)."""
-    return {**state, "state": {i: {k: (v.to_local() if is_sharded(v) else v) for k, v in st.items()}
-                               for i, st in state["state"].items()}}  # fmt: skip
+    return {
+        **state,
+        "state": {
+            i: {k: (v.to_local() if is_sharded(v) else v) for k, v in st.items()} for i, st in state["state"].items()
+        },
+    }
 
 
 def reshard_optimizer_state(optimizer) -> None:
     """After `load_state_dict` of a `local_optimizer_state`: each sharded parameter's state tensors become DTensors
     laid out like the parameter again."""
-    from torch.distributed.tensor import DTensor
 
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -146,8 +148,9 @@ def reshard_optimizer_state(optimizer) -> None:
             st = optimizer.state.get(p, {})
             for k, v in st.items():
                 if torch.is_tensor(v) and not is_sharded(v) and v.shape == p.to_local().shape:
-                    st[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                               stride=p.stride())  # fmt: skip
+                    st[k] = DTensor.from_local(
+                        v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                    )
 
 
 def resident_bytes(module: nn.Module) -> Resident:

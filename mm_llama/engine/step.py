@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .shard import is_sharded
+
 
 @dataclass
 class StepResult:
@@ -95,8 +97,14 @@ def train_step(
 ) -> StepResult:
     """One optimizer step. A non-finite global loss skips the update (gradients dropped) and says so."""
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, tokens = forward_backward(wrapped, micro_batches, device=device, grad_accum=grad_accum,
-                                        world_size=world_size, autocast_dtype=autocast_dtype)  # fmt: skip
+    loss_sum, tokens = forward_backward(
+        wrapped,
+        micro_batches,
+        device=device,
+        grad_accum=grad_accum,
+        world_size=world_size,
+        autocast_dtype=autocast_dtype,
+    )
     sums = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
@@ -115,7 +123,6 @@ def train_step(
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     """torch's clip_grad_norm_ over replicated parameters and FSDP2-sharded ones (DTensors: each norm is the whole
     tensor's, reduced across ranks) together; returns the total norm before clipping."""
-    from .shard import is_sharded
 
     groups = [[p for p in params if is_sharded(p) == sharded and p.grad is not None] for sharded in (False, True)]
     if not groups[1]:

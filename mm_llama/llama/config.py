@@ -135,7 +135,7 @@ PRESETS: dict[str, ModelArgs] = {
         vocab_size=128256,
         rope_theta=500000.0,
         max_seq_len=2048,
-    ),  # fmt: skip
+    ),
     "debug": ModelArgs(
         dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=512, rope_theta=10000.0, max_seq_len=512
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import torch
@@ -41,7 +42,6 @@ def check_heads(dim: int, n_heads: int, n_kv_heads: int, head_dim: int | None, s
 
 def read_json_object(path) -> dict:
     """A checkpoint's JSON config as a dict, or a CheckpointError naming the file."""
-    import json
 
     try:
         obj = json.loads(path.read_text())

@@ -3,10 +3,14 @@ row chunk (q/k already in Meta's interleaved layout)."""
 
 from __future__ import annotations
 
+import mmap
 import re
+import struct
 from pathlib import Path
 
+import gguf
 import torch
+from gguf.quants import dequantize
 
 from .config import ModelArgs, RopeScaling
 from .errors import CheckpointError, TensorStream
@@ -74,7 +78,6 @@ def _scaling_from_rope_freqs(factors: torch.Tensor, head_dim: int, theta: float,
 
 def _dequantize_rows(t, dtype: torch.dtype, rows_per_chunk: int = 2048) -> torch.Tensor:
     """Dequantise a GGUF tensor straight into a `dtype` tensor, a block of rows at a time (bounded temporaries)."""
-    from gguf.quants import dequantize
 
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
     out = torch.empty(shape, dtype=dtype)
@@ -93,9 +96,7 @@ def _dequantize_rows(t, dtype: torch.dtype, rows_per_chunk: int = 2048) -> torch
 
 
 def _gguf_stream(path: Path, dtype: torch.dtype | None = None) -> tuple[ModelArgs, TensorStream]:
-    import gguf
-    from gguf.quants import dequantize
-
+    # long: one pass over the GGUF tensor table, each tensor type handled where it is read
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:
@@ -167,8 +168,6 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 
 def read_gguf_metadata(path: str | Path) -> dict:
     """The GGUF key/value metadata as Python values (strings, numbers, lists), without the tensors."""
-    import mmap
-    import struct
 
     path = Path(path)
     try:

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .config import ModelArgs, RopeScaling
 from .errors import CheckpointError, TensorStream, check_heads, positive_int, read_json_object
@@ -130,8 +131,6 @@ def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _hf_stream(folder: Path) -> tuple[ModelArgs, TensorStream]:
-    from safetensors import safe_open
-
     cfg_path = folder / "config.json"
     cfg = read_json_object(cfg_path)
     try:

@@ -95,8 +95,10 @@ def _meta_stream(folder: Path) -> tuple[ModelArgs, TensorStream]:
             raise CheckpointError(f"{s}: cannot be read as a weights-only torch checkpoint ({e})") from None
     if "output.weight" not in sds[0] and "tok_embeddings.weight" in sds[0] and not args.tie_embeddings:
         # Llama 3.2 1B/3B: params.json says nothing, the checkpoint has no output layer: the embeddings are tied
-        print(f"{shards[0]}: no output.weight, so the output layer is tied to tok_embeddings (as in Llama 3.2 1B/3B)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{shards[0]}: no output.weight, so the output layer is tied to tok_embeddings (as in Llama 3.2 1B/3B)",
+            file=sys.stderr,
+        )
         args = args.replace(tie_embeddings=True)
 
     def stream() -> TensorStream:

@@ -11,6 +11,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as TK
+
+from .format_gguf import read_gguf_metadata
+
 # Meta's split pattern (llama-models `tokenizer.py`)
 LLAMA3_PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -144,9 +151,6 @@ class TiktokenTokenizer(Tokenizer):
     """Meta's Llama 3 tokenizer: 128000 BPE ranks + 256 special tokens."""
 
     def __init__(self, model_path: Path):
-        import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
-
         try:
             ranks = load_tiktoken_bpe(str(model_path))
         except Exception as e:
@@ -276,8 +280,6 @@ class HFTokenizer(_TokenizersBackend):
     """A Hugging Face `tokenizer.json` (e.g. Llama-3.x's), with special ids from tokenizer_config.json."""
 
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer as TK
-
         try:
             tk = TK.from_file(str(path))
         except Exception as e:
@@ -321,11 +323,6 @@ class GGUFTokenizer(_TokenizersBackend):
     """The byte-level BPE tokenizer embedded in a GGUF file (`tokenizer.ggml.*`)."""
 
     def __init__(self, path: Path):
-        from tokenizers import AddedToken, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as TK
-
-        from .format_gguf import read_gguf_metadata
-
         meta = read_gguf_metadata(path)
 
         def field(key, default=None):

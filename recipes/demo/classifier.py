@@ -111,8 +111,9 @@ def train_classifier(
         px, ys = _composite_batch(images, labels, rng, batch, shift)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, where = model(px)
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 11), ys.reshape(-1),
-                                                 label_smoothing=label_smoothing)  # fmt: skip
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, 11), ys.reshape(-1), label_smoothing=label_smoothing
+        )
         loss = loss + torch.nn.functional.cross_entropy(where.float().reshape(-1, 4), torch.arange(4).repeat(len(ys)))
         opt.zero_grad()
         loss.backward()
@@ -170,8 +171,7 @@ def classifier_video_hits(model: CellClassifier, samples: list[dict], frames: in
     with torch.no_grad():
         for i in range(0, len(samples), 64):
             chunk = samples[i : i + 64]
-            clips = [decode_video(s[require_member(s, VIDEO)], s["__key__"], num_frames=frames, size=56)
-                     for s in chunk]  # fmt: skip
+            clips = [decode_video(s[require_member(s, VIDEO)], s["__key__"], num_frames=frames, size=56) for s in chunk]
             px = normalize_tiles(torch.stack([c[k] for c in clips for k in (0, frames - 1)]))
             logp = model(px)[0].float().log_softmax(-1).reshape(len(chunk), 2, 4, 11)
             cell = logp[..., 10].argmin(-1)  # [B, 2]: the occupied cell of each view

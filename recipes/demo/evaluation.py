@@ -46,9 +46,14 @@ def eval_image(cfg, run, model, tok) -> dict:
         items_ok, items = items_ok + hit, items + len(truth)
         rows.append({"key": s["__key__"], "ref": s["txt"].decode(), "hyp": h.strip(), "items_right": hit})
     n = max(len(rows), 1)
-    return {"n": len(rows), "count_right": count_ok / n, "count_and_layout_right": layout_ok / n,
-            "items_right": items_ok / max(items, 1), "exact": sum(r["ref"] == r["hyp"] for r in rows) / n,
-            "rows": rows}  # fmt: skip
+    return {
+        "n": len(rows),
+        "count_right": count_ok / n,
+        "count_and_layout_right": layout_ok / n,
+        "items_right": items_ok / max(items, 1),
+        "exact": sum(r["ref"] == r["hyp"] for r in rows) / n,
+        "rows": rows,
+    }
 
 
 def eval_video(cfg, run, model, tok) -> dict:
@@ -64,8 +69,12 @@ def eval_video(cfg, run, model, tok) -> dict:
         i_ok += got is not None and got[0] == truth["label"]
         rows.append({"key": s["__key__"], "ref": s["txt"].decode(), "hyp": h})
     n = max(len(rows), 1)
-    res = {"n": len(rows), "direction_right": d_ok / n, "item_right": i_ok / n,
-           "exact": sum(r["ref"] == r["hyp"] for r in rows) / n}  # fmt: skip
+    res = {
+        "n": len(rows),
+        "direction_right": d_ok / n,
+        "item_right": i_ok / n,
+        "exact": sum(r["ref"] == r["hyp"] for r in rows) / n,
+    }
     # the reference: the plain classifier (the encoder stage's heads) on the same clips, in fp32 as the encoder
     # stage scores it on composites; the captioner reads the same frozen encoder, so this is its ceiling
     if (clf := load_classifier(run)) is not None:
@@ -151,8 +160,11 @@ def stage_evaluate(cfg, run) -> dict:
         res["tower_dtype"] = dtype
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
         summary[name] = flat(res)
-        print(f"  {name}: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                          for k, v in summary[name].items()}), flush=True)  # fmt: skip
+        print(
+            f"  {name}: "
+            + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary[name].items()}),
+            flush=True,
+        )
     with torch.inference_mode():
         (out / "qualitative.json").write_text(json.dumps(qualitative(cfg, run, models.get("main"), tok), indent=1))
     if (clf := run / "encoder/classifier.json").exists():  # the reference on the held-out composites
@@ -167,7 +179,7 @@ def qualitative(cfg, run, model, tok) -> dict:
     out = {"photos": [], "clips": []}
     if model is None or "image" not in model.modalities:
         return out
-    import skimage.data
+    import skimage.data  # noqa: PLC0415 - the demo extra, heavy; only for the out-of-domain photos
 
     qdir = run / "qualitative"
     qdir.mkdir(exist_ok=True)

@@ -83,8 +83,15 @@ def tabulate(summaries: dict[int, dict]) -> dict:
         if not values:
             continue
         vs = list(values.values())
-        row = {"values": values, "mean": statistics.fmean(vs), "min": min(vs), "max": max(vs),
-               "target": f.target, "worst": None, "holds": None}  # fmt: skip
+        row = {
+            "values": values,
+            "mean": statistics.fmean(vs),
+            "min": min(vs),
+            "max": max(vs),
+            "target": f.target,
+            "worst": None,
+            "holds": None,
+        }
         if f.target is not None:
             worst = min(vs) if f.better == "min" else max(vs)
             row.update(worst=worst, holds=f.holds(worst))

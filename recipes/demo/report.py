@@ -6,11 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import torch
 
 from mm_llama.assets import resolve
+from mm_llama.data.image import decode_image
+from mm_llama.text import normalize_text
 
 from .config import BF16_MIN_SPEEDUP, cpu_kernel_path, eval_dtype, shard_samples
 from .figures import FIGURES
@@ -19,20 +22,27 @@ from .figures import FIGURES
 def results_table(summ: dict, timings: dict, sections: dict) -> list[str]:
     """The figures of the figure table this run produced, with their targets; the set sizes and training steps."""
     lines = ["## Results on held-out data", "", "| figure | what | target | result |", "|---|---|---|---:|"]
-    lines += [f"| `{f.key}` | {f.what} | {f.target_text()} | {_pct(v)} |"
-              for f in FIGURES if (v := f.value(summ)) is not None]  # fmt: skip
+    lines += [
+        f"| `{f.key}` | {f.what} | {f.target_text()} | {_pct(v)} |" for f in FIGURES if (v := f.value(summ)) is not None
+    ]
     sizes = ", ".join(f"{k} {s['n']}" for k, s in sections.items() if s.get("n"))
     steps = ", ".join(f"{k} {v['result']['steps']}" for k, v in timings.items() if "steps" in (v.get("result") or {}))
     lines += ["", f"Held-out samples: {sizes}. Training steps: {steps}.", ""]
     return lines
 
 
-def _plot_losses(run: Path, path: Path) -> None:
-    import matplotlib
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (the demo extra; only the report draws)."""
+    import matplotlib  # noqa: PLC0415 - the demo extra, heavy; only the report stage draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after the backend is chosen
 
+    return plt
+
+
+def _plot_losses(run: Path, path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(1, 1, figsize=(7, 4))
     for name in ("image", "video", "speech_ctc", "speech", "conformer_ctc", "conformer"):
         f = run / name / "losses.json"
@@ -53,19 +63,11 @@ def _plot_losses(run: Path, path: Path) -> None:
 
 
 def _distinct(rows: list[dict]) -> str:
-    from mm_llama.text import normalize_text
-
     return f"{len({normalize_text(r['hyp']) for r in rows})} of {len(rows)}"
 
 
 def _caption_grid(run: Path, rows: list[dict], path: Path, n: int = 12) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mm_llama.data.image import decode_image
-
+    plt = _pyplot()
     rows = rows[:n]  # the first rows are the shard's first samples (eval_image keeps shard order)
     samples = {s["__key__"]: s for s in shard_samples(run / "shards/image_test/index.json", len(rows))}
     cols = 4
@@ -83,8 +85,6 @@ def _caption_grid(run: Path, rows: list[dict], path: Path, n: int = 12) -> None:
 
 
 def _wrap(text: str, width: int = 38) -> str:
-    import textwrap
-
     return "\n".join(textwrap.wrap(text, width)) or "<empty>"
 
 
@@ -107,6 +107,7 @@ def _precision_note(run: Path) -> str:
 
 
 def stage_report(cfg, run) -> dict:
+    # long: the report reads top to bottom as the page it writes
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
     summ = json.loads((run / "eval/summary.json").read_text()) if (run / "eval/summary.json").exists() else {}
 
@@ -122,30 +123,42 @@ def stage_report(cfg, run) -> dict:
     if img.get("rows"):
         _caption_grid(run, img["rows"], run / "caption_grid.png")
     q = ev("qualitative")
-    L = ["# mm_llama demo report", "",
-         f"Frozen tower: SmolLM2-135M ({cfg.tower}), trained in {trained}, "
-         f"evaluated in {evaluated}; {cfg.nproc} processes of our DDP engine "
-         f"(`accelerate launch`, gloo); {os.cpu_count()} CPU cores ({cpu_kernel_path()}), torch {torch.__version__}."
-         + _precision_note(run),
-         "",
-         "## Time per stage", "", "| stage | seconds |", "|---|---:|"]  # fmt: skip
+    L = [
+        "# mm_llama demo report",
+        "",
+        f"Frozen tower: SmolLM2-135M ({cfg.tower}), trained in {trained}, "
+        f"evaluated in {evaluated}; {cfg.nproc} processes of our DDP engine "
+        f"(`accelerate launch`, gloo); {os.cpu_count()} CPU cores ({cpu_kernel_path()}), torch {torch.__version__}."
+        + _precision_note(run),
+        "",
+        "## Time per stage",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+    ]
     L += [f"| {k} | {v['seconds']:.0f} |" for k, v in timings.items()]
     L += [f"| **total** | **{sum(v['seconds'] for v in timings.values()):.0f}** |", ""]
     L += ["## Data", "", "| corpus | samples |", "|---|---:|"]
     L += [f"| {k} | {v['samples']} |" for k, v in corp.items() if isinstance(v, dict) and "samples" in v]
     w = corp.get("speech_words", {})
-    L += ["", "Speech: sentences of a spoken-language grammar over the demo's world (`data.corpora.spoken_sentences`, "
-          f"{corp.get('speech_grammar_words')} words) and open-vocabulary fortune sentences; {w.get('corpus')} "
-          f"distinct words ({w.get('train')} in training, {w.get('test')} in the test "
-          f"set, {w.get('test_words_unseen_in_train')} test words never heard in training); sentences shared between "
-          f"train and test: {corp.get('speech_sentence_overlap')}. Training voices: "
-          f"{', '.join(corp.get('speech_voices', {}).get('train', []))}. Test voices (unseen): "
-          f"{', '.join(corp.get('speech_voices', {}).get('test', []))}.", ""]  # fmt: skip
+    L += [
+        "",
+        "Speech: sentences of a spoken-language grammar over the demo's world (`data.corpora.spoken_sentences`, "
+        f"{corp.get('speech_grammar_words')} words) and open-vocabulary fortune sentences; {w.get('corpus')} "
+        f"distinct words ({w.get('train')} in training, {w.get('test')} in the test "
+        f"set, {w.get('test_words_unseen_in_train')} test words never heard in training); sentences shared between "
+        f"train and test: {corp.get('speech_sentence_overlap')}. Training voices: "
+        f"{', '.join(corp.get('speech_voices', {}).get('train', []))}. Test voices (unseen): "
+        f"{', '.join(corp.get('speech_voices', {}).get('test', []))}.",
+        "",
+    ]
     L += results_table(summ, timings, {"image": img, "video": vid, "speech": sp, "speech_open": ev("speech_open")})
     for name, ref in (("domain", ev("asr_reference")), ("open-vocabulary", ev("asr_reference_open"))):
         if ref:
-            L += [f"Reference: the complete pretrained Whisper tiny.en with its own decoder on the same {name} clips "
-                  f"(`make asr-reference`): WER {_pct(ref['wer'])}."]  # fmt: skip
+            L += [
+                f"Reference: the complete pretrained Whisper tiny.en with its own decoder on the same {name} clips "
+                f"(`make asr-reference`): WER {_pct(ref['wer'])}."
+            ]
     L += ["", "![loss curves](loss_curves.png)", ""]
     if img.get("rows"):
         L += [
@@ -163,9 +176,14 @@ def stage_report(cfg, run) -> dict:
         L += [f"| {r['ref']} | {r['hyp']} |" for r in vid["rows"][:8]] + [""]
     for name, res in (("Whisper tiny.en + adapter", sp), ("Conformer + adapter", cf)):
         if res.get("rows"):
-            L += [f"## ASR: {name}", "", "WER by unseen voice: "
-                  + ", ".join(f"{v} {_pct(x)}" for v, x in res["by_voice"].items()), "",
-                  "| voice | reference | transcript |", "|---|---|---|"]  # fmt: skip
+            L += [
+                f"## ASR: {name}",
+                "",
+                "WER by unseen voice: " + ", ".join(f"{v} {_pct(x)}" for v, x in res["by_voice"].items()),
+                "",
+                "| voice | reference | transcript |",
+                "|---|---|---|",
+            ]
             L += [f"| {r['voice']} | {r['ref']} | {r['hyp']} |" for r in res["rows"][:: max(1, len(res["rows"]) // 10)]]
             L += [""]
     if q:
@@ -175,11 +193,17 @@ def stage_report(cfg, run) -> dict:
         L += [""]
     tp = resolve(cfg.tower)
     a = {n: f"--adapter {run}/{n}/adapter.safetensors" for n in ("image", "video", "speech")}
-    L += ["## Try it", "", "All three adapters compose on one tower; each file gets the answer its kind calls for:", "",
-          "```bash",
-          f"mm-llama caption --model {tp} {a['image']} {a['video']} {a['speech']} IMAGE.png CLIP.mp4 SPEECH.wav",
-          f"mm-llama serve --model {tp} {a['image']} {a['video']} {a['speech']}",
-          "```", ""]  # fmt: skip
+    L += [
+        "## Try it",
+        "",
+        "All three adapters compose on one tower; each file gets the answer its kind calls for:",
+        "",
+        "```bash",
+        f"mm-llama caption --model {tp} {a['image']} {a['video']} {a['speech']} IMAGE.png CLIP.mp4 SPEECH.wav",
+        f"mm-llama serve --model {tp} {a['image']} {a['video']} {a['speech']}",
+        "```",
+        "",
+    ]
     (run / "report.md").write_text("\n".join(L))
     print(f"  wrote {run / 'report.md'}", flush=True)
     return {k: {m: v for m, v in s.items() if m != "seconds"} for k, s in summ.items()}

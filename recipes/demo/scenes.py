@@ -11,12 +11,24 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import numpy as np
+from PIL import Image
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
 # Fashion-MNIST label order; names as they read in a caption
-FASHION_CLASSES = ["T-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                   "ankle boot"]  # fmt: skip
+FASHION_CLASSES = [
+    "T-shirt",
+    "pair of trousers",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 POSITIONS = ["top left", "top right", "bottom left", "bottom right"]  # 2x2 grid cells in reading order
 CELL = 28
 
@@ -129,8 +141,6 @@ def sample_layout(rng: np.random.Generator, n_images: int, two_item_share: float
 
 
 def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
@@ -183,7 +193,6 @@ def motion_frames(item: np.ndarray, direction: str, offset: int, frames: int = 8
 
 def encode_mp4(frames_THW: np.ndarray, fps: int = 8) -> bytes:
     """Grey frames -> H.264 MP4 bytes (PyAV; near-lossless CRF)."""
-    import av
 
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
@@ -208,5 +217,8 @@ def motion_records(split: str, n: int, seed: int, frames: int = 8) -> Iterator[d
     for i in range(n):
         j, d = int(rng.integers(len(images))), names[int(rng.integers(len(names)))]
         clip = motion_frames(images[j], d, CELL * int(rng.integers(2)), frames)
-        yield {"video": (f"{split}{i:06d}.mp4", encode_mp4(clip)), "text": motion_caption(int(labels[j]), d),
-               "json": {"label": int(labels[j]), "direction": d}}  # fmt: skip
+        yield {
+            "video": (f"{split}{i:06d}.mp4", encode_mp4(clip)),
+            "text": motion_caption(int(labels[j]), d),
+            "json": {"label": int(labels[j]), "direction": d},
+        }

@@ -100,13 +100,31 @@ def _run_streaming(cmd: list[str], env: dict, log: Path, keep: int = 40) -> tupl
 
 def train(cfg: DemoConfig, run: Path, name: str, args: list[str]) -> dict:
     """The training recipe on the stage's config, `accelerate launch`ed over `nproc` processes."""
-    args = [f"run_dir={run / name}", f"dtype={device_ok_dtype(cfg, run)}", f"tower.path={cfg.tower}",
-            f"seed={cfg.seed}", *args, *cfg.stages.get(name, [])]  # fmt: skip
+    args = [
+        f"run_dir={run / name}",
+        f"dtype={device_ok_dtype(cfg, run)}",
+        f"tower.path={cfg.tower}",
+        f"seed={cfg.seed}",
+        *args,
+        *cfg.stages.get(name, []),
+    ]
     script = ["-m", "recipes.train", "--config", str(stage_config(name)), *args]
     if cfg.nproc > 1:
-        launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(cfg.nproc),
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", str(_free_port())]  # fmt: skip
+        launch = [
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(cfg.nproc),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+        ]
         cmd = [sys.executable, *launch, *script]
     else:
         cmd = [sys.executable, *script]
@@ -157,8 +175,7 @@ def run_demo(cfg: DemoConfig, stages: list[str], force: bool = False) -> dict:
 
 
 def main(argv=None) -> int:
-    from . import __doc__ as doc  # noqa: PLC0415 - the package's docstring is its help
-
+    doc = sys.modules[__package__].__doc__  # the package's docstring is its help
     ap = argparse.ArgumentParser(
         prog="python -m recipes.demo", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )

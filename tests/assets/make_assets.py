@@ -16,10 +16,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import av
 import numpy as np
+import soundfile as sf
 from PIL import Image
 
-from mm_llama.data.shards import write_shards
+from mm_llama.data.writer import manifest_samples, write_shards
 
 OUT = Path(__file__).resolve().parent / "shards"
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
@@ -61,9 +63,6 @@ def tone(freq: float, seconds: float, sr: int, channels: int = 1) -> np.ndarray:
 
 
 def audio_files(tmp: Path) -> list[dict]:
-    import av
-    import soundfile as sf
-
     recs = []
     specs = [
         ("low", 220.0, 0.6, 16000, 1, "flac", "PCM_16"),
@@ -92,8 +91,6 @@ def audio_files(tmp: Path) -> list[dict]:
 
 
 def video_files(tmp: Path) -> list[dict]:
-    import av
-
     recs = []
     for direction in ("right", "left", "down"):
         p = tmp / f"square-{direction}.mp4"
@@ -130,7 +127,6 @@ def main():
         ):
             manifest = tmp / f"{name}.jsonl"
             manifest.write_text("".join(json.dumps(r) + "\n" for r in recs))
-            from mm_llama.data.shards import manifest_samples
 
             rep = write_shards(manifest_samples(manifest), OUT / name, maxcount=maxcount, progress=False, replace=True)
             print(f"{name}: {rep.written} samples in {len(rep.shards)} shards, skipped {rep.skipped}")

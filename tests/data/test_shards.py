@@ -1,25 +1,20 @@
 """Shard writer, reader and verifier: reproducibility, skips with reasons, planted defects, CLI."""
 
+import functools
+import http.server
 import io
 import json
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from mm_llama.data.shards import (
-    expand_urls,
-    iter_samples,
-    manifest_samples,
-    open_url,
-    read_index,
-    split_key,
-    verify_shards,
-    write_shards,
-)
+from mm_llama.data.shards import expand_urls, iter_samples, open_url, read_index, split_key, verify_shards
+from mm_llama.data.writer import manifest_samples, write_shards
 
 MM = str(Path(sys.executable).parent / "mm-llama")
 
@@ -116,8 +111,9 @@ def test_verify_reports_each_planted_defect(shard_dir, tmp_path):
 
 
 def test_verify_cli_exit_codes(shard_dir, tmp_path):
-    ok = subprocess.run([MM, "shards", "verify", str(shard_dir / "image" / "index.json")], capture_output=True,
-                        text=True)  # fmt: skip
+    ok = subprocess.run(
+        [MM, "shards", "verify", str(shard_dir / "image" / "index.json")], capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout) == {"shards": 2, "samples": 6, "bad": 0, "reasons": {}}
     urls = _plant_defects(shard_dir, tmp_path)
@@ -134,8 +130,9 @@ def test_write_cli_from_folder(tmp_path):
         Image.new("RGB", (5, 5)).save(src / f"pic{i}.png")
         (src / f"pic{i}.txt").write_text(f"caption {i}")
     (src / "orphan.png").write_bytes(b"junk")
-    r = subprocess.run([MM, "shards", "write", str(src), "--out", str(tmp_path / "out"), "--quiet"],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [MM, "shards", "write", str(src), "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["written"] == 3 and summary["skipped"] == 1 and summary["reasons"] == {"empty_text": 1}
@@ -146,7 +143,8 @@ def test_url_expansion_and_pipe_policy(shard_dir, tmp_path):
     assert len(expand_urls(pat)) == 3
     assert len(expand_urls(str(shard_dir / "audio" / "*.tar"))) == 3
     assert expand_urls("file:" + str(shard_dir / "video" / "index.json")) == expand_urls(
-        str(shard_dir / "video" / "*.tar"))  # fmt: skip
+        str(shard_dir / "video" / "*.tar")
+    )
     with pytest.raises(ValueError, match="refusing pipe"):
         expand_urls("pipe:cat x.tar")
     with pytest.raises(ValueError, match="refusing pipe"):
@@ -169,9 +167,6 @@ def test_split_key():
 
 def test_http_urls_stream(shard_dir):
     """http(s) shards stream through urllib (a local server on 127.0.0.1 stands in for an object store)."""
-    import functools
-    import http.server
-    import threading
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shard_dir / "video"))
     handler.log_message = lambda *a, **k: None

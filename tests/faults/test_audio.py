@@ -64,6 +64,18 @@ def test_cli_short_clip_exit_2(model, smollm_path, tmp_path):
     save_part(model, "speech", tmp_path / "speech.safetensors")
     (tmp_path / "tiny.wav").write_bytes(wav_bytes(0.01))
     mm = str(Path(sys.executable).parent / "mm-llama")
-    r = subprocess.run([mm, "asr", "--model", str(smollm_path), "--adapter", str(tmp_path / "speech.safetensors"),
-                        str(tmp_path / "tiny.wav")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            mm,
+            "asr",
+            "--model",
+            str(smollm_path),
+            "--adapter",
+            str(tmp_path / "speech.safetensors"),
+            str(tmp_path / "tiny.wav"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "tiny.wav" in r.stderr and "too short" in r.stderr and "Traceback" not in r.stderr

@@ -2,6 +2,7 @@
 tracebacks), and a Meta folder of a tied-embedding tower loads tied."""
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,11 @@ import torch
 
 from mm_llama.llama import Transformer, get_preset, load_pretrained, save_meta
 from mm_llama.llama.checkpoint import CheckpointError
+from tests.parity.test_llama_hf import make_hf
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    from tests.parity.test_llama_hf import make_hf
-
     folder = tmp_path_factory.mktemp("hf")
     make_hf("gqa2_tied").save_pretrained(folder, safe_serialization=True)
     return folder
@@ -100,8 +100,6 @@ def test_damaged_meta_shard_named(tmp_path, damage):
     if damage == "truncated":
         shard.write_bytes(shard.read_bytes()[:1000])
     else:  # a pickle of something that is not a tensor: weights_only refuses it
-        import pickle
-
         shard.write_bytes(pickle.dumps({"x": Path("/etc/passwd")}))
     with pytest.raises(CheckpointError, match="consolidated.00.pth"):
         load_pretrained(tmp_path)
@@ -111,6 +109,7 @@ def test_cli_names_the_file_without_a_traceback(hf_folder, tmp_path):
     folder = copy(hf_folder, tmp_path / "m")
     (folder / "model.safetensors").write_bytes(b"garbage")
     mm = str(Path(sys.executable).parent / "mm-llama")
-    r = subprocess.run([mm, "generate", "--model", str(folder), "--prompt", "x"], capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [mm, "generate", "--model", str(folder), "--prompt", "x"], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr

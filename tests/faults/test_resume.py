@@ -42,8 +42,15 @@ def damage(ckpt, kind):
         p.write_bytes(bytes(data))
 
 
-KINDS = ["adapter_deleted", "adapter_truncated", "train_state_truncated", "cursor_deleted", "cursor_garbage",
-         "manifest_deleted", "bitflip"]  # fmt: skip
+KINDS = [
+    "adapter_deleted",
+    "adapter_truncated",
+    "train_state_truncated",
+    "cursor_deleted",
+    "cursor_garbage",
+    "manifest_deleted",
+    "bitflip",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -95,8 +102,21 @@ def test_rank_killed_during_a_checkpoint_save_then_resume(tmp_path):
 
     ref, _ = train("--config", CFG, f"run_dir={tmp_path / 'ref'}", *ARGS, launcher=launcher())
     run = tmp_path / "run"
-    _, r = train("--config", CFG, f"run_dir={run}", *ARGS, "--kill-rank", "1", "--kill-step", "4",
-                 "--kill-in", "save", launcher=launcher(), check=False, script=FAULTS)  # fmt: skip
+    _, r = train(
+        "--config",
+        CFG,
+        f"run_dir={run}",
+        *ARGS,
+        "--kill-rank",
+        "1",
+        "--kill-step",
+        "4",
+        "--kill-in",
+        "save",
+        launcher=launcher(),
+        check=False,
+        script=FAULTS,
+    )
     assert r.returncode != 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000002"]
     losses, r = train("--config", CFG, f"run_dir={run}", *ARGS, launcher=launcher())

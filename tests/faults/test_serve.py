@@ -2,6 +2,7 @@
 and accepts only its own Host names."""
 
 import http.client
+import io
 import json
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests import tiny
 from tests.ddp_helpers import free_port
@@ -21,10 +23,26 @@ def server(tmp_path_factory, smollm_path, smollm):
     tmp = tmp_path_factory.mktemp("serve")
     files = tiny.adapter_files(smollm, tmp, ["image", "speech"])
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "mm-llama"), "serve", "--model", str(smollm_path),
-           "--adapter", str(files["image"]), "--adapter", str(files["speech"]),
-           "--port", str(port), "--max-new-tokens", "2", "--timeout", "2", "--workers", "2",
-           "--max-upload-mb", "1"]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).parent / "mm-llama"),
+        "serve",
+        "--model",
+        str(smollm_path),
+        "--adapter",
+        str(files["image"]),
+        "--adapter",
+        str(files["speech"]),
+        "--port",
+        str(port),
+        "--max-new-tokens",
+        "2",
+        "--timeout",
+        "2",
+        "--workers",
+        "2",
+        "--max-upload-mb",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for _ in range(240):
         try:
@@ -89,10 +107,6 @@ def _raw_once(port, head: str) -> int:
 
 
 def test_statuses(server):
-    import io
-
-    from PIL import Image
-
     png = io.BytesIO()
     Image.new("RGB", (30, 20), (1, 2, 3)).save(png, format="PNG")
     assert post(server, png.getvalue())[0] == 200

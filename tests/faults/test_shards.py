@@ -92,8 +92,12 @@ def test_shards_write_refuses_a_folder_with_shards_unless_replace(tmp_path):
     out = tmp_path / "out"
 
     def write(*extra, maxcount="2"):
-        return subprocess.run([MM, "shards", "write", str(m), "--out", str(out), "--maxcount", maxcount, "--quiet",
-                               *extra], capture_output=True, text=True, timeout=300)  # fmt: skip
+        return subprocess.run(
+            [MM, "shards", "write", str(m), "--out", str(out), "--maxcount", maxcount, "--quiet", *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     assert write().returncode == 0 and len(list(out.glob("*.tar"))) == 2
     (out / "old-000009.tar").write_bytes(PLAIN.read_bytes())  # a stale shard of an earlier run
@@ -110,6 +114,10 @@ def test_shards_write_refuses_a_folder_with_shards_unless_replace(tmp_path):
 def test_shards_write_out_naming_a_file(tmp_path):
     m = make_manifest(tmp_path, n=2)
     (tmp_path / "afile").write_text("x")
-    r = subprocess.run([MM, "shards", "write", str(m), "--out", str(tmp_path / "afile"), "--quiet"],
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [MM, "shards", "write", str(m), "--out", str(tmp_path / "afile"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "afile" in r.stderr and "not a folder" in r.stderr and "Traceback" not in r.stderr

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import soundfile as sf
 import torch
 
 from mm_llama.adapters.asr import transcribe
@@ -15,6 +16,7 @@ from mm_llama.adapters.speech import ADAPTER_PRESETS
 from mm_llama.adapters.speech_part import build_speech_part
 from mm_llama.adapters.whisper import load_whisper_encoder
 from mm_llama.assets import asset_path
+from mm_llama.data.audio import decode_audio
 from mm_llama.data.shards import iter_samples, open_url
 from mm_llama.text import collapse_loop, normalize_text, wer_cer, wer_cer_by
 
@@ -46,7 +48,6 @@ def test_normalisation_and_error_rates():
 def clip():
     url = str(SHARDS / "shard-000000.tar")
     s = next(iter(iter_samples(open_url(url), url)))
-    from mm_llama.data.audio import decode_audio
 
     return decode_audio(s["flac"], "tone", "flac")
 
@@ -87,12 +88,24 @@ def test_transcribe_whisper_encoder_real_tower_consistent(smollm, smollm_tok, tm
 
 def test_asr_cli(tmp_path, smollm_path, smollm):
     save_part(whisper_model(smollm), "speech", tmp_path / "speech.safetensors")
-    import soundfile as sf
 
     sf.write(tmp_path / "clip.wav", torch.stack([clip(), clip()], 1).numpy(), 16000)  # stereo
     mm = str(Path(sys.executable).parent / "mm-llama")
-    r = subprocess.run([mm, "asr", "--model", str(smollm_path), "--adapter", str(tmp_path / "speech.safetensors"),
-                        str(tmp_path / "clip.wav"), "--max-new-tokens", "4"], capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            mm,
+            "asr",
+            "--model",
+            str(smollm_path),
+            "--adapter",
+            str(tmp_path / "speech.safetensors"),
+            str(tmp_path / "clip.wav"),
+            "--max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(str(tmp_path / "clip.wav") + ":") and "real-time factor" in r.stderr

@@ -1,9 +1,15 @@
 """The `mm-llama` console script, run as a user would."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from PIL import Image
+
+from mm_llama.data.shards import read_index, read_samples
+from tests import tiny
 
 MM = [str(Path(sys.executable).parent / "mm-llama")]
 
@@ -21,15 +27,40 @@ def test_generate_streams_completion(smollm_path):
 
 
 def test_generate_int8_weight_only(smollm_path):
-    r = run("generate", "--model", str(smollm_path), "--dtype", "bf16", "--quantize", "int8", "--prompt",
-            "The capital of France is", "--max-new-tokens", "4")  # fmt: skip
+    r = run(
+        "generate",
+        "--model",
+        str(smollm_path),
+        "--dtype",
+        "bf16",
+        "--quantize",
+        "int8",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "4",
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
 
 
 def test_generate_chat_sampling(smollm_path):
-    r = run("generate", "--model", str(smollm_path), "--chat", "--prompt", "Say hi.", "--temperature", "0.7",
-            "--top-p", "0.9", "--seed", "1", "--max-new-tokens", "5")  # fmt: skip
+    r = run(
+        "generate",
+        "--model",
+        str(smollm_path),
+        "--chat",
+        "--prompt",
+        "Say hi.",
+        "--temperature",
+        "0.7",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        "5",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("> Say hi.")
 
@@ -47,14 +78,21 @@ def test_help_lists_subcommands():
 
 def test_caption_cli_with_adapter(tmp_path, smollm_path, smollm):
     """A fresh image adapter on the real SmolLM2 tower, saved and used through the `mm-llama caption` script."""
-    from PIL import Image
-
-    from tests import tiny
 
     files = tiny.adapter_files(smollm, tmp_path, ["image"], gates=0.0)
     Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "img.png")
-    r = run("caption", "--model", str(smollm_path), "--adapter", str(files["image"]),
-            str(tmp_path / "img.png"), "--prompt", "The capital of France is", "--max-new-tokens", "4")  # fmt: skip
+    r = run(
+        "caption",
+        "--model",
+        str(smollm_path),
+        "--adapter",
+        str(files["image"]),
+        str(tmp_path / "img.png"),
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "4",
+    )
     assert r.returncode == 0, r.stderr
     # gates start at 0: the untrained adapter leaves the tower's own answer intact
     assert r.stdout.startswith(str(tmp_path / "img.png") + ":") and "Paris" in r.stdout
@@ -64,9 +102,6 @@ def test_caption_cli_with_adapter(tmp_path, smollm_path, smollm):
 
 def test_shards_encode_caches_the_frozen_encoder(tmp_path):
     """`mm-llama shards encode`: the speech shards copied with each clip's Whisper encoder output."""
-    import json
-
-    from mm_llama.data.shards import read_index, read_samples
 
     index = Path(__file__).resolve().parents[1] / "assets/shards/audio/index.json"
     r = run("shards", "encode", str(index), "--encoder", "whisper:asset:whisper_tiny_en_ct2", "--out", str(tmp_path))

@@ -15,10 +15,12 @@ import torch
 from mm_llama.adapters.files import trained_tower_dtype
 from mm_llama.config import load_config
 from recipes.demo import DONE, STAGES, DemoConfig
+from recipes.demo import config as dc
 from recipes.demo.config import BF16_MIN_SPEEDUP, adapter_files, eval_dtype, load_tower
 from recipes.demo.evaluation import _load_models
 from recipes.demo.figures import CONTRACT, FIGURES, TARGETS, seed_markdown, tabulate
 from recipes.demo.scenes import parse_composite_caption
+from recipes.demo.seeds import main
 from recipes.train import load_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,7 +152,6 @@ def test_auto_precision_is_measured_once_per_run(tmp_path, monkeypatch):
     """`dtype: auto` takes bf16 only where this CPU's bf16 matmuls measure BF16_MIN_SPEEDUP x fp32 (an Intel Xeon
     with AVX-512 bf16 but no AMX measured 0.6x: fp32 there); the first choice is kept in RUN/precision.json, so a
     resumed run trains on in the same precision whatever a new measurement says; bfloat16 / float32 force one."""
-    from recipes.demo import config as dc
 
     cfg = DemoConfig(run_dir=str(tmp_path))
     assert cfg.dtype == "auto"
@@ -172,7 +173,6 @@ def test_auto_precision_is_measured_once_per_run(tmp_path, monkeypatch):
 def test_seed_table_takes_the_worst_seed(tmp_path):
     """`make demo-seeds` tabulates each target figure over the seeds' summaries; a target holds only when it holds
     for the worst seed (lowest fraction right, highest WER); stretch targets and reference rows decide nothing."""
-    from recipes.demo.seeds import main
 
     sums = {
         0: {"speech": {"wer": 0.05, "distinct_fraction": 1.0}, "image": {"items_right": 0.93}},
@@ -201,5 +201,6 @@ def test_seed_table_takes_the_worst_seed(tmp_path):
     md = (tmp_path / "seeds.md").read_text()
     assert "| <= 60% (stretch) | NO (stretch) |" in md
     assert "| classifier.items_right | 92.4% | 92.4% | 92.4% | 92.4% | 92.4% | 92.4% | (reference) | |" in md
-    assert md == seed_markdown(tabulate({s: json.loads((tmp_path / f"seed_{s}/eval/summary.json").read_text())
-                                         for s in sums}))  # fmt: skip
+    assert md == seed_markdown(
+        tabulate({s: json.loads((tmp_path / f"seed_{s}/eval/summary.json").read_text()) for s in sums})
+    )

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from recipes.train import main
 from tests.integration.test_train import BIN, ENV, ROOT, TRAIN, _port, train
 
 RESIDENT = re.compile(r"tower weights ([\d.]+) MB of ([\d.]+) MB on this rank \(([\d.]+); mesh (\w+) \(([\d, ]+)\)\)")
@@ -30,17 +32,23 @@ def reference(modality: str, tmp_path, accum: int = 1) -> tuple[list[float], Pat
     if (modality, accum) not in _REFERENCE:
         cfg = f"recipes/configs/debug_{modality}.yaml"
         run = tmp_path / f"one{accum}"
-        losses, _ = train("--config", cfg, f"run_dir={run}", "steps=3", f"data.batch_size={4 // accum}",
-                          f"optim.grad_accum={accum}")  # fmt: skip
+        losses, _ = train(
+            "--config", cfg, f"run_dir={run}", "steps=3", f"data.batch_size={4 // accum}", f"optim.grad_accum={accum}"
+        )
         _REFERENCE[modality, accum] = losses, run
     return _REFERENCE[modality, accum]
 
 
 @pytest.mark.parametrize(
     "modality,ranks",
-    [("image", (2, 4)), ("video", (2,)), ("speech", (2,)),
-     pytest.param("video", (4,), marks=pytest.mark.slow), pytest.param("speech", (4,), marks=pytest.mark.slow)],
-)  # fmt: skip
+    [
+        ("image", (2, 4)),
+        ("video", (2,)),
+        ("speech", (2,)),
+        pytest.param("video", (4,), marks=pytest.mark.slow),
+        pytest.param("speech", (4,), marks=pytest.mark.slow),
+    ],
+)
 def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality, ranks):
     """2 and 4 ranks with the tower sharded == 1 rank unsharded, same global batch, the adapters' blocks sharded too
     (`parallel.adapters=fsdp`: FSDP2 reduce-scatters their gradients, our engine the rest); the 4-rank runs also
@@ -51,8 +59,10 @@ def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality, ranks):
     cfg = f"recipes/configs/debug_{modality}.yaml"
     one, one_dir = reference(modality, tmp_path)
     image2 = ["data.batch_size=1", "optim.grad_accum=2", "parallel.adapters=fsdp", "ckpt_every=2"]
-    runs = {2: image2 if modality == "image" else ["data.batch_size=2", "parallel.adapters=fsdp"],
-            4: ["data.batch_size=1", "activation_checkpointing=true", "parallel.adapters=fsdp"]}  # fmt: skip
+    runs = {
+        2: image2 if modality == "image" else ["data.batch_size=2", "parallel.adapters=fsdp"],
+        4: ["data.batch_size=1", "activation_checkpointing=true", "parallel.adapters=fsdp"],
+    }
     losses = {}
     for n in ranks:
         extra = runs[n]
@@ -66,7 +76,6 @@ def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality, ranks):
     if modality != "image":
         return
     # checkpoints stay adapter-only (no tower weight, no DTensor) and match the unsharded run's trained weights
-    from safetensors.torch import load_file
 
     for n in (2, 4):  # sharded blocks gathered whole into the file
         ref = load_file((reference(modality, tmp_path, accum=2)[1] if n == 2 else one_dir) / "adapter.safetensors")
@@ -95,13 +104,34 @@ def test_two_machines_on_localhost_hybrid_mesh(tmp_path):
     port = _port()
     procs = []
     for machine_rank in (0, 1):
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", "recipes/launch/accelerate_multinode.yaml",
-               "--num_machines", "2", "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1",
-               "--main_process_port", str(port), "--num_processes", "4", TRAIN, "--config", cfg,
-               f"run_dir={tmp_path / 'two'}", "steps=3", "data.batch_size=1", "data.split=interleave",
-               "parallel.tower=fsdp", "parallel.mesh=hybrid"]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                      env=ENV))  # fmt: skip
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            "recipes/launch/accelerate_multinode.yaml",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--num_processes",
+            "4",
+            TRAIN,
+            "--config",
+            cfg,
+            f"run_dir={tmp_path / 'two'}",
+            "steps=3",
+            "data.batch_size=1",
+            "data.split=interleave",
+            "parallel.tower=fsdp",
+            "parallel.mesh=hybrid",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+        )
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -112,8 +142,6 @@ def test_two_machines_on_localhost_hybrid_mesh(tmp_path):
 
 
 def test_bad_parallel_values_name_the_key(tmp_path, capsys):
-    from recipes.train import main
-
     assert main(["--config", "recipes/configs/debug_image.yaml", "parallel.tower=zero3"]) == 2
     assert "parallel.tower" in capsys.readouterr().err
     assert main(["--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "parallel.adapters=fsdp"]) == 2

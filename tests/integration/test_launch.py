@@ -31,9 +31,22 @@ def check_consistent(res, world):
 
 @pytest.mark.slow  # make test: the recipe through accelerate launch (test_demo.py, test_fsdp.py)
 def test_accelerate_launch_multi_process_cpu():
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           *SCRIPT]  # fmt: skip
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *SCRIPT,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     check_consistent(results(r.stdout), 2)
@@ -44,9 +57,26 @@ def test_accelerate_two_machines_on_localhost():
     port = free_port()
     procs = []
     for machine_rank in (0, 1):
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
-               str(machine_rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", *SCRIPT]  # fmt: skip
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *SCRIPT,
+        ]
         procs.append(
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
         )
@@ -67,8 +97,15 @@ def test_dead_rank_surfaces_as_error_not_hang():
     port = free_port()
     procs = []
     for rank in (0, 1):
-        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "MM_LLAMA_PG_TIMEOUT": "30"}  # fmt: skip
+        env = {
+            **ENV,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "MM_LLAMA_PG_TIMEOUT": "30",
+        }
         cmd = [sys.executable, *SCRIPT, "--steps", "50", "--die-rank", "1", "--die-step", "2"]
         procs.append(
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)

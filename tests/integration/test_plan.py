@@ -7,15 +7,24 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from mm_llama.adapters.hf_mllama import load_pretrained
+from mm_llama.adapters.plan import saved_bytes
+from mm_llama.config import load_config
+from mm_llama.llama import Transformer
+from mm_llama.llama.config import ModelArgs
+from recipes.plan import check, main, plan_config, to_json
+from recipes.train import TrainConfig
 from tests.integration.test_train import BIN, ENV, ROOT, train
 
 CFG = ROOT / "recipes" / "configs"
 
 
 def plan(*args, check=True):
-    r = subprocess.run([str(BIN / "mm-llama"), "plan", *map(str, args)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT, env=ENV)  # fmt: skip
+    r = subprocess.run(
+        [str(BIN / "mm-llama"), "plan", *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV
+    )
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -26,13 +35,13 @@ def test_plan_matches_a_measured_step_of_the_scaled_down_8b_image_stage():
     process within 15% of the peak measured on a real step (the recipe's model, engine, optimizer, first batch),
     with and without activation checkpointing, at micro-batch 8 and 32; the activations alone (the part the plan
     models rather than counts) within 25% at micro-batch 8."""
-    from mm_llama.config import load_config
-    from recipes.plan import check
-    from recipes.train import TrainConfig
 
     for ac, batch in (("true", 8), ("false", 8), ("true", 32)):
-        cfg = load_config(TrainConfig, CFG / "plan_check_8b_image.yaml",
-                          [f"activation_checkpointing={ac}", f"data.batch_size={batch}"])  # fmt: skip
+        cfg = load_config(
+            TrainConfig,
+            CFG / "plan_check_8b_image.yaml",
+            [f"activation_checkpointing={ac}", f"data.batch_size={batch}"],
+        )
         c = check(cfg)
         assert 0.85 <= c["ratio"] <= 1.15, c
         if batch == 8:
@@ -43,9 +52,6 @@ def test_plan_matches_a_measured_step_of_the_scaled_down_8b_image_stage():
 
 def test_meta_count_equals_what_autograd_keeps_on_a_real_layer():
     """The plan's saved-tensor count on the meta device == the same count on real CPU tensors (fused attention)."""
-    from mm_llama.adapters.plan import saved_bytes
-    from mm_llama.llama import Transformer
-    from mm_llama.llama.config import ModelArgs
 
     args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=100)
 
@@ -74,7 +80,6 @@ def test_meta_count_equals_what_autograd_keeps_on_a_real_layer():
 
 def plan_json(config, gpus, gpu_mem, *overrides, capsys) -> dict:
     """`mm-llama plan ... --json` in this process (the CLI's own entry, recipes/plan.py `main`)."""
-    from recipes.plan import main
 
     assert main(["--config", str(config), "--gpus", str(gpus), "--gpu-mem", str(gpu_mem), "--json", *overrides]) == 0
     return json.loads(capsys.readouterr().out)
@@ -83,9 +88,6 @@ def plan_json(config, gpus, gpu_mem, *overrides, capsys) -> dict:
 def test_shipped_large_configs_verdicts(capsys):
     """Llama 3.2 90B Vision (shape from its HF config.json) and the 405B image stage, on 8 x 80 GB and 2 x 8 x 80 GB
     (the command line once, the rest in-process)."""
-    from mm_llama.config import load_config
-    from recipes.plan import plan_config, to_json
-    from recipes.train import TrainConfig
 
     verdicts = {}
     for name in ("gpu_llama3_2_90b_vision_image", "gpu_llama3_1_405b_image"):
@@ -111,8 +113,6 @@ def test_plan_runs_for_every_modality(modality, capsys):
 
 
 def test_plan_bad_inputs_are_named_errors(tmp_path, capsys):
-    from recipes.plan import main
-
     assert main(["--config", str(tmp_path / "nope.yaml"), "--gpus", "8", "--gpu-mem", "80"]) == 2
     assert "nope.yaml" in capsys.readouterr().err
     assert main(["--config", str(CFG / "debug_image.yaml"), "--gpus", "0", "--gpu-mem", "80"]) == 2
@@ -126,18 +126,36 @@ def test_plan_bad_inputs_are_named_errors(tmp_path, capsys):
 def _tiny_mllama(folder, vocab=49152):
     """A tiny random HF Mllama folder with SmolLM2's vocabulary (so the committed image shards and tokenizer train
     on it): 3 self-attention layers, one cross-attention layer at flat index 2, open gates."""
-    import transformers
+    import transformers  # noqa: PLC0415 - the reference (dev extra), only here
 
     torch.manual_seed(0)
     cfg = transformers.MllamaConfig(
-        vision_config=dict(hidden_size=32, attention_heads=4, num_hidden_layers=3, num_global_layers=1,
-                           intermediate_size=64, image_size=28, patch_size=14, max_num_tiles=4,
-                           intermediate_layers_indices=[1], vision_output_dim=64),
-        text_config=dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=96, cross_attention_layers=[2],
-                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        vision_config=dict(
+            hidden_size=32,
+            attention_heads=4,
+            num_hidden_layers=3,
+            num_global_layers=1,
+            intermediate_size=64,
+            image_size=28,
+            patch_size=14,
+            max_num_tiles=4,
+            intermediate_layers_indices=[1],
+            vision_output_dim=64,
+        ),
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            cross_attention_layers=[2],
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        ),
         image_token_index=vocab,
-    )  # fmt: skip
+    )
     hf = transformers.MllamaForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for n, p in hf.named_parameters():
@@ -151,12 +169,14 @@ def test_training_starts_from_an_hf_mllama_folder(tmp_path, capsys):
     with lr 0 the saved adapter is the release's, with lr > 0 the loss falls; the plan reads the same folder."""
     folder = tmp_path / "mllama"
     _tiny_mllama(folder)
-    base = ["--config", "recipes/configs/debug_image.yaml", f"tower.path={folder}", f"model.image.release={folder}",
-            "steps=3"]  # fmt: skip
+    base = [
+        "--config",
+        "recipes/configs/debug_image.yaml",
+        f"tower.path={folder}",
+        f"model.image.release={folder}",
+        "steps=3",
+    ]
     _, _ = train(*base, f"run_dir={tmp_path / 'lr0'}", "optim.lr=0", "steps=1")
-    from safetensors.torch import load_file
-
-    from mm_llama.adapters.hf_mllama import load_pretrained
 
     saved = load_file(tmp_path / "lr0" / "adapter.safetensors")
     release = load_pretrained(folder)
@@ -165,8 +185,9 @@ def test_training_starts_from_an_hf_mllama_folder(tmp_path, capsys):
     assert torch.equal(saved["cross_attention_layers.0.feed_forward.w1.weight"], w)
     losses, _ = train(*base, f"run_dir={tmp_path / 'lr'}", "optim.lr=3e-3")
     assert len(losses) == 3 and losses[-1] < losses[0]
-    out = plan_json(CFG / "debug_image.yaml", 1, 16, f"tower.path={folder}", f"model.image.release={folder}",
-                    capsys=capsys)  # fmt: skip
+    out = plan_json(
+        CFG / "debug_image.yaml", 1, 16, f"tower.path={folder}", f"model.image.release={folder}", capsys=capsys
+    )
     n = sum(p.numel() for n_, p in release.named_parameters() if not n_.startswith("tower."))
     assert out["trainable_params"] == n
 

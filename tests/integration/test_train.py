@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
+
+from mm_llama.config import load_config
+from recipes.demo import DemoConfig
+from recipes.train import TrainConfig
+from tests.ddp_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "recipes" / "train.py")
@@ -59,8 +65,9 @@ def test_speech_debug_loss_falls(tmp_path):
 @pytest.mark.slow  # make test: test_fsdp.py launches the recipe with torchrun (2 and 4 ranks, rank 1's files)
 def test_two_processes_torchrun(tmp_path):
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port())]
-    losses, r = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "steps=3",
-                      launcher=launcher)  # fmt: skip
+    losses, r = train(
+        "--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "steps=3", launcher=launcher
+    )
     assert len(losses) == 3
     assert (tmp_path / "checkpoints" / "step_00000003" / "data_rank1.json").is_file()
 
@@ -74,25 +81,17 @@ def test_config_errors_name_the_key(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    from mm_llama.config import load_config
-    from recipes.train import TrainConfig
-
     cfg = load_config(TrainConfig, path)
     assert cfg.steps > 0
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs" / "demo").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_demo_config_loads(path):
-    from mm_llama.config import load_config
-    from recipes.demo import DemoConfig
-
     cfg = load_config(DemoConfig, path)
     assert cfg.image_steps > 0 and cfg.nproc >= 1
 
 
 def _port():
-    from tests.ddp_helpers import free_port
-
     return free_port()
 
 
@@ -101,12 +100,33 @@ def test_accelerate_two_launchers_on_localhost(tmp_path):
     port = _port()
     procs = []
     for machine_rank in (0, 1):
-        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
-               str(machine_rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", TRAIN,
-               "--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path}", "steps=2"]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                      env=ENV))  # fmt: skip
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(machine_rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            TRAIN,
+            "--config",
+            "recipes/configs/debug_speech.yaml",
+            f"run_dir={tmp_path}",
+            "steps=2",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+        )
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -114,8 +134,7 @@ def test_accelerate_two_launchers_on_localhost(tmp_path):
 
 
 def test_engine_torch_runs(tmp_path):
-    losses, _ = train("--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path}", "steps=2",
-                      "engine=torch")  # fmt: skip
+    losses, _ = train("--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path}", "steps=2", "engine=torch")
     assert len(losses) == 2
 
 
@@ -124,8 +143,16 @@ def test_nonfinite_losses_skipped_then_stop(tmp_path):
         "--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path / 'a'}", "--nan-steps", "2", script=FAULTS
     )
     assert len(losses) == 6 and "non-finite loss, step skipped" in r.stderr
-    _, r = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path / 'b'}", "optim.max_nonfinite=2",
-                 "--nan-steps", "1,2,3,4", check=False, script=FAULTS)  # fmt: skip
+    _, r = train(
+        "--config",
+        "recipes/configs/debug_image.yaml",
+        f"run_dir={tmp_path / 'b'}",
+        "optim.max_nonfinite=2",
+        "--nan-steps",
+        "1,2,3,4",
+        check=False,
+        script=FAULTS,
+    )
     assert r.returncode != 0 and "non-finite losses" in r.stderr and "stopping" in r.stderr
 
 
@@ -134,12 +161,30 @@ def test_killed_rank_makes_the_other_exit_with_an_error(tmp_path):
     port = _port()
     procs = []
     for rank in (0, 1):
-        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "MM_LLAMA_PG_TIMEOUT": "60"}  # fmt: skip
-        cmd = [sys.executable, *FAULTS, "--config", "recipes/configs/debug_speech.yaml", f"run_dir={tmp_path}",
-               "steps=20", "--kill-rank", "1", "--kill-step", "3"]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                      env=env))  # fmt: skip
+        env = {
+            **ENV,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "MM_LLAMA_PG_TIMEOUT": "60",
+        }
+        cmd = [
+            sys.executable,
+            *FAULTS,
+            "--config",
+            "recipes/configs/debug_speech.yaml",
+            f"run_dir={tmp_path}",
+            "steps=20",
+            "--kill-rank",
+            "1",
+            "--kill-step",
+            "3",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        )
     out0, err0 = procs[0].communicate(timeout=300)
     procs[1].communicate(timeout=60)
     assert procs[1].returncode == -9 and procs[0].returncode != 0
@@ -164,10 +209,28 @@ def test_evaluate_after_training(tmp_path, modality):
     dtype = ["dtype=bfloat16"] if modality == "video" else []
     train("--config", cfg, f"run_dir={tmp_path}", "steps=2", "ckpt_every=2", *dtype)
     shards = {"image": "image", "video": "video", "speech": "audio"}[modality]
-    r = subprocess.run([sys.executable, "-m", "recipes.evaluate", "--config", cfg, "--checkpoint",
-                        str(tmp_path / "checkpoints" / "step_00000002"), "--data",
-                        f"tests/assets/shards/{shards}/index.json", f"run_dir={tmp_path}", "--max-new-tokens", "3",
-                        *dtype], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)  # fmt: skip
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipes.evaluate",
+            "--config",
+            cfg,
+            "--checkpoint",
+            str(tmp_path / "checkpoints" / "step_00000002"),
+            "--data",
+            f"tests/assets/shards/{shards}/index.json",
+            f"run_dir={tmp_path}",
+            "--max-new-tokens",
+            "3",
+            *dtype,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(re.findall(r"EVAL (\{.*\})", r.stdout)[-1])
     assert res["tower_dtype"] == ("bfloat16" if dtype else "float32")
@@ -175,17 +238,31 @@ def test_evaluate_after_training(tmp_path, modality):
     assert res["n"] == {"image": 6, "video": 3, "speech": 5}[modality]
     # another modality's checkpoint is an error naming it, not a silent no-op
     if modality == "image":
-        bad = subprocess.run([sys.executable, "-m", "recipes.evaluate", "--config", "recipes/configs/debug_speech.yaml",
-                              "--checkpoint", str(tmp_path / "checkpoints" / "step_00000002"), "--data",
-                              "tests/assets/shards/audio/index.json", f"run_dir={tmp_path}"],
-                             capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)  # fmt: skip
+        bad = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "recipes.evaluate",
+                "--config",
+                "recipes/configs/debug_speech.yaml",
+                "--checkpoint",
+                str(tmp_path / "checkpoints" / "step_00000002"),
+                "--data",
+                "tests/assets/shards/audio/index.json",
+                f"run_dir={tmp_path}",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=ENV,
+            timeout=600,
+        )
         assert bad.returncode != 0 and "step_00000002" in bad.stderr and "weights the model does not have" in bad.stderr
 
 
 def test_video_stage_trains_only_video_parts(tmp_path):
     losses, _ = train("--config", "recipes/configs/debug_video.yaml", f"run_dir={tmp_path}")
     assert len(losses) == 4
-    from safetensors.torch import load_file
 
     keys = load_file(tmp_path / "checkpoints" / "step_00000004" / "adapter.safetensors").keys()
     assert keys and all(k.startswith(("video.aggregator.", "video.video_cross_attention_layers.")) for k in keys)
@@ -196,8 +273,15 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     cfg = "recipes/configs/debug_speech.yaml"
     one, _ = train("--config", cfg, f"run_dir={tmp_path / 'one'}", "steps=3", "data.batch_size=4")
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port())]
-    two, _ = train("--config", cfg, f"run_dir={tmp_path / 'two'}", "steps=3", "data.batch_size=2",
-                   "data.split=interleave", launcher=launcher)  # fmt: skip
+    two, _ = train(
+        "--config",
+        cfg,
+        f"run_dir={tmp_path / 'two'}",
+        "steps=3",
+        "data.batch_size=2",
+        "data.split=interleave",
+        launcher=launcher,
+    )
     assert two == pytest.approx(one, rel=1e-5)
 
 
@@ -212,8 +296,13 @@ def test_two_processes_on_the_same_stream_equal_one(tmp_path):
 
 
 def test_activation_checkpointing_same_losses(tmp_path):
-    losses, _ = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path}", "steps=3",
-                      "activation_checkpointing=true")  # fmt: skip
+    losses, _ = train(
+        "--config",
+        "recipes/configs/debug_image.yaml",
+        f"run_dir={tmp_path}",
+        "steps=3",
+        "activation_checkpointing=true",
+    )
     assert losses == pytest.approx(GOLDEN_IMAGE[:3], abs=1e-3)
 
 

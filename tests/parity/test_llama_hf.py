@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mm_llama.llama import load_pretrained, save_meta
-from mm_llama.llama.checkpoint import permute_hf_to_meta, permute_meta_to_hf
+from mm_llama.llama.checkpoint import args_from_meta_params, permute_hf_to_meta, permute_meta_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,7 +131,6 @@ def test_meta_roundtrip(tmp_path, mp):
 
 def test_meta_params_ffn_rounding(tmp_path):
     """Meta's FFN width formula: multiple_of-rounded ffn_dim_multiplier * 8 dim / 3 (Llama 3.1 8B: 14336)."""
-    from mm_llama.llama.checkpoint import args_from_meta_params
 
     a = args_from_meta_params(
         dict(
@@ -149,7 +148,17 @@ def test_meta_params_ffn_rounding(tmp_path):
     )
     assert a.ffn_dim == 14336 and a.rope_scaling.factor == 8.0
     a70 = args_from_meta_params(
-        dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, multiple_of=4096,
-             ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
-    )  # fmt: skip
+        dict(
+            dim=8192,
+            n_layers=80,
+            n_heads=64,
+            n_kv_heads=8,
+            vocab_size=128256,
+            multiple_of=4096,
+            ffn_dim_multiplier=1.3,
+            norm_eps=1e-5,
+            rope_theta=500000.0,
+            use_scaled_rope=True,
+        )
+    )
     assert a70.ffn_dim == 28672

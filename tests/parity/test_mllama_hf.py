@@ -5,10 +5,12 @@ import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from mm_llama.adapters import ComposedModel, VisionEncoder, load_pretrained
+from mm_llama.adapters import ComposedModel, VisionEncoder, export_hf_mllama, load_pretrained
 from mm_llama.adapters.files import load_composed, save_part
 from mm_llama.adapters.image import ImagePart, build_image_part, default_schedule, get_vision_preset
+from mm_llama.adapters.meta_format import _grid_to_table, save_meta_vision, table_to_grid
 from mm_llama.adapters.xattn import GatedCrossAttentionBlock
 from mm_llama.data.collate import cross_attention_mask
 from mm_llama.llama import CheckpointError, RopeScaling, Transformer, get_preset
@@ -21,7 +23,7 @@ def hf_lib():
     """transformers, the numeric reference (the dev extra): missing is a failure of the HF tests only, never a skip
     of the pure unit tests beside them."""
     try:
-        import transformers
+        import transformers  # noqa: PLC0415 - missing fails the HF tests only
     except ImportError as e:
         pytest.fail(f"transformers (the reference; `make install-dev` installs it) cannot be imported: {e}")
     return transformers
@@ -46,8 +48,9 @@ def inputs(ids, images, seed=0, img=V):
     T = max(len(s) for s in ids)
     padded = torch.tensor([s + [0] * (T - len(s)) for s in ids])
     xm = cross_attention_mask(ids, img, [[n for n, _ in imgs] for imgs in images], 4, length=T)
-    return dict(input_ids=padded, pixel_values=px, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask,
-                cross_attention_mask=xm)  # fmt: skip
+    return dict(
+        input_ids=padded, pixel_values=px, aspect_ratio_ids=ar_ids, aspect_ratio_mask=ar_mask, cross_attention_mask=xm
+    )
 
 
 CASES = {
@@ -55,9 +58,13 @@ CASES = {
     "two_xattn_two_images": ([1, 4], 6, [[3, V, 5, V, 6, 7, 8, 9]], [[(2, 2), (1, 1)]]),
     "consecutive_images_3_tiles": ([1, 4], 6, [[V, V, 5, 6, 7, V, 9, 10]], [[(3, 7), (1, 1), (4, 8)]]),
     "adjacent_xattn_and_last": ([2, 3, 6], 7, [[V, 5, 6, 7, 8]], [[(4, 8)]]),
-    "mixed_batch_with_text_only": ([1, 4], 6, [[V, 5, 6, 7], [3, 4, 5, 6, 7, 8], [V, 9, V, 11, 12]],
-                                   [[(2, 5)], [], [(1, 1), (4, 6)]]),
-}  # fmt: skip
+    "mixed_batch_with_text_only": (
+        [1, 4],
+        6,
+        [[V, 5, 6, 7], [3, 4, 5, 6, 7, 8], [V, 9, V, 11, 12]],
+        [[(2, 5)], [], [(1, 1), (4, 6)]],
+    ),
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -93,9 +100,18 @@ def test_intermediate_features_are_layer_inputs_as_in_meta(tmp_path):
     hf_mllama(tmp_path, [2], 5)  # our indices [1, 3] (inputs) == transformers 5.x indices [0, 2] (outputs)
     ours = load_pretrained(tmp_path).image
     assert ours.vision_args.intermediate_from == "input"
-    cfg = hf_lib().MllamaVisionConfig(hidden_size=32, attention_heads=4, num_hidden_layers=5, num_global_layers=2,
-                                          intermediate_size=64, image_size=28, patch_size=14, max_num_tiles=4,
-                                          intermediate_layers_indices=[0, 2], vision_output_dim=96)  # fmt: skip
+    cfg = hf_lib().MllamaVisionConfig(
+        hidden_size=32,
+        attention_heads=4,
+        num_hidden_layers=5,
+        num_global_layers=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+        max_num_tiles=4,
+        intermediate_layers_indices=[0, 2],
+        vision_output_dim=96,
+    )
     shifted = hf_lib().models.mllama.modeling_mllama.MllamaVisionModel(cfg).eval()
     shifted.load_state_dict(ours.vision_encoder.state_dict())
     x = inputs([[V, 5]], [[(2, 2)]])
@@ -128,8 +144,11 @@ def test_vision_encoder_bitwise_equal_to_hf(tmp_path):
     ours = load_pretrained(tmp_path, intermediate_from="output").image
     x = inputs([[V, 5]], [[(3, 7)]])
     with torch.no_grad():
-        ref = hf.model.vision_model(pixel_values=x["pixel_values"], aspect_ratio_ids=x["aspect_ratio_ids"],
-                                    aspect_ratio_mask=x["aspect_ratio_mask"]).last_hidden_state  # fmt: skip
+        ref = hf.model.vision_model(
+            pixel_values=x["pixel_values"],
+            aspect_ratio_ids=x["aspect_ratio_ids"],
+            aspect_ratio_mask=x["aspect_ratio_mask"],
+        ).last_hidden_state
         got = ours.vision_encoder(x["pixel_values"], x["aspect_ratio_ids"], x["aspect_ratio_mask"])
     assert torch.equal(got, ref)
 
@@ -166,8 +185,11 @@ def test_parameter_counts():
         hf_vis = hf_lib().models.mllama.modeling_mllama.MllamaVisionModel(hf_lib().MllamaVisionConfig())
     assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in hf_vis.parameters())
     # paper arithmetic per cross-attention layer: 2d^2 + 2d(d/4) + 3d*FFN (norms and gates aside)
-    for preset, n_blocks, total in (("llama3_1_8b", 8, 1.75e9), ("llama3_1_70b", 20, 17.1e9),
-                                    ("llama3_1_405b", 31, 100e9)):  # fmt: skip
+    for preset, n_blocks, total in (
+        ("llama3_1_8b", 8, 1.75e9),
+        ("llama3_1_70b", 20, 17.1e9),
+        ("llama3_1_405b", 31, 100e9),
+    ):
         a = get_preset(preset)
         with torch.device("meta"):
             block = GatedCrossAttentionBlock.for_tower(a)
@@ -187,7 +209,6 @@ def test_adapter_file_roundtrip(tmp_path):
         for p in model.image.parameters():
             p.add_(0.01 * torch.randn_like(p))
     save_part(model, "image", tmp_path / "adapter.safetensors")
-    from safetensors.torch import load_file
 
     keys = load_file(tmp_path / "adapter.safetensors").keys()
     assert keys and not any(k.startswith("tower.") for k in keys)
@@ -203,7 +224,6 @@ def test_adapter_file_roundtrip(tmp_path):
 @pytest.mark.parametrize("scaling", [False, True])
 def test_export_roundtrip_through_transformers(tmp_path, scaling):
     """ours -> HF Mllama folder -> transformers logits == ours; and back through our loader."""
-    from mm_llama.adapters import export_hf_mllama
 
     args = get_preset("debug").replace(n_layers=7, rope_scaling=RopeScaling(factor=8.0) if scaling else None)
     tower = Transformer(args)
@@ -233,19 +253,20 @@ def test_export_roundtrip_through_transformers(tmp_path, scaling):
 @pytest.mark.parametrize("mp", [1, 2])
 def test_meta_format_roundtrip_equals_hf_folder(tmp_path, mp):
     """HF folder -> ours -> Meta layout (consolidated.pth or 2 model-parallel shards) -> ours: same logits."""
-    from mm_llama.adapters.meta_format import save_meta_vision
 
     hf_mllama(tmp_path / "hf", [1, 4], 6)  # cross layers before tower layers 1 and 3 = Meta's uniform schedule
     a = load_pretrained(tmp_path / "hf")
     assert a.image.schedule == [1, 3]
     # HF's random init fills table entries no aspect ratio owns (e.g. tile 4 of a 3x1 image); converted real
     # checkpoints have zeros there, as Meta's grids imply: make the random model representable first
-    from mm_llama.adapters.meta_format import _grid_to_table, table_to_grid
 
     ve, P, W = a.image.vision_encoder, a.image.vision_args.num_patches, a.image.vision_args.width
     with torch.no_grad():
-        tables = ((ve.gated_positional_embedding.tile_embedding, P), (ve.pre_tile_positional_embedding.embedding, 1),
-                  (ve.post_tile_positional_embedding.embedding, 1))  # fmt: skip
+        tables = (
+            (ve.gated_positional_embedding.tile_embedding, P),
+            (ve.pre_tile_positional_embedding.embedding, 1),
+            (ve.post_tile_positional_embedding.embedding, 1),
+        )
         for emb, p in tables:
             emb.weight.copy_(_grid_to_table(table_to_grid(emb.weight, 4, p, W), 4))
     save_meta_vision(a, tmp_path / "meta", model_parallel=mp)
@@ -258,7 +279,6 @@ def test_meta_format_roundtrip_equals_hf_folder(tmp_path, mp):
 
 def test_meta_tile_grid_semantics():
     """Meta indexes its [T, T, ...] tile grids as grid[:rows, :cols] in row-major tile order."""
-    from mm_llama.adapters.meta_format import _grid_to_table, table_to_grid
 
     grid = torch.arange(4 * 4 * 1 * 2, dtype=torch.float32).reshape(4, 4, 1, 2)
     table = _grid_to_table(grid, 4).reshape(9, 4, 1, 2)

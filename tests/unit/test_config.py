@@ -3,7 +3,7 @@ allowed, before anything is written to the run folder."""
 
 import pytest
 
-from mm_llama.config import ConfigError, load_config
+from mm_llama.config import ConfigError, _coerce, load_config
 from recipes.train import TrainConfig, main
 
 CFG = "recipes/configs/debug_image.yaml"
@@ -50,7 +50,6 @@ def test_nothing_is_written_before_the_check(tmp_path, capsys):
 
 def test_exponent_floats_without_a_dot():
     """YAML 1.1 (PyYAML) reads `3e-3` as a string; a float field takes it as the number a user means."""
-    from mm_llama.config import _coerce
 
     assert _coerce("3e-3", float, "optim.lr") == 0.003 and _coerce("1E+2", float, "x") == 100.0
     with pytest.raises(ConfigError, match="optim.lr: expected float"):

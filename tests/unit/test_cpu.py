@@ -8,10 +8,12 @@ OLD = "model name\t: Old CPU\nflags\t\t: sse2 avx2\n"
 
 
 def test_bf16_kernel_path(monkeypatch):
-    for text, units, path in [(AMD, ["avx512_bf16"], "AMD EPYC, bf16 via AVX-512"),
-                              (XEON, ["amx_bf16", "avx512_bf16"], "Intel(R) Xeon(R) Platinum, bf16 via AMX"),
-                              (OLD, [], "Old CPU, fp32 fallback (no bf16 units)"),
-                              ("", [], "unknown CPU, fp32 fallback (no bf16 units)")]:  # fmt: skip
+    for text, units, path in [
+        (AMD, ["avx512_bf16"], "AMD EPYC, bf16 via AVX-512"),
+        (XEON, ["amx_bf16", "avx512_bf16"], "Intel(R) Xeon(R) Platinum, bf16 via AMX"),
+        (OLD, [], "Old CPU, fp32 fallback (no bf16 units)"),
+        ("", [], "unknown CPU, fp32 fallback (no bf16 units)"),
+    ]:
         monkeypatch.setattr(cpu, "cpu_info", lambda t=text: t)
         assert cpu.cpu_bf16_units() == units
         assert cpu.cpu_has_bf16() == bool(units)

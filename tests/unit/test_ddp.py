@@ -6,6 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mm_llama.engine import DistributedDataParallel, compute_bucket_assignment_by_size, plan_buckets
+from mm_llama.engine.buckets import auto_bucket_caps
 from tests import ddp_helpers as H
 
 
@@ -98,8 +99,6 @@ def test_default_plan_reverse_registration_with_caps():
 
 
 def test_auto_bucket_caps_follow_the_trainable_gradient_size():
-    from mm_llama.engine.buckets import auto_bucket_caps
-
     mib = 1 << 20
     assert auto_bucket_caps([torch.empty(8 * mib // 4)]) == (mib, mib)  # small: 1 MiB floor
     assert auto_bucket_caps([torch.empty(40 * mib // 4) for _ in range(4)]) == (5 * mib, mib)  # 160 MiB / 32

@@ -5,7 +5,8 @@ import json
 
 import torch
 
-from mm_llama.data.shards import read_index, read_samples, write_shards
+from mm_llama.data.shards import read_index, read_samples
+from mm_llama.data.writer import write_shards
 from recipes.demo import scenes
 from recipes.demo.classifier import (
     CellClassifier,

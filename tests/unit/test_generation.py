@@ -3,6 +3,7 @@ tower's KV cache, left-padded batches; the same tokens as recomputing the whole 
 
 import pytest
 import torch
+from PIL import Image
 
 from mm_llama.adapters.generation import Collate, generate_items
 from mm_llama.adapters.modalities.image import ImageSamples
@@ -14,8 +15,6 @@ from tests import tiny
 def item(model, tok, kind: str, prompt: str, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     if kind == "image":
-        from PIL import Image
-
         img = Image.fromarray((torch.rand(40, 30 + 10 * seed, 3, generator=g) * 255).byte().numpy())
         return ImageSamples.of(model, tok, prompt).request([img])
     if kind == "video":
@@ -65,7 +64,6 @@ def test_16bit_tower_with_fp32_parts(char_tok, dtype):
 def test_image_batch_with_none_one_and_two_images(tiny_model, char_tok):
     """Several images per sample and text-only samples in one batch (Llama 3.2 Vision's mask rule): the cached
     batch equals each sample recomputed step by step."""
-    from PIL import Image
 
     red, blue = Image.new("RGB", (40, 30), (200, 20, 20)), Image.new("RGB", (20, 50), (20, 20, 200))
     maker = ImageSamples.of(tiny_model, char_tok, "")

@@ -74,7 +74,8 @@ def test_every_recipe_imports(path):
     """Recipes are modules (`python -m recipes.NAME`), importable without sys.path edits."""
     if path.name == "__init__.py":
         return
-    r = subprocess.run([sys.executable, "-c", f"import recipes.{path.stem}"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", f"import recipes.{path.stem}"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sys.path" not in path.read_text()

@@ -15,6 +15,8 @@ from mm_llama.adapters.registry import MODALITIES, get_modality, modality_for_fi
 from mm_llama.config import load_config
 from mm_llama.data.image import decode_image
 from mm_llama.data.shards import expand_urls, read_samples
+from mm_llama.engine.parallelize import param_groups
+from mm_llama.engine.step import warmup_cosine
 from recipes.train import TrainConfig, build_model, build_tower, collate_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,8 +90,6 @@ def test_training_tiles_images_as_inference_does(smollm_tok):
 def test_encoder_lr_scale_groups():
     """optim.encoder_lr_scale: the trained vision encoder in its own AdamW group at that fraction of the rate, through
     warm-up and decay; every trainable parameter in exactly one group; 1.0 keeps the single group of before."""
-    from mm_llama.engine.parallelize import param_groups
-    from mm_llama.engine.step import warmup_cosine
 
     cfg = load_config(TrainConfig, ROOT / "recipes/configs/debug_image.yaml", ["optim.encoder_lr_scale=0.1"])
     torch.manual_seed(0)

@@ -1,20 +1,30 @@
 """Conformer encoder, speech adapter and splicing into the frozen tower."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from mm_llama.adapters.composed import ComposedModel
+from mm_llama.adapters.files import load_composed, save_part
+from mm_llama.adapters.modalities.speech import SpeechSamples, cache_encoder_outputs, encode_speech
 from mm_llama.adapters.speech import (
     ADAPTER_PRESETS,
     CONFORMER_PRESETS,
     ConformerEncoder,
     RotaryAttention,
     SpeechAdapter,
+    _rope,
     count_params,
 )
 from mm_llama.adapters.speech_part import build_speech_part
+from mm_llama.data.audio import decode_audio, log_mel
+from mm_llama.data.badsamples import SampleError
 from mm_llama.data.collate import build_example, collate_text, expand_placeholders
+from mm_llama.data.shards import read_index, read_samples
+from mm_llama.data.writer import write_shards
 from mm_llama.llama import get_preset
+from mm_llama.llama.model import apply_rope
 from tests import tiny
 
 
@@ -51,8 +61,6 @@ def test_batched_equals_unbatched():
 
 def test_rotary_attention_relative_positions():
     """RoPE scores depend only on the distance between positions; identical tokens give identical outputs."""
-    from mm_llama.adapters.speech import _rope
-    from mm_llama.llama.model import apply_rope
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
@@ -107,7 +115,6 @@ def test_paper_preset_parameter_counts():
 @pytest.mark.parametrize("frames", [1, 2, 3, 7, 50, 51])
 def test_frame_stacking_lengths_and_padding(frames):
     """stack=2 (Whisper's 20 ms frames -> 80 ms tokens): exact lengths, and padding never leaks into a clip."""
-    import dataclasses
 
     torch.manual_seed(0)
     ad = SpeechAdapter(16, 24, dataclasses.replace(ADAPTER_PRESETS["debug"], stack=2)).eval()
@@ -127,10 +134,6 @@ def test_cached_encoder_outputs_equal_live_encoding(tmp_path, smollm_tok):
     """derive_shards copies every sample with its frozen-encoder output; the sample maker trains on the cache only
     when it was written by the configured encoder, and the adapter rows from it equal the live ones (float16
     storage)."""
-    from mm_llama.adapters.modalities.speech import SpeechSamples, cache_encoder_outputs, encode_speech
-    from mm_llama.data.audio import decode_audio, log_mel
-    from mm_llama.data.badsamples import SampleError
-    from mm_llama.data.shards import read_index, read_samples, write_shards
 
     recs = [
         {"audio": (f"c{i}.wav", tiny.wav_bytes(0.3 + 0.4 * i, 300 + 100 * i)), "text": f"clip {i}"} for i in range(3)
@@ -162,7 +165,6 @@ def test_cached_encoder_outputs_equal_live_encoding(tmp_path, smollm_tok):
 def test_ctc_auxiliary_loss_trains_rows_towards_the_token_table(tmp_path):
     """The CTC head adds a finite loss in training only, reaches the adapter, learns, and is saved and loaded
     with the adapter (generation never uses it)."""
-    from mm_llama.adapters.files import load_composed, save_part
 
     model = debug_models(freeze_encoder=True, ctc_weight=0.5)
     g = torch.Generator().manual_seed(0)

@@ -1,6 +1,7 @@
 """Meta's real Llama 3 tokenizer (tiktoken, tokenizer.model) vs HF `tokenizers` on the real tokenizer.json."""
 
 import pytest
+from tokenizers import Tokenizer as TK
 
 from mm_llama.llama import Tokenizer
 
@@ -32,8 +33,6 @@ def hf(llama3_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def oracle(llama3_tokenizer_dir):
-    from tokenizers import Tokenizer as TK
-
     return TK.from_file(str(llama3_tokenizer_dir / "tokenizer.json"))
 
 
@@ -86,8 +85,10 @@ def test_chat_format_llama3(tik):
 
 
 def test_from_dir_and_errors(llama3_tokenizer_dir, tmp_path):
-    assert isinstance(Tokenizer.from_pretrained(llama3_tokenizer_dir), type(Tokenizer.from_pretrained(
-        llama3_tokenizer_dir / "tokenizer.model")))  # fmt: skip
+    assert isinstance(
+        Tokenizer.from_pretrained(llama3_tokenizer_dir),
+        type(Tokenizer.from_pretrained(llama3_tokenizer_dir / "tokenizer.model")),
+    )
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         Tokenizer.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -26,7 +26,7 @@ from mm_llama.adapters.registry import register, token_rows, unregister
 from mm_llama.data.badsamples import SampleError
 from mm_llama.data.collate import build_example
 from mm_llama.data.media import Medium, register_medium, unregister_medium
-from mm_llama.data.shards import manifest_samples, write_shards
+from mm_llama.data.writer import manifest_samples, write_shards
 from mm_llama.generate import bos_prefix
 from mm_llama.llama import Tokenizer
 from mm_llama.text import normalize_text
@@ -157,10 +157,19 @@ def test_a_toy_fourth_modality_trains_saves_loads_and_answers(toy, tmp_path, smo
     assert rep.written == 8 and not rep.skipped
     cfg = load_train_config(
         None,
-        [f"run_dir={tmp_path / 'run'}", "steps=2", "ckpt_every=2", "tower.vocab_size=49152",
-         "model.modality=vector", "model.tokenizer=asset:smollm2_gguf", "model.vector.rows=3",
-         f"data.train={tmp_path / 'shards/index.json'}", "data.batch_size=4", "tensorboard=false"],
-    )  # fmt: skip
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "steps=2",
+            "ckpt_every=2",
+            "tower.vocab_size=49152",
+            "model.modality=vector",
+            "model.tokenizer=asset:smollm2_gguf",
+            "model.vector.rows=3",
+            f"data.train={tmp_path / 'shards/index.json'}",
+            "data.batch_size=4",
+            "tensorboard=false",
+        ],
+    )
     losses = trainer_for(cfg).run()
     assert len(losses) == 2 and all(np.isfinite(losses))
     adapter = tmp_path / "run/adapter.safetensors"

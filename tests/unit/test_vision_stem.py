@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.files import load_composed, save_part
@@ -58,9 +60,6 @@ def test_stem_is_saved_and_rebuilt(tmp_path):
 
 
 def test_adapter_files_without_a_stem_entry_load_plain(tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     tower = tiny.tower(n_layers=2)
     path, old = tmp_path / "a.safetensors", tmp_path / "old.safetensors"
     save_part(ComposedModel(tower, image=build_image_part(tower, "debug")), "image", path)
