@@ -15,6 +15,9 @@ from mm_llama.assets import asset_path  # noqa: E402
 from mm_llama.llama import Tokenizer, load_pretrained  # noqa: E402
 from tests import tiny  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one compute thread each
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def smollm_path():

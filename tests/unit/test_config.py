@@ -1,10 +1,15 @@
 """Config values are checked for range and choice when the config loads: a clear error naming the key and what is
 allowed, before anything is written to the run folder."""
 
+from pathlib import Path
+
 import pytest
 
 from mm_llama.config import ConfigError, _coerce, load_config
-from recipes.train import TrainConfig, main
+from recipes.demo import DemoConfig
+from recipes.demo.config import stage_config
+from recipes.demo.stages import STAGE_TABLE
+from recipes.train import TrainConfig, load_train_config, main
 
 CFG = "recipes/configs/debug_image.yaml"
 
@@ -59,3 +64,23 @@ def test_exponent_floats_without_a_dot():
 def test_bucket_cap_is_auto_or_a_number():
     assert load_config(TrainConfig).bucket_cap_mb == "auto"
     assert load_config(TrainConfig, CFG, ["bucket_cap_mb=5"]).bucket_cap_mb == 5.0
+
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAINING_CONFIGS = sorted((ROOT / "recipes/configs").glob("*.yaml")) + [
+    p for p in sorted((ROOT / "recipes/configs/demo").glob("*.yaml")) if p.name != "tiny.yaml"
+]
+
+
+@pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: p.relative_to(ROOT / "recipes/configs").as_posix())
+def test_every_shipped_training_config_loads(path):
+    assert load_train_config(path).steps > 0
+
+
+@pytest.mark.parametrize("path", [None, ROOT / "recipes/configs/demo/tiny.yaml"], ids=["defaults", "tiny"])
+def test_demo_configs_override_only_training_stages_and_their_keys(path):
+    cfg = load_config(DemoConfig, path)
+    training = {s.name for s in STAGE_TABLE if s.training}
+    assert set(cfg.stages) <= training and cfg.nproc >= 1
+    for name in training:  # every stage's config, with the overrides this demo config gives it, loads
+        assert load_train_config(stage_config(name), cfg.stages.get(name, [])).steps > 0

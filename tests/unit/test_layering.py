@@ -1,4 +1,4 @@
-"""Import direction (shared/ARCHITECTURE.md): recipes/CLI -> adapters -> data -> core; the installed names carry
+"""Import direction (docs/architecture.md): recipes/CLI -> adapters -> data -> core; the installed names carry
 the project's name."""
 
 import ast
