@@ -67,3 +67,9 @@ def hf_mllama_folder(tmp_path_factory):
     """(folder, transformers model) of a tiny random Mllama: 6 text layers with cross-attention at 1 and 4."""
     folder = tmp_path_factory.mktemp("hf_mllama")
     return folder, tiny.hf_mllama(folder)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest file, the reduced demo (one shared run of every stage), first: `make test`'s two workers
+    (`--dist loadfile`) then overlap it with everything else instead of starting it last."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/integration/test_demo.py"))

@@ -128,9 +128,18 @@ def png_bytes(seed: int = 0, size: tuple[int, int] = (40, 30)) -> bytes:
 HF_V = 120  # the tiny Mllama's vocabulary (its <|image|> id)
 
 
-def hf_mllama(folder, cross_layers=(1, 4), n_text_layers: int = 6, kv_heads: int = 2, seed: int = 0):
-    """A random transformers Mllama (gates open: zero gates would hide every cross-attention bug), saved to
-    `folder`; returns the transformers model."""
+def hf_mllama(
+    folder,
+    cross_layers=(1, 4),
+    n_text_layers: int = 6,
+    kv_heads: int = 2,
+    seed: int = 0,
+    vocab: int = HF_V,
+    gate: float | None = None,
+):
+    """A random transformers Mllama (gates open, random in [-1.2, 1.2] or all `gate`: zero gates would hide every
+    cross-attention bug), saved to `folder`; returns the transformers model. `vocab`: its text vocabulary (and
+    `<|image|>` id); 49152 is SmolLM2's, so the committed shards and tokenizer train on it."""
     import transformers  # noqa: PLC0415 - the numeric reference, dev extra only
 
     torch.manual_seed(seed)
@@ -148,7 +157,7 @@ def hf_mllama(folder, cross_layers=(1, 4), n_text_layers: int = 6, kv_heads: int
             vision_output_dim=96,
         ),
         text_config=dict(
-            vocab_size=HF_V,
+            vocab_size=vocab,
             hidden_size=64,
             num_hidden_layers=n_text_layers,
             num_attention_heads=4,
@@ -159,13 +168,13 @@ def hf_mllama(folder, cross_layers=(1, 4), n_text_layers: int = 6, kv_heads: int
             eos_token_id=1,
             bos_token_id=2,
         ),
-        image_token_index=HF_V,
+        image_token_index=vocab,
     )
     hf = transformers.MllamaForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for n, p in hf.named_parameters():
             if "gate" in n:
-                p.uniform_(-1.2, 1.2)
+                p.uniform_(-1.2, 1.2) if gate is None else p.fill_(gate)
     hf.save_pretrained(folder)
     return hf
 

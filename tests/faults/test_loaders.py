@@ -12,6 +12,7 @@ import torch
 
 from mm_llama.llama import Transformer, get_preset, load_pretrained, save_meta
 from mm_llama.llama.checkpoint import CheckpointError
+from tests import tiny
 from tests.parity.test_llama_hf import make_hf
 
 
@@ -93,9 +94,7 @@ def test_meta_folder_of_a_tied_tower_loads_tied(tmp_path, capfd):
 
 @pytest.mark.parametrize("damage", ["truncated", "pickle"])
 def test_damaged_meta_shard_named(tmp_path, damage):
-    model = Transformer(get_preset("debug"))
-    model.init_weights(generator=torch.Generator().manual_seed(0))
-    save_meta(model, tmp_path)
+    save_meta(tiny.tower(n_layers=2), tmp_path)
     shard = tmp_path / "consolidated.00.pth"
     if damage == "truncated":
         shard.write_bytes(shard.read_bytes()[:1000])

@@ -16,6 +16,7 @@ from mm_llama.llama import Transformer
 from mm_llama.llama.config import ModelArgs
 from recipes.plan import check, main, plan_config, to_json
 from recipes.train import TrainConfig
+from tests import tiny
 from tests.integration.test_train import BIN, ENV, ROOT, train
 
 CFG = ROOT / "recipes" / "configs"
@@ -123,45 +124,10 @@ def test_plan_bad_inputs_are_named_errors(tmp_path, capsys):
     assert "tower.preset" in capsys.readouterr().err
 
 
-def _tiny_mllama(folder, vocab=49152):
+def _tiny_mllama(folder):
     """A tiny random HF Mllama folder with SmolLM2's vocabulary (so the committed image shards and tokenizer train
-    on it): 3 self-attention layers, one cross-attention layer at flat index 2, open gates."""
-    import transformers  # noqa: PLC0415 - the reference (dev extra), only here
-
-    torch.manual_seed(0)
-    cfg = transformers.MllamaConfig(
-        vision_config=dict(
-            hidden_size=32,
-            attention_heads=4,
-            num_hidden_layers=3,
-            num_global_layers=1,
-            intermediate_size=64,
-            image_size=28,
-            patch_size=14,
-            max_num_tiles=4,
-            intermediate_layers_indices=[1],
-            vision_output_dim=64,
-        ),
-        text_config=dict(
-            vocab_size=vocab,
-            hidden_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=96,
-            cross_attention_layers=[2],
-            pad_token_id=0,
-            eos_token_id=1,
-            bos_token_id=2,
-        ),
-        image_token_index=vocab,
-    )
-    hf = transformers.MllamaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "gate" in n:
-                p.fill_(0.5)
-    hf.save_pretrained(folder)
+    on it): 3 self-attention layers, one cross-attention layer at flat index 2, gates at 0.5."""
+    tiny.hf_mllama(folder, cross_layers=(2,), n_text_layers=4, vocab=49152, gate=0.5)
 
 
 def test_training_starts_from_an_hf_mllama_folder(tmp_path, capsys):

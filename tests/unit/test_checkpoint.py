@@ -9,8 +9,9 @@ import torch
 from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file, save_file
 
-from mm_llama.llama import CheckpointError, RopeScaling, Transformer, get_preset, load_pretrained, save_meta
+from mm_llama.llama import CheckpointError, RopeScaling, load_pretrained, save_meta
 from mm_llama.llama.model import rope_inv_freq
+from tests import tiny
 
 Q = gguf.GGMLQuantizationType
 GGUF_NAMES = {
@@ -38,9 +39,7 @@ def to_gguf_name(key):
 
 
 def debug_model(**kw):
-    m = Transformer(get_preset("debug").replace(**kw))
-    m.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
-    return m.eval()
+    return tiny.tower(**{"n_layers": 2, **kw})
 
 
 def write_gguf(path, model, qtypes, extra_tensors=()):

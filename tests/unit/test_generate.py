@@ -4,15 +4,12 @@ import pytest
 import torch
 
 from mm_llama.generate import KVCache, generate, generate_ids, sample_next
-from mm_llama.llama import Transformer, get_preset
+from tests import tiny
 
 
 @pytest.fixture(scope="module")
 def debug_model():
-    torch.manual_seed(0)
-    m = Transformer(get_preset("debug").replace(n_layers=3))
-    m.init_weights(std=0.1, generator=torch.Generator().manual_seed(0))
-    return m.eval()
+    return tiny.tower(n_layers=3)
 
 
 def reference_greedy(model, ids, n):

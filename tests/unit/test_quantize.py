@@ -5,8 +5,9 @@ import torch
 
 from mm_llama.assets import asset_path
 from mm_llama.generate import generate_ids
-from mm_llama.llama import Transformer, get_preset, load_pretrained
+from mm_llama.llama import load_pretrained
 from mm_llama.llama.quantize import Int8WeightOnlyLinear, quantize_int8
+from tests import tiny
 
 
 def test_int8_linear_matches_its_dequantised_weights():
@@ -25,8 +26,7 @@ def test_int8_linear_matches_its_dequantised_weights():
 
 
 def test_quantize_replaces_every_tower_linear():
-    tower = Transformer(get_preset("debug"))
-    tower.init_weights(generator=torch.Generator().manual_seed(0))
+    tower = tiny.tower(n_layers=2)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in tower.modules())
     quantize_int8(tower, torch.float32)
     assert sum(isinstance(m, Int8WeightOnlyLinear) for m in tower.modules()) == n_linear
