@@ -24,17 +24,29 @@ from mm_llama.adapters.generation import answer_samples
 from mm_llama.adapters.modality import AnswerOptions, media_member
 from mm_llama.adapters.registry import get_modality
 from mm_llama.assets import resolve
+from mm_llama.config import ConfigError
 from mm_llama.data.shards import expand_urls, read_samples
 from mm_llama.engine import init_distributed
 from mm_llama.engine.checkpoint import load_checkpoint
 from mm_llama.engine.parallelize import weight_dtype
 from mm_llama.engine.trainer import load_trained_weights
 from mm_llama.llama import Tokenizer
+from mm_llama.llama.checkpoint import CheckpointError
 
 from .train import load_train_config, model_for
 
 
 def main(argv=None) -> int:
+    """Exit 0 with the scores; 2 with one line naming the config key, checkpoint or file that is wrong."""
+    try:
+        return evaluate(argv)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def evaluate(argv=None) -> int:
+    # long: one evaluation reads top to bottom: config, model, checkpoint, shards, answers, scores, the report
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--checkpoint", required=True)

@@ -2,9 +2,6 @@
 transcribed in pieces, damaged files are errors naming the file."""
 
 import io
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import soundfile as sf
@@ -16,6 +13,7 @@ from mm_llama.adapters.files import save_part
 from mm_llama.adapters.modalities.speech import CHUNK_SECONDS, MIN_SECONDS, chunks
 from mm_llama.adapters.speech import ADAPTER_PRESETS, CONFORMER_PRESETS, ConformerEncoder
 from mm_llama.adapters.speech_part import build_speech_part
+from mm_llama.cli import main
 from mm_llama.data.badsamples import SampleError
 
 
@@ -60,22 +58,10 @@ def test_chunks_cover_the_clip():
         assert all(p.numel() >= MIN_SECONDS * 16000 for p in parts) or len(parts) == 1
 
 
-def test_cli_short_clip_exit_2(model, smollm_path, tmp_path):
+def test_cli_short_clip_exit_2(model, smollm_path, tmp_path, capsys):
     save_part(model, "speech", tmp_path / "speech.safetensors")
     (tmp_path / "tiny.wav").write_bytes(wav_bytes(0.01))
-    mm = str(Path(sys.executable).parent / "mm-llama")
-    r = subprocess.run(
-        [
-            mm,
-            "asr",
-            "--model",
-            str(smollm_path),
-            "--adapter",
-            str(tmp_path / "speech.safetensors"),
-            str(tmp_path / "tiny.wav"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 2 and "tiny.wav" in r.stderr and "too short" in r.stderr and "Traceback" not in r.stderr
+    args = ["asr", "--model", str(smollm_path), "--adapter", str(tmp_path / "speech.safetensors")]
+    code = main([*args, str(tmp_path / "tiny.wav")])
+    err = capsys.readouterr().err
+    assert code == 2 and "tiny.wav" in err and "too short" in err and "Traceback" not in err

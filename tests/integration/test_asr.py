@@ -1,7 +1,5 @@
 """ASR path end to end on real parts: Whisper tiny.en (CTranslate2) + speech adapter + SmolLM2 tower."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import soundfile as sf
@@ -16,6 +14,7 @@ from mm_llama.adapters.speech import ADAPTER_PRESETS
 from mm_llama.adapters.speech_part import build_speech_part
 from mm_llama.adapters.whisper import load_whisper_encoder
 from mm_llama.assets import asset_path
+from mm_llama.cli import main
 from mm_llama.data.audio import decode_audio
 from mm_llama.data.shards import iter_samples, open_url
 from mm_llama.text import collapse_loop, normalize_text, wer_cer, wer_cer_by
@@ -86,26 +85,12 @@ def test_transcribe_whisper_encoder_real_tower_consistent(smollm, smollm_tok, tm
     assert transcribe(back, smollm_tok, [wave], max_new_tokens=6) == [text]
 
 
-def test_asr_cli(tmp_path, smollm_path, smollm):
+def test_asr_cli(tmp_path, smollm_path, smollm, capsys):
+    """`mm-llama asr` on a stereo file: one `PATH: TEXT` line and the real-time factor."""
     save_part(whisper_model(smollm), "speech", tmp_path / "speech.safetensors")
-
     sf.write(tmp_path / "clip.wav", torch.stack([clip(), clip()], 1).numpy(), 16000)  # stereo
-    mm = str(Path(sys.executable).parent / "mm-llama")
-    r = subprocess.run(
-        [
-            mm,
-            "asr",
-            "--model",
-            str(smollm_path),
-            "--adapter",
-            str(tmp_path / "speech.safetensors"),
-            str(tmp_path / "clip.wav"),
-            "--max-new-tokens",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(str(tmp_path / "clip.wav") + ":") and "real-time factor" in r.stderr
+    args = ["asr", "--model", str(smollm_path), "--adapter", str(tmp_path / "speech.safetensors")]
+    code = main([*args, str(tmp_path / "clip.wav"), "--max-new-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith(str(tmp_path / "clip.wav") + ":") and "real-time factor" in err

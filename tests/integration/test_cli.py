@@ -1,13 +1,16 @@
-"""The `mm-llama` console script, run as a user would."""
+"""The `mm-llama` command: the console script itself as a user runs it (a subprocess), and its subcommands through
+`mm_llama.cli.main` in this process (the same code, without a Python + torch start per call)."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from PIL import Image
 
+from mm_llama.cli import main
 from mm_llama.data.shards import read_index, read_samples
 from tests import tiny
 
@@ -19,6 +22,13 @@ def run(*args):
     return subprocess.run(MM + list(args), capture_output=True, text=True, timeout=300, env=env)
 
 
+def cli(capsys, *args) -> SimpleNamespace:
+    """`mm-llama ARGS` in this process: (returncode, stdout, stderr)."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
 def test_generate_streams_completion(smollm_path):
     r = run("generate", "--model", str(smollm_path), "--prompt", "The capital of France is", "--max-new-tokens", "6")
     assert r.returncode == 0, r.stderr
@@ -26,8 +36,9 @@ def test_generate_streams_completion(smollm_path):
     assert "tok/s" in r.stderr
 
 
-def test_generate_int8_weight_only(smollm_path):
-    r = run(
+def test_generate_int8_weight_only(smollm_path, capsys):
+    r = cli(
+        capsys,
         "generate",
         "--model",
         str(smollm_path),
@@ -44,8 +55,9 @@ def test_generate_int8_weight_only(smollm_path):
     assert "Paris" in r.stdout
 
 
-def test_generate_chat_sampling(smollm_path):
-    r = run(
+def test_generate_chat_sampling(smollm_path, capsys):
+    r = cli(
+        capsys,
         "generate",
         "--model",
         str(smollm_path),
@@ -65,8 +77,8 @@ def test_generate_chat_sampling(smollm_path):
     assert r.stdout.startswith("> Say hi.")
 
 
-def test_generate_bad_model_path(tmp_path):
-    r = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
+def test_generate_bad_model_path(tmp_path, capsys):
+    r = cli(capsys, "generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
     assert r.returncode == 2
     assert "does not exist" in r.stderr and "missing" in r.stderr
 
@@ -76,12 +88,12 @@ def test_help_lists_subcommands():
     assert r.returncode == 0 and "generate" in r.stdout and "demo" in r.stdout
 
 
-def test_caption_cli_with_adapter(tmp_path, smollm_path, smollm):
-    """A fresh image adapter on the real SmolLM2 tower, saved and used through the `mm-llama caption` script."""
-
+def test_caption_cli_with_adapter(tmp_path, smollm_path, smollm, capsys):
+    """A fresh image adapter on the real SmolLM2 tower, saved and used through `mm-llama caption`."""
     files = tiny.adapter_files(smollm, tmp_path, ["image"], gates=0.0)
     Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "img.png")
-    r = run(
+    r = cli(
+        capsys,
         "caption",
         "--model",
         str(smollm_path),
@@ -96,7 +108,7 @@ def test_caption_cli_with_adapter(tmp_path, smollm_path, smollm):
     assert r.returncode == 0, r.stderr
     # gates start at 0: the untrained adapter leaves the tower's own answer intact
     assert r.stdout.startswith(str(tmp_path / "img.png") + ":") and "Paris" in r.stdout
-    bad = run("caption", "--model", str(smollm_path), "--adapter", str(files["image"]), str(tmp_path / "x.mp4"))
+    bad = cli(capsys, "caption", "--model", str(smollm_path), "--adapter", str(files["image"]), str(tmp_path / "x.mp4"))
     assert bad.returncode == 2 and "no such file" in bad.stderr
 
 

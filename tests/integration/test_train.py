@@ -1,16 +1,21 @@
 """recipes/train.py through its real entry point on the debug configs and the committed shards."""
 
+import contextlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
+from recipes.evaluate import main as evaluate_main
+from recipes.train import main as train_main
 from tests.ddp_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,12 +28,26 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MM_LLAMA_PG_TIMEOUT": "120"}
 GOLDEN_IMAGE = [11.114079, 10.932533, 10.822812, 10.964510, 10.831417, 10.857991]
 
 
+def _in_process(argv: list[str], main=None) -> SimpleNamespace:
+    """A recipe's `main(argv)` (default: the training recipe's) run here, as its command would, from the root."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = (main or train_main)(argv)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 FAULTS = ["-m", "tests.fault_train"]  # the recipe with faults injected through the trainer's callbacks
 
 
 def train(*args, launcher=None, check=True, script=None):
-    cmd = (launcher or [sys.executable]) + (script or [TRAIN]) + list(args)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
+    """The recipe's entry point with these arguments -> (the LOSSES it printed, the run's returncode/stdout/stderr).
+    One process (no launcher, no fault script): `recipes.train.main` in this process, which is what the command runs
+    (saves a Python + torch start per run); otherwise the command under the launcher."""
+    if launcher is None and script is None:
+        r = _in_process(list(args))
+    else:
+        cmd = (launcher or [sys.executable]) + (script or [TRAIN]) + list(args)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
     if check:
         assert r.returncode == 0, r.stderr[-4000:]
     m = re.findall(r"LOSSES (\[[^\]]*\])", r.stdout)
@@ -194,28 +213,9 @@ def test_evaluate_after_training(tmp_path, modality):
     dtype = ["dtype=bfloat16"] if modality == "video" else []
     train("--config", cfg, f"run_dir={tmp_path}", "steps=2", "ckpt_every=2", *dtype)
     shards = {"image": "image", "video": "video", "speech": "audio"}[modality]
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "recipes.evaluate",
-            "--config",
-            cfg,
-            "--checkpoint",
-            str(tmp_path / "checkpoints" / "step_00000002"),
-            "--data",
-            f"tests/assets/shards/{shards}/index.json",
-            f"run_dir={tmp_path}",
-            "--max-new-tokens",
-            "3",
-            *dtype,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=ENV,
-        timeout=600,
-    )
+    ckpt = str(tmp_path / "checkpoints" / "step_00000002")
+    argv = ["--config", cfg, "--checkpoint", ckpt, "--data", f"tests/assets/shards/{shards}/index.json"]
+    r = _in_process([*argv, f"run_dir={tmp_path}", "--max-new-tokens", "3", *dtype], main=evaluate_main)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(re.findall(r"EVAL (\{.*\})", r.stdout)[-1])
     assert res["tower_dtype"] == ("bfloat16" if dtype else "float32")
@@ -223,26 +223,17 @@ def test_evaluate_after_training(tmp_path, modality):
     assert res["n"] == {"image": 6, "video": 3, "speech": 5}[modality]
     # another modality's checkpoint is an error naming it, not a silent no-op
     if modality == "image":
-        bad = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "recipes.evaluate",
-                "--config",
-                "recipes/configs/debug_speech.yaml",
-                "--checkpoint",
-                str(tmp_path / "checkpoints" / "step_00000002"),
-                "--data",
-                "tests/assets/shards/audio/index.json",
-                f"run_dir={tmp_path}",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=ENV,
-            timeout=600,
-        )
-        assert bad.returncode != 0 and "step_00000002" in bad.stderr and "weights the model does not have" in bad.stderr
+        bad = [
+            "--config",
+            "recipes/configs/debug_speech.yaml",
+            "--checkpoint",
+            ckpt,
+            "--data",
+            "tests/assets/shards/audio/index.json",
+            f"run_dir={tmp_path}",
+        ]
+        r = _in_process(bad, main=evaluate_main)
+        assert r.returncode == 2 and "step_00000002" in r.stderr and "weights the model does not have" in r.stderr
 
 
 def test_video_stage_trains_only_video_parts(tmp_path):
