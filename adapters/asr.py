@@ -12,7 +12,9 @@ from mm_llama.text import collapse_loop, first_line
 
 from .composed import ComposedModel
 from .generation import generate_items
-from .modalities.speech import SpeechSamples, finish
+from .modalities.speech import finish
+from .modality import AnswerOptions
+from .samples import plain_requests
 
 
 def transcribe(
@@ -30,11 +32,10 @@ def transcribe(
     """One transcript per clip (each at most 30 s). `one_line`: decoding stops at a token that begins a new line and
     the text is cut at its first line break; `collapse_loops`: a runaway loop at the end keeps one copy of its
     phrase. Both are on for every answer the project gives; off, the raw decode is returned (stripped)."""
-    maker = SpeechSamples.of(model, tok, language=language)
     texts = generate_items(
         model,
         tok,
-        [maker.request(w) for w in waves],
+        plain_requests(model, tok, "speech", waves, "clip", AnswerOptions(language=language)),
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         stop_ids=tok.ids_starting_with(b"\n") if one_line else set(),

@@ -8,7 +8,8 @@ A `Modality` is a few small groups of independent callables, one group per conce
               reads, and how it enters the composed forward (`prepare` a state from its batch inputs, then
               `input_rows` changes the input embeddings and/or `blocks` adds blocks before tower layers)
   data        the medium it reads (a data-layer `Medium`: extensions, decoder; the shard reader/writer know it
-              from there), a picklable sample maker (raw shard sample -> training item) and `collate`
+              from there), what one medium part of a conversation becomes (ids + payload, a picklable maker), the
+              user turn of a plain caption/transcript sample, and `collate` (adapters/samples.py lays samples out)
   inference   a decoded medium -> one or more generation requests (prompt ids + inputs, the same layout the
               sample maker trains on), decoding rules (`stop_ids`, `finish`), how piece answers join
   evaluation  corpus metrics of hypotheses against references
@@ -91,18 +92,24 @@ class PartHooks:
 
 @dataclass(frozen=True)
 class DataHooks:
-    """The data concern. `samples(model, tok, cfg)`: a picklable callable raw shard sample -> item {input_ids,
-    labels, <its inputs>} holding no model (DataLoader workers receive it); `collate(items)`: the batch inputs."""
+    """The data concern. `media(model, tok, opts, cfg)`: a picklable maker (DataLoader workers receive it; it holds
+    no model) with `decode(data, name, ext)` -> the decoded medium, `plain(raw, ext)` -> the medium of a plain
+    (one medium + text) shard sample, and `splice(value)` -> (the ids a medium part becomes, its payload); `opts`:
+    AnswerOptions (prompt, frames, language), `cfg`: the training config's `model` section or None.
+    `turn(part, opts)`: the user turn of a caption/transcript request for one medium part (the medium and the
+    prompt, in the order the plug-in trains on). `collate(items)`: the batch inputs from the items' payload lists
+    (`item[name]`), nothing when no item has any."""
 
     medium: Medium
-    samples: Callable[..., Callable[[dict], dict]]
+    media: Callable[..., Any]
+    turn: Callable[..., list]
     collate: Callable[[list[dict]], dict]
 
 
 @dataclass(frozen=True)
 class InferenceHooks:
     """The inference concern. `requests(model, tok, data, name, ext, opts)` -> (generation items, the medium's
-    length in seconds or None): the items (prompt ids + inputs, as the sample maker lays them out) for one file's
+    length in seconds or None): the items (prompt ids + inputs, laid out as training lays out a plain sample) for one file's
     bytes (speech: one per 30 s piece), whose answers `join` puts together. `stop_ids(tok)`: extra ids that end an
     answer; `finish(text)`: an answer's last clean-up. Bad bytes raise a SampleError naming `name`."""
 
@@ -166,10 +173,3 @@ def decode_member(raw: dict, medium: Medium, **kw):
     """The sample's medium, decoded (a SampleError naming the sample when it does not decode)."""
     ext = require_member(raw, medium)
     return medium.decode(raw[ext], raw["__key__"], ext, **kw)
-
-
-def text_target(tok, raw: dict, max_text_tokens: int) -> list[int]:
-    """The sample's caption / transcript as target ids (leading space, truncated, then end of sequence)."""
-    if "txt" not in raw:
-        raise SampleError("missing_text", f"{raw['__shard__']}:{raw['__key__']}: no .txt")
-    return tok.encode(" " + raw["txt"].decode("utf-8").strip())[:max_text_tokens] + [tok.eos_id]

@@ -26,7 +26,8 @@ import torch
 
 from mm_llama.adapters import load_pretrained
 from mm_llama.adapters.generation import Collate, generate_items
-from mm_llama.adapters.modalities.image import ImageSamples
+from mm_llama.adapters.modality import AnswerOptions
+from mm_llama.adapters.samples import plain_requests
 from mm_llama.data.collate import cross_attention_mask
 from mm_llama.generate import generate_ids, left_padded
 
@@ -97,7 +98,7 @@ def bench(args, dim: int, layers: int):
     img = Image.fromarray((torch.rand(224, 300, 3) * 255).byte().numpy())
     n = args.new_tokens
 
-    item = ImageSamples.of(ours, Tok(), "x").request([img])
+    item = plain_requests(ours, Tok(), "image", [img], "x.png", AnswerOptions(prompt="x"))[0]
     ids = item["input_ids"]
     pix = Collate(["image"]).inputs([item])
 

@@ -27,6 +27,7 @@ import torch
 from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.modalities.speech import cache_encoder_outputs, load_encoder
 from mm_llama.adapters.registry import get_modality
+from mm_llama.adapters.samples import SampleOptions, Samples
 from mm_llama.adapters.speech import ADAPTER_PRESETS
 from mm_llama.adapters.speech_part import build_speech_part
 from mm_llama.assets import resolve
@@ -70,7 +71,8 @@ def main() -> None:
 
     def batch(model, cached: bool):
         Cfg.model.speech.encoder = enc_id if cached else ""
-        items = [spec.data.samples(model, tok, Cfg)(r) for r in raw]
+        maker = Samples.of(model, tok, options=SampleOptions(max_text_tokens=64), cfg=Cfg.model)
+        items = [maker(r) for r in raw]
         text = collate_text(items, pad_id=0)
         return {"input_ids": text["input_ids"], "labels": text["labels"], **spec.data.collate(items)}
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import braceexpand
 
 from .badsamples import SampleError
+from .conversation import CHAT_MEMBER, Part, parse_messages
 from .media import medium_for_ext
 
 TEXT_EXTS = ("txt",)
@@ -220,6 +221,8 @@ def decode_fields(sample: dict, *, name: str = "", options: dict[str, dict] | No
     name = name or f"{sample.get('__shard__', '')}:{sample.get('__key__', '')}"
     if "__too_large__" in sample:
         raise SampleError("member_too_large", sample["__too_large__"])
+    if CHAT_MEMBER in sample:
+        return _decode_conversation(sample, name, options, out)
     for ext, data in sample.items():
         if ext.startswith("__"):
             continue
@@ -242,6 +245,30 @@ def decode_fields(sample: dict, *, name: str = "", options: dict[str, dict] | No
         raise SampleError("missing_text", f"{name}: sample has no .txt member")
     if not out["text"].strip():
         raise SampleError("empty_text", f"{name}: empty text")
+    return out
+
+
+def _decode_conversation(sample: dict, name: str, options: dict | None, out: dict) -> dict:
+    """A conversation sample: its messages (`chat.json`) and every medium they name, decoded, as `messages` (media
+    parts' `ref` the decoded values)."""
+    try:
+        obj = json.loads(sample[CHAT_MEMBER])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SampleError("bad_conversation", f"{name}: {CHAT_MEMBER}: invalid JSON ({e})") from None
+    messages = parse_messages(obj, name, lambda c, kind: c.get("member"))
+    for m in messages:
+        for j, p in enumerate(m.parts):
+            if p.kind == "text":
+                continue
+            if p.ref not in sample:
+                raise SampleError("missing_member", f"{name}: no member {p.ref!r} for a {p.kind} part")
+            ext = p.ref.rsplit(".", 1)[-1]
+            medium = medium_for_ext(ext)
+            if medium is None or medium.name != p.kind:
+                raise SampleError("wrong_extension", f"{name}: member {p.ref!r} is not stored as {p.kind}")
+            value = medium.decode(sample[p.ref], f"{name}:{p.ref}", ext, **(options or {}).get(medium.name, {}))
+            m.parts[j] = Part(p.kind, ref=value, name=p.name)
+    out["messages"] = messages
     return out
 
 

@@ -18,6 +18,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .badsamples import SampleError
+from .conversation import CHAT_MEMBER, Part, messages_json
 from .media import MEDIA, medium_for_ext
 from .shards import INDEX_VERSION, SHARD_SUFFIXES, iter_samples, open_url, read_index
 
@@ -63,6 +64,50 @@ def folder_samples(folder: str | Path) -> Iterator[dict]:
         if meta.is_file():
             rec["json"] = json.loads(meta.read_text(encoding="utf-8"))
         yield rec
+
+
+def read_medium(kind: str, ref, src: str) -> tuple[Path, str, bytes]:
+    """(path, member extension, bytes) of a medium a record names (a path, or a `(name, bytes)` pair made in
+    memory), checked by its medium's decoder; a SampleError naming `src` and the file otherwise."""
+    if isinstance(ref, tuple):
+        path, data = Path(ref[0]), ref[1]
+    else:
+        path = Path(ref)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise SampleError("missing_file", f"{src}: cannot read {path} ({e.strerror})") from None
+    ext = path.suffix.lower().lstrip(".") or "bin"
+    if ext not in MEDIA[kind].exts:
+        exts = " ".join(MEDIA[kind].exts)
+        raise SampleError("wrong_extension", f"{src}: {path} is not stored as {kind} (its extensions: {exts})")
+    MEDIA[kind].verify(data, str(path), ext)
+    return path, "jpg" if ext == "jpeg" else ext, data
+
+
+def conversation_sample(rec: dict, index: int) -> dict:
+    """The tar members of a conversation record: its media as `m0.EXT`, `m1.EXT`, ... and `chat.json` (the
+    messages, each medium part naming its member), plus `json` (extra fields) when given."""
+    src = rec.get("__source__", "?")
+    messages = rec["messages"]
+    out: dict = {}
+    j = 0
+    for m in messages:
+        parts = []
+        for p in m.parts:
+            if p.kind != "text":
+                path, ext, data = read_medium(p.kind, p.ref, src)
+                member = f"m{j}.{ext}"
+                out[member], j = data, j + 1
+                p = Part(p.kind, ref=member, name=p.name or path.name)
+            parts.append(p)
+        m.parts = parts
+    first = next((p.name for m in messages for p in m.parts if p.kind != "text"), "chat")
+    out["__key__"] = sanitize_key(Path(first).stem, index)
+    out[CHAT_MEMBER] = json.dumps({"messages": messages_json(messages)}, ensure_ascii=False).encode("utf-8")
+    if rec.get("json"):
+        out["json"] = json.dumps(rec["json"], sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return out
 
 
 @dataclass
@@ -131,6 +176,16 @@ def write_shards(
                 skip(*rec["__error__"])
                 continue
             src = rec.get("__source__", "?")
+            if "messages" in rec:
+                try:
+                    out = conversation_sample(rec, rep.written)
+                except SampleError as e:
+                    skip(e.reason, str(e))
+                    continue
+                writer.write(out)
+                counts[writer.fname] += 1
+                rep.written += 1
+                continue
             text = rec.get("text")
             if not isinstance(text, str) or not text.strip():
                 skip("empty_text", f"{src}: missing or empty text")
@@ -141,22 +196,8 @@ def write_shards(
             out = {"__key__": sanitize_key(Path(str(first)).stem, rep.written)}
             try:
                 for m in media:
-                    if isinstance(rec[m], tuple):  # (name, bytes): made in memory (data.corpora)
-                        path, data = Path(rec[m][0]), rec[m][1]
-                    else:
-                        path = Path(rec[m])
-                        try:
-                            data = path.read_bytes()
-                        except OSError as e:
-                            raise SampleError("missing_file", f"{src}: cannot read {path} ({e.strerror})") from None
-                    ext = path.suffix.lower().lstrip(".") or "bin"
-                    if ext not in MEDIA[m].exts:
-                        raise SampleError(
-                            "wrong_extension",
-                            f"{src}: {path} is not stored as {m} (its extensions: {' '.join(MEDIA[m].exts)})",
-                        )
-                    MEDIA[m].verify(data, str(path), ext)
-                    out["jpg" if ext == "jpeg" else ext] = data
+                    _path, ext, data = read_medium(m, rec[m], src)
+                    out[ext] = data
             except SampleError as e:
                 skip(e.reason, str(e))
                 continue

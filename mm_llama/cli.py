@@ -15,7 +15,8 @@ from mm_llama.adapters.cli import add_parser as add_caption
 from mm_llama.adapters.modalities.speech import cache_encoder_outputs, load_encoder
 from mm_llama.adapters.serve import add_serve_parser
 from mm_llama.data.shards import expand_urls, verify_shards
-from mm_llama.data.writer import folder_samples, manifest_samples, write_shards
+from mm_llama.data.sources import FORMATS, read_source
+from mm_llama.data.writer import write_shards
 
 from .assets import asset_path
 from .generate import StreamPrinter, generate
@@ -108,9 +109,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_shards_write(args) -> int:
-    src = args.input
-
-    samples = folder_samples(src) if Path(src).is_dir() else manifest_samples(src)
+    samples = read_source(args.source_format, args.input, args.media_root)
     rep = write_shards(
         samples,
         args.out,
@@ -158,22 +157,20 @@ def cmd_shards_encode(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mm-llama", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    g = sub.add_parser("generate", help="stream a completion from a Llama 3 tower (Meta dir | HF dir | .gguf)")
-    g.add_argument("--model", required=True)
-    g.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model path)")
-    g.add_argument("--prompt", action="append", required=True, help="may be given several times")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tower's chat format")
-    _add_sampling(g)
-    g.set_defaults(func=cmd_generate)
-
+def _add_shards(sub) -> None:
     sh = sub.add_parser("shards", help="write or verify webdataset shards")
     shsub = sh.add_subparsers(dest="shards_command", required=True)
-    w = shsub.add_parser("write", help="JSONL manifest or folder of paired files -> shards + index.json")
-    w.add_argument("input", help="manifest.jsonl ({image|video|audio: path, text: ...} per line) or a folder")
+    w = shsub.add_parser("write", help="your data (manifest, chat messages, LLaVA, COCO, LibriSpeech) -> shards")
+    w.add_argument("input", help="the source: a file or folder in the --from format")
+    w.add_argument(
+        "--from",
+        dest="source_format",
+        choices=FORMATS,
+        default="manifest",
+        help="manifest: JSONL {image|video|audio: path, text} or a folder of NAME.EXT + NAME.txt; messages: JSONL "
+        "chat messages with media parts; llava: LLaVA JSON; coco: COCO captions JSON; librispeech: its folders",
+    )
+    w.add_argument("--media-root", default=None, help="relative media paths resolve here (default: beside SRC)")
     w.add_argument("--out", required=True, help="output folder")
     w.add_argument("--prefix", default="shard")
     w.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
@@ -193,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--replace", action="store_true", help="remove the shards and index already in --out first")
     e.set_defaults(func=cmd_shards_encode)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mm-llama", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion from a Llama 3 tower (Meta dir | HF dir | .gguf)")
+    g.add_argument("--model", required=True)
+    g.add_argument("--tokenizer", default=None, help="tokenizer file or folder (default: the model path)")
+    g.add_argument("--prompt", action="append", required=True, help="may be given several times")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tower's chat format")
+    _add_sampling(g)
+    g.set_defaults(func=cmd_generate)
+
+    _add_shards(sub)
     add_caption(sub)
     add_asr_parser(sub)
     add_serve_parser(sub)
@@ -206,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("args", nargs=argparse.REMAINDER)
     pl.set_defaults(func=cmd_plan)
 
+    da = sub.add_parser("data", help="look at training data")
+    dasub = da.add_subparsers(dest="data_command", required=True)
+    pv = dasub.add_parser(
+        "preview",
+        add_help=False,
+        help="the first N training samples of a config as the tower sees them, loss-bearing tokens in [[ ]] "
+        "(mm-llama data preview --config C [--n N]; --help for more)",
+    )
+    pv.add_argument("args", nargs=argparse.REMAINDER)
+    pv.set_defaults(func=cmd_data_preview)
+
     d = sub.add_parser(
         "demo",
         help="streamed text generation with the embedded SmolLM2 tower (`make demo` runs the "
@@ -215,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def cmd_data_preview(args) -> int:
+    """The training samples as the tower sees them (the recipe's own: mm_llama.recipes.preview)."""
+    from mm_llama.recipes.preview import main as preview_main  # noqa: PLC0415 - the recipe layer, loaded on demand
+
+    return preview_main(args.args, prog="mm-llama data preview")
 
 
 def cmd_plan(args) -> int:
@@ -228,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plan"]:  # its options are recipes/plan.py's own
         return cmd_plan(argparse.Namespace(args=argv[1:]))
+    if argv[:2] == ["data", "preview"]:  # its options are recipes/preview.py's own
+        return cmd_data_preview(argparse.Namespace(args=argv[2:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -23,9 +23,12 @@ from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.files import init_part_from_file, load_part, save_part
 from mm_llama.adapters.generation import Collate
 from mm_llama.adapters.hf_mllama import is_mllama_folder, load_hf_mllama
+from mm_llama.adapters.modality import AnswerOptions
 from mm_llama.adapters.registry import MODALITIES, get_modality
+from mm_llama.adapters.samples import SampleOptions, Samples
 from mm_llama.assets import resolve
 from mm_llama.config import ConfigError, bounded, choice, load_config
+from mm_llama.data.conversation import TEMPLATES, TRAIN_ON
 from mm_llama.data.loader import StreamingLoader
 from mm_llama.engine import exit_process
 from mm_llama.engine.trainer import Callback, Trainer, TrainerConfig
@@ -52,6 +55,10 @@ class DataCfg:
     max_text_tokens: int = bounded(64, 1)
     # shards | interleave (N ranks x B/N == 1 rank x B, for checks) | none (the same stream on every rank)
     split: str = choice("shards", "shards", "interleave", "none")
+    # how samples are rendered (data/conversation.py): auto = the tokenizer's chat format for conversations, the
+    # plain caption layout for caption/transcript samples; plain | llama3 | chatml force one
+    template: str = choice("auto", *TEMPLATES)
+    train_on: str = choice("assistant", *TRAIN_ON)  # loss on: every assistant turn | the last one | all tokens
 
 
 def config_class() -> type:
@@ -124,6 +131,15 @@ def collate_for(cfg) -> Collate:
     return Collate([*spec.requires, spec.name])
 
 
+def samples_for(cfg, tok, model) -> Samples:
+    """Raw shard samples -> training items: conversations with any of the model's media, plain samples of the
+    trained modality's medium, rendered as `data.template` and labelled as `data.train_on` says."""
+    d = cfg.data
+    opts = SampleOptions(template=d.template, train_on=d.train_on, max_text_tokens=d.max_text_tokens)
+    answer = AnswerOptions(prompt=d.prompt)
+    return Samples.of(model, tok, options=opts, answer=answer, cfg=cfg.model, plain_kinds=[cfg.model.modality])
+
+
 def loader_for(cfg, tok, model, info, **kw) -> StreamingLoader:
     """This rank's resumable stream of batches (the plug-in's sample maker, collated)."""
     d = cfg.data
@@ -138,8 +154,8 @@ def loader_for(cfg, tok, model, info, **kw) -> StreamingLoader:
         max_bad_fraction=d.max_bad_fraction,
         split=d.split,
     )
-    maker = get_modality(cfg.model.modality).data.samples(model, tok, cfg)
-    return StreamingLoader(d.train, map_fn=maker, collate_fn=collate_for(cfg), **{**args, **kw})
+    args.update(map_fn=samples_for(cfg, tok, model), collate_fn=collate_for(cfg))
+    return StreamingLoader(d.train, **{**args, **kw})
 
 
 def trainer_for(cfg, callbacks=(), **loader_kw) -> Trainer:

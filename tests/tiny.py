@@ -60,6 +60,18 @@ class CharTok:
 
     bos_id, eos_id, pad_id, add_bos = 2, 1, 0, True
     stop_ids = frozenset({1})
+    chat_format = "chatml"
+    special_tokens = {
+        "<|begin_of_text|>": 2,
+        "<|im_start|>": 410,
+        "<|im_end|>": 411,
+        "<|start_header_id|>": 412,
+        "<|end_header_id|>": 413,
+        "<|eot_id|>": 414,
+    }
+
+    def token_to_id(self, token: str) -> int:
+        return self.special_tokens[token]
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         return ([self.bos_id] if bos else []) + [3 + (ord(c) % 400) for c in text]

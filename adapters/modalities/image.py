@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 
 from mm_llama.assets import resolve
 from mm_llama.config import bounded, choice
-from mm_llama.data.collate import build_example, collate_images, cross_attention_mask
+from mm_llama.data.collate import collate_images, cross_attention_mask
+from mm_llama.data.conversation import Part
 from mm_llama.data.image import resize_plain, tile_image
 from mm_llama.data.media import IMAGE
-from mm_llama.generate import bos_prefix
 from mm_llama.text import normalize_text
 
 from ..hf_mllama import load_hf_mllama
@@ -32,9 +32,9 @@ from ..modality import (
     PartHooks,
     ScaleHooks,
     decode_member,
-    text_target,
 )
 from ..plan import Piece, PlanPieces, tensor_bytes
+from ..samples import plain_requests
 from ..vision import VisionArgs
 
 
@@ -128,50 +128,49 @@ def image_tiles(img: Image.Image, a: VisionArgs) -> tuple[torch.Tensor, int]:
     return tiles, rid
 
 
-class ImageSamples:
-    """Items laid out `[BOS] <|image|> PROMPT` (+ caption in training) with the image's tiles; picklable."""
+class ImageMedia:
+    """An image part -> one `<|image|>` id + its tiles (the same in training and answering); picklable."""
 
-    def __init__(self, vision_args: VisionArgs, token_id: int, tok, prompt: str, max_text_tokens: int = 0):
-        self.vision_args, self.token_id, self.tok = vision_args, token_id, tok
-        self.prompt, self.max_text = prompt, max_text_tokens
+    def __init__(self, vision_args: VisionArgs, token_id: int):
+        self.vision_args, self.token_id = vision_args, token_id
 
-    @classmethod
-    def of(cls, model, tok, prompt: str, max_text_tokens: int = 0) -> ImageSamples:
-        return cls(model.image.vision_args, model.token_id("image"), tok, prompt, max_text_tokens)
+    def decode(self, data: bytes, name: str, ext: str) -> Image.Image:
+        return IMAGE.decode(data, name, ext)
 
-    def request(self, images: list[Image.Image]) -> dict:
-        ids = bos_prefix(self.tok) + [self.token_id] * len(images) + self.tok.encode(self.prompt)
-        tiles = [image_tiles(img, self.vision_args) for img in images]
-        return {"input_ids": ids, "image": {"tiles": tiles, "max_tiles": self.vision_args.max_num_tiles}}
+    def plain(self, raw: dict, ext: str) -> Image.Image:
+        return decode_member(raw, IMAGE)
 
-    def __call__(self, raw: dict) -> dict:
-        target = text_target(self.tok, raw, self.max_text)
-        item = self.request([decode_member(raw, IMAGE)])
-        return {**item, **build_example(item["input_ids"], target)}
+    def splice(self, img: Image.Image) -> tuple[list[int], dict]:
+        tiles, rid = image_tiles(img, self.vision_args)
+        return [self.token_id], {"tiles": tiles, "ratio": rid, "max_tiles": self.vision_args.max_num_tiles}
 
 
-def samples(model, tok, cfg) -> ImageSamples:
-    return ImageSamples.of(model, tok, cfg.data.prompt, cfg.data.max_text_tokens)
+def media(model, tok, opts, cfg=None) -> ImageMedia:
+    return ImageMedia(model.image.vision_args, model.token_id("image"))
+
+
+def turn(part, opts) -> list:
+    """A caption request: the image, then the prompt (Llama 3.2 Vision's `<|image|>PROMPT`)."""
+    return [part, Part("text", opts.prompt)]
 
 
 def collate(items: list[dict]) -> dict:
-    given = [it["image"] for it in items if it.get("image") is not None]
+    given = [p for it in items for p in it.get("image") or ()]
     if not given:
         return {}
-    out = collate_images([it["image"]["tiles"] if it.get("image") else [] for it in items], given[0]["max_tiles"])
+    tiles = [[(p["tiles"], p["ratio"]) for p in it.get("image") or ()] for it in items]
+    out = collate_images(tiles, given[0]["max_tiles"])
     return {k: out[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
 
 
 def image_batch(model, images: list[list[Image.Image]]) -> dict:
     """pixel_values / aspect_ratio_ids / aspect_ratio_mask for per-sample lists of images (tests, benchmarks)."""
-    a = model.image.vision_args
-    items = [{"image": {"tiles": [image_tiles(i, a) for i in imgs], "max_tiles": a.max_num_tiles}} for imgs in images]
-    return collate(items)
+    maker = media(model, None, None)
+    return collate([{"image": [maker.splice(i)[1] for i in imgs]} for imgs in images])
 
 
 def requests(model, tok, data: bytes, name: str, ext: str, opts):
-    img = IMAGE.decode(data, name, ext)
-    return [ImageSamples.of(model, tok, opts.prompt).request([img])], None
+    return plain_requests(model, tok, "image", [IMAGE.decode(data, name, ext)], name, opts), None
 
 
 # --- evaluation and scale ---------------------------------------------------------------------------------------
@@ -240,7 +239,7 @@ SPEC = Modality(
         step_state=slice_positions,
         encoders=lambda part: [part.vision_encoder],
     ),
-    data=DataHooks(medium=IMAGE, samples=samples, collate=collate),
+    data=DataHooks(medium=IMAGE, media=media, turn=turn, collate=collate),
     inference=InferenceHooks(what="caption", requests=requests),
     evaluation=EvalHooks(metrics=caption_metrics),
     scale=ScaleHooks(shard_units=shard_units, plan_pieces=plan_pieces, file_options=("vision_init", "release")),

@@ -19,14 +19,14 @@ import torch
 from mm_llama.assets import resolve
 from mm_llama.config import ConfigError, bounded, choice
 from mm_llama.data.badsamples import SampleError
-from mm_llama.data.collate import build_example
+from mm_llama.data.conversation import Part
 from mm_llama.data.media import AUDIO
 from mm_llama.data.writer import derive_shards
-from mm_llama.generate import bos_prefix
 from mm_llama.text import collapse_loop, first_line, wer_cer
 
-from ..modality import DataHooks, EvalHooks, InferenceHooks, Modality, PartHooks, ScaleHooks, decode_member, text_target
+from ..modality import DataHooks, EvalHooks, InferenceHooks, Modality, PartHooks, ScaleHooks, decode_member
 from ..plan import Piece, PlanPieces, tensor_bytes
+from ..samples import plain_requests
 from ..speech import ADAPTER_PRESETS, CONFORMER_PRESETS, AdapterArgs, ConformerArgs, ConformerEncoder, SpeechAdapter
 from ..speech_part import SpeechPart, SpeechTokenCount, build_speech_part, clip_features, run_encoder
 from ..whisper import WhisperArgs, WhisperEncoder, load_whisper_encoder
@@ -128,11 +128,37 @@ def encode_speech(part: SpeechPart, features: list | None, encoded: list | None,
     return out
 
 
+def _per_clip(value) -> list:
+    """A sample's clips as a list (entries may be None): a list, one tensor (one clip) or None (none)."""
+    if value is None:
+        return []
+    return [value] if torch.is_tensor(value) else list(value)
+
+
 def prepare(model, input_ids, inputs, cache_kv):
+    """Each sample's adapter rows, its clips' rows one after another in order (None: a sample without audio).
+    Inputs per sample: a list of clips (features [frames, n_mels] or cached encoder outputs), one clip, or None."""
     feats, enc = inputs.get("speech_features"), inputs.get("speech_encoded")
-    if all(x is None or all(f is None for f in x) for x in (feats, enc)):
+    B = len(feats if feats is not None else enc or [])
+    feats = [_per_clip(f) for f in feats] if feats is not None else [[] for _ in range(B)]
+    enc = [_per_clip(e) for e in enc] if enc is not None else [[] for _ in range(B)]
+    owner, flat_f, flat_e = [], [], []
+    for b in range(B):
+        n = max(len(feats[b]), len(enc[b]))
+        for c in range(n):
+            f = feats[b][c] if c < len(feats[b]) else None
+            e = enc[b][c] if c < len(enc[b]) else None
+            if f is not None or e is not None:
+                owner.append(b)
+                flat_f.append(f)
+                flat_e.append(e)
+    if not owner:
         return None
-    return encode_speech(model.speech, feats, enc, model.tok_embeddings.weight.device)
+    rows = encode_speech(model.speech, flat_f, flat_e, model.tok_embeddings.weight.device)
+    out: list = [None] * B
+    for b, r in zip(owner, rows, strict=True):
+        out[b] = r if out[b] is None else torch.cat([out[b], r])
+    return out
 
 
 def input_rows(model, h_BTD, input_ids, state):
@@ -158,7 +184,7 @@ def aux_loss(model, state, input_ids, labels):
     rows, targets = [], []
     for b, r in enumerate(state):
         if r is not None:
-            t = labels[b][labels[b] >= 0]  # the transcript's ids, then its end-of-text id (text_target)
+            t = labels[b][labels[b] >= 0]  # the transcript's ids, then its end-of-text id (the plain template)
             rows.append(r)
             targets.append(t[:-1])
     if not rows:
@@ -178,61 +204,58 @@ def read_cached(raw: dict) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32))
 
 
-class SpeechSamples:
-    """Items laid out `[BOS] Repeat after me in LANGUAGE: <|speech|> x n` (+ transcript in training) with the clip's
-    features, or, for a frozen encoder whose outputs are cached in the shard (`enc.npy` by this encoder), those."""
+class SpeechMedia:
+    """An audio part -> one `<|speech|>` id per adapter row + the clip's features, or, for a frozen encoder whose
+    outputs are cached in the shard (`enc.npy` by this encoder), those; picklable."""
 
-    def __init__(
-        self,
-        count: SpeechTokenCount,
-        token_id: int,
-        tok,
-        max_text_tokens: int = 0,
-        cached_encoder: str = "",
-        language: str = "English",
-    ):
-        self.count, self.token_id, self.tok, self.max_text = count, token_id, tok, max_text_tokens
-        self.cached_encoder, self.language = cached_encoder, language
+    def __init__(self, count: SpeechTokenCount, token_id: int, cached_encoder: str = ""):
+        self.count, self.token_id, self.cached_encoder = count, token_id, cached_encoder
+        self.max_seconds = CHUNK_SECONDS if count.whisper else None
 
-    @classmethod
-    def of(cls, model, tok, **kw) -> SpeechSamples:
-        return cls(SpeechTokenCount.of(model.speech), model.token_id("speech"), tok, **kw)
+    def decode(self, data: bytes, name: str, ext: str) -> torch.Tensor:
+        return AUDIO.decode(data, name, ext, min_seconds=MIN_SECONDS, max_seconds=self.max_seconds)
 
-    def prompt(self, n: int) -> list[int]:
-        return bos_prefix(self.tok) + self.tok.encode(ASR_PROMPT.format(language=self.language)) + [self.token_id] * n
-
-    def request(self, wave: torch.Tensor) -> dict:
-        feats = clip_features(wave, self.count.whisper)
-        return {"input_ids": self.prompt(self.count(feats.shape[0])), "speech": feats}
-
-    def __call__(self, raw: dict) -> dict:
-        target = text_target(self.tok, raw, self.max_text)
+    def plain(self, raw: dict, ext: str):
         if self.cached_encoder and raw.get(CACHE_ID_MEMBER, b"").decode(errors="replace") == self.cached_encoder:
-            enc = read_cached(raw)
-            prompt = self.prompt(self.count.from_encoder_frames(enc.shape[0]))
-            return {**build_example(prompt, target), "speech_enc": enc}
-        limit = CHUNK_SECONDS if self.count.whisper else None
-        item = self.request(decode_member(raw, AUDIO, min_seconds=MIN_SECONDS, max_seconds=limit))
-        return {**item, **build_example(item["input_ids"], target)}
+            return Encoded(read_cached(raw))
+        return decode_member(raw, AUDIO, min_seconds=MIN_SECONDS, max_seconds=self.max_seconds)
+
+    def splice(self, value) -> tuple[list[int], dict]:
+        if isinstance(value, Encoded):
+            return [self.token_id] * self.count.from_encoder_frames(value.rows.shape[0]), {"encoded": value.rows}
+        feats = clip_features(value, self.count.whisper)
+        return [self.token_id] * self.count(feats.shape[0]), {"features": feats}
 
 
-def samples(model, tok, cfg) -> SpeechSamples:
-    c = cfg.model.speech
-    cached = c.encoder if c.freeze_encoder else ""
-    return SpeechSamples.of(model, tok, max_text_tokens=cfg.data.max_text_tokens, cached_encoder=cached)
+@dataclass
+class Encoded:
+    """A clip's cached frozen-encoder output [T, D_enc]."""
+
+    rows: torch.Tensor
+
+
+def media(model, tok, opts, cfg=None) -> SpeechMedia:
+    cached = cfg.speech.encoder if cfg is not None and cfg.speech.freeze_encoder else ""
+    return SpeechMedia(SpeechTokenCount.of(model.speech), model.token_id("speech"), cached)
+
+
+def turn(part, opts) -> list:
+    """A transcript request: `Repeat after me in LANGUAGE:` then the clip (the prompt option is not used)."""
+    return [Part("text", ASR_PROMPT.format(language=opts.language)), part]
 
 
 def collate(items: list[dict]) -> dict:
-    feats, enc = [it.get("speech") for it in items], [it.get("speech_enc") for it in items]
-    if all(x is None for x in feats + enc):
+    clips = [it.get("speech") or [] for it in items]
+    if not any(clips):
         return {}
+    feats = [[p.get("features") for p in c] or None for c in clips]
+    enc = [[p.get("encoded") for p in c] or None for c in clips]
     return {"speech_features": feats, "speech_encoded": enc}
 
 
 def requests(model, tok, data: bytes, name: str, ext: str, opts):
     wave = AUDIO.decode(data, name, ext, min_seconds=MIN_SECONDS)
-    maker = SpeechSamples.of(model, tok, language=opts.language)
-    return [maker.request(piece) for piece in chunks(wave)], wave.numel() / 16000
+    return plain_requests(model, tok, "speech", chunks(wave), name, opts), wave.numel() / 16000
 
 
 def finish(text: str) -> str:
@@ -310,7 +333,7 @@ SPEC = Modality(
         aux_loss=aux_loss,
         encoders=lambda part: [part.encoder],
     ),
-    data=DataHooks(medium=AUDIO, samples=samples, collate=collate),
+    data=DataHooks(medium=AUDIO, media=media, turn=turn, collate=collate),
     inference=InferenceHooks(
         what="transcript", requests=requests, stop_ids=lambda tok: tok.ids_starting_with(b"\n"), finish=finish
     ),

@@ -14,14 +14,14 @@ import torch
 
 from mm_llama.assets import resolve
 from mm_llama.config import bounded, choice
-from mm_llama.data.collate import build_example
+from mm_llama.data.conversation import Part
 from mm_llama.data.image import normalize_tiles
 from mm_llama.data.media import VIDEO
-from mm_llama.generate import bos_prefix
 
 from ..image import build_image_part
-from ..modality import DataHooks, EvalHooks, InferenceHooks, Modality, PartHooks, ScaleHooks, decode_member, text_target
+from ..modality import DataHooks, EvalHooks, InferenceHooks, Modality, PartHooks, ScaleHooks, decode_member
 from ..plan import Piece, PlanPieces, tensor_bytes
+from ..samples import plain_requests
 from ..video import AggregatorArgs, VideoPart
 from ..xattn import masks_from_allowed
 from .image import caption_metrics, release_part, slice_positions
@@ -64,71 +64,81 @@ def from_meta(tower, meta: dict, parts: dict, source: str) -> VideoPart:
     return VideoPart.on_image(parts["image"], AggregatorArgs(**meta["aggregator"]), schedule=meta["video_schedule"])
 
 
-def video_state(model, tokens: list, input_ids: torch.Tensor, cache_kv: bool):
-    """Per-block keys/values of the padded clips (or the clip tokens, `cache_kv=False`), and the additive bias / row
-    mask for every position of `input_ids` (a sample's text sees its clip from its `<|video|>` token on)."""
+def video_state(model, clips: list, input_ids: torch.Tensor, cache_kv: bool):
+    """Per-block keys/values of each sample's clips side by side (or the clip tokens, `cache_kv=False`), and the
+    additive bias / row mask for every position of `input_ids`: a sample's k-th clip is seen from its k-th
+    `<|video|>` token on (one clip: from its token on, as the video stage trains)."""
     part = model.video
     B = input_ids.shape[0]
-    S = max(v.shape[0] for v in tokens if v is not None)
-    media = torch.zeros(B, S, model.args.dim, dtype=model.tok_embeddings.weight.dtype, device=input_ids.device)
-    key_ok = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
-    for b, v in enumerate(tokens):
-        if v is not None:
-            media[b, : v.shape[0]], key_ok[b, : v.shape[0]] = v, True
-    seen = (input_ids == model.token_id("video")).long().cumsum(1) > 0
-    bias, row = masks_from_allowed(seen[:, :, None] & key_ok[:, None, :], media.dtype)
+    S = max(sum(v.shape[0] for v in c) for c in clips)
+    dev = input_ids.device
+    media = torch.zeros(B, S, model.args.dim, dtype=model.tok_embeddings.weight.dtype, device=dev)
+    clip_of_key = torch.full((B, S), -1, dtype=torch.long, device=dev)  # -1: padding
+    for b, c in enumerate(clips):
+        start = 0
+        for k, v in enumerate(c):
+            media[b, start : start + v.shape[0]], clip_of_key[b, start : start + v.shape[0]] = v, k
+            start += v.shape[0]
+    seen = (input_ids == model.token_id("video")).long().cumsum(1)  # [B, T]: clips whose token is at or before
+    allowed = (clip_of_key[:, None, :] >= 0) & (clip_of_key[:, None, :] < seen[:, :, None])
+    bias, row = masks_from_allowed(allowed, media.dtype)
     blocks = part.video_cross_attention_layers
     kv = [blk.media_kv(media) for blk in blocks] if cache_kv else [media] * len(blocks)
     return kv, bias, row
 
 
+def _clips(v) -> list:
+    """A sample's clips: a list of [F, C, H, W] tensors, one tensor (one clip) or None (none)."""
+    if v is None:
+        return []
+    return [v] if torch.is_tensor(v) else list(v)
+
+
 def prepare(model, input_ids, inputs, cache_kv):
     videos = inputs.get("videos")
-    if videos is None or all(v is None for v in videos):
+    clips = [_clips(v) for v in videos] if videos is not None else []
+    if not any(clips):
         return None
-    tokens = [None if v is None else model.video.encode(model.image, v) for v in videos]
+    tokens = [[model.video.encode(model.image, c) for c in sample] for sample in clips]
     return video_state(model, tokens, input_ids, cache_kv)
 
 
 # --- data and inference -----------------------------------------------------------------------------------------
-class VideoSamples:
-    """Items laid out `[BOS] <|video|> PROMPT` (+ caption in training) with `frames` frames at the encoder's size."""
+class VideoMedia:
+    """A video part -> one `<|video|>` id + `frames` frames at the encoder's size; picklable."""
 
-    def __init__(self, image_size: int, frames: int, token_id: int, tok, prompt: str, max_text_tokens: int = 0):
-        self.image_size, self.frames, self.token_id, self.tok = image_size, frames, token_id, tok
-        self.prompt, self.max_text = prompt, max_text_tokens
-
-    @classmethod
-    def of(cls, model, tok, frames: int, prompt: str, max_text_tokens: int = 0) -> VideoSamples:
-        size = model.image.vision_args.image_size
-        return cls(size, frames, model.token_id("video"), tok, prompt, max_text_tokens)
-
-    def request(self, frames_uint8: torch.Tensor) -> dict:
-        ids = bos_prefix(self.tok) + [self.token_id] + self.tok.encode(self.prompt)
-        return {"input_ids": ids, "video": normalize_tiles(frames_uint8)}
+    def __init__(self, image_size: int, frames: int, token_id: int):
+        self.image_size, self.frames, self.token_id = image_size, frames, token_id
 
     def decode(self, data: bytes, name: str, ext: str) -> torch.Tensor:
         return VIDEO.decode(data, name, ext, num_frames=self.frames, size=self.image_size)
 
-    def __call__(self, raw: dict) -> dict:
-        target = text_target(self.tok, raw, self.max_text)
-        item = self.request(decode_member(raw, VIDEO, num_frames=self.frames, size=self.image_size))
-        return {**item, **build_example(item["input_ids"], target)}
+    def plain(self, raw: dict, ext: str) -> torch.Tensor:
+        return decode_member(raw, VIDEO, num_frames=self.frames, size=self.image_size)
+
+    def splice(self, frames_uint8: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        return [self.token_id], normalize_tiles(frames_uint8)
 
 
-def samples(model, tok, cfg) -> VideoSamples:
-    return VideoSamples.of(model, tok, cfg.model.video.frames, cfg.data.prompt, cfg.data.max_text_tokens)
+def media(model, tok, opts, cfg=None) -> VideoMedia:
+    frames = cfg.video.frames if cfg is not None else opts.frames
+    return VideoMedia(model.image.vision_args.image_size, frames, model.token_id("video"))
+
+
+def turn(part, opts) -> list:
+    """A caption request: the clip, then the prompt."""
+    return [part, Part("text", opts.prompt)]
 
 
 def collate(items: list[dict]) -> dict:
-    if all(it.get("video") is None for it in items):
+    if not any(it.get("video") for it in items):
         return {}
-    return {"videos": [it.get("video") for it in items]}
+    return {"videos": [list(it["video"]) if it.get("video") else None for it in items]}
 
 
 def requests(model, tok, data: bytes, name: str, ext: str, opts):
-    maker = VideoSamples.of(model, tok, opts.frames, opts.prompt)
-    return [maker.request(maker.decode(data, name, ext))], None
+    clip = media(model, tok, opts).decode(data, name, ext)
+    return plain_requests(model, tok, "video", [clip], name, opts), None
 
 
 # --- scale ------------------------------------------------------------------------------------------------------
@@ -179,7 +189,7 @@ SPEC = Modality(
         blocks=lambda model, state: model.video.blocks(*state),
         step_state=slice_positions,
     ),
-    data=DataHooks(medium=VIDEO, samples=samples, collate=collate),
+    data=DataHooks(medium=VIDEO, media=media, turn=turn, collate=collate),
     inference=InferenceHooks(what="video caption", requests=requests),
     evaluation=EvalHooks(metrics=caption_metrics),
     scale=ScaleHooks(shard_units=shard_units, plan_pieces=plan_pieces, file_options=("image_adapter",)),

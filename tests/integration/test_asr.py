@@ -9,7 +9,8 @@ from mm_llama.adapters.asr import transcribe
 from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.files import load_composed, save_part
 from mm_llama.adapters.generation import Collate
-from mm_llama.adapters.modalities.speech import SpeechSamples
+from mm_llama.adapters.modality import AnswerOptions
+from mm_llama.adapters.samples import plain_requests
 from mm_llama.adapters.speech import ADAPTER_PRESETS
 from mm_llama.adapters.speech_part import build_speech_part
 from mm_llama.adapters.whisper import load_whisper_encoder
@@ -64,7 +65,7 @@ def test_transcribe_whisper_encoder_real_tower_consistent(smollm, smollm_tok, tm
     (text,) = transcribe(model, smollm_tok, [wave], max_new_tokens=6)
     (raw,) = transcribe(model, smollm_tok, [wave], max_new_tokens=6, one_line=False)
     # the same greedy decode with full forwards and no cache; a transcript ends at a token that begins a new line
-    item = SpeechSamples.of(model, smollm_tok).request(wave)
+    item = plain_requests(model, smollm_tok, "speech", [wave], "clip", AnswerOptions())[0]
     inputs = Collate(["speech"]).inputs([item])
     seq, line_ends = list(item["input_ids"]), None
     with torch.no_grad():

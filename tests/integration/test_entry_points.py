@@ -11,9 +11,8 @@ import torch
 from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.files import save_part
 from mm_llama.adapters.generation import Collate
-from mm_llama.adapters.modalities.image import ImageSamples
-from mm_llama.adapters.modalities.speech import SpeechSamples
-from mm_llama.adapters.modalities.video import VideoSamples
+from mm_llama.adapters.modality import AnswerOptions
+from mm_llama.adapters.samples import plain_requests
 from mm_llama.adapters.serve import App
 from mm_llama.cli import build_parser, main
 from mm_llama.data.collate import build_example
@@ -28,9 +27,11 @@ KINDS = ("image", "video", "speech")
 def train_one_step(model: ComposedModel, tok, media: dict, dtype: torch.dtype) -> None:
     """One AdamW step of every part on one sample each, the tower in `dtype` (bf16: under autocast, as training)."""
     items = [
-        ImageSamples.of(model, tok, "").request([IMAGE.decode(media["png"], "x.png")]),
-        VideoSamples.of(model, tok, 4, "").request(VIDEO.decode(media["mp4"], "x.mp4", num_frames=4, size=28)),
-        SpeechSamples.of(model, tok).request(AUDIO.decode(media["wav"], "x.wav", "wav")),
+        *plain_requests(model, tok, "image", [IMAGE.decode(media["png"], "x.png")], "x.png", AnswerOptions()),
+        *plain_requests(
+            model, tok, "video", [VIDEO.decode(media["mp4"], "x.mp4", num_frames=4, size=28)], "x.mp4", AnswerOptions()
+        ),
+        *plain_requests(model, tok, "speech", [AUDIO.decode(media["wav"], "x.wav", "wav")], "x.wav", AnswerOptions()),
     ]
     items = [{**it, **build_example(it["input_ids"], tok.encode(" a caption") + [tok.eos_id])} for it in items]
     batch = Collate(model.kinds)(items)

@@ -5,14 +5,19 @@ import dataclasses
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from skimage import data as skdata
 
 from mm_llama.adapters import ComposedModel, VisionEncoder, export_hf_mllama, load_pretrained
 from mm_llama.adapters.files import load_composed, save_part
+from mm_llama.adapters.generation import Collate
 from mm_llama.adapters.image import ImagePart, build_image_part, default_schedule, get_vision_preset
 from mm_llama.adapters.meta_format import _grid_to_table, save_meta_vision, table_to_grid
+from mm_llama.adapters.samples import Samples
 from mm_llama.adapters.xattn import GatedCrossAttentionBlock
 from mm_llama.data.collate import cross_attention_mask
+from mm_llama.data.conversation import Message, Part
 from mm_llama.llama import CheckpointError, RopeScaling, Transformer, get_preset
 from tests import tiny
 
@@ -290,3 +295,43 @@ def test_meta_tile_grid_semantics():
     for r, c in [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]:
         used[:r, :c] = True
     assert torch.equal(back[used], grid[used])
+
+
+class SmallTok(tiny.CharTok):
+    """The character tokenizer with every id below the tiny Mllama's vocabulary (ChatML markers at 110/111)."""
+
+    special_tokens = {"<|begin_of_text|>": 2, "<|im_start|>": 110, "<|im_end|>": 111}
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return ([self.bos_id] if bos else []) + [3 + (ord(c) % 100) for c in text]
+
+
+def test_rendered_conversation_with_two_images_matches_hf(tmp_path):
+    """A two-turn conversation with an image in each user turn, rendered and collated by the training data path:
+    logits and the assistant-only loss equal transformers' Mllama on the same ids, pixels and mask; it trains."""
+    hf = hf_mllama(tmp_path, [1, 4], 6)
+    ours = load_pretrained(tmp_path, hf_compat_masking=True, intermediate_from="output")
+    photo = {n: Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in ("astronaut", "chelsea")}
+    msgs = [
+        Message("user", [Part("image", ref=photo["astronaut"]), Part("text", "who?")]),
+        Message("assistant", [Part("text", "her")]),
+        Message("user", [Part("text", "and "), Part("image", ref=photo["chelsea"])]),
+        Message("assistant", [Part("text", "a cat")]),
+    ]
+    item, _ = Samples.of(ours, SmallTok(), kinds=["image"]).render(msgs, conversation=True)
+    assert item["input_ids"].count(V) == 2 and [p["ratio"] for p in item["image"]] != [0, 0]
+    batch = Collate(["image"])([item])
+    ids, labels = batch["input_ids"], batch["labels"]
+    num_tiles = [[int(m.sum()) for m in batch["aspect_ratio_mask"][0]]]
+    xmask = cross_attention_mask(ids.tolist(), V, num_tiles, 4)
+    x = {k: batch[k] for k in ("input_ids", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    with torch.no_grad():
+        ref = hf(**x, cross_attention_mask=xmask, labels=labels)
+        got = ours(**x, cross_attention_mask=xmask).logits
+        loss = ours(**x, labels=labels).loss  # the mask from the <|image|> positions, as training builds it
+    assert (got - ref.logits).abs().max().item() <= 1e-4
+    assert abs(loss.item() - ref.loss.item()) <= 1e-5
+    ours.image.requires_grad_(True)  # loaded frozen; train it
+    ours.train()
+    ours(**x, labels=labels).loss.backward()
+    assert all(p.grad is not None for p in ours.image.cross_attention_layers.parameters())

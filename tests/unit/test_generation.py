@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from mm_llama.adapters.generation import Collate, generate_items
-from mm_llama.adapters.modalities.image import ImageSamples
-from mm_llama.adapters.modalities.speech import SpeechSamples
-from mm_llama.adapters.modalities.video import VideoSamples
+from mm_llama.adapters.modality import AnswerOptions
+from mm_llama.adapters.samples import Samples, plain_requests
+from mm_llama.data.conversation import Message, Part
 from tests import tiny
 
 
@@ -16,11 +16,13 @@ def item(model, tok, kind: str, prompt: str, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     if kind == "image":
         img = Image.fromarray((torch.rand(40, 30 + 10 * seed, 3, generator=g) * 255).byte().numpy())
-        return ImageSamples.of(model, tok, prompt).request([img])
+        return plain_requests(model, tok, "image", [img], "x.png", AnswerOptions(prompt=prompt))[0]
     if kind == "video":
-        it = VideoSamples.of(model, tok, 8, prompt).request(torch.zeros(8, 3, 28, 28, dtype=torch.uint8))
-        return {**it, "video": tiny.moving_square(("left", "right", "up")[seed % 3])}
-    return SpeechSamples.of(model, tok).request(torch.randn(4000 + 1600 * seed, generator=g) * 0.1)
+        clip = torch.zeros(8, 3, 28, 28, dtype=torch.uint8)
+        it = plain_requests(model, tok, "video", [clip], "x.mp4", AnswerOptions(prompt=prompt, frames=8))[0]
+        return {**it, "video": [tiny.moving_square(("left", "right", "up")[seed % 3])]}
+    wave = torch.randn(4000 + 1600 * seed, generator=g) * 0.1
+    return plain_requests(model, tok, "speech", [wave], "x.wav", AnswerOptions())[0]
 
 
 @torch.no_grad()
@@ -66,12 +68,11 @@ def test_image_batch_with_none_one_and_two_images(tiny_model, char_tok):
     batch equals each sample recomputed step by step."""
 
     red, blue = Image.new("RGB", (40, 30), (200, 20, 20)), Image.new("RGB", (20, 50), (20, 20, 200))
-    maker = ImageSamples.of(tiny_model, char_tok, "")
+    samples = Samples.of(tiny_model, char_tok, kinds=["image"])
     items = []
     for imgs, prompt in (([red], "a photo of"), ([], "text only prompt"), ([blue, blue], "two images:")):
-        it = maker.request(imgs)
-        it["input_ids"] += char_tok.encode(prompt)
-        items.append(it if imgs else {"input_ids": it["input_ids"]})
+        parts = [Part("image", ref=img) for img in imgs] + [Part("text", prompt)]
+        items.append(samples.request([Message("user", parts)], conversation=False))
     got = generate_items(tiny_model, char_tok, items, max_new_tokens=6)
     want = [char_tok.decode(greedy_by_recompute(tiny_model, char_tok, it, 6)) for it in items]
     assert got == want

@@ -17,7 +17,7 @@ from mm_llama.data.image import decode_image
 from mm_llama.data.shards import expand_urls, read_samples
 from mm_llama.engine.parallelize import param_groups
 from mm_llama.engine.step import warmup_cosine
-from recipes.train import TrainConfig, build_model, build_tower, collate_for
+from recipes.train import TrainConfig, build_model, build_tower, collate_for, samples_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARDS = {"image": "image", "video": "video", "speech": "audio"}
@@ -46,7 +46,7 @@ def test_plugin_through_the_generic_paths(kind, smollm_tok, tmp_path):
     cfg, model = built(kind)
     spec = get_modality(kind)
     assert isinstance(model, ComposedModel) and kind in model.modalities
-    maker = spec.data.samples(model, smollm_tok, cfg)
+    maker = samples_for(cfg, smollm_tok, model)
     blob = pickle.dumps(maker)  # DataLoader workers receive it: no model inside
     assert (
         len(blob) < 10 * 2**20
@@ -81,7 +81,7 @@ def test_training_tiles_images_as_inference_does(smollm_tok):
     cfg, model = built("image")
     assert model.image.vision_args.max_num_tiles == 4
     raw = read_samples(expand_urls(str(ROOT / "tests/assets/shards/image/index.json")), 3)
-    batch = collate_for(cfg)([get_modality("image").data.samples(model, smollm_tok, cfg)(s) for s in raw])
+    batch = collate_for(cfg)([samples_for(cfg, smollm_tok, model)(s) for s in raw])
     ref = image_batch(model, [[decode_image(s[next(e for e in ("png", "jpg", "jpeg") if e in s)])] for s in raw])
     for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
         assert torch.equal(batch[k], ref[k]), k

@@ -7,7 +7,8 @@ import torch
 
 from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.files import load_composed, save_part
-from mm_llama.adapters.modalities.speech import SpeechSamples, cache_encoder_outputs, encode_speech
+from mm_llama.adapters.modalities.speech import cache_encoder_outputs, encode_speech
+from mm_llama.adapters.samples import SampleOptions, Samples
 from mm_llama.adapters.speech import (
     ADAPTER_PRESETS,
     CONFORMER_PRESETS,
@@ -147,19 +148,30 @@ def test_cached_encoder_outputs_equal_live_encoding(tmp_path, smollm_tok):
     waves = [decode_audio(s["wav"], s["__key__"], "wav") for s in samples]
     with torch.no_grad():
         live = encode_speech(model.speech, [log_mel(w) for w in waves], None, "cpu")
-        make = SpeechSamples.of(model, smollm_tok, max_text_tokens=16, cached_encoder="conformer:debug")
+        make = speech_samples(model, smollm_tok, "conformer:debug")
         items = [make(s) for s in samples]
-        assert all("speech_enc" in it and "speech" not in it for it in items)
-        cached = encode_speech(model.speech, None, [it["speech_enc"] for it in items], "cpu")
+        assert all(list(it["speech"][0]) == ["encoded"] for it in items)
+        cached = encode_speech(model.speech, None, [it["speech"][0]["encoded"] for it in items], "cpu")
     for it, a, b in zip(items, live, cached):
         assert a.shape == b.shape and it["input_ids"].count(model.token_id("speech")) == a.shape[0]
         assert torch.allclose(a, b, atol=2e-3, rtol=2e-3)
     # another encoder's cache is not used: the clip is encoded live from its audio
-    other = SpeechSamples.of(model, smollm_tok, max_text_tokens=16, cached_encoder="conformer:small")
-    assert "speech" in other(samples[0]) and "speech_enc" not in other(samples[0])
+    other = speech_samples(model, smollm_tok, "conformer:small")
+    assert list(other(samples[0])["speech"][0]) == ["features"]
     # a damaged cache member is a counted bad sample naming the clip
     with pytest.raises(SampleError, match="enc.npy"):
         make({**samples[0], "enc.npy": b"not an array"})
+
+
+def speech_samples(model, tok, encoder: str) -> Samples:
+    """The training sample maker of a frozen-encoder run whose config names `encoder`."""
+
+    class cfg:
+        class speech:
+            freeze_encoder = True
+
+    cfg.speech.encoder = encoder
+    return Samples.of(model, tok, options=SampleOptions(max_text_tokens=16), cfg=cfg)
 
 
 def test_ctc_auxiliary_loss_trains_rows_towards_the_token_table(tmp_path):

@@ -20,14 +20,12 @@ from mm_llama.adapters.modality import (
     Modality,
     PartHooks,
     decode_member,
-    text_target,
 )
 from mm_llama.adapters.registry import register, token_rows, unregister
+from mm_llama.adapters.samples import plain_requests
 from mm_llama.data.badsamples import SampleError
-from mm_llama.data.collate import build_example
 from mm_llama.data.media import Medium, register_medium, unregister_medium
 from mm_llama.data.writer import manifest_samples, write_shards
-from mm_llama.generate import bos_prefix
 from mm_llama.llama import Tokenizer
 from mm_llama.text import normalize_text
 from recipes.train import build_tower, load_train_config, trainer_for
@@ -84,24 +82,30 @@ def input_rows(model, h, input_ids, state):
     return h
 
 
-class VectorSamples:
-    def __init__(self, token_id: int, rows: int, tok, max_text: int = 0):
-        self.token_id, self.rows, self.tok, self.max_text = token_id, rows, tok, max_text
+class VectorMedia:
+    """A vector part -> `rows` `<|vector|>` ids (each replaced by one projected row) + the vector."""
 
-    def request(self, vector: torch.Tensor) -> dict:
-        return {"input_ids": bos_prefix(self.tok) + [self.token_id] * self.rows, "vector": vector}
+    def __init__(self, token_id: int, rows: int):
+        self.token_id, self.rows = token_id, rows
 
-    def __call__(self, raw: dict) -> dict:
-        item = self.request(decode_member(raw, VECTOR))
-        return {**item, **build_example(item["input_ids"], text_target(self.tok, raw, self.max_text))}
+    def decode(self, data: bytes, name: str, ext: str) -> torch.Tensor:
+        return decode_vector(data, name)
+
+    def plain(self, raw: dict, ext: str) -> torch.Tensor:
+        return decode_member(raw, VECTOR)
+
+    def splice(self, vector: torch.Tensor):
+        return [self.token_id] * self.rows, vector
 
 
-def samples(model, tok, cfg):
-    return VectorSamples(model.token_id("vector"), model.vector.rows, tok, cfg.data.max_text_tokens)
+def media(model, tok, opts, cfg=None):
+    return VectorMedia(model.token_id("vector"), model.vector.rows)
 
 
 def collate(items: list[dict]) -> dict:
-    return {"vectors": [it.get("vector") for it in items]} if any("vector" in it for it in items) else {}
+    if not any(it.get("vector") for it in items):
+        return {}
+    return {"vectors": [it["vector"][0] if it.get("vector") else None for it in items]}
 
 
 def exact_match(refs: list[str], hyps: list[str]) -> dict:
@@ -109,7 +113,7 @@ def exact_match(refs: list[str], hyps: list[str]) -> dict:
 
 
 def requests(model, tok, data, name, ext, opts):
-    return [VectorSamples(model.token_id("vector"), model.vector.rows, tok).request(decode_vector(data, name))], None
+    return plain_requests(model, tok, "vector", [decode_vector(data, name)], name, opts), None
 
 
 TOY = Modality(
@@ -127,7 +131,7 @@ TOY = Modality(
         input_rows=input_rows,
         step_state=lambda state, start, n: state if start == 0 else None,
     ),
-    data=DataHooks(medium=VECTOR, samples=samples, collate=collate),
+    data=DataHooks(medium=VECTOR, media=media, turn=lambda part, opts: [part], collate=collate),
     inference=InferenceHooks(what="description", requests=requests),
     evaluation=EvalHooks(metrics=exact_match),
 )

@@ -1,0 +1,87 @@
+"""See what is trained: the first N training samples of a config as the tower sees them.
+
+    mm-llama data preview --config CONFIG [--n N] [key=value ...]
+    python -m recipes.preview --config CONFIG [--n N]
+
+Each sample is printed as rendered text: the chat template's tokens as they decode, media as `<image:NAME>`,
+`<video:NAME>`, `<audio:NAME>`, and the tokens that carry loss between `[[` and `]]`. The samples are those rank 0
+of a one-process run reads first (the same shuffle, seed and sample maker as `recipes.train`); samples the run
+would skip are printed as skipped with their reason. No weights are read: the model is built on the meta device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import SimpleNamespace
+
+from mm_llama.assets import resolve
+from mm_llama.config import ConfigError
+from mm_llama.data.badsamples import SampleError
+from mm_llama.data.conversation import show
+from mm_llama.llama import Tokenizer
+
+from .plan import meta_model
+from .train import load_train_config, loader_for, samples_for
+
+
+class Preview:
+    """raw sample -> (its name, the rendered text or the reason it is skipped); picklable like the sample maker."""
+
+    def __init__(self, samples, tok):
+        self.samples, self.tok = samples, tok
+
+    def __call__(self, raw: dict) -> tuple[str, str]:
+        name = f"{raw.get('__shard__', '')}:{raw.get('__key__', '')}"
+        try:
+            messages, conversation = self.samples.messages(raw)
+            _, rendered = self.samples.render(messages, conversation=conversation)
+        except SampleError as e:
+            return name, f"(skipped: {e.reason}: {e})"
+        return name, show(rendered, self.tok)
+
+
+def preview(cfg, n: int) -> list[tuple[str, str]]:
+    tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
+    model = meta_model(cfg)
+    info = SimpleNamespace(rank=0, world_size=1)
+    batch = max(1, min(n, cfg.data.batch_size))
+    loader = loader_for(
+        cfg,
+        tok,
+        model,
+        info,
+        map_fn=Preview(samples_for(cfg, tok, model), tok),
+        collate_fn=list,
+        num_workers=0,
+        batch_size=batch,
+        max_bad_fraction=1.0,
+    )
+    out: list[tuple[str, str]] = []
+    for group in loader:
+        out += group
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="a training config (YAML)")
+    ap.add_argument("--n", type=int, default=4, help="how many samples (default 4)")
+    ap.add_argument("overrides", nargs="*", help="key=value, as for recipes.train")
+    args = ap.parse_intermixed_args(argv)
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        shown = preview(cfg, max(1, args.n))
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"{prog or 'preview'}: error: {e}", file=sys.stderr)
+        return 2
+    for i, (name, text) in enumerate(shown, 1):
+        print(f"--- sample {i}: {name}")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
