@@ -19,8 +19,7 @@ import torch
 
 from mm_llama.assets import resolve
 from mm_llama.data.badsamples import SampleError
-from mm_llama.llama import Tokenizer
-from mm_llama.llama import load_pretrained as load_tower
+from mm_llama.llama import Tokenizer, load_source
 from mm_llama.llama.checkpoint import CheckpointError
 from mm_llama.llama.quantize import quantize_int8
 
@@ -40,7 +39,7 @@ def load_model(args):
     dtype = getattr(torch, args.dtype)
     quantize = getattr(args, "quantize", None)
     if files:
-        model = load_composed(load_tower(args.model, dtype=dtype, device=args.device, quantize=quantize), files)
+        model = load_composed(load_source(args.model, dtype=dtype, device=args.device, quantize=quantize), files)
     elif is_mllama_folder(args.model) or (Path(args.model) / "params.json").is_file():
         try:
             model = load_pretrained(args.model, dtype=dtype, device=args.device)
@@ -51,6 +50,8 @@ def load_model(args):
             quantize_int8(model.tower, dtype)
     else:
         raise ValueError(f"{args.model}: a plain tower needs --adapter FILE (image, video or speech adapter)")
+    if args.tokenizer is None and args.model.startswith("preset:"):
+        raise ValueError(f"{args.model} is a random tower: give --tokenizer")
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     return model, tok
 

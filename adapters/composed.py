@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm_llama.llama.model import Transformer
+from mm_llama.data.collate import segment_bounds, segment_positions
+from mm_llama.llama.model import Documents, Transformer
 
 from .registry import MODALITIES, get_modality, token_rows
 
@@ -158,9 +159,11 @@ class ComposedModel(nn.Module):
                 h = torch.where(sel[..., None], rows.to(h.dtype), h)
         return h
 
-    def states(self, input_ids_BT: torch.Tensor, media: Mapping, *, cache_kv: bool = False) -> dict:
+    def states(self, input_ids_BT: torch.Tensor, media: Mapping, *, cache_kv: bool = False, segment_ids=None) -> dict:
         """Each loaded modality's state for these inputs (modalities without inputs are left out). `cache_kv`: the
-        blocks' keys/values computed once here (generation), not in each block's forward (training)."""
+        blocks' keys/values computed once here (generation), not in each block's forward (training).
+        `segment_ids` [B, T] (packed rows; -1 padding): every plug-in reads it as the input `segment_ids`, so each
+        sample sees only its own media."""
         known = {k for m in self.kinds for k in MODALITIES[m].part.inputs}
         unknown = sorted(k for k, v in media.items() if v is not None and k not in known)
         if unknown:
@@ -169,7 +172,8 @@ class ComposedModel(nn.Module):
         out = {}
         for kind in self.kinds:
             hooks = MODALITIES[kind].part
-            state = hooks.prepare(self, input_ids_BT, {k: media.get(k) for k in hooks.inputs}, cache_kv)
+            inputs = {k: media.get(k) for k in hooks.inputs}
+            state = hooks.prepare(self, input_ids_BT, {**inputs, "segment_ids": segment_ids}, cache_kv)
             if state is not None:
                 out[kind] = state
         return out
@@ -204,15 +208,22 @@ class ComposedModel(nn.Module):
         last_only: bool = False,
         select: torch.Tensor | None = None,
         states: dict | None = None,
+        segment_ids: torch.Tensor | None = None,
         **media,
     ) -> ModelOutput:
         """input_ids [B, T]; media keyword arguments as the plug-ins name them (any may be absent): images as
         transformers' Mllama (pixel_values [B, I, N, C, H, W], aspect_ratio_ids/mask; cross_attention_mask
         [B, T, I, N], built from the `<|image|>` positions when not given); videos: per sample frames [F, C, H, W] or
         None; speech_features: per sample [frames, n_mels] or None. `states`: prepared states instead of media
-        (generation). labels [B, T] (-100 ignored): logits only where the next token is a label, plus the loss."""
+        (generation). labels [B, T] (-100 ignored): logits only where the next token is a label, plus the loss.
+        segment_ids [B, T]: packed rows (each position's sample, -1 padding): attention is causal within each sample
+        (per-sample attention, `Documents`), positions restart at each sample and every sample reads only its own
+        media."""
+        if segment_ids is not None:
+            positions = segment_positions(segment_ids) if positions is None else positions
+            mask = Documents([segment_bounds(row) for row in segment_ids.tolist()]) if mask is None else mask
         if states is None:
-            states = self.states(input_ids, media)
+            states = self.states(input_ids, media, segment_ids=segment_ids)
         if self.aux_only and labels is not None and self.training:
             return self._aux_only(states, input_ids, labels)
         h = self.embed(input_ids)
@@ -233,9 +244,18 @@ class ComposedModel(nn.Module):
             return ModelOutput(logits)
         targets = labels[:, 1:][select[:, :-1]]  # row-major, as logits[select]
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        if self.training and not loss_sum.requires_grad:
+            loss_sum = loss_sum + self._zero_through()
         n = int(targets.numel())
         aux = self._aux_losses(states, input_ids, labels)
         return ModelOutput(logits, loss_sum / max(n, 1), loss_sum, n, sum(aux) if aux else None)
+
+    def _zero_through(self) -> torch.Tensor:
+        """0 with a graph to every trainable parameter, for a training batch that reached none (e.g. text-only
+        samples in an image run): backward still runs, so data-parallel reductions happen on every rank in step
+        (the parameters' gradients are 0 for that step)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return sum((p.reshape(-1)[:1] * 0).sum() for p in params) if params else torch.zeros(())
 
     def _aux_losses(self, states: dict, input_ids: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
         out = []

@@ -46,8 +46,9 @@ def save_state(state: dict, path: str | Path, meta: dict) -> None:
     tmp.replace(path)
 
 
-def save_part(model: ComposedModel, kind: str, path: str | Path) -> None:
-    """Write the `kind` part of `model` as an adapter file."""
+def save_part(model: ComposedModel, kind: str, path: str | Path, sources: dict | None = None) -> None:
+    """Write the `kind` part of `model` as an adapter file. `sources`: where the run's tower and tokenizer came from
+    (`{"tower": path | asset:NAME | preset:..., "tokenizer": ...}`), so the file can be answered with alone."""
     spec = get_modality(kind)
     part = model.part(kind)
     meta = {
@@ -57,6 +58,7 @@ def save_part(model: ComposedModel, kind: str, path: str | Path) -> None:
         "tower": tower_shape(model.tower),
         "tower_dtype": str(model.tower.tok_embeddings.weight.dtype).removeprefix("torch."),
         **spec.part.meta(part),
+        **({"sources": sources} if sources else {}),
     }
     save_state(part.state_dict(), path, meta)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from mm_llama.data.collate import collate_text
+from mm_llama.data.collate import collate_text, pack, pad_sequences
 from mm_llama.generate import generate_ids, left_padded, padding_id
 
 from .composed import ComposedModel
@@ -24,10 +24,13 @@ from .registry import MODALITIES
 
 class Collate:
     """Items -> a batch: right-padded input_ids and labels + each plug-in's inputs (a plug-in collates the items that
-    hold its input and adds nothing when none does). Picklable: it names the modalities, it holds no model."""
+    hold its input and adds nothing when none does). `pack_tokens` > 0: the items are first packed into as few rows
+    of at most that many tokens as first-fit allows (data.collate.pack), and the batch gets `segment_ids` (each
+    position's sample in its row, -1 padding), from which the model builds block-diagonal attention, positions
+    restarting per sample and each sample's own media. Picklable: it names the modalities, it holds no model."""
 
-    def __init__(self, kinds: Sequence[str], pad_id: int = 0):
-        self.kinds, self.pad_id = list(kinds), pad_id
+    def __init__(self, kinds: Sequence[str], pad_id: int = 0, pack_tokens: int = 0):
+        self.kinds, self.pad_id, self.pack_tokens = list(kinds), pad_id, pack_tokens
 
     def inputs(self, items: Sequence[dict]) -> dict:
         out: dict = {}
@@ -36,8 +39,13 @@ class Collate:
         return out
 
     def __call__(self, items: Sequence[dict]) -> dict:
+        if self.pack_tokens:
+            items = pack(items, self.pack_tokens)
         text = collate_text(items, pad_id=self.pad_id)
-        return {"input_ids": text["input_ids"], "labels": text["labels"], **self.inputs(items)}
+        out = {"input_ids": text["input_ids"], "labels": text["labels"], **self.inputs(items)}
+        if self.pack_tokens:
+            out["segment_ids"] = pad_sequences([it["segment_ids"] for it in items], -1)
+        return out
 
 
 @torch.inference_mode()

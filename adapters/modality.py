@@ -109,9 +109,9 @@ class DataHooks:
 @dataclass(frozen=True)
 class InferenceHooks:
     """The inference concern. `requests(model, tok, data, name, ext, opts)` -> (generation items, the medium's
-    length in seconds or None): the items (prompt ids + inputs, laid out as training lays out a plain sample) for one file's
-    bytes (speech: one per 30 s piece), whose answers `join` puts together. `stop_ids(tok)`: extra ids that end an
-    answer; `finish(text)`: an answer's last clean-up. Bad bytes raise a SampleError naming `name`."""
+    length in seconds or None): the items (prompt ids + inputs, laid out as training lays out a plain sample) for
+    one file's bytes (speech: one per 30 s piece), whose answers `join` puts together. `stop_ids(tok)`: extra ids
+    that end an answer; `finish(text)`: an answer's last clean-up. Bad bytes raise a SampleError naming `name`."""
 
     what: str  # what an answer is called ("caption", "transcript")
     requests: Callable[..., tuple[list[dict], float | None]]

@@ -42,6 +42,7 @@ class SampleOptions:
     template: str = "auto"
     train_on: str = "assistant"
     max_text_tokens: int = 0
+    max_tokens: int = 0  # > 0: a longer sample is a counted skip naming it
 
 
 class Samples:
@@ -133,7 +134,12 @@ class Samples:
 
     def __call__(self, raw: dict) -> dict:
         messages, conversation = self.messages(raw)
-        return self.render(messages, conversation=conversation)[0]
+        item = self.render(messages, conversation=conversation)[0]
+        limit = self.options.max_tokens
+        if limit and len(item["input_ids"]) > limit:
+            where = f"{raw.get('__shard__', '')}:{raw.get('__key__', '')}"
+            raise SampleError("too_long", f"{where}: {len(item['input_ids'])} tokens > data.max_tokens {limit}")
+        return item
 
     def _plain(self, raw: dict, kind: str, ext: str, where: str) -> list[Message]:
         if "txt" not in raw:

@@ -80,20 +80,45 @@ def image_token_spans(ids: Sequence[int], image_token_id: int) -> list[tuple[int
     return [(a, b) for a, b in spans]
 
 
+def segment_bounds(segments: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of equal segment ids that is not padding (-1), in order."""
+    out, start = [], 0
+    for i in range(1, len(segments) + 1):
+        if i == len(segments) or segments[i] != segments[start]:
+            if segments[start] >= 0:
+                out.append((start, i))
+            start = i
+    return out
+
+
+def packed_image_spans(ids: Sequence[int], image_token_id: int, segments: Sequence[int]) -> list[tuple[int, int]]:
+    """Image spans of a packed row: each sample's own (Llama 3.2 Vision's rule within the sample; a lone image
+    is seen to the sample's end), in order."""
+    spans = []
+    for a, b in segment_bounds(segments):
+        spans += [(a + s, b if e == -1 else a + e) for s, e in image_token_spans(ids[a:b], image_token_id)]
+    return spans
+
+
 def cross_attention_mask(
     input_ids: Sequence[Sequence[int]],
     image_token_id: int,
     num_tiles: Sequence[Sequence[int]],
     max_tiles: int,
     length: int | None = None,
+    segments: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
-    """[B, T, I, N] int64 (1 = this token may attend to that image's tile), as the HF Mllama processor builds it."""
+    """[B, T, I, N] int64 (1 = this token may attend to that image's tile), as the HF Mllama processor builds it.
+    `segments` (packed rows: each position's sample, -1 padding): every sample sees only its own images."""
     B = len(input_ids)
     T = length if length is not None else max((len(s) for s in input_ids), default=0)
     I = max((len(n) for n in num_tiles), default=0)  # noqa: E741
     out = torch.zeros(B, T, max(I, 1), max_tiles, dtype=torch.long)
     for b, ids in enumerate(input_ids):
-        spans = image_token_spans(ids, image_token_id)
+        if segments is None:
+            spans = image_token_spans(ids, image_token_id)
+        else:
+            spans = packed_image_spans(ids, image_token_id, segments[b])
         if len(spans) != len(num_tiles[b]):
             raise ValueError(f"sample {b}: {len(spans)} image tokens but {len(num_tiles[b])} images")
         for i, ((start, end), n) in enumerate(zip(spans, num_tiles[b])):
@@ -130,3 +155,48 @@ def collate_images(images: Sequence[Sequence[tuple[torch.Tensor, int]]], max_til
         "aspect_ratio_mask": ratio_mask,
         "num_tiles": num_tiles,
     }
+
+
+def pack(items: Sequence[dict], max_tokens: int) -> list[dict]:
+    """Items -> as few rows of at most `max_tokens` tokens as first-fit (longest first) allows. A row holds its
+    samples one after another: `input_ids`, `labels` (each sample's first label ignored: nothing before it in the
+    sample predicts it), `segment_ids` (the sample's index in the row) and every other key's lists concatenated in
+    order (each modality's payloads). An item longer than `max_tokens` raises ValueError."""
+    order = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(items[i]["input_ids"])
+        if n > max_tokens:
+            raise ValueError(f"an item of {n} tokens does not fit a row of max_tokens {max_tokens}")
+        r = next((r for r, free in enumerate(room) if free >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(max_tokens)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= n
+    out = []
+    for members in rows:
+        row: dict = {"input_ids": [], "labels": [], "segment_ids": []}
+        for s, i in enumerate(sorted(members)):
+            it = items[i]
+            labels = list(it.get("labels", it["input_ids"]))
+            row["input_ids"] += it["input_ids"]
+            row["labels"] += [IGNORE_INDEX] + labels[1:]
+            row["segment_ids"] += [s] * len(it["input_ids"])
+            for k, v in it.items():
+                if k not in ("input_ids", "labels"):
+                    row.setdefault(k, []).extend(v)
+        out.append(row)
+    return out
+
+
+def segment_positions(segment_ids_BT: torch.Tensor) -> torch.Tensor:
+    """RoPE positions restarting at 0 at each sample of a packed row (padding continues its run)."""
+    B, T = segment_ids_BT.shape
+    idx = torch.arange(T, device=segment_ids_BT.device).expand(B, T)
+    starts = torch.ones_like(segment_ids_BT, dtype=torch.bool)
+    starts[:, 1:] = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
+    return idx - first

@@ -65,10 +65,19 @@ class ShardStream(IterableDataset):
         min_samples_for_limit: int = 200,
         length_fn: Callable[[object], int] | None = None,
         bucket_batches: int = 1,
+        sources: list[list[str]] | None = None,
+        weights: list[float] | None = None,
     ):
-        if not urls:
+        """`sources` (instead of `urls`): several shard lists mixed sample by sample, source k drawn with
+        probability weights[k] / sum(weights) by the worker's seeded RNG (deterministic, resumable); each raw sample
+        carries its source index as `__src__`."""
+        self.sources = [list(u) for u in sources] if sources else [list(urls)]
+        if any(not u for u in self.sources):
             raise ValueError("no shards to read")
-        self.urls = list(urls)
+        self.weights = list(weights) if weights else [1.0] * len(self.sources)
+        if len(self.weights) != len(self.sources) or min(self.weights) <= 0:
+            raise ValueError(f"one positive weight per source, got {self.weights} for {len(self.sources)} sources")
+        self.urls = self.sources[0]
         self.map_fn, self.collate_fn = map_fn, collate_fn
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.shuffle_shards, self.seed = shuffle_shards, seed
@@ -84,21 +93,21 @@ class ShardStream(IterableDataset):
         self.keep_rank, self.keep_world = 0, 1
 
     # --- which samples a worker reads ---------------------------------------------------------
-    def shard_plan(self, epoch: int, g: int) -> tuple[list[str], int | None]:
-        """(shards for global worker g in data-epoch `epoch`, sample modulus filter or None)."""
+    def shard_plan(self, epoch: int, g: int, src: int = 0) -> tuple[list[str], int | None]:
+        """(source `src`'s shards for global worker g in data-epoch `epoch`, sample modulus filter or None)."""
         G = self.world_size * self.num_workers
-        order = list(self.urls)
+        order = list(self.sources[src])
         if self.shuffle_shards:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(self.seed * 1_000_003 + epoch + 7_919_993 * src).shuffle(order)
         if len(order) >= G:
             return order[g::G], None
         return order, g
 
-    def _raw_stream(self, g: int, epoch: int, pos: int, offset: int, tracker) -> Iterator[tuple]:
-        """Yields ((epoch, pos, index), raw sample, cursor_after) forever."""
+    def _raw_stream(self, g: int, src: int, epoch: int, pos: int, offset: int, tracker) -> Iterator[tuple]:
+        """Yields ((src, epoch, pos, index), raw sample, cursor_after) forever, from one source."""
         G = self.world_size * self.num_workers
         while True:
-            shards, modulo = self.shard_plan(epoch, g)
+            shards, modulo = self.shard_plan(epoch, g, src)
             while pos < len(shards):
                 url = shards[pos]
                 try:
@@ -114,8 +123,8 @@ class ShardStream(IterableDataset):
                             continue
                         if modulo is not None and (pos + idx) % G != modulo:
                             continue
-                        s["__sid__"] = (epoch, pos, idx)
-                        yield (epoch, pos, idx), s, (epoch, pos, idx + 1)
+                        s["__sid__"], s["__src__"] = (epoch, pos, idx), src
+                        yield (src, epoch, pos, idx), s, (epoch, pos, idx + 1)
                 except TruncatedShard as e:
                     tracker.skip("truncated_tar", url, None, str(e) + " -- rest of shard skipped")
                 finally:
@@ -127,19 +136,19 @@ class ShardStream(IterableDataset):
             epoch, pos, offset = epoch + 1, 0, 0
 
     def _fetch(self, g: int, ids: list[tuple]) -> dict[tuple, dict]:
-        """Re-read the raw samples with the given (epoch, pos, index) ids (to restore a shuffle buffer)."""
+        """Re-read the raw samples with the given (src, epoch, pos, index) ids (to restore a shuffle buffer)."""
         out: dict[tuple, dict] = {}
         by_shard: dict[tuple, set] = {}
-        for e, p, i in ids:
-            by_shard.setdefault((e, p), set()).add(i)
-        for (e, p), wanted in by_shard.items():
-            url = self.shard_plan(e, g)[0][p]
+        for src, e, p, i in ids:
+            by_shard.setdefault((src, e, p), set()).add(i)
+        for (src, e, p), wanted in by_shard.items():
+            url = self.shard_plan(e, g, src)[0][p]
             stream = open_url(url, allow_pipe=self.allow_pipe)
             try:
                 for s in iter_samples(stream, url):
                     if s["__index__"] in wanted:
-                        s["__sid__"] = (e, p, s["__index__"])
-                        out[(e, p, s["__index__"])] = s
+                        s["__sid__"], s["__src__"] = (e, p, s["__index__"]), src
+                        out[(src, e, p, s["__index__"])] = s
                         if len(out) == len(ids):
                             break
             finally:
@@ -157,37 +166,41 @@ class ShardStream(IterableDataset):
         tracker = BadSampleTracker(self.max_bad_fraction, self.min_samples_for_limit)
         rng = random.Random(self.seed * 7919 + g)
         buffer: list[tuple] = []  # (id, raw sample)
-        cursor = (0, 0, 0)
+        S = len(self.sources)
+        cursors = [(0, 0, 0)] * S  # per source: (epoch, shard position, next index)
+        used = [0] * S  # samples of each source this worker handed to map_fn successfully
         skip = 0
         emitted = 0  # samples out of the shuffle buffer so far (interleave split)
         if state is not None:
             rng.setstate(py_rng_state_from_list(state["rng"]))
-            cursor = tuple(state["cursor"])
-            ids = [tuple(i) for i in state["buffer"]]
+            cursors, ids = _source_cursors(state, S)
+            used = list(state.get("sources", used))
             fetched = self._fetch(g, ids)
             buffer = [(i, fetched[i]) for i in ids if i in fetched]
             tracker.merge(state["seen"], state["bad"], state["reasons"])
             skip = state["skip"]
             emitted = state.get("emitted", 0)
-        stream = None
+        streams = None
         while True:
             # snapshot at the start of a batch group: restoring it regenerates the same group
             snap = {
                 "worker": logical,
-                "cursor": list(cursor),
+                "cursor": [list(c) for c in cursors],
                 "buffer": [list(i) for i, _ in buffer],
+                "sources": list(used),
                 "rng": py_rng_state_to_list(rng.getstate()),
                 "seen": tracker.seen,
                 "bad": tracker.bad,
                 "reasons": dict(tracker.reasons),
                 "emitted": emitted,
             }
-            if stream is None:
-                stream = self._raw_stream(g, *cursor, tracker)
+            if streams is None:
+                streams = [self._raw_stream(g, k, *cursors[k], tracker) for k in range(S)]
             items = []
             want = self.batch_size * self.bucket_batches
             while len(items) < want:
-                sid, raw, cursor = next(stream)
+                src = 0 if S == 1 else rng.choices(range(S), weights=self.weights)[0]
+                sid, raw, cursors[src] = next(streams[src])
                 if self.shuffle_buffer > 1:
                     if len(buffer) < self.shuffle_buffer:
                         buffer.append((sid, raw))
@@ -200,6 +213,7 @@ class ShardStream(IterableDataset):
                 try:
                     items.append(self.map_fn(raw))
                     tracker.ok()
+                    used[raw["__src__"]] += 1
                 except SampleError as e:
                     tracker.skip(e.reason, raw.get("__shard__", "?"), raw.get("__key__"), str(e))
             if self.length_fn is not None:
@@ -211,8 +225,20 @@ class ShardStream(IterableDataset):
                 if j < skip:
                     continue
                 now = {"seen_now": tracker.seen, "bad_now": tracker.bad, "reasons_now": dict(tracker.reasons)}
+                now["sources_now"] = list(used)
                 yield self.collate_fn(group), {**snap, **now, "skip": j + 1}
             skip = 0
+
+
+def _source_cursors(state: dict, n_sources: int) -> tuple[list[tuple], list[tuple]]:
+    """(per-source cursors, buffered sample ids) of a worker state; states saved before sources existed hold one
+    cursor [epoch, pos, index] and 3-element ids (source 0)."""
+    cursor = state["cursor"]
+    cursors = [tuple(cursor)] if cursor and not isinstance(cursor[0], list) else [tuple(c) for c in cursor]
+    if len(cursors) != n_sources:
+        raise ValueError(f"loader state has {len(cursors)} data sources, this run has {n_sources}")
+    ids = [tuple(i) if len(i) == 4 else (0, *i) for i in state["buffer"]]
+    return cursors, ids
 
 
 class StreamingLoader:
@@ -238,6 +264,7 @@ class StreamingLoader:
         length_fn: Callable[[object], int] | None = None,
         bucket_batches: int = 8,
         split: str = "shards",
+        weights: list[float] | None = None,
     ):
         # long: the loader's options are validated together, before any worker starts
         """split: "shards" (each rank and worker reads its own shards: the normal case), "interleave" (every rank
@@ -249,7 +276,9 @@ class StreamingLoader:
             raise ValueError(f"split must be shards, interleave or none, not {split!r}")
         self.rank, self.world_size, self.split = rank, world_size, split
         stream_rank, stream_world = (rank, world_size) if split == "shards" else (0, 1)
-        urls = expand_urls(shards, allow_pipe=allow_pipe)
+        # several sources (`weights` given: `shards` is a list of shard specs, one per weight), mixed sample by sample
+        sources = [expand_urls(spec, allow_pipe=allow_pipe) for spec in shards] if weights is not None else None
+        urls = sources[0] if sources else expand_urls(shards, allow_pipe=allow_pipe)
         if batches_per_epoch is None:
             if isinstance(shards, str) and shards.removeprefix("file:").endswith(".json"):
                 total = sum(read_index(shards.removeprefix("file:"))[1])
@@ -274,6 +303,8 @@ class StreamingLoader:
             min_samples_for_limit=min_samples_for_limit,
             length_fn=length_fn,
             bucket_batches=bucket_batches,
+            sources=sources,
+            weights=weights,
         )
         if split == "interleave":
             self.dataset.keep_rank, self.dataset.keep_world = rank, world_size
@@ -321,7 +352,13 @@ class StreamingLoader:
         t.check()
 
     def metrics(self) -> dict:
-        return {**self.tracker.metrics(), "data_wait_s": self.data_wait_s, "batches": self.consumed}
+        out = {**self.tracker.metrics(), "data_wait_s": self.data_wait_s, "batches": self.consumed}
+        if len(self.dataset.sources) > 1:  # samples each source gave this rank so far
+            counts = [0] * len(self.dataset.sources)
+            for st in self.worker_states.values():
+                counts = [a + b for a, b in zip(counts, st["sources_now"], strict=True)]
+            out["source_samples"] = counts
+        return out
 
     def state_dict(self) -> dict:
         return {
@@ -339,6 +376,8 @@ class StreamingLoader:
             mine = self.num_workers if key == "num_workers" else getattr(self, key)
             if sd[key] != mine:
                 raise ValueError(f"loader state was saved with {key}={sd[key]}, this loader has {key}={mine}")
+        for st in sd["workers"].values():  # a run resumed with other data sources: a clear error now, not later
+            _source_cursors(st, len(self.dataset.sources))
         self.epoch, self.in_epoch, self.consumed = sd["epoch"], sd["in_epoch"], sd["consumed"]
         self.worker_states = {int(k): v for k, v in sd["workers"].items()}
         self._it = None

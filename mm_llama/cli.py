@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mm_llama.adapters.chat import add_parsers as add_chat_parsers
 from mm_llama.adapters.cli import add_asr_parser
 from mm_llama.adapters.cli import add_parser as add_caption
 from mm_llama.adapters.modalities.speech import cache_encoder_outputs, load_encoder
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_caption(sub)
     add_asr_parser(sub)
     add_serve_parser(sub)
+    add_chat_parsers(sub)
 
     pl = sub.add_parser(
         "plan",

@@ -84,6 +84,13 @@ def _coerce(value, hint, where):
         ):
             return None
         raise ConfigError(f"{where}: null is not allowed here")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else typing.Any
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [v if item is typing.Any else _coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if float in (hint, *args) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):

@@ -38,7 +38,7 @@ from mm_llama.engine.shard import is_sharded
 from mm_llama.llama import Transformer, get_preset
 from mm_llama.llama.checkpoint import CheckpointError, read_checkpoint
 
-from .train import TowerCfg, load_train_config, trainer_for
+from .train import TowerCfg, load_train_config, run_kinds, trainer_for
 
 PROMPT_TOKENS = 16  # BOS, the media token and a short prompt before the target text
 
@@ -81,10 +81,12 @@ def meta_model(cfg):
             tower = Transformer(args)
     tower.requires_grad_(False)
     with torch.device("meta"):
-        for kind, base in spec.part.base_parts(tower, model_cfg).items():
-            if kind not in parts:
-                parts[kind] = base.requires_grad_(False)
-        parts[spec.name] = spec.part.build(tower, model_cfg, parts)
+        for kind in run_kinds(cfg):  # every part the run trains (model.modalities), on the parts they require
+            spec = MODALITIES[kind]
+            if not all(r in parts for r in spec.requires):
+                for need, base in spec.part.base_parts(tower, model_cfg).items():
+                    parts.setdefault(need, base.requires_grad_(False))
+            parts[kind] = spec.part.build(tower, model_cfg, parts)
     return ComposedModel(tower, parts)
 
 

@@ -4,9 +4,11 @@
     torchrun --nproc_per_node 2 -m recipes.train --config ... engine=ours
     accelerate launch --multi_gpu --num_processes 2 -m recipes.train --config ...
 
-The recipe reads the config, says how to build the model (the tower + the configured modality's part, on the
-frozen parts it requires) and its data, and hands both to the trainer (mm_llama/engine/trainer.py), which places
-the model, runs the step loop, checkpoints, logs metrics.jsonl and saves RUN/adapter.safetensors.
+The recipe reads the config (recipes/train_config.py), says how to build the model (the tower + the configured
+modality's part, or several parts with `model.modalities`, on the frozen parts they require) and its data
+(recipes/train_data.py: one source or several mixed), and hands both to the trainer (mm_llama/engine/trainer.py),
+which places the model, runs the step loop, checkpoints, logs metrics.jsonl and saves RUN/adapter.safetensors
+(several parts: RUN/adapter-KIND.safetensors each).
 """
 
 from __future__ import annotations
@@ -14,77 +16,54 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
 import torch
 
 from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.files import init_part_from_file, load_part, save_part
-from mm_llama.adapters.generation import Collate
 from mm_llama.adapters.hf_mllama import is_mllama_folder, load_hf_mllama
-from mm_llama.adapters.modality import AnswerOptions
-from mm_llama.adapters.registry import MODALITIES, get_modality
-from mm_llama.adapters.samples import SampleOptions, Samples
+from mm_llama.adapters.registry import MODALITIES
 from mm_llama.assets import resolve
-from mm_llama.config import ConfigError, bounded, choice, load_config
-from mm_llama.data.conversation import TEMPLATES, TRAIN_ON
-from mm_llama.data.loader import StreamingLoader
+from mm_llama.config import ConfigError
 from mm_llama.engine import exit_process
-from mm_llama.engine.trainer import Callback, Trainer, TrainerConfig
-from mm_llama.llama import Tokenizer, Transformer, get_preset, load_pretrained
+from mm_llama.engine.trainer import Callback, Trainer
+from mm_llama.llama import Tokenizer, Transformer, load_pretrained, random_tower, random_tower_source
 from mm_llama.llama.checkpoint import CheckpointError
 
+# absolute (the installed package): this file also runs as a script (`torchrun recipes/train.py`)
+from mm_llama.recipes.train_config import (
+    DataCfg,
+    SourceCfg,
+    TowerCfg,
+    TrainConfig,
+    config_class,
+    load_train_config,
+    run_kinds,
+)
+from mm_llama.recipes.train_data import SourceSamples, collate_for, loader_for, model_kinds, samples_for
 
-@dataclass
-class TowerCfg:
-    path: str | None = None  # Meta dir | HF dir (an Mllama one: its text model) | .gguf; None: a random preset
-    preset: str = "debug"
-    vocab_size: int | None = None  # random preset: match the tokenizer's vocabulary
-    seed: int = 0
-
-
-@dataclass
-class DataCfg:
-    train: str = ""
-    batch_size: int = bounded(2, 1)
-    num_workers: int = bounded(0, 0)
-    shuffle_buffer: int = bounded(16, 1)
-    max_bad_fraction: float = bounded(0.01, 0.0, 1.0)
-    prompt: str = ""
-    max_text_tokens: int = bounded(64, 1)
-    # shards | interleave (N ranks x B/N == 1 rank x B, for checks) | none (the same stream on every rank)
-    split: str = choice("shards", "shards", "interleave", "none")
-    # how samples are rendered (data/conversation.py): auto = the tokenizer's chat format for conversations, the
-    # plain caption layout for caption/transcript samples; plain | llama3 | chatml force one
-    template: str = choice("auto", *TEMPLATES)
-    train_on: str = choice("assistant", *TRAIN_ON)  # loss on: every assistant turn | the last one | all tokens
-
-
-def config_class() -> type:
-    """The training config for the registered modalities: the trainer's keys, the tower, `model` (the modality to
-    train, the tokenizer, and one section per plug-in: its `Config`), the data. A plug-in registered later (a test's
-    toy modality) is in the class this returns from then on."""
-    names = list(MODALITIES)
-    model = [("modality", str, choice(names[0], *names)), ("tokenizer", str, "")]
-    model += [(n, s.part.Config, field(default_factory=s.part.Config)) for n, s in MODALITIES.items()]
-    fields = [
-        ("init_adapter", str, ""),  # start the part's weights from this adapter file (same modality and options)
-        # lm: the token loss through the frozen tower (+ the plug-in's auxiliary losses); aux: the auxiliary losses
-        # only, the tower skipped (e.g. a cheap CTC phase for the speech adapter before the LM phase)
-        ("objective", str, choice("lm", "lm", "aux")),
-        ("tower", TowerCfg, field(default_factory=TowerCfg)),
-        ("model", make_dataclass("ModelCfg", model), field(default_factory=make_dataclass("ModelCfg", model))),
-        ("data", DataCfg, field(default_factory=DataCfg)),
-    ]
-    return make_dataclass("TrainConfig", fields, bases=(TrainerConfig,))
-
-
-TrainConfig = config_class()
-
-
-def load_train_config(path=None, overrides=None):
-    return load_config(config_class(), path, overrides)
+__all__ = [  # the recipe's pieces, importable from here (tests, other recipes)
+    "DataCfg",
+    "SourceCfg",
+    "SourceSamples",
+    "TowerCfg",
+    "TrainConfig",
+    "build_model",
+    "build_tower",
+    "collate_for",
+    "config_class",
+    "load_train_config",
+    "loader_for",
+    "main",
+    "model_for",
+    "model_kinds",
+    "run_kinds",
+    "samples_for",
+    "save_trained",
+    "tower_source",
+    "trainer_for",
+]
 
 
 def build_tower(cfg) -> Transformer:
@@ -93,31 +72,47 @@ def build_tower(cfg) -> Transformer:
         if is_mllama_folder(path):  # Llama 3.2 Vision: its text model (model.image.release: its image part)
             return load_hf_mllama(Path(path), text_only=True)
         return load_pretrained(path)
-    args = get_preset(cfg.tower.preset)
-    if cfg.tower.vocab_size:
-        args = args.replace(vocab_size=cfg.tower.vocab_size)
-    tower = Transformer(args)
-    tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(cfg.tower.seed))
-    return tower.requires_grad_(False).eval()
+    return random_tower(cfg.tower.preset, cfg.tower.vocab_size, cfg.tower.seed)
+
+
+def tower_source(cfg) -> str:
+    """Where the run's tower comes from, as adapter files record it (`mm-llama ask` finds the tower from it)."""
+    if cfg.tower.path:
+        path = cfg.tower.path
+        return path if path.startswith("asset:") or not Path(path).exists() else str(Path(path).resolve())
+    return random_tower_source(cfg.tower.preset, cfg.tower.vocab_size, cfg.tower.seed)
 
 
 def build_model(cfg, tower: Transformer) -> ComposedModel:
-    """The tower + a fresh part of the configured modality, built by its plug-in on the frozen parts it requires
-    (each a module or an adapter file); `init_adapter` and `objective` applied."""
-    spec = get_modality(cfg.model.modality)
+    """The tower + a fresh part of each configured modality (built by its plug-in on the frozen parts it requires,
+    each a module or an adapter file, unless the run builds those too); `init`/`init_adapter`, `trainable` and
+    `objective` applied."""
+    kinds = run_kinds(cfg)
+    if cfg.init_adapter and len(kinds) > 1:
+        raise ConfigError("init_adapter is for one-modality runs; give model.<modality>.init for each part")
     parts = {}
-    for kind, base in spec.part.base_parts(tower, cfg.model).items():
-        part = load_part(tower, base, parts)[1] if isinstance(base, (str, Path)) else base
-        parts[kind] = part.requires_grad_(False)
-    parts[spec.name] = spec.part.build(tower, cfg.model, parts)
+    for kind in kinds:
+        spec = MODALITIES[kind]
+        if not all(r in parts for r in spec.requires):
+            for need, base in spec.part.base_parts(tower, cfg.model).items():
+                part = load_part(tower, base, parts)[1] if isinstance(base, (str, Path)) else base
+                parts[need] = part.requires_grad_(False)
+        parts[kind] = spec.part.build(tower, cfg.model, parts)
     model = ComposedModel(tower, parts)
-    if cfg.init_adapter:
-        try:
-            init_part_from_file(model, spec.name, resolve(cfg.init_adapter))
-        except (CheckpointError, FileNotFoundError) as e:
-            msg = f"init_adapter: {e} (use a file from a run with the same model.{spec.name} options)"
-            raise ConfigError(msg) from None
+    for kind in kinds:
+        section = getattr(cfg.model, kind)
+        init, key = (cfg.init_adapter, "init_adapter") if cfg.init_adapter else (section.init, f"model.{kind}.init")
+        if init:
+            try:
+                init_part_from_file(model, kind, resolve(init))
+            except (CheckpointError, FileNotFoundError) as e:
+                raise ConfigError(f"{key}: {e} (use a file from a run with the same model.{kind} options)") from None
+        if not section.trainable:
+            model.part(kind).requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"nothing to train: every part of {kinds} has trainable: false")
     model.aux_only = cfg.objective == "aux"
+    model.partial_batches = len(kinds) > 1 or len(cfg.data.sources) > 1  # a batch may leave a part without media
     return model
 
 
@@ -126,48 +121,29 @@ def model_for(cfg, dtype: torch.dtype) -> ComposedModel:
     return build_model(cfg, build_tower(cfg).to(dtype=dtype))
 
 
-def collate_for(cfg) -> Collate:
-    spec = get_modality(cfg.model.modality)
-    return Collate([*spec.requires, spec.name])
-
-
-def samples_for(cfg, tok, model) -> Samples:
-    """Raw shard samples -> training items: conversations with any of the model's media, plain samples of the
-    trained modality's medium, rendered as `data.template` and labelled as `data.train_on` says."""
-    d = cfg.data
-    opts = SampleOptions(template=d.template, train_on=d.train_on, max_text_tokens=d.max_text_tokens)
-    answer = AnswerOptions(prompt=d.prompt)
-    return Samples.of(model, tok, options=opts, answer=answer, cfg=cfg.model, plain_kinds=[cfg.model.modality])
-
-
-def loader_for(cfg, tok, model, info, **kw) -> StreamingLoader:
-    """This rank's resumable stream of batches (the plug-in's sample maker, collated)."""
-    d = cfg.data
-    args = dict(
-        batch_size=d.batch_size,
-        batches_per_epoch=10**9,
-        num_workers=d.num_workers,
-        shuffle_buffer=d.shuffle_buffer,
-        seed=cfg.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        max_bad_fraction=d.max_bad_fraction,
-        split=d.split,
-    )
-    args.update(map_fn=samples_for(cfg, tok, model), collate_fn=collate_for(cfg))
-    return StreamingLoader(d.train, **{**args, **kw})
-
-
 def trainer_for(cfg, callbacks=(), **loader_kw) -> Trainer:
     tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
     return Trainer(
         cfg,
         build_model=lambda dtype: model_for(cfg, dtype),
         make_loader=lambda model, info: loader_for(cfg, tok, model, info, **loader_kw),
-        save_model=lambda model, path: save_part(model, cfg.model.modality, path),
+        save_model=lambda model, path: save_trained(cfg, model, path),
         config=cfg,
         callbacks=callbacks,
     )
+
+
+def save_trained(cfg, model, path: Path) -> None:
+    """RUN/adapter.safetensors (one modality), or RUN/adapter-KIND.safetensors for each trainable part (several);
+    each file records the tower and tokenizer it was trained with."""
+    sources = {"tower": tower_source(cfg), "tokenizer": cfg.model.tokenizer}
+    kinds = run_kinds(cfg)
+    if len(kinds) == 1:
+        save_part(model, kinds[0], path, sources=sources)
+        return
+    for kind in kinds:
+        if getattr(cfg.model, kind).trainable:
+            save_part(model, kind, path.with_name(f"adapter-{kind}.safetensors"), sources=sources)
 
 
 def main(argv=None, callbacks: list[Callback] | None = None) -> int:

@@ -86,13 +86,15 @@ def from_meta(tower, meta: dict, parts: dict, source: str) -> ImagePart:
     return ImagePart(tower.args, VisionArgs(**v), meta["schedule"])
 
 
-def image_mask(input_ids_BT, token_id: int, ratio_ids_BI, ratio_mask_BIN) -> torch.Tensor:
-    """transformers' cross_attention_mask [B, T, I, N] from the `<|image|>` positions (padding images: ratio id 0)."""
+def image_mask(input_ids_BT, token_id: int, ratio_ids_BI, ratio_mask_BIN, segments_BT=None) -> torch.Tensor:
+    """transformers' cross_attention_mask [B, T, I, N] from the `<|image|>` positions (padding images: ratio id 0);
+    in packed rows (`segments_BT`) each sample sees only its own images."""
     num_tiles = [
         [int(n) for n, rid in zip(ratio_mask_BIN[b].sum(-1).tolist(), ratio_ids_BI[b].tolist()) if rid != 0]
         for b in range(input_ids_BT.shape[0])
     ]
-    mask = cross_attention_mask(input_ids_BT.tolist(), token_id, num_tiles, ratio_mask_BIN.shape[-1])
+    segments = None if segments_BT is None else segments_BT.tolist()
+    mask = cross_attention_mask(input_ids_BT.tolist(), token_id, num_tiles, ratio_mask_BIN.shape[-1], segments=segments)
     return mask.to(input_ids_BT.device)
 
 
@@ -108,7 +110,10 @@ def prepare(model, input_ids, inputs, cache_kv):
     kv = part.media_kv(media) if cache_kv else [media] * len(part.cross_attention_layers)
     xmask = inputs.get("cross_attention_mask")
     if xmask is None:
-        xmask = image_mask(input_ids, model.token_id("image"), inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+        ids, token = input_ids, model.token_id("image")
+        xmask = image_mask(
+            ids, token, inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"], inputs.get("segment_ids")
+        )
     bias, row = part.masks(xmask[:, -input_ids.shape[1] :], model.tower.tok_embeddings.weight.dtype)
     return kv, bias, row
 

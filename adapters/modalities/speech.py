@@ -19,6 +19,7 @@ import torch
 from mm_llama.assets import resolve
 from mm_llama.config import ConfigError, bounded, choice
 from mm_llama.data.badsamples import SampleError
+from mm_llama.data.collate import segment_bounds
 from mm_llama.data.conversation import Part
 from mm_llama.data.media import AUDIO
 from mm_llama.data.writer import derive_shards
@@ -155,10 +156,17 @@ def prepare(model, input_ids, inputs, cache_kv):
     if not owner:
         return None
     rows = encode_speech(model.speech, flat_f, flat_e, model.tok_embeddings.weight.device)
-    out: list = [None] * B
+    out = SpeechRows([None] * B)
     for b, r in zip(owner, rows, strict=True):
         out[b] = r if out[b] is None else torch.cat([out[b], r])
+    out.segments = inputs.get("segment_ids")
     return out
+
+
+class SpeechRows(list):
+    """The speech state: per sample its adapter rows (None: no audio), and the packed rows' segment ids (or None)."""
+
+    segments: torch.Tensor | None = None
 
 
 def input_rows(model, h_BTD, input_ids, state):
@@ -182,11 +190,20 @@ def aux_loss(model, state, input_ids, labels):
     if part.ctc is None or labels is None or not part.training:
         return None
     rows, targets = [], []
+    placeholder, T = model.token_id("speech"), labels.shape[1]
     for b, r in enumerate(state):
-        if r is not None:
-            t = labels[b][labels[b] >= 0]  # the transcript's ids, then its end-of-text id (the plain template)
-            rows.append(r)
-            targets.append(t[:-1])
+        if r is None:
+            continue
+        # each sample of a packed row on its own: its rows (its placeholders' count) against its own labels
+        bounds = [(0, T)] if state.segments is None else segment_bounds(state.segments[b].tolist())
+        used = 0
+        for a, e in bounds:
+            n = int((input_ids[b, a:e] == placeholder).sum())
+            if n:
+                t = labels[b, a:e][labels[b, a:e] >= 0]  # the transcript's ids, then its end-of-text id
+                rows.append(r[used : used + n])
+                targets.append(t[:-1])
+                used += n
     if not rows:
         return None
     return part.ctc.loss_sum(model.tower.tok_embeddings.weight, rows, targets)

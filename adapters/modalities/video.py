@@ -64,10 +64,11 @@ def from_meta(tower, meta: dict, parts: dict, source: str) -> VideoPart:
     return VideoPart.on_image(parts["image"], AggregatorArgs(**meta["aggregator"]), schedule=meta["video_schedule"])
 
 
-def video_state(model, clips: list, input_ids: torch.Tensor, cache_kv: bool):
+def video_state(model, clips: list, input_ids: torch.Tensor, cache_kv: bool, segments=None):
     """Per-block keys/values of each sample's clips side by side (or the clip tokens, `cache_kv=False`), and the
     additive bias / row mask for every position of `input_ids`: a sample's k-th clip is seen from its k-th
-    `<|video|>` token on (one clip: from its token on, as the video stage trains)."""
+    `<|video|>` token on (one clip: from its token on, as the video stage trains); in packed rows (`segments`
+    [B, T]) only by its own sample's positions."""
     part = model.video
     B = input_ids.shape[0]
     S = max(sum(v.shape[0] for v in c) for c in clips)
@@ -79,8 +80,16 @@ def video_state(model, clips: list, input_ids: torch.Tensor, cache_kv: bool):
         for k, v in enumerate(c):
             media[b, start : start + v.shape[0]], clip_of_key[b, start : start + v.shape[0]] = v, k
             start += v.shape[0]
-    seen = (input_ids == model.token_id("video")).long().cumsum(1)  # [B, T]: clips whose token is at or before
+    is_clip = input_ids == model.token_id("video")
+    seen = is_clip.long().cumsum(1)  # [B, T]: clips whose token is at or before
     allowed = (clip_of_key[:, None, :] >= 0) & (clip_of_key[:, None, :] < seen[:, :, None])
+    if segments is not None:  # clip k belongs to the sample of the k-th <|video|> token
+        seg_of_clip = torch.full((B, S), -2, dtype=torch.long, device=dev)
+        for b in range(B):
+            owners = segments[b][is_clip[b]]
+            k = clip_of_key[b]
+            seg_of_clip[b, k >= 0] = owners[k[k >= 0]]
+        allowed &= seg_of_clip[:, None, :] == segments[:, :, None]
     bias, row = masks_from_allowed(allowed, media.dtype)
     blocks = part.video_cross_attention_layers
     kv = [blk.media_kv(media) for blk in blocks] if cache_kv else [media] * len(blocks)
@@ -100,7 +109,7 @@ def prepare(model, input_ids, inputs, cache_kv):
     if not any(clips):
         return None
     tokens = [[model.video.encode(model.image, c) for c in sample] for sample in clips]
-    return video_state(model, tokens, input_ids, cache_kv)
+    return video_state(model, tokens, input_ids, cache_kv, inputs.get("segment_ids"))
 
 
 # --- data and inference -----------------------------------------------------------------------------------------

@@ -344,7 +344,8 @@ class DistributedDataParallel(nn.Module):
                 raise RuntimeError(
                     f"DistributedDataParallel (rank {self.rank}): these trainable parameters received no gradient "
                     f"in this backward: {names}{more}. Make them take part in the loss, freeze them "
-                    "(requires_grad=False), or pass find_unused_parameters=True."
+                    "(requires_grad=False), or pass find_unused_parameters=True (training config: "
+                    "find_unused_parameters=true, e.g. for text-only samples in a run)."
                 )
             self._wait_all()
             globally_used = None

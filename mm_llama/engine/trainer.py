@@ -67,6 +67,10 @@ class TrainerConfig:
     steps: int = bounded(10, 1)
     seed: int = 0
     engine: str = choice("ours", "ours", "torch")
+    # a step whose batch leaves some trainable part without media (mixed runs, text-only samples) has parameters
+    # with no gradient: the engine must look for them (a graph walk + one small all-reduce per step). auto: on when
+    # the model says batches may leave parts out (several trained parts or sources) or the objective is aux
+    find_unused_parameters: str = choice("auto", "auto", "true", "false")
     bucket_cap_mb: float | str = auto_or_bounded("auto", 0.0)  # auto: sized from the trainable gradients
     log_every: int = bounded(1, 1)
     ckpt_every: int = bounded(5, 1)
@@ -187,11 +191,24 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
 
+    def _data_metrics(self) -> dict:
+        """The loader's counts; a mixed run's per-source sample counts summed over all ranks (one small all-reduce,
+        every rank calls it)."""
+        out = self.loader.metrics()
+        if "source_samples" in out and self.info.distributed:
+            t = torch.tensor(out["source_samples"], dtype=torch.long, device=self.info.device)
+            dist.all_reduce(t)
+            out["source_samples"] = t.tolist()
+        return out
+
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The data-parallel engine: ours (bucketed overlap) or torch's DDP (`engine=torch`, several processes)."""
         cfg, info = self.cfg, self.info
-        # the aux objective leaves the parts that feed only the tower (e.g. token rows) without gradients
-        unused = getattr(model, "aux_only", False)
+        # the aux objective leaves the parts that feed only the tower (e.g. token rows) without gradients; a mixed
+        # run's batch may hold no media of a part
+        unused = {"true": True, "false": False}.get(cfg.find_unused_parameters)
+        if unused is None:
+            unused = getattr(model, "aux_only", False) or getattr(model, "partial_batches", False)
         if cfg.engine == "ours":
             return DistributedDataParallel(model, bucket_cap_mb=cfg.bucket_cap_mb, find_unused_parameters=unused)
         if info.distributed:
@@ -273,7 +290,7 @@ class Trainer:
                         "nonfinite": self.nonfinite,
                         "peak_mem_mb": peak_mem_mb(),
                     }
-                    metrics.log(rec | self.loader.metrics())
+                    metrics.log(rec | self._data_metrics())
                 if bar is not None:
                     bar.update(self.step_count, res.loss, tps)
                 if self.step_count % cfg.ckpt_every == 0 or self.step_count == cfg.steps:

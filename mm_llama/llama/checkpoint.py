@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelArgs
+from .config import ModelArgs, get_preset
 from .errors import CheckpointError, TensorStream
 from .format_gguf import GGUF_SUPPORTED, _gguf_file, _gguf_stream, gguf_to_meta_key
 from .format_hf import (
@@ -183,3 +183,32 @@ def load_pretrained(
     if quantize == "int8":
         quantize_int8(model, dtype)
     return model.eval()
+
+
+def random_tower(preset: str, vocab_size: int | None = None, seed: int = 0) -> Transformer:
+    """A seeded random tower of a preset's shape (debug configs, tests, benchmarks): the same weights for the same
+    (preset, vocab_size, seed), frozen."""
+    args = get_preset(preset)
+    if vocab_size:
+        args = args.replace(vocab_size=vocab_size)
+    tower = Transformer(args)
+    tower.init_weights(std=0.05, generator=torch.Generator().manual_seed(seed))
+    return tower.requires_grad_(False).eval()
+
+
+def random_tower_source(preset: str, vocab_size: int | None = None, seed: int = 0) -> str:
+    """The string that names a random preset tower where a checkpoint path would stand (adapter files record it)."""
+    return f"preset:{preset}?vocab_size={vocab_size or get_preset(preset).vocab_size}&seed={seed}"
+
+
+def load_source(source: str, dtype: torch.dtype = torch.float32, device="cpu", quantize: str | None = None):
+    """A tower from a path (Meta folder, HF folder, .gguf) or a `preset:NAME?vocab_size=V&seed=S` source."""
+    if source.startswith("preset:"):
+        name, _, query = source.removeprefix("preset:").partition("?")
+        try:
+            opts = {k: int(v) for k, v in (kv.split("=", 1) for kv in query.split("&") if kv)}
+            tower = random_tower(name, opts.get("vocab_size"), opts.get("seed", 0))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"tower source {source!r}: {e}") from None
+        return tower.to(device=device, dtype=dtype)
+    return load_pretrained(source, dtype=dtype, device=device, quantize=quantize)

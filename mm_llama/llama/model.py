@@ -60,6 +60,32 @@ def apply_rope(x_BTHK: torch.Tensor, freqs_BTK: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs_BTK.unsqueeze(2)).flatten(-2).to(x_BTHK.dtype)
 
 
+class Documents:
+    """A packed layout for attention: each row holds several documents (samples) side by side, each attending
+    causally to itself only. `spans[b]`: the [start, end) of row b's documents in order (the rest of the row is
+    padding, never read). Attention then runs per document (variable length, sum of len^2 work instead of
+    rows x T^2 for a dense block-diagonal mask)."""
+
+    def __init__(self, spans: Sequence[Sequence[tuple[int, int]]]):
+        self.spans = [list(s) for s in spans]
+
+    def attend(self, q_BHTK, k_BGTK, v_BGTK, enable_gqa: bool) -> torch.Tensor:
+        B, H, T, K = q_BHTK.shape
+        rows = []
+        for b in range(B):
+            pieces, at = [], 0
+            for start, end in self.spans[b]:
+                if start > at:
+                    pieces.append(q_BHTK.new_zeros(H, start - at, K))
+                q, k, v = (t[b : b + 1, :, start:end] for t in (q_BHTK, k_BGTK, v_BGTK))
+                pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)[0])
+                at = end
+            if at < T:
+                pieces.append(q_BHTK.new_zeros(H, T - at, K))
+            rows.append(torch.cat(pieces, 1))
+        return torch.stack(rows)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
@@ -77,6 +103,9 @@ class Attention(nn.Module):
         q_BHTK, k_BGSK, v_BGSK = (t.transpose(1, 2) for t in (q_BTHK, k_BTGK, v_BTGK))
         if cache is not None:
             k_BGSK, v_BGSK = cache.update(layer_idx, k_BGSK, v_BGSK)
+        if isinstance(mask, Documents):  # packed rows: each document attends to itself only
+            o_BHTK = mask.attend(q_BHTK, k_BGSK, v_BGSK, self.n_kv_heads != self.n_heads)
+            return self.wo(o_BHTK.transpose(1, 2).reshape(B, T, -1))
         is_causal = mask is None and T > 1  # with a cache: only valid for a first, unpadded prefill
         o_BHTK = F.scaled_dot_product_attention(
             q_BHTK,
@@ -170,7 +199,8 @@ class Transformer(nn.Module):
         """Logits for `tokens` [B, T] (or input embeddings `embeds` [B, T, D]).
 
         positions: [B, T] RoPE positions (default 0..T-1).
-        mask: boolean [B, 1, T, S] (True = attend) or None for plain causal attention.
+        mask: boolean [B, 1, T, S] (True = attend), `Documents` (packed rows: per-document causal attention), or
+            None for plain causal attention.
         cache: a generation cache with `update(layer_idx, k, v)`; its owner provides `mask`.
         last_only: compute logits for the last position only (decoding).
         select: boolean [B, T]: logits only where True, as [N, V] (training: only positions that have a label).

@@ -11,6 +11,8 @@ from mm_llama.data.collate import (
     cross_attention_mask,
     expand_placeholders,
     image_token_spans,
+    pack,
+    segment_positions,
 )
 
 IMG = 99
@@ -65,3 +67,33 @@ def test_collate_images_mixed_batch():
 def test_mask_image_count_mismatch():
     with pytest.raises(ValueError, match="2 image tokens but 1 images"):
         cross_attention_mask([[IMG, IMG, 3]], IMG, [[1]], max_tiles=4)
+
+
+def test_pack_first_fit_rows_segments_and_labels():
+    items = [
+        {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, 3, 4, 5, 6], "image": ["a"]},
+        {"input_ids": [1, 7, 8], "labels": [1, 7, 8]},
+        {"input_ids": [1, 9, 9, 9, 9], "labels": [-100, 9, 9, 9, 9], "image": ["b", "c"]},
+        {"input_ids": [1, 5], "labels": [-100, 5]},
+    ]
+    rows = pack(items, 8)  # longest first: [6 + 2], [5 + 3]
+    assert [r["input_ids"] for r in rows] == [[1, 2, 3, 4, 5, 6, 1, 5], [1, 7, 8, 1, 9, 9, 9, 9]]
+    assert rows[1]["segment_ids"] == [0, 0, 0, 1, 1, 1, 1, 1]
+    # a sample's first token is never a target (nothing of it comes before): ignored at every sample start
+    assert rows[1]["labels"] == [-100, 7, 8, -100, 9, 9, 9, 9]
+    assert rows[0]["image"] == ["a"] and rows[1]["image"] == ["b", "c"]
+    with pytest.raises(ValueError, match="9 tokens does not fit a row of max_tokens 8"):
+        pack([{"input_ids": list(range(9))}], 8)
+
+
+def test_positions_restart_per_sample():
+    seg = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0]]
+
+
+def test_packed_image_spans_stay_in_their_sample():
+    V = 99
+    ids = [V, 5, 6, V, 7, V, 8]  # sample 0: one image; sample 1: two images
+    seg = [0, 0, 0, 1, 1, 1, 1]
+    m = cross_attention_mask([ids], V, [[1, 1, 1]], 1, segments=[seg])[0, :, :, 0]
+    assert m.tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]]

@@ -171,3 +171,46 @@ def test_batches_per_epoch_required_without_index(tmp_path):
     write_text_shards(tmp_path, [2])
     with pytest.raises(ValueError, match="batches_per_epoch"):
         StreamingLoader(str(tmp_path / "t-000.tar"), map_fn=key_and_epoch, batch_size=1)
+
+
+def sources(tmp_path) -> list[str]:
+    out = []
+    for k, counts in enumerate(([6, 5], [4], [3, 3, 2])):
+        (tmp_path / f"src{k}").mkdir()
+        out.append(write_text_shards(tmp_path / f"src{k}", counts))
+    return out
+
+
+def source_and_key(raw):
+    return raw["__src__"], raw["__key__"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sources_mix_by_weight_and_resume_exactly(tmp_path, workers):
+    idx = sources(tmp_path)
+    kw = dict(batch_size=4, num_workers=workers, shuffle_buffer=5, seed=1, batches_per_epoch=500, rank=0, world_size=1)
+    loader = StreamingLoader(idx, map_fn=source_and_key, weights=[2, 1, 1], **kw)
+    drawn = [s for _, b in zip(range(500), loader) for s, _ in b]
+    share = [drawn.count(k) / len(drawn) for k in range(3)]
+    assert abs(share[0] - 0.5) < 0.04 and abs(share[1] - 0.25) < 0.04 and abs(share[2] - 0.25) < 0.04
+    assert loader.metrics()["source_samples"] == [drawn.count(k) for k in range(3)]
+
+    def run(n, state=None):
+        ld = StreamingLoader(idx, map_fn=source_and_key, weights=[2, 1, 1], **{**kw, "batches_per_epoch": 7})
+        if state is not None:
+            ld.load_state_dict(json.loads(json.dumps(state)))
+        out = []
+        while len(out) < n:
+            for b in ld:
+                out.append(b)
+                if len(out) == n:
+                    break
+        return out, ld.state_dict(), ld.metrics()["source_samples"]
+
+    full, _, counts = run(12)
+    first, state, _ = run(5)
+    rest, _, counts_after = run(7, state)
+    assert first + rest == full and counts_after == counts
+    other = StreamingLoader(idx[:2], map_fn=source_and_key, weights=[1, 1], **kw)
+    with pytest.raises(ValueError, match="3 data sources, this run has 2"):
+        other.load_state_dict(state)

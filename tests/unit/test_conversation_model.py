@@ -7,8 +7,9 @@ from PIL import Image
 
 from mm_llama.adapters.generation import Collate, generate_items
 from mm_llama.adapters.samples import SampleOptions, Samples
-from mm_llama.data.collate import IGNORE_INDEX
+from mm_llama.data.collate import IGNORE_INDEX, segment_positions
 from mm_llama.data.conversation import Message, Part
+from mm_llama.llama.model import Documents
 from tests import tiny
 
 
@@ -100,3 +101,24 @@ def test_answering_a_conversation_equals_recompute(tiny_model, char_tok):
     assert got == char_tok.decode(seq[len(request["input_ids"]) :])
     opening = [tiny.CharTok.special_tokens["<|im_start|>"], *char_tok.encode("assistant\n")]
     assert request["input_ids"][-len(opening) :] == opening  # ends with an open assistant turn
+
+
+def test_per_document_attention_equals_a_block_diagonal_mask(tiny_tower):
+    """The packed layout's attention (each document on its own) == one dense block-diagonal causal mask."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 400, (2, 12), generator=g)
+    spans = [[(0, 5), (5, 9)], [(0, 12)]]
+    seg = torch.full((2, 12), -1)
+    for b, row in enumerate(spans):
+        for s, (a, e) in enumerate(row):
+            seg[b, a:e] = s
+    dense = (seg[:, :, None] == seg[:, None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    pos = segment_positions(seg)
+    with torch.no_grad():
+        want = tiny_tower(ids, positions=pos, mask=dense[:, None])
+        got = tiny_tower(ids, positions=pos, mask=Documents(spans))
+    real = seg >= 0
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    # a document alone gives the same logits as inside its packed row
+    alone = tiny_tower(ids[:1, 5:9])[0]
+    torch.testing.assert_close(got[0, 5:9], alone, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,170 @@
+"""`mm-llama ask` and `mm-llama chat`: answer a conversation whose user turns hold any mixture of media.
+
+    mm-llama ask --adapter image.safetensors --adapter speech.safetensors photo.jpg question.wav --prompt "Answer:"
+    mm-llama chat --adapter image.safetensors          (interactive: /attach FILE, /reset, /quit)
+
+`ask` answers ONE user turn holding the files in the order given, then the prompt text (after an optional system
+message), and prints the answer alone on its last stdout line. `--model` defaults to the tower the adapter files
+record (the training run's `tower.path`, an asset, or its random preset), when it can be found. The conversation is
+rendered with the tower's chat format, laid out as training lays out conversation samples (adapters/samples.py),
+and answered through the one composed forward (adapters/generation.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mm_llama.assets import resolve
+from mm_llama.data.badsamples import SampleError
+from mm_llama.data.conversation import Message, Part
+
+from .cli import load_model
+from .describe import check_handled
+from .files import read_adapter_meta
+from .generation import generate_items
+from .modality import AnswerOptions
+from .registry import MODALITIES
+from .samples import SampleOptions, Samples
+
+
+def recorded_source(files: list[str], key: str) -> str | None:
+    """The tower (or tokenizer) the adapter files record, if they agree and it can be found here."""
+    found = {(read_adapter_meta(f).get("sources") or {}).get(key) for f in files}
+    found.discard(None)
+    if len(found) > 1:
+        raise ValueError(f"the adapter files record different {key}s ({', '.join(sorted(found))}): give --model")
+    if not found:
+        return None
+    source = found.pop()
+    if source.startswith("preset:"):
+        return source
+    try:
+        path = resolve(source)
+    except (KeyError, FileNotFoundError, ValueError):
+        return None
+    return str(path) if Path(path).exists() else None
+
+
+def fill_model(args) -> None:
+    """--model / --tokenizer from the adapter files when not given (a clear error when they cannot be found)."""
+    if args.model is None:
+        if not args.adapter:
+            raise ValueError("give --model (the tower) or --adapter files that record it")
+        args.model = recorded_source(args.adapter, "tower")
+        if args.model is None:
+            raise ValueError("the adapter files record no tower that is on this machine: give --model")
+    if args.tokenizer is None and args.model.startswith("preset:"):
+        args.tokenizer = recorded_source(args.adapter, "tokenizer")
+        if args.tokenizer is None:
+            raise ValueError("a random preset tower needs --tokenizer (the adapter files record none found here)")
+
+
+def media_part(model, samples: Samples, path: str) -> Part:
+    """A file as a conversation part, decoded by its modality's maker (errors name the file)."""
+    kind = check_handled(model, path)
+    ext = path.rsplit(".", 1)[-1].lower()
+    value = samples.makers[kind].decode(Path(path).read_bytes(), path, ext)
+    return Part(MODALITIES[kind].data.medium.name, ref=value, name=Path(path).name)
+
+
+def answer(model, tok, messages: list[Message], args) -> str:
+    samples = Samples.of(model, tok, options=SampleOptions(template=args.template), answer=options(args))
+    request = samples.request(messages)
+    (text,) = generate_items(
+        model,
+        tok,
+        [request],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    return " ".join(text.split())
+
+
+def options(args) -> AnswerOptions:
+    return AnswerOptions(prompt=args.prompt or "", frames=args.frames, language=args.language)
+
+
+def cmd_ask(args) -> int:
+    missing = [p for p in args.inputs if not Path(p).is_file()]
+    if missing:
+        print(f"mm-llama ask: error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    fill_model(args)
+    model, tok = load_model(args)
+    samples = Samples.of(model, tok, answer=options(args))
+    try:
+        parts = [media_part(model, samples, p) for p in args.inputs]
+    except SampleError as e:
+        print(f"mm-llama ask: {e}", file=sys.stderr)
+        return 2
+    if args.prompt:
+        parts.append(Part("text", args.prompt))
+    if not parts:
+        print("mm-llama ask: error: nothing to ask: give files and/or --prompt", file=sys.stderr)
+        return 2
+    messages = ([Message("system", [Part("text", args.system)])] if args.system else []) + [Message("user", parts)]
+    print(answer(model, tok, messages, args), flush=True)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    fill_model(args)
+    model, tok = load_model(args)
+    samples = Samples.of(model, tok, answer=options(args))
+    history = [Message("system", [Part("text", args.system)])] if args.system else []
+    pending: list[Part] = []
+    print("[chat: /attach FILE to add a file to your next message, /reset, /quit]", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            history, pending = history[:1] if args.system else [], []
+            continue
+        if line.startswith("/attach "):
+            try:
+                pending.append(media_part(model, samples, line.removeprefix("/attach ").strip()))
+            except (SampleError, ValueError, OSError) as e:
+                print(f"[{e}]", file=sys.stderr)
+            continue
+        if not line and not pending:
+            continue
+        history.append(Message("user", [*pending, *([Part("text", line)] if line else [])]))
+        pending = []
+        reply = answer(model, tok, history, args)
+        history.append(Message("assistant", [Part("text", reply)]))
+        print(reply, flush=True)
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="the tower (default: the one the adapter files record)")
+    p.add_argument("--adapter", action="append", default=[], help="adapter file; repeat for several")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--template", default="auto", choices=["auto", "llama3", "chatml", "plain"])
+    p.add_argument("--language", default="English")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", choices=["int8"], default=None)
+    p.add_argument("--device", default="cpu")
+
+
+def add_parsers(sub) -> None:
+    a = sub.add_parser("ask", help="answer one user turn: the files in order, then --prompt (the answer: last line)")
+    a.add_argument("inputs", nargs="*", metavar="FILE", help="images, videos, audio: in the order they stand")
+    a.add_argument("--prompt", default="", help="text after the files")
+    _add_common(a)
+    a.set_defaults(func=cmd_ask)
+    c = sub.add_parser("chat", help="an interactive conversation (/attach FILE, /reset, /quit)")
+    c.add_argument("--prompt", default="", help=argparse.SUPPRESS)
+    _add_common(c)
+    c.set_defaults(func=cmd_chat)
