@@ -4,7 +4,8 @@
     python -m recipes.preview --config CONFIG [--n N]
 
 Each sample is printed as rendered text: the chat template's tokens as they decode, media as `<image:NAME>`,
-`<video:NAME>`, `<audio:NAME>`, and the tokens that carry loss between `[[` and `]]`. The samples are those rank 0
+`<video:NAME>`, `<audio:NAME>`, and the tokens that carry loss between `[[` and `]]`; a mixed run (`data.sources`)
+ends with each source's share of the samples shown. The samples are those rank 0
 of a one-process run reads first (the same shuffle, seed and sample maker as `recipes.train`); samples the run
 would skip are printed as skipped with their reason. No weights are read: the model is built on the meta device.
 """
@@ -31,17 +32,17 @@ class Preview:
     def __init__(self, samples, tok):
         self.samples, self.tok = samples, tok
 
-    def __call__(self, raw: dict) -> tuple[str, str]:
-        name = f"{raw.get('__shard__', '')}:{raw.get('__key__', '')}"
+    def __call__(self, raw: dict) -> tuple[str, str, int]:
+        name, src = f"{raw.get('__shard__', '')}:{raw.get('__key__', '')}", raw.get("__src__", 0)
         try:
             messages, conversation = self.samples.messages(raw)
             _, rendered = self.samples.render(messages, conversation=conversation)
         except SampleError as e:
-            return name, f"(skipped: {e.reason}: {e})"
-        return name, show(rendered, self.tok)
+            return name, f"(skipped: {e.reason}: {e})", src
+        return name, show(rendered, self.tok), src
 
 
-def preview(cfg, n: int) -> list[tuple[str, str]]:
+def preview(cfg, n: int) -> list[tuple[str, str, int]]:
     tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
     model = meta_model(cfg)
     info = SimpleNamespace(rank=0, world_size=1)
@@ -57,7 +58,7 @@ def preview(cfg, n: int) -> list[tuple[str, str]]:
         batch_size=batch,
         max_bad_fraction=1.0,
     )
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, int]] = []
     for group in loader:
         out += group
         if len(out) >= n:
@@ -77,9 +78,16 @@ def main(argv=None, prog: str | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"{prog or 'preview'}: error: {e}", file=sys.stderr)
         return 2
-    for i, (name, text) in enumerate(shown, 1):
+    for i, (name, text, _) in enumerate(shown, 1):
         print(f"--- sample {i}: {name}")
         print(text)
+    sources = cfg.data.sources
+    if sources:  # a mixed run: each source's share of these samples, and what its weight asks for
+        total = sum(s.weight for s in sources)
+        print(f"--- sources of these {len(shown)} samples")
+        for k, src in enumerate(sources):
+            got = sum(1 for *_, s in shown if s == k)
+            print(f"{src.train}: {got} ({got / len(shown):.0%}; weight {src.weight:g} = {src.weight / total:.0%})")
     return 0
 
 

@@ -82,6 +82,14 @@ def test_ask_an_image_and_a_spoken_question_in_one_turn(adapters, smollm_path):
     assert got == " ".join(want.split())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ask_in_each_tower_precision(adapters, dtype):
+    files, photo, question = adapters
+    argv = ["ask", "--adapter", files[0], "--adapter", files[1], photo, question, "--dtype", dtype]
+    code, out, err = run(cli_main, *argv, "--prompt", "Answer:", "--max-new-tokens", "3")
+    assert code == 0 and out.strip(), err
+
+
 def test_chat_keeps_history_and_attachments(adapters):
     files, photo, _ = adapters
     stdin = f"/attach {photo}\nWhat is this?\nAnd again?\n/quit\n"

@@ -106,3 +106,13 @@ def test_mixed_config_errors(text_shards):
         load_train_config(image, ["data.train=", "data.sources=[{train: x, weight: 0}]"])
     code, _, err = run(train_main, "--config", "recipes/configs/debug_image.yaml", "model.modalities=[image, smell]")
     assert code == 2 and "model.modalities" in err and "smell" in err
+
+
+def test_preview_shows_each_sources_share(text_shards, tmp_path):
+    argv = mixed(tmp_path, text_shards)[:-4]  # the config and sources, without the run's step options
+    code, out, err = run(cli_main, "data", "preview", *argv, "--n", "12")
+    assert code == 0, err
+    assert out.count("--- sample") == 12 and "--- sources of these 12 samples" in out
+    lines = out.split("--- sources of these 12 samples\n")[1].splitlines()
+    assert len(lines) == 3 and "weight 2 = 50%" in lines[0] and "weight 1 = 25%" in lines[2]
+    assert sum(int(line.split(": ")[1].split(" ")[0]) for line in lines) == 12
