@@ -121,9 +121,11 @@ class SpeechPart(nn.Module):
         *,
         freeze_encoder: bool = False,
         ctc_weight: float = 0.0,
+        piece_seconds: float = 30.0,
     ):
         super().__init__()
         self.tower_args = tower_args
+        self.piece_seconds = piece_seconds  # longer recordings are answered in pieces of at most this, cut in pauses
         self.encoder, self.adapter = encoder, adapter
         self.ctc = CTCHead(tower_args.dim, ctc_weight) if ctc_weight > 0 else None
         self.learnable_embedding = nn.Embedding(NUM_EXTRA_TOKENS, tower_args.dim)  # row 0: <|speech|>

@@ -105,3 +105,64 @@ def log_mel(wave: torch.Tensor, n_mels: int = N_MELS) -> torch.Tensor:
 
 def num_frames(num_samples: int) -> int:
     return num_samples // HOP + 1
+
+
+def speech_pieces(
+    wave: torch.Tensor, max_seconds: float, *, min_pause: float = 0.15, min_seconds: float = 0.1
+) -> list[tuple[int, int]]:
+    """Where to cut a recording of any length for a model trained on clips of at most `max_seconds`: [start, end)
+    sample ranges, each at most that long, cut in pauses (voice activity from 30 ms frame energies: a frame is
+    quiet below the recording's noise floor + a third of its range, at least 6 dB); pieces that hold no voiced
+    frame are left out. A stretch with no pause within `max_seconds` is cut at its quietest frame in the window's
+    second half. Each piece loses its leading and trailing quiet beyond 0.25 s."""
+    n, frame = wave.numel(), 480  # 30 ms frames, 10 ms hop
+    limit = int(max_seconds * SAMPLE_RATE)
+    if n <= limit:
+        return [(0, n)] if n else []
+    x = torch.nn.functional.pad(wave.float(), (0, max(0, frame - n)))
+    db = 10 * torch.log10(x.unfold(0, frame, HOP).pow(2).mean(1) + 1e-10)  # frame f covers [f*HOP, f*HOP + frame)
+    floor, top = torch.quantile(db, 0.1).item(), torch.quantile(db, 0.95).item()
+    if top - floor >= 10.0:
+        quiet = db < floor + max(6.0, (top - floor) / 3)
+    else:  # no contrast between loud and quiet parts: all of it is sound (or all silence, below -50 dBFS)
+        quiet = torch.full_like(db, top < -50.0, dtype=torch.bool)
+    pause_at = _pause_centres(quiet, int(min_pause * SAMPLE_RATE / HOP))  # frame index -> centre sample
+    pieces, start = [], 0
+    while n - start > limit:
+        lo, hi = start + int(min_seconds * SAMPLE_RATE), start + limit
+        inside = [c for c in pause_at if lo < c <= hi]
+        if inside:
+            cut = inside[-1]
+        else:  # no pause: the quietest frame of the window's second half
+            f0, f1 = (start + limit // 2) // HOP, max((hi - frame) // HOP, (start + limit // 2) // HOP + 1)
+            cut = (f0 + int(db[f0:f1].argmin())) * HOP + frame // 2
+        pieces.append((start, cut))
+        start = cut
+    pieces.append((start, n))
+    pieces = [_trim(quiet, a, b, n) for a, b in pieces if _voiced(quiet, a, b)]
+    return [(a, b) for a, b in pieces if b - a >= min_seconds * SAMPLE_RATE]
+
+
+def _pause_centres(quiet: torch.Tensor, min_frames: int) -> list[int]:
+    """The centre sample of every run of at least `min_frames` quiet frames."""
+    out, run = [], 0
+    q = quiet.tolist()
+    for f, is_quiet in enumerate([*q, False]):
+        if is_quiet:
+            run += 1
+            continue
+        if run >= max(min_frames, 1):
+            out.append(((f - run + f) // 2) * HOP + 240)
+        run = 0
+    return out
+
+
+def _trim(quiet: torch.Tensor, a: int, b: int, n: int, margin: int = 4000) -> tuple[int, int]:
+    """A piece without its leading and trailing quiet frames beyond a 0.25 s margin."""
+    voiced = (~quiet[a // HOP : max(a // HOP + 1, b // HOP)]).nonzero().squeeze(-1)
+    first, last = (a // HOP + int(voiced[0])) * HOP, (a // HOP + int(voiced[-1])) * HOP + 480
+    return max(a, first - margin), min(b, last + margin, n)
+
+
+def _voiced(quiet: torch.Tensor, a: int, b: int) -> bool:
+    return bool((~quiet[a // HOP : max(a // HOP + 1, b // HOP)]).any())

@@ -4,7 +4,8 @@ rows replace `<|speech|>` placeholders in the input sequence (one per 80 ms).
 A sample is laid out `[BOS] Repeat after me in English: <|speech|> x n` + transcript, n = the adapter's rows for the
 clip. Answers are one line (decoding stops at a token that begins a new line; the tower otherwise runs on past the
 sentence) and a runaway loop at the end keeps one copy of its phrase (mm_llama.text.collapse_loop). Audio longer
-than Whisper's 30 s window is answered in pieces that are joined.
+than the adapter's piece length (model.speech.piece_seconds, at most Whisper's 30 s window) is cut in its pauses
+(data.audio.speech_pieces: voice activity on the waveform) into pieces that are answered and joined.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from mm_llama.assets import resolve
 from mm_llama.config import ConfigError, bounded, choice
+from mm_llama.data.audio import speech_pieces
 from mm_llama.data.badsamples import SampleError
 from mm_llama.data.collate import segment_bounds
 from mm_llama.data.conversation import Part
@@ -44,6 +46,9 @@ class SpeechConfig:
     adapter: str = choice("debug", *ADAPTER_PRESETS)  # speech adapter preset (adapters/speech.py)
     freeze_encoder: bool = False
     ctc_weight: float = bounded(0.0, lo=0.0)  # auxiliary CTC loss over the tower's token table (0: off)
+    # answering: a recording longer than this is cut in its pauses into pieces at most this long (the clip lengths
+    # the adapter trained on; Whisper's window, 30 s, at most), each transcribed, the texts joined
+    piece_seconds: float = bounded(30.0, 1.0, 30.0)
 
     def __post_init__(self):
         kind, _, arg = self.encoder.partition(":")
@@ -63,21 +68,17 @@ def load_encoder(spec: str):
     raise ConfigError(f"encoder {spec!r}: use whisper:PATH or conformer:PRESET")
 
 
-def chunks(wave: torch.Tensor, seconds: float = CHUNK_SECONDS) -> list[torch.Tensor]:
-    """A 16 kHz clip in consecutive pieces of at most `seconds` (the last one at least MIN_SECONDS long)."""
-    n = int(seconds * 16000)
-    pieces = list(wave.split(n))
-    if len(pieces) > 1 and pieces[-1].numel() < MIN_SECONDS * 16000:
-        pieces[-2:] = [wave[-(pieces[-2].numel() + pieces[-1].numel()) :]]
-    return pieces
-
-
 # --- the part -------------------------------------------------------------------------------------------------
 def build(tower, cfg, parts) -> SpeechPart:
     c = cfg.speech
     adapter = ADAPTER_PRESETS[c.adapter]
     return build_speech_part(
-        tower, load_encoder(c.encoder), adapter, freeze_encoder=c.freeze_encoder, ctc_weight=c.ctc_weight
+        tower,
+        load_encoder(c.encoder),
+        adapter,
+        freeze_encoder=c.freeze_encoder,
+        ctc_weight=c.ctc_weight,
+        piece_seconds=c.piece_seconds,
     )
 
 
@@ -88,6 +89,7 @@ def meta(part: SpeechPart) -> dict:
         "adapter_args": dataclasses.asdict(part.adapter.args),
         "freeze_encoder": part.freeze_encoder,
         "ctc_weight": part.ctc.weight if part.ctc is not None else 0.0,
+        "piece_seconds": part.piece_seconds,
     }
 
 
@@ -98,7 +100,12 @@ def from_meta(tower, meta: dict, parts: dict, source: str) -> SpeechPart:
         enc = ConformerEncoder(ConformerArgs(**meta["encoder_args"]))
     adapter = SpeechAdapter(enc.args.width, tower.args.dim, AdapterArgs(**meta["adapter_args"]))
     return SpeechPart(
-        tower.args, enc, adapter, freeze_encoder=meta["freeze_encoder"], ctc_weight=meta.get("ctc_weight", 0.0)
+        tower.args,
+        enc,
+        adapter,
+        freeze_encoder=meta["freeze_encoder"],
+        ctc_weight=meta.get("ctc_weight", 0.0),
+        piece_seconds=meta.get("piece_seconds", CHUNK_SECONDS),  # files written before: Whisper's window
     )
 
 
@@ -272,7 +279,9 @@ def collate(items: list[dict]) -> dict:
 
 def requests(model, tok, data: bytes, name: str, ext: str, opts):
     wave = AUDIO.decode(data, name, ext, min_seconds=MIN_SECONDS)
-    return plain_requests(model, tok, "speech", chunks(wave), name, opts), wave.numel() / 16000
+    limit = model.speech.piece_seconds
+    pieces = [wave[a:b] for a, b in speech_pieces(wave, limit)] or [wave[: int(limit * 16000)]]  # all quiet: one
+    return plain_requests(model, tok, "speech", pieces, name, opts), wave.numel() / 16000
 
 
 def finish(text: str) -> str:
