@@ -31,6 +31,9 @@ def tower_shape(tower: Transformer) -> dict:
     return {k: getattr(tower.args, k) for k in TOWER_SHAPE}
 
 
+FORMAT_REQUIRES = "0.1.0"  # adapter files' layout has not changed since 0.1.0: every release reads them
+
+
 def save_state(state: dict, path: str | Path, meta: dict) -> None:
     """Write `state` with `meta` atomically (temp file + rename). Weights sharded with FSDP2 (`parallel.adapters=fsdp`)
     are gathered whole: then every rank calls this (a collective) and rank 0 writes."""
@@ -54,6 +57,7 @@ def save_part(model: ComposedModel, kind: str, path: str | Path, sources: dict |
     meta = {
         "format": spec.format,
         "version": mm_llama.__version__,
+        "requires": FORMAT_REQUIRES,  # the oldest mm_llama that reads this file (raise it when the format changes)
         "token_rows": {kind: list(model.token_rows[kind])},
         "tower": tower_shape(model.tower),
         "tower_dtype": str(model.tower.tok_embeddings.weight.dtype).removeprefix("torch."),
@@ -75,7 +79,19 @@ def read_adapter_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
     if meta is None:
         raise CheckpointError(f"{path}: no mm_llama adapter metadata (was it written by mm_llama?)")
-    return json.loads(meta)
+    meta = json.loads(meta)
+    needs = meta.get("requires")
+    if needs and version_tuple(needs) > version_tuple(mm_llama.__version__):
+        raise CheckpointError(
+            f"{path}: written by mm_llama {meta.get('version')} in a format that needs mm_llama >= {needs}; "
+            f"this is {mm_llama.__version__}: upgrade (pip install -U mm-llama)"
+        )
+    return meta
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'0.2.0' -> (0, 2, 0) (pre-release and local suffixes ignored)."""
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in version.split("+")[0].split(".")[:3])
 
 
 def adapter_kind(path) -> str:

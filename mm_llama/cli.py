@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+import mm_llama
 from mm_llama.adapters.chat import add_parsers as add_chat_parsers
 from mm_llama.adapters.cli import add_asr_parser
 from mm_llama.adapters.cli import add_parser as add_caption
@@ -194,6 +195,7 @@ def _add_shards(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm-llama", description=__doc__)
+    p.add_argument("--version", action="version", version=f"mm-llama {mm_llama.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="stream a completion from a Llama 3 tower (Meta dir | HF dir | .gguf)")
