@@ -19,8 +19,9 @@ from pathlib import Path
 from mm_llama.assets import resolve
 from mm_llama.data.badsamples import SampleError
 from mm_llama.data.conversation import Message, Part
+from mm_llama.options import RANGES
 
-from .cli import load_model
+from .cli import check_inputs, load_model
 from .describe import check_handled
 from .files import read_adapter_meta
 from .generation import generate_items
@@ -89,10 +90,7 @@ def options(args) -> AnswerOptions:
 
 
 def cmd_ask(args) -> int:
-    missing = [p for p in args.inputs if not Path(p).is_file()]
-    if missing:
-        print(f"mm-llama ask: error: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
+    check_inputs(args, args.inputs)
     fill_model(args)
     model, tok = load_model(args)
     samples = Samples.of(model, tok, answer=options(args))
@@ -148,11 +146,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--template", default="auto", choices=["auto", "llama3", "chatml", "plain"])
     p.add_argument("--language", default="English")
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--frames", type=RANGES["frames"], default=8)
+    p.add_argument("--max-new-tokens", type=RANGES["max_new_tokens"], default=64)
+    p.add_argument("--temperature", type=RANGES["temperature"], default=0.0)
+    p.add_argument("--top-p", type=RANGES["top_p"], default=1.0)
+    p.add_argument("--seed", type=RANGES["seed"], default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantize", choices=["int8"], default=None)
     p.add_argument("--device", default="cpu")

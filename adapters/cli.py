@@ -22,10 +22,12 @@ from mm_llama.data.badsamples import SampleError
 from mm_llama.llama import Tokenizer, load_source
 from mm_llama.llama.checkpoint import CheckpointError
 from mm_llama.llama.quantize import quantize_int8
+from mm_llama.options import RANGES
 
 from .describe import check_handled, describe
-from .files import load_composed, trained_tower_dtype
+from .files import adapter_kind, load_composed, trained_tower_dtype
 from .hf_mllama import is_mllama_folder, load_pretrained
+from .registry import MODALITIES, modality_for_file
 
 
 def load_model(args):
@@ -56,11 +58,26 @@ def load_model(args):
     return model, tok
 
 
-def cmd_describe(args) -> int:
-    missing = [p for p in args.inputs if not Path(p).is_file()]
+def check_inputs(args, inputs) -> None:
+    """Before any model loads: every input exists and is a kind the adapter files (or an Mllama folder: images)
+    will read; a ValueError naming the file otherwise."""
+    missing = [p for p in inputs if not Path(p).is_file()]
     if missing:
-        print(f"mm-llama {args.command}: error: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"no such file: {', '.join(missing)}")
+    files = list(args.adapter or []) + [f for f in (getattr(args, "video_adapter", None),) if f]
+    kinds = {adapter_kind(f) for f in files} if files else {"image"}
+    for path in inputs:
+        spec = modality_for_file(path)
+        if spec is None:
+            known = ", ".join(f"{m.name}: {' '.join(sorted(m.exts))}" for m in MODALITIES.values())
+            raise ValueError(f"{path}: unknown file type (known extensions -- {known})")
+        if spec.name not in kinds:
+            have = ", ".join(sorted(kinds))
+            raise ValueError(f"{path}: a {spec.name} file needs a {spec.name} adapter (--adapter FILE); given: {have}")
+
+
+def cmd_describe(args) -> int:
+    check_inputs(args, args.inputs)
     t0 = time.perf_counter()
     model, tok = load_model(args)
     print(
@@ -109,11 +126,11 @@ def _add_common(c, max_new_tokens: int) -> None:
     c.add_argument("inputs", nargs="+", metavar="FILE", help="images, videos and audio files")
     c.add_argument("--prompt", default="", help="text after the image/video token")
     c.add_argument("--language", default="English", help="speech: the language named in the ASR prompt")
-    c.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from a video")
-    c.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--top-p", type=float, default=1.0)
-    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--frames", type=RANGES["frames"], default=8, help="frames sampled uniformly from a video")
+    c.add_argument("--max-new-tokens", type=RANGES["max_new_tokens"], default=max_new_tokens)
+    c.add_argument("--temperature", type=RANGES["temperature"], default=0.0)
+    c.add_argument("--top-p", type=RANGES["top_p"], default=1.0)
+    c.add_argument("--seed", type=RANGES["seed"], default=None)
     c.add_argument(
         "--dtype",
         default="auto",

@@ -6,11 +6,11 @@ caption or transcript. Stdlib HTTP server on 127.0.0.1; models are loaded once a
 The adapters are composed on one tower, as in `mm-llama caption` (adapters/cli.py, adapters/describe.py).
 
 Every request gets an HTTP status that fits: 400 malformed (Content-Length missing or not a number), 403 a Host
-header that is not this server's (DNS rebinding against a loopback server), 404, 411/413 empty or too large,
-415 a file type no loaded adapter handles, 422 a file that does not decode, 503 all workers busy, 500 anything
-else (with a short id, logged with its traceback). Sockets time out (`--timeout`), at most `--workers` requests
-are handled at once, and uploads stream to a temporary file; the model reads it under its lock, one request at a
-time.
+header that is not this server's (DNS rebinding against a loopback server), 404, 405 a method other than GET and
+POST, 411/413 empty or too large, 415 a file type no loaded adapter handles (before the body is read), 422 a file
+that does not decode, 503 all workers busy, 500 anything else (with a short id, logged with its traceback). Sockets
+time out (`--timeout`), at most `--workers` requests are handled at once, and uploads stream to a temporary file;
+the model reads it under its lock, one request at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from mm_llama.data.badsamples import SampleError
+from mm_llama.options import RANGES
 
 from .cli import load_model
 from .describe import UnsupportedMedia, check_handled, describe
@@ -145,6 +146,19 @@ def make_handler(app: App):
             else:
                 self._json(404, {"error": "not found"})
 
+        def _not_allowed(self):
+            self.close_connection = True
+            body = json.dumps({"error": f"method {self.command} not allowed (GET, POST)"}).encode()
+            self.send_response(405)
+            self.send_header("Allow", "GET, POST")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_HEAD = do_PUT = do_DELETE = do_OPTIONS = do_PATCH = _not_allowed
+
         def do_POST(self):
             if not self._host_ok():
                 return
@@ -162,6 +176,11 @@ def make_handler(app: App):
                 self.close_connection = True  # the body is not read
                 return self._json(413, {"error": f"upload of {n} bytes: empty or over the {limit}-byte limit"})
             name = Path(unquote(self.headers.get("X-Filename", "upload"))).name or "upload"
+            try:  # a file type no adapter reads: 415 before the body is read
+                check_handled(app.model, name)
+            except UnsupportedMedia as e:
+                self.close_connection = True
+                return self._json(415, {"error": str(e)})
             with tempfile.TemporaryDirectory(prefix="mm-llama-upload-") as tmp:
                 path = Path(tmp) / "upload"
                 left = n
@@ -203,6 +222,12 @@ class BoundedServer(ThreadingHTTPServer):
             return
         super().process_request(request, client_address)
 
+    def handle_error(self, request, client_address):
+        """A client gone mid-request (reset, broken pipe, timeout) is not an error of the server: no traceback."""
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
@@ -238,11 +263,11 @@ def add_serve_parser(sub) -> None:
     )
     s.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only tower linears")
     s.add_argument("--prompt", default="")
-    s.add_argument("--frames", type=int, default=8)
-    s.add_argument("--max-new-tokens", type=int, default=32)
-    s.add_argument("--max-upload-mb", type=float, default=200)
+    s.add_argument("--frames", type=RANGES["frames"], default=8)
+    s.add_argument("--max-new-tokens", type=RANGES["max_new_tokens"], default=32)
+    s.add_argument("--max-upload-mb", type=RANGES["max_upload_mb"], default=200)
     s.add_argument("--host", default="127.0.0.1", help="bind address (its name is also an allowed Host header)")
-    s.add_argument("--workers", type=int, default=4, help="requests handled at once (the rest get 503)")
-    s.add_argument("--timeout", type=float, default=30.0, help="seconds a socket may stall")
-    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--workers", type=RANGES["workers"], default=4, help="requests handled at once (the rest get 503)")
+    s.add_argument("--timeout", type=RANGES["timeout"], default=30.0, help="seconds a socket may stall")
+    s.add_argument("--port", type=RANGES["port"], default=8765)
     s.set_defaults(func=cmd_serve)

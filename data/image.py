@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .badsamples import SampleError
 
@@ -24,10 +24,14 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 def decode_image(data: bytes, name: str = "image") -> Image.Image:
     """Bytes -> RGB PIL image. Grayscale, palette, RGBA (composited on white), CMYK, 16-bit and EXIF-rotated
     images all come out as upright 8-bit RGB. Corrupt or truncated data raises SampleError('decode_image')."""
+    if not data:
+        raise SampleError("decode_image", f"{name}: empty file (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
         img = ImageOps.exif_transpose(img)
+    except UnidentifiedImageError:
+        raise SampleError("decode_image", f"{name}: not an image (no image format recognised)") from None
     except Exception as e:
         raise SampleError("decode_image", f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
     return to_rgb(img)

@@ -19,6 +19,7 @@ from mm_llama.adapters.serve import add_serve_parser
 from mm_llama.data.shards import expand_urls, verify_shards
 from mm_llama.data.sources import FORMATS, read_source
 from mm_llama.data.writer import write_shards
+from mm_llama.options import RANGES, Parser
 
 from .assets import asset_path
 from .generate import StreamPrinter, generate
@@ -32,11 +33,11 @@ def _dtype(name: str):
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=RANGES["max_new_tokens"], default=64)
+    p.add_argument("--temperature", type=RANGES["temperature"], default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=RANGES["top_p"], default=1.0)
+    p.add_argument("--top-k", type=RANGES["top_k"], default=0)
+    p.add_argument("--seed", type=RANGES["seed"], default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument(
         "--quantize",
@@ -175,15 +176,15 @@ def _add_shards(sub) -> None:
     w.add_argument("--media-root", default=None, help="relative media paths resolve here (default: beside SRC)")
     w.add_argument("--out", required=True, help="output folder")
     w.add_argument("--prefix", default="shard")
-    w.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
-    w.add_argument("--maxsize-mb", type=float, default=512, help="shard size limit (MB)")
+    w.add_argument("--maxcount", type=RANGES["count"], default=1000, help="samples per shard at most")
+    w.add_argument("--maxsize-mb", type=RANGES["size_mb"], default=512, help="shard size limit (MB)")
     w.add_argument("--quiet", action="store_true")
     w.add_argument("--replace", action="store_true", help="remove the shards and index already in --out first")
     w.set_defaults(func=cmd_shards_write)
     v = shsub.add_parser("verify", help="decode every sample; JSON summary; exit 1 when anything is bad")
     v.add_argument("urls", nargs="+", help="shard paths, brace patterns, globs or an index.json")
     v.add_argument("--allow-pipe", action="store_true", help="accept pipe: URLs (runs shell commands)")
-    v.add_argument("--video-frames", type=int, default=1)
+    v.add_argument("--video-frames", type=RANGES["frames"], default=1)
     v.set_defaults(func=cmd_shards_verify)
     e = shsub.add_parser("encode", help="copy speech shards with each clip's frozen-encoder output cached (enc.npy)")
     e.add_argument("index", help="the speech shards' index.json")
@@ -194,7 +195,7 @@ def _add_shards(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mm-llama", description=__doc__)
+    p = Parser(prog="mm-llama", description=__doc__)
     p.add_argument("--version", action="version", version=f"mm-llama {mm_llama.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "multimodal demo, python -m recipes.demo)",
     )
     d.add_argument("--prompt", action="append", default=None)
-    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--max-new-tokens", type=RANGES["max_new_tokens"], default=48)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -12,7 +12,6 @@ the training config's `dtype` (as recipes/train.py puts it), so a bf16-trained a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from mm_llama.engine.parallelize import weight_dtype
 from mm_llama.engine.trainer import load_trained_weights
 from mm_llama.llama import Tokenizer
 from mm_llama.llama.checkpoint import CheckpointError
+from mm_llama.options import RANGES, Parser
 
 from .train import load_train_config, model_for
 
@@ -47,12 +47,12 @@ def main(argv=None) -> int:
 
 def evaluate(argv=None) -> int:
     # long: one evaluation reads top to bottom: config, model, checkpoint, shards, answers, scores, the report
-    ap = argparse.ArgumentParser()
+    ap = Parser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=RANGES["max_new_tokens"], default=32)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args(argv)

@@ -37,6 +37,7 @@ from mm_llama.engine.parallelize import weight_dtype
 from mm_llama.engine.shard import is_sharded
 from mm_llama.llama import Transformer, get_preset
 from mm_llama.llama.checkpoint import CheckpointError, read_checkpoint
+from mm_llama.options import RANGES, Parser
 
 from .train import TowerCfg, load_train_config, run_kinds, trainer_for
 
@@ -283,17 +284,17 @@ def check(cfg) -> dict:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
     return run(ap.parse_intermixed_args(argv))
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", required=True, help="a training config (recipes/configs/*.yaml)")
-    ap.add_argument("--gpus", type=int, required=True, help="GPUs in total")
-    ap.add_argument("--gpu-mem", type=float, required=True, help="GB of memory per GPU (e.g. 80)")
-    ap.add_argument("--gpus-per-machine", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: text + 16)")
+    ap.add_argument("--gpus", type=RANGES["gpus"], required=True, help="GPUs in total")
+    ap.add_argument("--gpu-mem", type=RANGES["gpu_mem"], required=True, help="GB of memory per GPU (e.g. 80)")
+    ap.add_argument("--gpus-per-machine", type=RANGES["gpus"], default=8)
+    ap.add_argument("--seq-len", type=RANGES["seq_len"], default=None, help="tokens per sequence (default: text + 16)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     ap.add_argument(
         "--measure",

@@ -21,6 +21,7 @@ from mm_llama.config import ConfigError
 from mm_llama.data.badsamples import SampleError
 from mm_llama.data.conversation import show
 from mm_llama.llama import Tokenizer
+from mm_llama.options import RANGES, Parser
 
 from .plan import meta_model
 from .train import load_train_config, loader_for, samples_for
@@ -67,9 +68,9 @@ def preview(cfg, n: int) -> list[tuple[str, str, int]]:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="a training config (YAML)")
-    ap.add_argument("--n", type=int, default=4, help="how many samples (default 4)")
+    ap.add_argument("--n", type=RANGES["count"], default=4, help="how many samples (default 4)")
     ap.add_argument("overrides", nargs="*", help="key=value, as for recipes.train")
     args = ap.parse_intermixed_args(argv)
     try:

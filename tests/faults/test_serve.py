@@ -124,6 +124,17 @@ def test_statuses(server):
     assert status == 422 and "too short" in body["error"]
 
 
+@pytest.mark.parametrize("method", ["HEAD", "PUT", "OPTIONS", "DELETE"])
+def test_other_methods_are_405(server, method):
+    assert raw_status(server, f"{method} / HTTP/1.1\r\nHost: localhost") == 405
+
+
+def test_a_file_type_no_adapter_reads_is_415_before_its_body(server):
+    """The head alone (a huge declared body never sent) gets its 415: the server reads no byte of it."""
+    head = "POST /api/process HTTP/1.1\r\nHost: localhost\r\nX-Filename: movie.mp4"
+    assert raw_status(server, head + f"\r\nContent-Length: {10**5}") == 415
+
+
 @pytest.mark.parametrize("host", ["evil.example.com", "127.0.0.1.evil.com:8765", ""])
 def test_foreign_host_is_refused(server, host):
     status, body = post(server, b"x", headers={"Host": host})
