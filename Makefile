@@ -14,7 +14,7 @@ ASSETS_LOCK := requirements/assets.lock.txt
 APT_PKGS := chromium chromium-driver espeak-ng dataset-fashion-mnist fortunes fortunes-min
 PYTEST_ARGS ?=
 
-.PHONY: all test test-slow demo demo-seeds install install-dev lint format style bench asr-reference clean apt lock lock-info check-fresh
+.PHONY: all test test-slow demo demo-seeds install install-dev lint format style bench asr-reference clean apt lock lock-info check-fresh check-wheel
 
 all: test
 
@@ -55,6 +55,9 @@ lock: | $(PY)
 # What CI cannot do: a clean clone of HEAD into a temporary folder, a new venv, an empty pip cache, `make test`.
 check-fresh:
 	bash .ci/check-fresh
+
+check-wheel: install-dev
+	bash .ci/check-wheel
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

@@ -6,6 +6,7 @@ They are installed by `make` with `pip install --no-deps` (their declared depend
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 from pathlib import Path
 
 ASSETS = {
@@ -34,5 +35,11 @@ def asset_path(name: str) -> Path:
 
 
 def resolve(path: str) -> str:
-    """`asset:NAME` -> the installed offline asset's path (config values may name assets); anything else unchanged."""
-    return str(asset_path(path[6:])) if path.startswith("asset:") else path
+    """`asset:NAME` -> the installed offline asset's path; `config:REL` -> a file shipped beside the training configs
+    (e.g. a checkpoint's config.json giving a shape), in a checkout or an installed wheel; anything else unchanged."""
+    if path.startswith("asset:"):
+        return str(asset_path(path[6:]))
+    if path.startswith("config:"):
+        recipes = importlib.util.find_spec("mm_llama.recipes")  # located, not imported (the core imports no recipe)
+        return str(Path(recipes.submodule_search_locations[0]) / "configs" / path[7:])
+    return path

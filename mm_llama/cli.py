@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json as _json
 import sys
 import time
@@ -20,8 +22,10 @@ from mm_llama.data.shards import expand_urls, verify_shards
 from mm_llama.data.sources import FORMATS, read_source
 from mm_llama.data.writer import write_shards
 from mm_llama.options import RANGES, Parser
+from mm_llama.recipes import catalog
 
 from .assets import asset_path
+from .config import ConfigError
 from .generate import StreamPrinter, generate
 from .llama import Tokenizer, load_pretrained
 
@@ -213,14 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_chat_parsers(sub)
 
-    pl = sub.add_parser(
-        "plan",
-        add_help=False,
-        help="memory per GPU of a training config and the parallel.* layout "
-        "that fits (mm-llama plan --config C --gpus N --gpu-mem GB; --help for more)",
-    )
-    pl.add_argument("args", nargs=argparse.REMAINDER)
-    pl.set_defaults(func=cmd_plan)
+    recipes = {
+        "train": "train an adapter (or several): mm-llama train --config NAME|PATH [key=value ...]",
+        "evaluate": "evaluate a checkpoint or adapter file on held-out shards (--help for more)",
+        "plan": "memory per GPU of a training config and the parallel.* layout that fits "
+        "(mm-llama plan --config C --gpus N --gpu-mem GB; --help for more)",
+    }
+    for name, text in recipes.items():  # the recipe parses its own options (main() hands them over)
+        sub.add_parser(name, add_help=False, help=text).add_argument("args", nargs=argparse.REMAINDER)
+    cf = sub.add_parser("configs", help="the shipped training configs (mm-llama configs copy NAME DEST: one to edit)")
+    cfsub = cf.add_subparsers(dest="configs_command")
+    cp = cfsub.add_parser("copy", help="copy a shipped config to edit (an existing file is never overwritten)")
+    cp.add_argument("name", help="a shipped config's name (mm-llama configs lists them)")
+    cp.add_argument("dest", help="a file or a folder")
+    cf.set_defaults(func=cmd_configs)
 
     da = sub.add_parser("data", help="look at training data")
     dasub = da.add_subparsers(dest="data_command", required=True)
@@ -231,7 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(mm-llama data preview --config C [--n N]; --help for more)",
     )
     pv.add_argument("args", nargs=argparse.REMAINDER)
-    pv.set_defaults(func=cmd_data_preview)
 
     d = sub.add_parser(
         "demo",
@@ -244,30 +253,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_data_preview(args) -> int:
-    """The training samples as the tower sees them (the recipe's own: mm_llama.recipes.preview)."""
-    from mm_llama.recipes.preview import main as preview_main  # noqa: PLC0415 - the recipe layer, loaded on demand
-
-    return preview_main(args.args, prog="mm-llama data preview")
+# commands whose options are a recipe's own (its parser, its --help): argv prefix -> recipe module
+RECIPES = {("train",): "train", ("evaluate",): "evaluate", ("plan",): "plan", ("data", "preview"): "preview"}
 
 
-def cmd_plan(args) -> int:
-    """The memory plan (the recipe's own: mm_llama.recipes.plan, installed with the package)."""
-    from mm_llama.recipes.plan import main as plan_main  # noqa: PLC0415 - the recipe layer, loaded on demand
+def run_recipe(module: str, argv: list[str], prog: str) -> int:
+    """A recipe's `main(argv)` (installed with the package as mm_llama.recipes.MODULE)."""
+    main_fn = importlib.import_module(f"mm_llama.recipes.{module}").main
+    return main_fn(argv, prog=prog) if "prog" in inspect.signature(main_fn).parameters else main_fn(argv)
 
-    return plan_main(args.args, prog="mm-llama plan")
+
+def cmd_configs(args) -> int:
+    if args.configs_command == "copy":
+        print(f"{catalog.copy(args.name, args.dest)}")
+        return 0
+    names = catalog.shipped()
+    width = max(map(len, names))
+    for name, path in names.items():
+        desc = catalog.describe(path)
+        print(f"{name:<{width}}  {desc[:110] + ('...' if len(desc) > 110 else '')}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plan"]:  # its options are recipes/plan.py's own
-        return cmd_plan(argparse.Namespace(args=argv[1:]))
-    if argv[:2] == ["data", "preview"]:  # its options are recipes/preview.py's own
-        return cmd_data_preview(argparse.Namespace(args=argv[2:]))
+    for prefix, module in RECIPES.items():
+        if tuple(argv[: len(prefix)]) == prefix:
+            return run_recipe(module, argv[len(prefix) :], prog="mm-llama " + " ".join(prefix))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, ConfigError) as e:
         print(f"mm-llama {args.command}: error: {e}", file=sys.stderr)
         return 2
 

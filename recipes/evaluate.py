@@ -36,18 +36,18 @@ from mm_llama.options import RANGES, Parser
 from .train import load_train_config, model_for
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
     """Exit 0 with the scores; 2 with one line naming the config key, checkpoint or file that is wrong."""
     try:
-        return evaluate(argv)
+        return evaluate(argv, prog)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
+        print(f"{prog or 'evaluate'}: error: {e}", file=sys.stderr)
         return 2
 
 
-def evaluate(argv=None) -> int:
+def evaluate(argv=None, prog: str | None = None) -> int:
     # long: one evaluation reads top to bottom: config, model, checkpoint, shards, answers, scores, the report
-    ap = Parser()
+    ap = Parser(prog=prog)
     ap.add_argument("--config", required=True)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--data", required=True)

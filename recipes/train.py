@@ -146,9 +146,9 @@ def save_trained(cfg, model, path: Path) -> None:
             save_part(model, kind, path.with_name(f"adapter-{kind}.safetensors"), sources=sources)
 
 
-def main(argv=None, callbacks: list[Callback] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML file (values only; defaults live in the config classes)")
+def main(argv=None, callbacks: list[Callback] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML file or a shipped config's name (mm-llama configs)")
     ap.add_argument("--profile", action="store_true", help="torch profiler trace of a few steps into RUN/profile/")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=3e-4 engine=torch")
     args = ap.parse_intermixed_args(argv)
@@ -158,7 +158,7 @@ def main(argv=None, callbacks: list[Callback] | None = None) -> int:
         losses = trainer.run()
     except (ConfigError, CheckpointError) as e:
         kind = "config" if isinstance(e, ConfigError) else "checkpoint"
-        print(f"train.py: {kind} error: {e}", file=sys.stderr)
+        print(f"{prog or 'train.py'}: {kind} error: {e}", file=sys.stderr)
         _exit_distributed(2)
         return 2
     if trainer.info.is_main:

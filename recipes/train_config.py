@@ -11,6 +11,8 @@ from mm_llama.config import ConfigError, bounded, choice, load_config
 from mm_llama.data.conversation import TEMPLATES, TRAIN_ON
 from mm_llama.engine.trainer import TrainerConfig
 
+from .catalog import find_config
+
 
 @dataclass
 class TowerCfg:
@@ -104,7 +106,9 @@ TrainConfig = config_class()
 
 
 def load_train_config(path=None, overrides=None):
-    return load_config(config_class(), path, overrides)
+    """The training config from a YAML file or a shipped config's name (`debug_image`, `demo/speech`; see
+    `mm-llama configs`), with key=value overrides."""
+    return load_config(config_class(), find_config(path) if path is not None else None, overrides)
 
 
 def run_kinds(cfg) -> list[str]:

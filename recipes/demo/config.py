@@ -19,8 +19,10 @@ from mm_llama.cpu import cpu_has_bf16, cpu_kernel_path
 from mm_llama.data.shards import read_index, read_samples
 from mm_llama.llama import Tokenizer, load_pretrained
 
+from ..catalog import CONFIGS
+
 ROOT = Path(__file__).resolve().parents[2]
-STAGE_CONFIGS = ROOT / "recipes/configs/demo"  # STAGE.yaml: how each training stage trains (recipes/demo/stages.py)
+STAGE_CONFIGS = CONFIGS / "demo"  # STAGE.yaml: how each training stage trains (recipes/demo/stages.py)
 
 
 def stage_config(name: str) -> Path:
