@@ -13,12 +13,11 @@ conversation its medium's plug-in describes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mm_llama.data.badsamples import SampleError
-from mm_llama.data.conversation import CHAT_MEMBER, Message, Part, parse_messages, render, template_of
+from mm_llama.data.conversation import CHAT_MEMBER, Message, Part, decoded_messages, render, template_of
 
 from .modality import AnswerOptions, media_member
 from .registry import MODALITIES
@@ -149,21 +148,11 @@ class Samples:
         return [*self.plain_turn(kind, value, f"{raw['__key__']}.{ext}"), Message("assistant", [Part("text", text)])]
 
     def _conversation(self, raw: dict, where: str) -> list[Message]:
-        try:
-            obj = json.loads(raw[CHAT_MEMBER])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SampleError("bad_conversation", f"{where}: {CHAT_MEMBER}: invalid JSON ({e})") from None
-        messages = parse_messages(obj, where, lambda c, kind: c.get("member"))
-        for m in messages:
-            for j, p in enumerate(m.parts):
-                if p.kind == "text":
-                    continue
-                if p.ref not in raw:
-                    raise SampleError("missing_member", f"{where}: no member {p.ref!r} for a {p.kind} part")
-                kind = self.kind_of(p.kind, where)
-                value = self.makers[kind].decode(raw[p.ref], f"{where}:{p.ref}", member_ext(p.ref))
-                m.parts[j] = Part(p.kind, ref=value, name=p.name)
-        return messages
+        def decode(part: Part, data: bytes):
+            maker = self.makers[self.kind_of(part.kind, where)]
+            return maker.decode(data, f"{where}:{part.ref}", member_ext(part.ref))
+
+        return decoded_messages(raw, where, decode)
 
 
 def plain_requests(model, tok, kind: str, values: Sequence, name: str, opts: AnswerOptions) -> list[dict]:

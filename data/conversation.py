@@ -21,6 +21,7 @@ tokenized on its own.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
@@ -105,6 +106,25 @@ def parse_messages(obj, where: str, media_key: Callable[[dict, str], Any] | None
     if not any(m.role == "assistant" for m in out):
         raise SampleError("bad_conversation", f"{where}: no assistant message (nothing to learn)")
     return out
+
+
+def decoded_messages(sample: dict, where: str, decode: Callable[[Part, bytes], Any]) -> list[Message]:
+    """The messages of a conversation shard sample (its `chat.json` member), each medium part's `ref` replaced by
+    `decode(part, the bytes of the member it names)`. Bad JSON, bad messages and missing members raise a
+    SampleError naming `where`."""
+    try:
+        obj = json.loads(sample[CHAT_MEMBER])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SampleError("bad_conversation", f"{where}: {CHAT_MEMBER}: invalid JSON ({e})") from None
+    messages = parse_messages(obj, where, lambda c, kind: c.get("member"))
+    for m in messages:
+        for j, p in enumerate(m.parts):
+            if p.kind == "text":
+                continue
+            if p.ref not in sample:
+                raise SampleError("missing_member", f"{where}: no member {p.ref!r} for a {p.kind} part")
+            m.parts[j] = Part(p.kind, ref=decode(p, sample[p.ref]), name=p.name)
+    return messages
 
 
 def messages_json(messages: Sequence[Message]) -> list[dict]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import braceexpand
 
 from .badsamples import SampleError
-from .conversation import CHAT_MEMBER, Part, parse_messages
+from .conversation import CHAT_MEMBER, Part, decoded_messages
 from .media import medium_for_ext
 
 TEXT_EXTS = ("txt",)
@@ -251,24 +251,15 @@ def decode_fields(sample: dict, *, name: str = "", options: dict[str, dict] | No
 def _decode_conversation(sample: dict, name: str, options: dict | None, out: dict) -> dict:
     """A conversation sample: its messages (`chat.json`) and every medium they name, decoded, as `messages` (media
     parts' `ref` the decoded values)."""
-    try:
-        obj = json.loads(sample[CHAT_MEMBER])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SampleError("bad_conversation", f"{name}: {CHAT_MEMBER}: invalid JSON ({e})") from None
-    messages = parse_messages(obj, name, lambda c, kind: c.get("member"))
-    for m in messages:
-        for j, p in enumerate(m.parts):
-            if p.kind == "text":
-                continue
-            if p.ref not in sample:
-                raise SampleError("missing_member", f"{name}: no member {p.ref!r} for a {p.kind} part")
-            ext = p.ref.rsplit(".", 1)[-1]
-            medium = medium_for_ext(ext)
-            if medium is None or medium.name != p.kind:
-                raise SampleError("wrong_extension", f"{name}: member {p.ref!r} is not stored as {p.kind}")
-            value = medium.decode(sample[p.ref], f"{name}:{p.ref}", ext, **(options or {}).get(medium.name, {}))
-            m.parts[j] = Part(p.kind, ref=value, name=p.name)
-    out["messages"] = messages
+
+    def decode(part: Part, data: bytes):
+        ext = part.ref.rsplit(".", 1)[-1]
+        medium = medium_for_ext(ext)
+        if medium is None or medium.name != part.kind:
+            raise SampleError("wrong_extension", f"{name}: member {part.ref!r} is not stored as {part.kind}")
+        return medium.decode(data, f"{name}:{part.ref}", ext, **(options or {}).get(medium.name, {}))
+
+    out["messages"] = decoded_messages(sample, name, decode)
     return out
 
 
