@@ -131,9 +131,13 @@ class Samples:
         wanted = " or ".join(MODALITIES[k].data.medium.name for k in self.plain_kinds)
         raise SampleError(f"missing_{wanted.replace(' or ', '_or_')}", f"{where}: no {wanted} member")
 
-    def __call__(self, raw: dict) -> dict:
+    def rendered(self, raw: dict):
+        """(item, Rendered) for a raw shard sample (`mm-llama data preview` shows the Rendered)."""
         messages, conversation = self.messages(raw)
-        item = self.render(messages, conversation=conversation)[0]
+        return self.render(messages, conversation=conversation)
+
+    def __call__(self, raw: dict) -> dict:
+        item = self.rendered(raw)[0]
         limit = self.options.max_tokens
         if limit and len(item["input_ids"]) > limit:
             where = f"{raw.get('__shard__', '')}:{raw.get('__key__', '')}"

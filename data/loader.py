@@ -77,7 +77,6 @@ class ShardStream(IterableDataset):
         self.weights = list(weights) if weights else [1.0] * len(self.sources)
         if len(self.weights) != len(self.sources) or min(self.weights) <= 0:
             raise ValueError(f"one positive weight per source, got {self.weights} for {len(self.sources)} sources")
-        self.urls = self.sources[0]
         self.map_fn, self.collate_fn = map_fn, collate_fn
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.shuffle_shards, self.seed = shuffle_shards, seed

@@ -36,8 +36,7 @@ class Preview:
     def __call__(self, raw: dict) -> tuple[str, str, int]:
         name, src = f"{raw.get('__shard__', '')}:{raw.get('__key__', '')}", raw.get("__src__", 0)
         try:
-            messages, conversation = self.samples.messages(raw)
-            _, rendered = self.samples.render(messages, conversation=conversation)
+            _, rendered = self.samples.rendered(raw)
         except SampleError as e:
             return name, f"(skipped: {e.reason}: {e})", src
         return name, show(rendered, self.tok), src

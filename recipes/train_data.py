@@ -49,11 +49,8 @@ class SourceSamples:
     def __call__(self, raw: dict) -> dict:
         return self.makers[raw.get("__src__", 0)](raw)
 
-    def messages(self, raw: dict):
-        return self.makers[raw.get("__src__", 0)].messages(raw)
-
-    def render(self, messages, **kw):
-        return self.makers[0].render(messages, **kw)
+    def rendered(self, raw: dict):
+        return self.makers[raw.get("__src__", 0)].rendered(raw)
 
 
 def loader_for(cfg, tok, model, info, **kw) -> StreamingLoader:
