@@ -70,8 +70,12 @@ def media_part(model, samples: Samples, path: str) -> Part:
     return Part(MODALITIES[kind].data.medium.name, ref=value, name=Path(path).name)
 
 
-def answer(model, tok, messages: list[Message], args) -> str:
-    samples = Samples.of(model, tok, options=SampleOptions(template=args.template), answer=options(args))
+def samples_for(model, tok, args) -> Samples:
+    """The one sample maker of a session: decodes the files and lays the conversation out."""
+    return Samples.of(model, tok, options=SampleOptions(template=args.template), answer=options(args))
+
+
+def answer(model, tok, samples: Samples, messages: list[Message], args) -> str:
     request = samples.request(messages)
     (text,) = generate_items(
         model,
@@ -93,7 +97,7 @@ def cmd_ask(args) -> int:
     check_inputs(args, args.inputs)
     fill_model(args)
     model, tok = load_model(args)
-    samples = Samples.of(model, tok, answer=options(args))
+    samples = samples_for(model, tok, args)
     try:
         parts = [media_part(model, samples, p) for p in args.inputs]
     except SampleError as e:
@@ -105,14 +109,14 @@ def cmd_ask(args) -> int:
         print("mm-llama ask: error: nothing to ask: give files and/or --prompt", file=sys.stderr)
         return 2
     messages = ([Message("system", [Part("text", args.system)])] if args.system else []) + [Message("user", parts)]
-    print(answer(model, tok, messages, args), flush=True)
+    print(answer(model, tok, samples, messages, args), flush=True)
     return 0
 
 
 def cmd_chat(args) -> int:
     fill_model(args)
     model, tok = load_model(args)
-    samples = Samples.of(model, tok, answer=options(args))
+    samples = samples_for(model, tok, args)
     history = [Message("system", [Part("text", args.system)])] if args.system else []
     pending: list[Part] = []
     print("[chat: /attach FILE to add a file to your next message, /reset, /quit]", file=sys.stderr)
@@ -133,7 +137,7 @@ def cmd_chat(args) -> int:
             continue
         history.append(Message("user", [*pending, *([Part("text", line)] if line else [])]))
         pending = []
-        reply = answer(model, tok, history, args)
+        reply = answer(model, tok, samples, history, args)
         history.append(Message("assistant", [Part("text", reply)]))
         print(reply, flush=True)
     return 0
