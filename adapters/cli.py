@@ -24,10 +24,9 @@ from mm_llama.llama.checkpoint import CheckpointError
 from mm_llama.llama.quantize import quantize_int8
 from mm_llama.options import RANGES
 
-from .describe import check_handled, describe
+from .describe import check_handled, describe, handled_kind
 from .files import adapter_kind, load_composed, trained_tower_dtype
 from .hf_mllama import is_mllama_folder, load_pretrained
-from .registry import MODALITIES, modality_for_file
 
 
 def load_model(args):
@@ -67,13 +66,7 @@ def check_inputs(args, inputs) -> None:
     files = list(args.adapter or []) + [f for f in (getattr(args, "video_adapter", None),) if f]
     kinds = {adapter_kind(f) for f in files} if files else {"image"}
     for path in inputs:
-        spec = modality_for_file(path)
-        if spec is None:
-            known = ", ".join(f"{m.name}: {' '.join(sorted(m.exts))}" for m in MODALITIES.values())
-            raise ValueError(f"{path}: unknown file type (known extensions -- {known})")
-        if spec.name not in kinds:
-            have = ", ".join(sorted(kinds))
-            raise ValueError(f"{path}: a {spec.name} file needs a {spec.name} adapter (--adapter FILE); given: {have}")
+        handled_kind(path, sorted(kinds), "given")
 
 
 def cmd_describe(args) -> int:

@@ -23,14 +23,20 @@ class UnsupportedMedia(ValueError):
 
 def check_handled(model: ComposedModel, name: str) -> str:
     """The modality for this file, or UnsupportedMedia saying what is missing."""
+    return handled_kind(name, model.modalities)
+
+
+def handled_kind(name: str, kinds, have: str = "loaded") -> str:
+    """The modality for this file if it is among `kinds` (the adapters `have`: loaded, or given before loading),
+    else UnsupportedMedia saying what is missing."""
     spec = modality_for_file(name)
     if spec is None:
         known = ", ".join(f"{m.name}: {' '.join(sorted(m.exts))}" for m in MODALITIES.values())
         raise UnsupportedMedia(f"{name}: unknown file type (known extensions -- {known})")
-    if spec.name not in model.modalities:
-        loaded = ", ".join(model.modalities) or "none"
+    if spec.name not in kinds:
+        listed = ", ".join(kinds) or "none"
         raise UnsupportedMedia(
-            f"{name}: a {spec.name} file needs a {spec.name} adapter (--adapter FILE); loaded: {loaded}"
+            f"{name}: a {spec.name} file needs a {spec.name} adapter (--adapter FILE); {have}: {listed}"
         )
     return spec.name
 
