@@ -23,221 +23,58 @@ last CONSUMED batch. DataLoader hands out batches round-robin (batch c comes fro
 restoring, physical worker w takes the role of logical worker (w + consumed) mod W, and the stream continues
 exactly where it stopped: N batches == k batches + state_dict/load_state_dict + N-k batches. Restoring re-reads
 only the shards that hold the buffered samples.
+
+Global stream (`split="interleave"`). One sequence of samples defined by the seed alone: every rank and worker reads
+all the shards through the same shuffle buffer, and the stream is cut into rounds of `batch_size * world_size`
+samples; round c is the c-th batch of every rank (rank r keeps the samples r, r + world_size, ... of it) and is
+decoded by worker c mod num_workers. So step t of a run with global batch B = batch_size x world_size x grad_accum
+always trains on samples [t*B, (t+1)*B) of the one stream, whatever the world size, batch size, accumulation or
+worker count: a checkpoint's cursor (the stream's state at a round boundary, the same on every rank) resumes on any
+of them (elastic resume). The price: every rank reads every shard's bytes (decoding only its share), so at scale
+`split="shards"` reads less and resumes on its own world size only. A bad sample leaves its rank's batch one short
+(the rounds stay aligned); a share that is entirely bad takes the worker's next round as well.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from mm_llama.rng import py_rng_state_from_list, py_rng_state_to_list
+from .badsamples import BadSampleTracker
+from .shards import expand_urls, read_index
+from .stream import ShardStream, _as_list, _source_cursors
 
-from .badsamples import BadSampleTracker, SampleError
-from .shards import TruncatedShard, expand_urls, iter_samples, open_url, read_index
-
-
-def _as_list(items):
-    """The identity: the default collate keeps items as a list, and DataLoader's collate for already-batched
-    items passes them on (its default_convert would walk every cursor field)."""
-    return items
+__all__ = ["ShardStream", "StreamingLoader"]
 
 
-class ShardStream(IterableDataset):
-    def __init__(
-        self,
-        urls: list[str],
-        *,
-        map_fn: Callable[[dict], object],
-        collate_fn: Callable[[list], object] = _as_list,
-        batch_size: int,
-        shuffle_buffer: int = 1000,
-        shuffle_shards: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        allow_pipe: bool = False,
-        max_bad_fraction: float = 0.01,
-        min_samples_for_limit: int = 200,
-        length_fn: Callable[[object], int] | None = None,
-        bucket_batches: int = 1,
-        sources: list[list[str]] | None = None,
-        weights: list[float] | None = None,
-    ):
-        """`sources` (instead of `urls`): several shard lists mixed sample by sample, source k drawn with
-        probability weights[k] / sum(weights) by the worker's seeded RNG (deterministic, resumable); each raw sample
-        carries its source index as `__src__`."""
-        self.sources = [list(u) for u in sources] if sources else [list(urls)]
-        if any(not u for u in self.sources):
-            raise ValueError("no shards to read")
-        self.weights = list(weights) if weights else [1.0] * len(self.sources)
-        if len(self.weights) != len(self.sources) or min(self.weights) <= 0:
-            raise ValueError(f"one positive weight per source, got {self.weights} for {len(self.sources)} sources")
-        self.map_fn, self.collate_fn = map_fn, collate_fn
-        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
-        self.shuffle_shards, self.seed = shuffle_shards, seed
-        self.rank, self.world_size = rank, world_size
-        self.num_workers = max(num_workers, 1)
-        self.allow_pipe = allow_pipe
-        self.max_bad_fraction, self.min_samples_for_limit = max_bad_fraction, min_samples_for_limit
-        self.length_fn = length_fn  # length-bucketed batching: sort `bucket_batches` batches' worth by length
-        self.bucket_batches = bucket_batches if length_fn is not None else 1
-        self.resume_states: dict[int, dict] = {}
-        self.rotation = 0
-        # split="interleave": every rank reads the same stream and keeps every world-th sample after shuffling
-        self.keep_rank, self.keep_world = 0, 1
+@dataclass
+class _Counts:
+    """Samples seen and skipped (by reason) and taken per source, carried across a resume."""
 
-    # --- which samples a worker reads ---------------------------------------------------------
-    def shard_plan(self, epoch: int, g: int, src: int = 0) -> tuple[list[str], int | None]:
-        """(source `src`'s shards for global worker g in data-epoch `epoch`, sample modulus filter or None)."""
-        G = self.world_size * self.num_workers
-        order = list(self.sources[src])
-        if self.shuffle_shards:
-            random.Random(self.seed * 1_000_003 + epoch + 7_919_993 * src).shuffle(order)
-        if len(order) >= G:
-            return order[g::G], None
-        return order, g
+    seen: int = 0
+    bad: int = 0
+    reasons: dict = field(default_factory=dict)
+    sources: list = field(default_factory=list)
 
-    def _raw_stream(self, g: int, src: int, epoch: int, pos: int, offset: int, tracker) -> Iterator[tuple]:
-        """Yields ((src, epoch, pos, index), raw sample, cursor_after) forever, from one source."""
-        G = self.world_size * self.num_workers
-        while True:
-            shards, modulo = self.shard_plan(epoch, g, src)
-            while pos < len(shards):
-                url = shards[pos]
-                try:
-                    stream = open_url(url, allow_pipe=self.allow_pipe)
-                except (OSError, ValueError) as e:
-                    tracker.skip("unreadable_shard", url, None, str(e))
-                    pos, offset = pos + 1, 0
-                    continue
-                try:
-                    for s in iter_samples(stream, url):
-                        idx = s["__index__"]
-                        if idx < offset:
-                            continue
-                        if modulo is not None and (pos + idx) % G != modulo:
-                            continue
-                        s["__sid__"], s["__src__"] = (epoch, pos, idx), src
-                        yield (src, epoch, pos, idx), s, (epoch, pos, idx + 1)
-                except TruncatedShard as e:
-                    tracker.skip("truncated_tar", url, None, str(e) + " -- rest of shard skipped")
-                finally:
-                    try:
-                        stream.close()
-                    except OSError as e:
-                        tracker.skip("unreadable_shard", url, None, str(e))
-                pos, offset = pos + 1, 0
-            epoch, pos, offset = epoch + 1, 0, 0
+    def add(self, other: _Counts) -> None:
+        self.seen, self.bad = self.seen + other.seen, self.bad + other.bad
+        for k, v in other.reasons.items():
+            self.reasons[k] = self.reasons.get(k, 0) + v
+        if other.sources:
+            mine = self.sources or [0] * len(other.sources)
+            self.sources = [a + b for a, b in zip(mine, other.sources, strict=True)]
 
-    def _fetch(self, g: int, ids: list[tuple]) -> dict[tuple, dict]:
-        """Re-read the raw samples with the given (src, epoch, pos, index) ids (to restore a shuffle buffer)."""
-        out: dict[tuple, dict] = {}
-        by_shard: dict[tuple, set] = {}
-        for src, e, p, i in ids:
-            by_shard.setdefault((src, e, p), set()).add(i)
-        for (src, e, p), wanted in by_shard.items():
-            url = self.shard_plan(e, g, src)[0][p]
-            stream = open_url(url, allow_pipe=self.allow_pipe)
-            try:
-                for s in iter_samples(stream, url):
-                    if s["__index__"] in wanted:
-                        s["__sid__"], s["__src__"] = (e, p, s["__index__"]), src
-                        out[(src, e, p, s["__index__"])] = s
-                        if len(out) == len(ids):
-                            break
-            finally:
-                stream.close()
-        return out
+    def as_dict(self) -> dict:
+        return {"seen": self.seen, "bad": self.bad, "reasons": dict(self.reasons), "sources": list(self.sources)}
 
-    # --- the worker loop ------------------------------------------------------------------------
-    def __iter__(self):
-        # long: the stream's resumable cursor is advanced in exactly one loop (data/loader.py docstring)
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        logical = (physical + self.rotation) % self.num_workers
-        g = self.rank * self.num_workers + logical
-        state = self.resume_states.get(logical)
-        tracker = BadSampleTracker(self.max_bad_fraction, self.min_samples_for_limit)
-        rng = random.Random(self.seed * 7919 + g)
-        buffer: list[tuple] = []  # (id, raw sample)
-        S = len(self.sources)
-        cursors = [(0, 0, 0)] * S  # per source: (epoch, shard position, next index)
-        used = [0] * S  # samples of each source this worker handed to map_fn successfully
-        skip = 0
-        emitted = 0  # samples out of the shuffle buffer so far (interleave split)
-        if state is not None:
-            rng.setstate(py_rng_state_from_list(state["rng"]))
-            cursors, ids = _source_cursors(state, S)
-            used = list(state.get("sources", used))
-            fetched = self._fetch(g, ids)
-            buffer = [(i, fetched[i]) for i in ids if i in fetched]
-            tracker.merge(state["seen"], state["bad"], state["reasons"])
-            skip = state["skip"]
-            emitted = state.get("emitted", 0)
-        streams = None
-        while True:
-            # snapshot at the start of a batch group: restoring it regenerates the same group
-            snap = {
-                "worker": logical,
-                "cursor": [list(c) for c in cursors],
-                "buffer": [list(i) for i, _ in buffer],
-                "sources": list(used),
-                "rng": py_rng_state_to_list(rng.getstate()),
-                "seen": tracker.seen,
-                "bad": tracker.bad,
-                "reasons": dict(tracker.reasons),
-                "emitted": emitted,
-            }
-            if streams is None:
-                streams = [self._raw_stream(g, k, *cursors[k], tracker) for k in range(S)]
-            items = []
-            want = self.batch_size * self.bucket_batches
-            while len(items) < want:
-                src = 0 if S == 1 else rng.choices(range(S), weights=self.weights)[0]
-                sid, raw, cursors[src] = next(streams[src])
-                if self.shuffle_buffer > 1:
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append((sid, raw))
-                        continue
-                    j = rng.randrange(len(buffer))
-                    (sid, raw), buffer[j] = buffer[j], (sid, raw)
-                emitted += 1
-                if (emitted - 1) % self.keep_world != self.keep_rank:
-                    continue
-                try:
-                    items.append(self.map_fn(raw))
-                    tracker.ok()
-                    used[raw["__src__"]] += 1
-                except SampleError as e:
-                    tracker.skip(e.reason, raw.get("__shard__", "?"), raw.get("__key__"), str(e))
-            if self.length_fn is not None:
-                items.sort(key=self.length_fn)
-            groups = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-            if self.length_fn is not None:
-                rng.shuffle(groups)
-            for j, group in enumerate(groups):
-                if j < skip:
-                    continue
-                now = {"seen_now": tracker.seen, "bad_now": tracker.bad, "reasons_now": dict(tracker.reasons)}
-                now["sources_now"] = list(used)
-                yield self.collate_fn(group), {**snap, **now, "skip": j + 1}
-            skip = 0
-
-
-def _source_cursors(state: dict, n_sources: int) -> tuple[list[tuple], list[tuple]]:
-    """(per-source cursors, buffered sample ids) of a worker state; states saved before sources existed hold one
-    cursor [epoch, pos, index] and 3-element ids (source 0)."""
-    cursor = state["cursor"]
-    cursors = [tuple(cursor)] if cursor and not isinstance(cursor[0], list) else [tuple(c) for c in cursor]
-    if len(cursors) != n_sources:
-        raise ValueError(f"loader state has {len(cursors)} data sources, this run has {n_sources}")
-    ids = [tuple(i) if len(i) == 4 else (0, *i) for i in state["buffer"]]
-    return cursors, ids
+    @classmethod
+    def from_dict(cls, d: dict) -> _Counts:
+        return cls(d["seen"], d["bad"], dict(d["reasons"]), list(d["sources"]))
 
 
 class StreamingLoader:
@@ -267,8 +104,9 @@ class StreamingLoader:
     ):
         # long: the loader's options are validated together, before any worker starts
         """split: "shards" (each rank and worker reads its own shards: the normal case), "interleave" (every rank
-        reads the same stream and keeps every world-th sample, so N ranks x batch B/N see exactly the global batches
-        of one process with batch B; use 0 workers), or "none" (every rank reads everything)."""
+        reads the global stream and keeps its share of each round, so N ranks x batch B/N see exactly the global
+        batches of one process with batch B, and a run resumes on another world size: the module docstring), or
+        "none" (every rank reads everything)."""
         rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         if split not in ("shards", "interleave", "none"):
@@ -306,7 +144,13 @@ class StreamingLoader:
             weights=weights,
         )
         if split == "interleave":
+            if length_fn is not None:
+                raise ValueError("length bucketing (length_fn) sorts a rank's own samples: not with split=interleave")
             self.dataset.keep_rank, self.dataset.keep_world = rank, world_size
+            self.dataset.global_stream = True
+        self.global_stream = split == "interleave"
+        self.stream_state: dict | None = None  # global stream: its state after the last consumed batch
+        self.base = _Counts()  # global stream: counts carried over from the saved run (rank 0 holds them)
         self.tracker = BadSampleTracker(max_bad_fraction, min_samples_for_limit)
         self.epoch = 0
         self.in_epoch = 0
@@ -335,6 +179,8 @@ class StreamingLoader:
             batch, meta = next(it)
             self.data_wait_s += time.perf_counter() - t0
             self.worker_states[meta["worker"]] = meta
+            if self.global_stream:
+                self.stream_state = meta["stream"]
             self.consumed += 1
             self.in_epoch += 1
             self._check_bad()
@@ -344,6 +190,7 @@ class StreamingLoader:
 
     def _check_bad(self) -> None:
         t = BadSampleTracker(self.tracker.max_bad_fraction, self.tracker.min_samples)
+        t.merge(self.base.seen, self.base.bad, self.base.reasons)
         for st in self.worker_states.values():  # counts up to the batch just consumed (metrics, limit)
             t.merge(st["seen_now"], st["bad_now"], st["reasons_now"])
         t.examples = self.tracker.examples
@@ -353,13 +200,24 @@ class StreamingLoader:
     def metrics(self) -> dict:
         out = {**self.tracker.metrics(), "data_wait_s": self.data_wait_s, "batches": self.consumed}
         if len(self.dataset.sources) > 1:  # samples each source gave this rank so far
-            counts = [0] * len(self.dataset.sources)
+            counts = list(self.base.sources) or [0] * len(self.dataset.sources)
             for st in self.worker_states.values():
                 counts = [a + b for a, b in zip(counts, st["sources_now"], strict=True)]
             out["source_samples"] = counts
         return out
 
     def state_dict(self) -> dict:
+        if self.global_stream:
+            return {
+                "split": "interleave",
+                "consumed": self.consumed,
+                "num_workers": self.num_workers,
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "batch_size": self.dataset.batch_size,
+                "stream": self.stream_state,
+                "counts": self._counts().as_dict(),
+            }
         return {
             "epoch": self.epoch,
             "in_epoch": self.in_epoch,
@@ -370,7 +228,63 @@ class StreamingLoader:
             "workers": {str(k): v for k, v in self.worker_states.items()},
         }
 
+    def _counts(self) -> _Counts:
+        """This rank's sample counts so far (the carried base + every worker's)."""
+        c = _Counts(self.base.seen, self.base.bad, dict(self.base.reasons), list(self.base.sources))
+        for st in self.worker_states.values():
+            c.add(_Counts(st["seen_now"], st["bad_now"], st["reasons_now"], st.get("sources_now", [])))
+        return c
+
+    def load_state_dicts(self, states: list[dict], source: str = "the saved run") -> None:
+        """Resume from the states every rank of a saved run wrote (`states[r]`: rank r's). The global stream
+        (`split="interleave"`) resumes on any world size, batch size and worker count whose rounds divide the
+        samples already consumed; the per-rank split needs the saved world size. A mismatch is a ValueError naming
+        what differs."""
+        if not self.global_stream:
+            if len(states) != self.world_size:
+                raise ValueError(
+                    f"{source} was saved by {len(states)} ranks with data.split={states[0].get('split', 'shards')} "
+                    f"(each rank reads its own shards): resume it with {len(states)} ranks, or train with "
+                    "data.split=interleave (the global stream) to resume on any number of ranks"
+                )
+            self.load_state_dict(states[self.rank])
+            return
+        if any(st.get("split") != "interleave" for st in states):
+            raise ValueError(
+                f"{source} was saved with data.split=shards (each rank reads its own shards), this run has "
+                "data.split=interleave: resume with the saved split and world size"
+            )
+        streams = [json.dumps(st["stream"], sort_keys=True) for st in states]
+        if len(set(streams)) != 1:
+            raise ValueError(f"{source}: the ranks' saved stream cursors differ (a share of a round was all bad)")
+        stream = states[0]["stream"]
+        size = self.dataset.batch_size * self.world_size
+        consumed = 0
+        if stream is not None:
+            done = stream["emitted"]
+            if done % size:
+                raise ValueError(
+                    f"{source} stopped after {done} samples of the stream, not a whole number of this run's rounds "
+                    f"(data.batch_size {self.dataset.batch_size} x {self.world_size} ranks = {size}): keep the "
+                    "global batch (data.batch_size x ranks x optim.grad_accum) of the saved run"
+                )
+            _source_cursors(stream, len(self.dataset.sources))
+            consumed = done // size
+        total = _Counts()
+        for st in states:
+            total.add(_Counts.from_dict(st["counts"]))
+        self.base = total if self.rank == 0 else _Counts()
+        self.dataset.resume_global = stream
+        self.epoch, self.in_epoch = divmod(consumed, self.batches_per_epoch)
+        self.consumed = consumed
+        self.worker_states, self.stream_state, self._it = {}, stream, None
+
     def load_state_dict(self, sd: dict) -> None:
+        if self.global_stream or sd.get("split") == "interleave":
+            if sd["world_size"] != self.world_size or sd["rank"] != self.rank:
+                raise ValueError(f"a global-stream state of rank {sd['rank']}/{sd['world_size']}: use load_state_dicts")
+            self.load_state_dicts([sd] * self.world_size)
+            return
         for key in ("num_workers", "world_size", "rank"):
             mine = self.num_workers if key == "num_workers" else getattr(self, key)
             if sd[key] != mine:

@@ -214,3 +214,46 @@ def test_sources_mix_by_weight_and_resume_exactly(tmp_path, workers):
     other = StreamingLoader(idx[:2], map_fn=source_and_key, weights=[1, 1], **kw)
     with pytest.raises(ValueError, match="3 data sources, this run has 2"):
         other.load_state_dict(state)
+
+
+def _global_batches(index, steps, layout, state_per_rank=None, **kw):
+    """`steps` global batches of a run laid out as (world, batch_size, grad_accum, workers): per step the set of
+    sample keys all ranks' micro-batches hold, and every rank's state after the last step."""
+    world, bs, accum, workers = layout
+    loaders = []
+    for r in range(world):
+        loader = StreamingLoader(
+            index, map_fn=key_and_epoch, batch_size=bs, num_workers=workers, batches_per_epoch=10**6, rank=r,
+            world_size=world, split="interleave", **kw,
+        )  # fmt: skip
+        if state_per_rank is not None:
+            loader.load_state_dicts(state_per_rank)
+        loaders.append((loader, iter(loader)))
+    out = []
+    for _ in range(steps):
+        out.append(sorted(k for _, it in loaders for _ in range(accum) for _, k in next(it)))
+    return out, [loader.state_dict() for loader, _ in loaders]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_global_stream_is_the_same_on_any_layout_and_resumes_across_them(tmp_path, workers):
+    """split=interleave: the stream is one sequence whatever the world size, batch size, accumulation and worker
+    count; a state saved by one layout resumes on another with the same global batch (elastic resume)."""
+    index = write_text_shards(tmp_path, [7, 5, 9, 4])
+    kw = dict(shuffle_buffer=5, seed=3)
+    layouts = [(1, 4, 1, workers), (2, 2, 1, workers), (4, 1, 1, 0), (1, 2, 2, workers), (2, 1, 2, 0)]
+    full, _ = _global_batches(index, 9, layouts[0], **kw)
+    assert len({k for b in full for k in b}) > 20
+    for layout in layouts[1:]:
+        assert _global_batches(index, 9, layout, **kw)[0] == full, layout
+    for a, b in [(layouts[1], layouts[0]), (layouts[0], layouts[1]), (layouts[2], layouts[3])]:
+        first, states = _global_batches(index, 4, a, **kw)
+        rest, _ = _global_batches(index, 5, b, state_per_rank=states, **kw)
+        assert first + rest == full, (a, b)
+    _, states = _global_batches(index, 3, (1, 2, 1, 0), **kw)  # 6 samples: not a whole number of rounds of 4
+    with pytest.raises(ValueError, match="global batch"):
+        _global_batches(index, 1, (1, 4, 1, 0), state_per_rank=states, **kw)
+    _, states = _global_batches(index, 1, (2, 2, 1, 0))
+    loader = StreamingLoader(index, map_fn=key_and_epoch, batch_size=4, batches_per_epoch=9, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="saved by 2 ranks"):
+        loader.load_state_dicts([{**st, "split": "shards"} for st in states])
