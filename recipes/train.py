@@ -14,6 +14,7 @@ which places the model, runs the step loop, checkpoints, logs metrics.jsonl and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from mm_llama.adapters.composed import ComposedModel
 from mm_llama.adapters.files import init_part_from_file, load_part, save_part
 from mm_llama.adapters.hf_mllama import is_mllama_folder, load_hf_mllama
+from mm_llama.adapters.modality import PartHooks
 from mm_llama.adapters.registry import MODALITIES
 from mm_llama.assets import resolve
 from mm_llama.config import ConfigError
@@ -111,6 +113,9 @@ def build_model(cfg, tower: Transformer) -> ComposedModel:
             model.part(kind).requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"nothing to train: every part of {kinds} has trainable: false")
+    no_aux = {f.name: f.default for f in dataclasses.fields(PartHooks)}["aux_loss"]
+    if cfg.objective == "aux" and all(MODALITIES[k].part.aux_loss is no_aux for k in kinds):
+        raise ConfigError(f"objective=aux: no part of {kinds} has an auxiliary loss (train with objective=lm)")
     model.aux_only = cfg.objective == "aux"
     model.partial_batches = len(kinds) > 1 or len(cfg.data.sources) > 1  # a batch may leave a part without media
     return model
@@ -122,6 +127,7 @@ def model_for(cfg, dtype: torch.dtype) -> ComposedModel:
 
 
 def trainer_for(cfg, callbacks=(), **loader_kw) -> Trainer:
+    run_kinds(cfg)  # a bad modality list is a config error before the run folder is looked at
     tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
     return Trainer(
         cfg,

@@ -10,6 +10,7 @@ checkpoint that verifies and says which newer ones it skipped and why. Only the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from mm_llama.llama.errors import CheckpointError
@@ -64,8 +66,9 @@ def write_manifest(folder: Path, step: int, world_size: int, optimizer_shards: b
     os.replace(tmp, folder / MANIFEST)
 
 
-def verify_checkpoint(path: str | Path, world_size: int | None = None) -> str | None:
-    """None if the checkpoint is complete and undamaged (for this world size), else what is wrong with it."""
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None if the checkpoint is complete and undamaged, else what is wrong with it. (Whether this run can continue
+    it, on its world size and config, is engine/resume.py's question.)"""
     path = Path(path)
     if not path.is_dir():
         return f"{path}: no such checkpoint folder"
@@ -76,8 +79,6 @@ def verify_checkpoint(path: str | Path, world_size: int | None = None) -> str | 
         return f"{path}: no {MANIFEST} (the save did not finish, or it predates manifests)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{path / MANIFEST}: unreadable ({type(e).__name__}: {e})"
-    if world_size is not None and world_size != saved_world:
-        return f"{path}: saved by {saved_world} ranks, this run has {world_size} (data cursors are per rank)"
     for name, want in files.items():
         f = path / name
         if not f.is_file():
@@ -93,11 +94,11 @@ def verify_checkpoint(path: str | Path, world_size: int | None = None) -> str | 
     return f"{path}: the manifest lacks {absent}" if absent else None
 
 
-def find_resumable(run_dir: str | Path, world_size: int | None = None) -> tuple[Path | None, list[str]]:
+def find_resumable(run_dir: str | Path) -> tuple[Path | None, list[str]]:
     """(newest checkpoint that verifies or None, why each newer one was skipped)."""
     skipped = []
     for d in reversed(checkpoint_dirs(run_dir)):
-        problem = verify_checkpoint(d, world_size)
+        problem = verify_checkpoint(d)
         if problem is None:
             return d, skipped
         skipped.append(problem)
@@ -129,37 +130,44 @@ def save_checkpoint(
     world_size: int = 1,
     before_publish=None,
     optimizer_shard: dict | None = None,
+    config: dict | None = None,
 ) -> Path:
     """All ranks call this; rank-local data cursors go in data_rank{r}.json, the rest is written by rank 0, then the
     manifest, then the rename. `before_publish()` runs on every rank once its files are written (fault injection).
     `optimizer_shard` (adapters sharded with FSDP2): this rank's optimizer state, written by every rank as
-    optimizer_rank{r}.pt instead of the optimizer in train_state.pt."""
+    optimizer_rank{r}.pt instead of the optimizer in train_state.pt. `config`: the run's config, kept as config.yaml
+    (a resume checks it). A failed write (a full disk) removes the partial folder: the previous checkpoint stays the
+    newest, and the error names the file."""
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
-    if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    if barrier:
-        barrier()
-    (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_states))
-    if optimizer_shard is not None:
-        torch.save(optimizer_shard, tmp / f"optimizer_rank{rank}.pt")
-    if before_publish is not None:
-        before_publish()
-    if barrier:
-        barrier()
-    if is_main:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
-        opt_state = optimizer.state_dict() if optimizer_shard is None else None
-        state = {"step": step, "optimizer": opt_state, "scheduler": scheduler.state_dict(), "rng": rng_state(), **extra}
-        torch.save(state, tmp / "train_state.pt")
-        write_manifest(tmp, step, world_size, optimizer_shards=optimizer_shard is not None)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    with _cleaned_up_on_failure(tmp):
+        if is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        if barrier:
+            barrier()
+        (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_states))
+        if optimizer_shard is not None:
+            torch.save(optimizer_shard, tmp / f"optimizer_rank{rank}.pt")
+        if before_publish is not None:
+            before_publish()
+        if barrier:
+            barrier()
+        if is_main:
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
+            opt_state = optimizer.state_dict() if optimizer_shard is None else None
+            sched = scheduler.state_dict()
+            state = {"step": step, "optimizer": opt_state, "scheduler": sched, "rng": rng_state(), **extra}
+            torch.save(state, tmp / "train_state.pt")
+            if config is not None:
+                (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            write_manifest(tmp, step, world_size, optimizer_shards=optimizer_shard is not None)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if barrier:
@@ -167,18 +175,21 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, rank: int) -> tuple[dict, dict, dict]:
-    """(weights, train_state, this rank's data cursor); a missing or damaged file is a CheckpointError naming it."""
+def load_checkpoint(path: str | Path, rank: int) -> tuple[dict, dict, list[dict]]:
+    """(weights, train_state, the data cursors of every rank that saved it, in rank order); a missing or damaged
+    file is a CheckpointError naming it."""
 
     path = Path(path)
-    data_file = path / f"data_rank{rank}.json"
-    if not data_file.is_file():
-        raise CheckpointError(f"{path}: no data cursor for rank {rank} (was it saved with another world size?)")
+    try:
+        saved_world = int(json.loads((path / MANIFEST).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / MANIFEST}: unreadable ({type(e).__name__}: {e})") from None
+    cursors = [f"data_rank{r}.json" for r in range(saved_world)]
     parts = {}
     for name, read in (
         ("adapter.safetensors", lambda f: load_file(str(f))),
         ("train_state.pt", lambda f: torch.load(f, weights_only=True)),
-        (data_file.name, lambda f: json.loads(f.read_text())),
+        *((c, lambda f: json.loads(f.read_text())) for c in cursors),
     ):
         try:
             parts[name] = read(path / name)
@@ -191,4 +202,16 @@ def load_checkpoint(path: str | Path, rank: int) -> tuple[dict, dict, dict]:
             state["optimizer"] = torch.load(f, weights_only=True)
         except Exception as e:  # noqa: BLE001 -- one named error, as above
             raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
-    return parts["adapter.safetensors"], state, parts[data_file.name]
+    return parts["adapter.safetensors"], state, [parts[c] for c in cursors]
+
+
+@contextlib.contextmanager
+def _cleaned_up_on_failure(tmp: Path):
+    """A checkpoint write that fails (a full disk, a read-only folder) removes its partial folder and is one
+    CheckpointError naming what could not be written."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = e.filename or tmp
+        raise CheckpointError(f"{where}: cannot write the checkpoint ({e.strerror or e}); none of it was kept") from e

@@ -23,15 +23,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mm_llama.config import ConfigError, auto_or_bounded, bounded, choice, save_config
+from mm_llama.config import ConfigError, auto_or_bounded, bounded, choice, save_config, to_dict
 from mm_llama.llama.checkpoint import CheckpointError
 
-from .checkpoint import find_resumable, load_checkpoint, save_checkpoint, set_rng_state, verify_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .ddp import DistributedDataParallel
 from .dist import init_distributed
 from .flops import StepFlops, device_peak_flops
 from .metrics import Metrics, Progress, peak_mem_mb, profiler
 from .parallelize import param_groups, place, weight_dtype
+from .resume import RunLock, choose_checkpoint
 from .shard import gather_full, is_sharded, load_full, local_optimizer_state, reshard_optimizer_state
 from .step import StepResult, train_step, warmup_cosine
 
@@ -106,27 +107,6 @@ class Callback:
     def before_checkpoint_publish(self, trainer: Trainer, step: int) -> None: ...
 
 
-def choose_checkpoint(cfg: TrainerConfig, world_size: int, is_main: bool) -> Path | None:
-    """The checkpoint to resume from: `resume=auto` -> the newest that verifies (the skipped ones are named),
-    `none` -> none, a path -> that one, which must verify (CheckpointError otherwise)."""
-    if cfg.resume in ("none", ""):
-        return None
-    if cfg.resume != "auto":
-        problem = verify_checkpoint(cfg.resume, world_size)
-        if problem:
-            raise CheckpointError(f"resume={cfg.resume}: {problem}")
-        return Path(cfg.resume)
-    ckpt, skipped = find_resumable(cfg.run_dir, world_size)
-    if is_main:
-        for why in skipped:
-            print(f"resume: skipped {why}", file=sys.stderr, flush=True)
-        if ckpt is not None:
-            print(f"resume: from {ckpt}", file=sys.stderr, flush=True)
-        elif skipped:
-            print("resume: no intact checkpoint; starting from step 0", file=sys.stderr, flush=True)
-    return ckpt
-
-
 def load_trained_weights(model: nn.Module, weights: dict, source) -> None:
     """Trainable weights of a training checkpoint into the model built from the same config: every key must be one
     of the model's (a checkpoint of another modality or layout is an error, not a silent no-op)."""
@@ -161,12 +141,39 @@ class Trainer:
         self.info = info = init_distributed(device="cpu" if not torch.cuda.is_available() else None)
         torch.manual_seed(cfg.seed)
         self.run_dir = Path(cfg.run_dir)
-        ckpt = choose_checkpoint(cfg, info.world_size, info.is_main)  # before anything of the run is written
+        self.config = to_dict(config or cfg)
+        self.lock = RunLock(self.run_dir)
+        ckpt = self._start()  # the folder locked and the resume decided before anything of the run is written
+        try:
+            self._set_up(build_model, make_loader, ckpt)
+        except BaseException:
+            self.lock.release(remove_created=True)  # a failed start leaves nothing behind
+            raise
+        if info.is_main:  # written once the run is set up
+            name = "config.yaml" if ckpt is None else f"config.resume_{ckpt.name}.yaml"
+            save_config(config or cfg, self.run_dir / name)
+
+    def _start(self) -> Path | None:
+        """Rank 0 takes the run folder and decides where the run starts; every rank gets the decision (or the
+        same error)."""
+        cfg, info = self.cfg, self.info
+        outcome: list = [None, None]
         if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(
-                config or cfg, self.run_dir / ("config.yaml" if ckpt is None else f"config.resume_{ckpt.name}.yaml")
-            )
+            try:
+                self.lock.acquire()
+                ckpt = choose_checkpoint(cfg.resume, self.run_dir, self.config, info.world_size, cfg.steps)
+                outcome = [str(ckpt) if ckpt else None, None]
+            except CheckpointError as e:
+                self.lock.release(remove_created=True)
+                outcome = [None, str(e)]
+        if info.distributed:
+            dist.broadcast_object_list(outcome, src=0)
+        if outcome[1] is not None:
+            raise CheckpointError(outcome[1])
+        return Path(outcome[0]) if outcome[0] else None
+
+    def _set_up(self, build_model, make_loader, ckpt: Path | None) -> None:
+        cfg, info = self.cfg, self.info
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -217,13 +224,16 @@ class Trainer:
         return model
 
     def _restore(self, ckpt: Path) -> None:
-        weights, state, data_state = load_checkpoint(ckpt, self.info.rank)
+        weights, state, data_states = load_checkpoint(ckpt, self.info.rank)
         load_trained_weights(self.model, weights, ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         reshard_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        self.loader.load_state_dict(data_state)
+        try:  # the saved ranks' cursors: this rank's, or (the global stream) any world size's
+            self.loader.load_state_dicts(data_states, source=str(ckpt))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         self.step_count, self.losses, self.nonfinite = state["step"], list(state["losses"]), state["nonfinite"]
 
     # --- the step and the loop -----------------------------------------------------------------
@@ -251,7 +261,14 @@ class Trainer:
         )
 
     def run(self) -> list[float]:
-        """Train to `steps` (or `stop_after`), checkpointing and logging; save the trained weights; the losses."""
+        """Train to `steps` (or `stop_after`), checkpointing and logging; save the trained weights; the losses. The
+        run folder is given up at the end, however the run ends."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> list[float]:
         cfg, info = self.cfg, self.info
         metrics = Metrics(self.run_dir, info.is_main, cfg.tensorboard)
         peak, peak_source = device_peak_flops(info.device, self.amp or torch.float32, cfg.peak_tflops)
@@ -341,4 +358,5 @@ class Trainer:
             world_size=info.world_size,
             before_publish=before_publish,
             optimizer_shard=opt_shard,
+            config=self.config,
         )

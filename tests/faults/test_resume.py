@@ -1,11 +1,16 @@
 """Fault injection: damaged checkpoints, a bad resume path, and a rank killed while a checkpoint is being saved.
 After every fault, `resume=auto` continues from the newest intact checkpoint and the loss curve equals an
-uninterrupted run's; nothing of the run is overwritten before the resume decision."""
+uninterrupted run's (no intact checkpoint at all: an error, not a restart); nothing of the run is overwritten
+before the resume decision."""
 
+import errno
 import shutil
 
 import pytest
+import torch
 
+from mm_llama.engine.checkpoint import save_checkpoint
+from mm_llama.llama.errors import CheckpointError
 from tests.integration.test_train import BIN, FAULTS, _port, train
 
 CFG = "recipes/configs/debug_speech.yaml"
@@ -67,15 +72,16 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(reference, tmp_path, kind
     assert (run / "config.yaml").read_bytes() == config_before  # the run's config is not overwritten
 
 
-def test_every_checkpoint_damaged_starts_over(reference, tmp_path):
-    ref_run, ref_losses = reference
+def test_every_checkpoint_damaged_is_an_error_not_a_restart(reference, tmp_path):
+    ref_run, _ = reference
     run = tmp_path / "run"
     shutil.copytree(ref_run, run)
     for step, kind in zip((2, 4, 6), ("adapter_truncated", "cursor_garbage", "manifest_deleted")):
         damage(run / "checkpoints" / f"step_{step:08d}", kind)
-    losses, r = train("--config", CFG, f"run_dir={run}", *ARGS)
-    assert r.stderr.count("resume: skipped") == 3 and "no intact checkpoint" in r.stderr
-    assert losses == ref_losses
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*") if p.name != ".lock")
+    _, r = train("--config", CFG, f"run_dir={run}", *ARGS, check=False)
+    assert r.returncode == 2 and r.stderr.count("resume: skipped") == 3 and "no intact checkpoint" in r.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*") if p.name != ".lock") == before
 
 
 @pytest.mark.parametrize("kind", ["missing", "damaged"])
@@ -121,3 +127,21 @@ def test_rank_killed_during_a_checkpoint_save_then_resume(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000002"]
     losses, r = train("--config", CFG, f"run_dir={run}", *ARGS, launcher=launcher())
     assert "step_00000002" in r.stderr and losses == ref
+
+
+def test_a_checkpoint_write_that_fails_leaves_no_partial_folder(tmp_path, monkeypatch):
+    """A full disk while a checkpoint is written: one error naming the file, no `.tmp_step` folder left, the
+    previous checkpoint still the newest."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    kw = dict(weights=dict(model.state_dict()), optimizer=opt, scheduler=sched, extra={}, data_states={}, rank=0)
+    save_checkpoint(tmp_path, 2, **kw, is_main=True)
+
+    def disk_full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="train_state.pt: cannot write the checkpoint .No space left"):
+        save_checkpoint(tmp_path, 4, **kw, is_main=True)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]

@@ -244,24 +244,7 @@ def test_video_stage_trains_only_video_parts(tmp_path):
     assert keys and all(k.startswith(("video.aggregator.", "video.video_cross_attention_layers.")) for k in keys)
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    """2 ranks x batch 2 (interleaved split of one stream) == 1 rank x batch 4, losses within fp32 tolerance."""
-    cfg = "recipes/configs/debug_speech.yaml"
-    one, _ = train("--config", cfg, f"run_dir={tmp_path / 'one'}", "steps=3", "data.batch_size=4")
-    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port())]
-    two, _ = train(
-        "--config",
-        cfg,
-        f"run_dir={tmp_path / 'two'}",
-        "steps=3",
-        "data.batch_size=2",
-        "data.split=interleave",
-        launcher=launcher,
-    )
-    assert two == pytest.approx(one, rel=1e-5)
-
-
-@pytest.mark.slow  # make test: the interleaved split above (the engine's equivalence across ranks)
+@pytest.mark.slow  # make test: 2 ranks x 2 == 1 rank x 4 on the global stream (test_elastic.py)
 def test_two_processes_on_the_same_stream_equal_one(tmp_path):
     """data.split=none: every rank reads the same stream, so 2 ranks x batch 2 == 1 rank x batch 2."""
     cfg = "recipes/configs/debug_speech.yaml"
