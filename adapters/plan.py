@@ -315,7 +315,8 @@ def candidates(gpus: int, per_machine: int) -> list[Layout]:
     """Layouts from the cheapest in communication and compute to the most sharded."""
     out = [Layout(gpus, per_machine, "replicate", "flat", ac) for ac in (False, True)]
     if gpus > 1:
-        meshes = ["hybrid", "flat"] if gpus > per_machine else ["flat"]
+        # hybrid only over whole machines: the trainer refuses a world that does not split into them (engine/shard.py)
+        meshes = ["hybrid", "flat"] if gpus > per_machine and gpus % per_machine == 0 else ["flat"]
         for adapters in ("replicate", "fsdp"):
             for mesh in meshes:
                 out += [Layout(gpus, per_machine, "fsdp", mesh, ac, adapters) for ac in (False, True)]

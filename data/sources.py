@@ -70,6 +70,7 @@ def conversation_record(messages: list[Message], root: Path, where: str, **extra
 def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
+            line = line.lstrip("\ufeff")  # a byte-order mark (editors on Windows write one) is not JSON
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .badsamples import SampleError
 from .conversation import CHAT_MEMBER, Part, messages_json
 from .media import MEDIA, medium_for_ext
-from .shards import INDEX_VERSION, SHARD_SUFFIXES, iter_samples, open_url, read_index
+from .shards import INDEX_VERSION, SHARD_SUFFIXES, TruncatedShard, iter_samples, open_url, read_index
 
 
 def sanitize_key(stem: str, index: int) -> str:
@@ -34,6 +34,7 @@ def manifest_samples(manifest: str | Path) -> Iterator[dict]:
     manifest = Path(manifest)
     with manifest.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
+            line = line.lstrip("\ufeff")  # a byte-order mark (editors on Windows write one) is not JSON
             if not line.strip():
                 continue
             try:
@@ -191,6 +192,10 @@ def write_shards(
                 skip("empty_text", f"{src}: missing or empty text")
                 continue
             media = [m for m in MEDIA if m in rec]
+            if len(media) > 1:
+                msg = f"{src}: holds {' and '.join(media)}: one medium per manifest line (several: --from messages)"
+                skip("several_media", msg)
+                continue
             first = rec.get(media[0]) if media else src
             first = first[0] if isinstance(first, tuple) else first
             out = {"__key__": sanitize_key(Path(str(first)).stem, rep.written)}
@@ -213,6 +218,10 @@ def write_shards(
         writer.close()
         bar.close()
     rep.seconds = time.perf_counter() - t0
+    if not rep.written:  # nothing to index: no empty shard or index is left behind
+        for f in out_dir.glob(f"{prefix}-*.tar"):
+            f.unlink()
+        return rep
     rep.shards = [{"url": Path(f).name, "samples": n} for f, n in sorted(counts.items())]
     index = {"version": INDEX_VERSION, "samples": rep.written, "shards": rep.shards}
     (out_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
@@ -232,19 +241,24 @@ def derive_shards(
     extra members `add(samples)` returns for it (one dict of `{ext: bytes}` per sample, computed a batch at a time):
     e.g. a frozen encoder's outputs, computed once per clip instead of once per epoch."""
 
-    out_dir = _prepare_out_dir(out_dir, replace)
     urls, counts = read_index(index)
+    out_dir = _prepare_out_dir(out_dir, replace)
     rep, t0 = WriteReport(), time.perf_counter()
     shards = []
-    for i, (url, n) in enumerate(zip(urls, counts, strict=True)):
-        name = f"{prefix}-{i:06d}.tar"
-        with wds.TarWriter(str(out_dir / name), encoder=False, mtime=946684800.0) as w:
-            it = iter_samples(open_url(url), url)
-            while chunk := list(itertools.islice(it, batch)):
-                for s, extra in zip(chunk, add(chunk), strict=True):
-                    w.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} | extra)
-                    rep.written += 1
-        shards.append({"url": name, "samples": n})
+    try:
+        for i, (url, n) in enumerate(zip(urls, counts, strict=True)):
+            name = f"{prefix}-{i:06d}.tar"
+            shards.append({"url": name, "samples": n})
+            with wds.TarWriter(str(out_dir / name), encoder=False, mtime=946684800.0) as w:
+                it = iter_samples(open_url(url), url)
+                while chunk := list(itertools.islice(it, batch)):
+                    for s, extra in zip(chunk, add(chunk), strict=True):
+                        w.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} | extra)
+                        rep.written += 1
+    except (TruncatedShard, OSError) as e:  # a damaged input: nothing half-written is left
+        for sh in shards:
+            (out_dir / sh["url"]).unlink(missing_ok=True)
+        raise ValueError(f"{e} -- no copy written (repair or drop that shard first: mm-llama shards verify)") from None
     rep.shards, rep.seconds = shards, time.perf_counter() - t0
     index_out = {"version": INDEX_VERSION, "samples": rep.written, "shards": shards}
     (out_dir / "index.json").write_text(json.dumps(index_out, indent=1) + "\n")

@@ -131,13 +131,17 @@ def cmd_shards_write(args) -> int:
         "skipped": rep.skipped,
         "reasons": dict(rep.reasons),
         "shards": len(rep.shards),
-        "index": str(Path(args.out) / "index.json"),
+        "index": str(Path(args.out) / "index.json") if rep.written else None,
         "samples_per_s": round(rep.written / max(rep.seconds, 1e-9), 1),
     }
     print(_json.dumps(summary))
     for e in rep.first_errors:
         print(f"skipped: {e}", file=sys.stderr)
-    return 0 if rep.written else 1
+    if not rep.written:
+        why = f"all {rep.skipped} samples skipped (above)" if rep.skipped else f"{args.input} holds no sample"
+        print(f"mm-llama shards write: error: nothing written: {why}; no shard or index left", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_shards_verify(args) -> int:
@@ -155,6 +159,7 @@ def cmd_shards_encode(args) -> int:
         _json.dumps(
             {
                 "written": rep.written,
+                "not_cached": rep.reasons["not_cached"],
                 "shards": len(rep.shards),
                 "seconds": round(rep.seconds, 1),
                 "index": f"{args.out}/index.json",

@@ -124,8 +124,13 @@ def measure(cfg, *, device: str = "cuda", seq_len: int | None = None, labels: in
 def plan_config(cfg, gpus: int, gpu_mem: float, gpus_per_machine: int = 8, **kw):
     """(sizes, workload, [Plan for every candidate layout], the config's own Plan)."""
 
-    sizes, w = measure(cfg, **kw)
     per_machine = min(gpus_per_machine, gpus)
+    if cfg.parallel.mesh == "hybrid" and gpus % per_machine:
+        raise ConfigError(
+            f"parallel.mesh=hybrid: {gpus} GPUs do not split into machines of {per_machine} (training refuses it): "
+            "give a --gpus that is a multiple of --gpus-per-machine, or parallel.mesh=flat"
+        )
+    sizes, w = measure(cfg, **kw)
     plans = [plan(sizes, lay, gpu_mem) for lay in candidates(gpus, per_machine)]
     own = Layout(
         gpus, per_machine, cfg.parallel.tower, cfg.parallel.mesh, cfg.activation_checkpointing, cfg.parallel.adapters

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -297,11 +298,15 @@ def cache_encoder_outputs(encoder, encoder_id: str, index, out_dir, *, batch: in
     encoder = encoder.eval()
     whisper = isinstance(encoder, WhisperEncoder)
     dev = next(encoder.parameters()).device
+    cached = 0
 
     def add(samples):
+        nonlocal cached
         feats, where = [], []
         for i, s in enumerate(samples):
             ext = next((e for e in AUDIO.exts if e in s), None)
+            if ext is None:
+                continue
             try:
                 wave = AUDIO.decode(s[ext], s["__key__"], ext, min_seconds=MIN_SECONDS, max_seconds=CHUNK_SECONDS)
             except Exception:  # noqa: BLE001 - left for the loader to count and skip, as without a cache
@@ -316,9 +321,17 @@ def cache_encoder_outputs(encoder, encoder_id: str, index, out_dir, *, batch: in
                 buf = io.BytesIO()
                 np.save(buf, h[j, : int(lens[j])].float().cpu().numpy().astype(np.float16), allow_pickle=False)
                 extra[i] = {CACHE_MEMBER: buf.getvalue(), CACHE_ID_MEMBER: encoder_id.encode()}
+        cached += len(where)
         return extra
 
-    return derive_shards(index, out_dir, add, batch=batch, prefix="cached", replace=replace)
+    rep = derive_shards(index, out_dir, add, batch=batch, prefix="cached", replace=replace)
+    if not cached:  # e.g. an image index: a copy without one cached clip is not what was asked for
+        for sh in rep.shards:
+            (Path(out_dir) / sh["url"]).unlink(missing_ok=True)
+        (Path(out_dir) / "index.json").unlink(missing_ok=True)
+        raise ValueError(f"{index}: none of its {rep.written} samples holds a clip that decodes: nothing to cache")
+    rep.reasons["not_cached"] = rep.written - cached  # clips that do not decode: copied as they are
+    return rep
 
 
 # --- scale ------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mm_llama.cli import main as cli_main
 from mm_llama.data.badsamples import SampleError
 from mm_llama.data.shards import TruncatedShard, decode_fields, iter_samples, read_index, verify_shards
 from tests.data.test_shards import MM, make_manifest
@@ -121,3 +122,38 @@ def test_shards_write_out_naming_a_file(tmp_path):
         timeout=300,
     )
     assert r.returncode == 2 and "afile" in r.stderr and "not a folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shards_write_says_when_nothing_is_written_and_reads_what_editors_write(tmp_path, capsys):
+    """An empty manifest (or one whose every line is skipped) is exit 1 with one line and leaves no empty shard or
+    index; a line with two media is skipped with its reason; a byte-order mark is read, not a JSON error."""
+    m = make_manifest(tmp_path, n=2)
+    lines = m.read_text().splitlines()
+    (tmp_path / "empty.jsonl").write_text("")
+    rec = json.loads(lines[0]) | {"audio": "x.wav"}
+    (tmp_path / "both.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "bom.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
+    for name, want in (("empty", "holds no sample"), ("both", "one medium per manifest line")):
+        out = tmp_path / f"out-{name}"
+        assert cli_main(["shards", "write", str(tmp_path / f"{name}.jsonl"), "--out", str(out), "--quiet"]) == 1
+        assert want in capsys.readouterr().err and list(out.iterdir()) == []
+    assert cli_main(["shards", "write", str(tmp_path / "bom.jsonl"), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 2
+
+
+def test_shards_encode_refuses_what_it_cannot_cache(tmp_path, capsys):
+    """`shards encode` of an image index caches nothing: an error, not exit 0; a truncated input shard is one line
+    naming it, and no half-written copy is left."""
+    enc = ["--encoder", "conformer:debug"]
+    image = "tests/assets/shards/image/index.json"
+    assert cli_main(["shards", "encode", image, *enc, "--out", str(tmp_path / "a")]) == 2
+    assert "nothing to cache" in capsys.readouterr().err and not list((tmp_path / "a").glob("*"))
+    src = Path("tests/assets/shards/audio")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    first = sorted(src.glob("*.tar"))[0]
+    (cut / first.name).write_bytes(first.read_bytes()[:30000])
+    (cut / "index.json").write_text(json.dumps({"version": 1, "shards": [{"url": first.name, "samples": 2}]}))
+    assert cli_main(["shards", "encode", str(cut / "index.json"), *enc, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert first.name in err and "broken" in err and "Traceback" not in err and not list((tmp_path / "b").glob("*"))

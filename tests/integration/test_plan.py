@@ -123,6 +123,10 @@ def test_plan_bad_inputs_are_named_errors(tmp_path, capsys):
         main(["--config", str(CFG / "debug_image.yaml"), "--gpus", "8", "--gpu-mem", "80", "tower.path=/no/such"]) == 2
     )
     assert "tower.preset" in capsys.readouterr().err
+    # a hybrid mesh needs whole machines: the plan offers (and takes) only layouts the trainer accepts
+    args = ["--config", str(CFG / "debug_image.yaml"), "--gpus", "16", "--gpus-per-machine", "6", "--gpu-mem", "80"]
+    assert main([*args, "parallel.mesh=hybrid"]) == 2 and "machines of 6" in capsys.readouterr().err
+    assert main(args) == 0 and "hybrid" not in capsys.readouterr().out
 
 
 def _tiny_mllama(folder):
