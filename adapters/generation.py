@@ -67,7 +67,7 @@ def generate_items(
     pad = padding_id(tok)
     device = model.tok_embeddings.weight.device
     layout = left_padded(prompts, pad, max_new_tokens).to(device)
-    inputs = {k: _to(v, device) for k, v in Collate(model.kinds).inputs(items).items()}
+    inputs = {k: to_device(v, device) for k, v in Collate(model.kinds).inputs(items).items()}
     with model.compute_context():
         states = model.states(layout, inputs, cache_kv=True)
 
@@ -90,11 +90,11 @@ def generate_items(
     return [tok.decode(o) for o in out]
 
 
-def _to(value, device):
+def to_device(value, device):
     if torch.is_tensor(value):
         return value.to(device)
     if isinstance(value, list):
-        return [_to(v, device) for v in value]
+        return [to_device(v, device) for v in value]
     return value
 
 

@@ -17,10 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from mm_llama.adapters.generation import answer_samples
-from mm_llama.adapters.modality import AnswerOptions, media_member
 from mm_llama.adapters.registry import get_modality
 from mm_llama.assets import resolve
 from mm_llama.config import ConfigError
@@ -34,6 +31,7 @@ from mm_llama.llama.checkpoint import CheckpointError
 from mm_llama.options import RANGES, Parser
 
 from .train import load_train_config, model_for
+from .train_eval import answer_pairs, gather, scores
 
 
 def main(argv=None, prog: str | None = None) -> int:
@@ -69,31 +67,15 @@ def evaluate(argv=None, prog: str | None = None) -> int:
     model.eval()
     urls = expand_urls(args.data)[info.rank :: info.world_size]
     # samples without this modality's media are left out of references AND hypotheses, counted
-    samples, skipped = [], 0
-    for s in read_samples(urls, args.limit):
-        if media_member(s, spec.exts) is None or "txt" not in s:
-            skipped += 1
-        else:
-            samples.append(s)
-    opts = AnswerOptions(
-        prompt=cfg.data.prompt,
-        max_new_tokens=args.max_new_tokens,
-        frames=getattr(getattr(cfg.model, spec.name), "frames", 8),
+    samples = read_samples(urls, args.limit)
+    mine = answer_pairs(
+        model, tok, cfg, spec.name, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
     )
-    refs, hyps = [], []
-    for i in range(0, len(samples), args.batch_size):
-        chunk = samples[i : i + args.batch_size]
-        refs += [s["txt"].decode().strip() for s in chunk]
-        hyps += answer_samples(model, tok, spec.name, chunk, opts)
-    pairs = list(zip(refs, hyps, strict=True))
-    if info.distributed:
-        gathered = [None] * info.world_size
-        dist.all_gather_object(gathered, (pairs, skipped))
-        pairs = [p for part, _ in gathered for p in part]
-        skipped = sum(n for _, n in gathered)
+    everyone = gather(mine, info)
+    pairs = [p for part, _ in everyone for p in part]
+    skipped = sum(n for _, n in everyone)
     if info.is_main:
-        r, h = [p[0] for p in pairs], [p[1] for p in pairs]
-        result = spec.evaluation.metrics(r, h) | {
+        result = scores(spec.name, pairs) | {
             "skipped_samples": skipped,
             "tower_dtype": str(dt).removeprefix("torch."),
         }

@@ -44,6 +44,7 @@ from mm_llama.recipes.train_config import (
     run_kinds,
 )
 from mm_llama.recipes.train_data import SourceSamples, collate_for, loader_for, model_kinds, samples_for
+from mm_llama.recipes.train_eval import InLoopEval
 
 __all__ = [  # the recipe's pieces, importable from here (tests, other recipes)
     "DataCfg",
@@ -136,6 +137,7 @@ def trainer_for(cfg, callbacks=(), **loader_kw) -> Trainer:
         save_model=lambda model, path: save_trained(cfg, model, path),
         config=cfg,
         callbacks=callbacks,
+        make_eval=lambda info: InLoopEval(cfg, tok, info),
     )
 
 
@@ -147,9 +149,9 @@ def save_trained(cfg, model, path: Path) -> None:
     if len(kinds) == 1:
         save_part(model, kinds[0], path, sources=sources)
         return
-    for kind in kinds:
+    for kind in kinds:  # adapter-KIND.safetensors (the best so far: adapter.best-KIND.safetensors)
         if getattr(cfg.model, kind).trainable:
-            save_part(model, kind, path.with_name(f"adapter-{kind}.safetensors"), sources=sources)
+            save_part(model, kind, path.with_name(f"{path.stem}-{kind}{path.suffix}"), sources=sources)
 
 
 def main(argv=None, callbacks: list[Callback] | None = None, prog: str | None = None) -> int:

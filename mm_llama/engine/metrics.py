@@ -35,6 +35,9 @@ class Metrics:
             for k in TB_KEYS:
                 if k in rec:
                     self.tb.add_scalar(f"train/{k}", rec[k], rec["step"])
+            for k, v in rec.items():  # held-out figures (eval_loss, eval_wer, ...)
+                if k.startswith("eval_") and isinstance(v, int | float):
+                    self.tb.add_scalar(f"eval/{k.removeprefix('eval_')}", v, rec["step"])
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
 

@@ -53,7 +53,7 @@ MAY_CHANGE = {
     "optim.grad_accum",
     "optim.max_nonfinite",
 }
-MAY_CHANGE_SECTIONS = ("parallel.", "eval.")
+MAY_CHANGE_SECTIONS = ("parallel.", "eval.", "ckpt.")
 CONFIG = "config.yaml"  # the run's config, in the run folder and in each checkpoint
 
 

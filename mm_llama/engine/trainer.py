@@ -16,14 +16,13 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from mm_llama.config import ConfigError, auto_or_bounded, bounded, choice, save_config, to_dict
+from mm_llama.config import ConfigError, save_config, to_dict
 from mm_llama.llama.checkpoint import CheckpointError
 
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
@@ -35,65 +34,15 @@ from .parallelize import param_groups, place, weight_dtype
 from .resume import RunLock, choose_checkpoint
 from .shard import gather_full, is_sharded, load_full, local_optimizer_state, reshard_optimizer_state
 from .step import StepResult, train_step, warmup_cosine
-
-
-@dataclass
-class OptimConfig:
-    lr: float = bounded(1e-3, 0.0)
-    weight_decay: float = bounded(0.0, 0.0)
-    warmup_steps: int = bounded(2, 0)
-    grad_accum: int = bounded(1, 1)
-    clip: float = bounded(1.0, 0.0)
-    max_nonfinite: int = bounded(5, 0)
-    # learning-rate multiplier for media encoders' weights (the image part's `vision_encoder`, a speech part's
-    # `encoder`): a pretrained encoder fine-tuned beside fresh adapters wants a fraction of their rate (Llama 3
-    # updates the image encoder during adapter training; only the language model stays frozen)
-    encoder_lr_scale: float = bounded(1.0, 0.0)
-
-
-@dataclass
-class ParallelConfig:
-    # replicate: every rank holds the whole frozen tower; fsdp: FSDP2 shards it per transformer block
-    tower: str = choice("replicate", "replicate", "fsdp")
-    # flat: shard over all ranks; hybrid: shard within a machine (LOCAL_WORLD_SIZE ranks), replicate across machines
-    mesh: str = choice("flat", "flat", "hybrid")
-    # replicate: the adapters on our DDP engine; fsdp: their large blocks (cross-attention blocks, encoder layers)
-    # sharded by FSDP2 too (needs tower=fsdp), the rest on our engine
-    adapters: str = choice("replicate", "replicate", "fsdp")
-
-
-@dataclass
-class TrainerConfig:
-    run_dir: str = "runs/debug"
-    steps: int = bounded(10, 1)
-    seed: int = 0
-    engine: str = choice("ours", "ours", "torch")
-    # a step whose batch leaves some trainable part without media (mixed runs, text-only samples) has parameters
-    # with no gradient: the engine must look for them (a graph walk + one small all-reduce per step). auto: on when
-    # the model says batches may leave parts out (several trained parts or sources) or the objective is aux
-    find_unused_parameters: str = choice("auto", "auto", "true", "false")
-    bucket_cap_mb: float | str = auto_or_bounded("auto", 0.0)  # auto: sized from the trainable gradients
-    log_every: int = bounded(1, 1)
-    ckpt_every: int = bounded(5, 1)
-    keep_last: int = bounded(3, 1)
-    resume: str = "auto"  # auto | none | a checkpoint folder
-    dtype: str = choice("auto", "auto", "float32", "bfloat16")  # tower: auto = bfloat16 on CUDA, float32 on CPU
-    activation_checkpointing: bool = False  # recompute tower layers and adapter blocks in backward
-    stop_after: int | None = bounded(None, 1)  # stop (as if killed) after this many steps: resume tests
-    profile: bool = False  # torch profiler trace of steps 2-4 into RUN/profile/
-    tensorboard: bool = True
-    progress_every_s: float = bounded(30.0, 0.0)  # without a terminal: a progress line this often (rank 0)
-    peak_tflops: float | None = bounded(None, 0.0)  # MFU peak per device; default: spec sheet (GPU), measured (CPU)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-
-
-def check_config(cfg: TrainerConfig) -> None:
-    """What the single keys' checks cannot see: combinations (a ConfigError names them)."""
-    if cfg.parallel.adapters == "fsdp" and cfg.parallel.tower != "fsdp":
-        raise ConfigError("parallel.adapters=fsdp needs parallel.tower=fsdp (the adapters shard on the tower's mesh)")
-    if cfg.parallel.tower == "fsdp" and cfg.engine != "ours":
-        raise ConfigError("parallel.tower=fsdp needs engine=ours (torch's DDP would broadcast the sharded tower)")
+from .train_config import (  # noqa: F401 - the config's classes, importable from here
+    CkptConfig,
+    EvalConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainerConfig,
+    check_config,
+    lower_is_better,
+)
 
 
 class Callback:
@@ -124,7 +73,9 @@ class Trainer:
     """One training run, set up once. `build_model(dtype)`: the model with its tower's weights in `dtype` (on the
     CPU; the trainer places it); `make_loader(model, info)`: this rank's resumable batch iterator (a
     `data.loader.StreamingLoader`); `save_model(model, path)`: the trained weights as a file (called on every rank
-    when adapter blocks are sharded). `config`: what is saved as RUN/config.yaml (default: `cfg`)."""
+    when adapter blocks are sharded). `config`: what is saved as RUN/config.yaml (default: `cfg`).
+    `make_eval(info)` (with `eval.every`): a callable `(model, autocast_dtype) -> {eval_...: value}` that every rank
+    calls every `eval.every` steps (recipes/train_eval.py)."""
 
     def __init__(
         self,
@@ -135,8 +86,10 @@ class Trainer:
         save_model: Callable[[nn.Module, Path], None],
         config=None,
         callbacks: Sequence[Callback] = (),
+        make_eval: Callable | None = None,
     ):
         check_config(cfg)
+        self.make_eval = make_eval
         self.cfg, self.save_model, self.callbacks = cfg, save_model, list(callbacks)
         self.info = info = init_distributed(device="cpu" if not torch.cuda.is_available() else None)
         torch.manual_seed(cfg.seed)
@@ -194,7 +147,9 @@ class Trainer:
         schedule = functools.partial(warmup_cosine, warmup=opt.warmup_steps, total=cfg.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.loader = make_loader(model, info)
+        self.evaluate = self.make_eval(info) if cfg.eval.every and self.make_eval is not None else None
         self.step_count, self.losses, self.nonfinite = 0, [], 0
+        self.best: dict | None = None  # {"value", "step"} of ckpt.keep_best so far
         if ckpt is not None:
             self._restore(ckpt)
 
@@ -235,6 +190,7 @@ class Trainer:
         except ValueError as e:
             raise CheckpointError(str(e)) from None
         self.step_count, self.losses, self.nonfinite = state["step"], list(state["losses"]), state["nonfinite"]
+        self.best = state.get("best")
 
     # --- the step and the loop -----------------------------------------------------------------
     def step(self, batches) -> StepResult:
@@ -293,6 +249,12 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 prof_step()
                 tps = res.tokens * info.world_size / dt
+                due = self.evaluate is not None and (
+                    self.step_count % cfg.eval.every == 0 or self.step_count == cfg.steps
+                )
+                held_out = self._evaluate() if due else {}
+                if held_out and self.step_count % cfg.log_every:  # an evaluation is logged whatever log_every says
+                    metrics.log({"step": self.step_count, "loss": res.loss, **held_out})
                 if self.step_count % cfg.log_every == 0:
                     wait, wait0 = self.loader.data_wait_s - wait0, self.loader.data_wait_s
                     rec = {
@@ -307,7 +269,7 @@ class Trainer:
                         "nonfinite": self.nonfinite,
                         "peak_mem_mb": peak_mem_mb(),
                     }
-                    metrics.log(rec | self._data_metrics())
+                    metrics.log(rec | self._data_metrics() | held_out)
                 if bar is not None:
                     bar.update(self.step_count, res.loss, tps)
                 if self.step_count % cfg.ckpt_every == 0 or self.step_count == cfg.steps:
@@ -322,6 +284,31 @@ class Trainer:
         if info.is_main or self.units:  # sharded adapter blocks are gathered whole for the file: every rank takes part
             self.save_model(self.model, self.run_dir / "adapter.safetensors")
         return self.losses
+
+    def _evaluate(self) -> dict:
+        """The held-out figures now (every rank), and the best adapter kept when `ckpt.keep_best` improved."""
+        self.model.eval()
+        try:
+            out = self.evaluate(self.model, self.amp)
+        finally:
+            self.model.train()
+        metric, step = self.cfg.ckpt.keep_best, self.step_count
+        if not metric:
+            return out
+        if metric not in out:
+            have = ", ".join(sorted(k for k in out if k not in ("eval_samples", "eval_seconds")))
+            raise ConfigError(f"ckpt.keep_best={metric}: this run's evaluation reports {have}")
+        value = float(out[metric])
+        better = self.best is None or (
+            value < self.best["value"] if lower_is_better(metric) else value > self.best["value"]
+        )
+        if better:
+            self.best = {"metric": metric, "value": value, "step": step}
+            if self.info.is_main or self.units:
+                self.save_model(self.model, self.run_dir / "adapter.best.safetensors")
+            if self.info.is_main:
+                (self.run_dir / "best.json").write_text(json.dumps(self.best) + "\n")
+        return out
 
     def _skipped(self) -> None:
         self.nonfinite += 1
@@ -349,7 +336,7 @@ class Trainer:
             weights=weights,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            extra={"losses": self.losses, "nonfinite": self.nonfinite},
+            extra={"losses": self.losses, "nonfinite": self.nonfinite, "best": self.best},
             data_states=self.loader.state_dict(),
             rank=info.rank,
             is_main=info.is_main,

@@ -5,6 +5,7 @@ global batch kept (data.batch_size x ranks x optim.grad_accum): its losses equal
 fp32), 2 ranks -> 1 and 1 -> 2, with the tower replicated and sharded (`parallel.tower=fsdp`). What cannot be
 resumed exactly is an error (exit 2) naming the checkpoint and what differs, and nothing in the folder changes."""
 
+import json
 import shutil
 
 import pytest
@@ -122,8 +123,8 @@ def test_a_run_folder_is_never_restarted_over_or_shared(runs, tmp_path):
     (tmp_path / "afile").write_text("mine")
     _refused(tmp_path / "afile", contains=["a file, not a folder"])
     assert (tmp_path / "afile").read_text() == "mine"
-    _, r = train("--config", "recipes/configs/debug_image.yaml", f"run_dir={tmp_path / 'aux'}", "objective=aux",
-                 check=False)  # fmt: skip
+    image = ["--config", "recipes/configs/debug_image.yaml"]
+    _, r = train(*image, f"run_dir={tmp_path / 'aux'}", "objective=aux", check=False)
     assert r.returncode != 0 and not (tmp_path / "aux").exists(), r.stderr[-2000:]
 
 
@@ -132,3 +133,23 @@ def test_the_resumed_config_must_be_readable(runs, tmp_path):
     (run / "checkpoints" / "step_00000002" / "config.yaml").write_text(yaml.safe_dump({"seed": 0}))
     write_manifest(run / "checkpoints" / "step_00000002", 2, 1)
     _refused(run, "data.batch_size=4", contains=["step_00000002", "(absent)"])
+
+
+def test_evaluation_in_the_loop_logs_held_out_figures_and_keeps_the_best_adapter(runs, tmp_path):
+    """eval.every=3: eval_loss and the plug-in's metric (speech: eval_wer, eval_cer) at steps 3 and 6 in
+    metrics.jsonl, with their cost; ckpt.keep_best=eval_wer keeps the best adapter beside the last; the training
+    losses are those of the run without evaluation."""
+    run = tmp_path / "run"
+    held_out = ["eval.every=3", "eval.data=tests/assets/shards/audio/index.json", "eval.samples=4"]
+    held_out += ["eval.max_new_tokens=8", "ckpt.keep_best=eval_wer"]
+    losses, _ = train(*ARGS, f"run_dir={run}", "data.batch_size=4", *held_out)
+    assert losses == runs[1][1]
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if "eval_wer" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all("loss" in r for r in recs)
+    assert all({"eval_loss", "eval_cer", "eval_seconds"} <= set(r) and r["eval_samples"] == 4 for r in evals)
+    best = json.loads((run / "best.json").read_text())
+    assert best["metric"] == "eval_wer" and best["value"] == min(r["eval_wer"] for r in evals)
+    assert (run / "adapter.best.safetensors").is_file() and (run / "adapter.safetensors").is_file()
+    _, r = train(*ARGS, f"run_dir={tmp_path / 'bad'}", "ckpt.keep_best=eval_wer", check=False)
+    assert r.returncode == 2 and "eval.every > 0" in r.stderr
