@@ -39,6 +39,7 @@ from mm_llama.llama import Transformer, get_preset
 from mm_llama.llama.checkpoint import CheckpointError, read_checkpoint
 from mm_llama.options import RANGES, Parser
 
+from .dry_run import dry_run
 from .train import TowerCfg, load_train_config, run_kinds, trainer_for
 
 PROMPT_TOKENS = 16  # BOS, the media token and a short prompt before the target text
@@ -296,8 +297,8 @@ def main(argv=None, prog: str | None = None) -> int:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--config", required=True, help="a training config (recipes/configs/*.yaml)")
-    ap.add_argument("--gpus", type=RANGES["gpus"], required=True, help="GPUs in total")
-    ap.add_argument("--gpu-mem", type=RANGES["gpu_mem"], required=True, help="GB of memory per GPU (e.g. 80)")
+    ap.add_argument("--gpus", type=RANGES["gpus"], default=None, help="GPUs in total")
+    ap.add_argument("--gpu-mem", type=RANGES["gpu_mem"], default=None, help="GB of memory per GPU (e.g. 80)")
     ap.add_argument("--gpus-per-machine", type=RANGES["gpus"], default=8)
     ap.add_argument("--seq-len", type=RANGES["seq_len"], default=None, help="tokens per sequence (default: text + 16)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of the table")
@@ -307,12 +308,20 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         help="also run one real step of the config here (one process; scale it down with key=value) "
         "and print the plan's prediction for it beside the measured peak",
     )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the config's full-size model on fake CUDA tensors (no memory) and run one training forward: "
+        "every tensor off the device or in a stray dtype is reported (exit 1 when there is one); needs no --gpus",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value, as for recipes/train.py")
 
 
 def run(args) -> int:
-    if args.gpus < 1 or args.gpu_mem <= 0 or args.gpus_per_machine < 1:
-        print("plan: --gpus and --gpus-per-machine must be >= 1 and --gpu-mem > 0", file=sys.stderr)
+    if args.dry_run:
+        return run_dry(args)
+    if args.gpus is None or args.gpu_mem is None:
+        print("mm-llama plan: error: --gpus and --gpu-mem are required (or --dry-run)", file=sys.stderr)
         return 2
     try:
         cfg = load_train_config(args.config, args.overrides)
@@ -341,6 +350,27 @@ def run(args) -> int:
         if launched_distributed():
             exit_process(0)
     return 0
+
+
+def run_dry(args, inject=None) -> int:
+    """`--dry-run`: the report of recipes/dry_run.py; exit 1 when it found a problem."""
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+        report = dry_run(cfg, lambda: meta_model(cfg), inject=inject)
+    except (ConfigError, CheckpointError, FileNotFoundError, KeyError, NotImplementedError) as e:
+        print(f"mm-llama plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report))
+    else:
+        head = (
+            f"dry run: {args.config}: {report['params'] / 1e9:.2f}B parameters on fake cuda ({report['dtype']} tower, "
+            f"fp32 parts), one training forward of {report['batch']['input_ids']} tokens: {report['ops']} ops"
+        )
+        lines = [head, f"problems: {len(report['problems'])}"] + [f"  {p}" for p in report["problems"]]
+        lines += [f"notes: {len(report['notes'])}"] + [f"  {n}" for n in report["notes"]]
+        print("\n".join(lines))
+    return 1 if report["problems"] else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ real step; the shipped large configs' verdicts; training from an HF Mllama (Llam
 import json
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from mm_llama.adapters.plan import saved_bytes
 from mm_llama.config import load_config
 from mm_llama.llama import Transformer
 from mm_llama.llama.config import ModelArgs
-from recipes.plan import check, main, plan_config, to_json
+from recipes.plan import check, main, plan_config, run_dry, to_json
 from recipes.train import TrainConfig
 from tests import tiny
 from tests.integration.test_train import BIN, ENV, ROOT, train
@@ -165,3 +167,31 @@ def test_training_starts_from_an_hf_mllama_folder(tmp_path, capsys):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_dry_run_finds_tensors_off_the_device_and_in_stray_dtypes(capsys):
+    """`plan --dry-run`: the config's model on fake CUDA tensors, one training forward; clean configs pass (exit 0),
+    and deliberately misplaced tensors (a CPU tensor added inside a tower layer, a float64 one) are reported with
+    the line that made them (exit 1)."""
+    assert main(["--config", str(CFG / "debug_image.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "on fake cuda (bfloat16 tower" in out and "problems: 0" in out
+
+    def misplace(model):
+        def hook(_module, _args, out):
+            return out + torch.ones(out.shape[-1])  # made on the CPU inside the step
+
+        def wrong_dtype(_module, _args, out):
+            return out + torch.zeros(out.shape, dtype=torch.float64, device=out.device).to(out.dtype)
+
+        model.tower.layers[0].register_forward_hook(hook)
+        model.tower.layers[1].register_forward_hook(wrong_dtype)
+
+    args = SimpleNamespace(config=str(CFG / "debug_speech.yaml"), overrides=["dtype=float32"], json=True)
+    assert run_dry(args, inject=misplace) == 1
+    report = json.loads(capsys.readouterr().out)
+    here = Path(__file__).name
+    assert report["dtype"] == "float32" and len(report["problems"]) == 2, report["problems"]
+    cpu, f64 = sorted(report["problems"], key=lambda p: "float64" in p)
+    assert "aten.add.Tensor" in cpu and "on cpu" in cpu and f"{here}:" in cpu and "(hook)" in cpu
+    assert "float64" in f64 and "(wrong_dtype)" in f64
