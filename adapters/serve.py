@@ -8,9 +8,9 @@ The adapters are composed on one tower, as in `mm-llama caption` (adapters/cli.p
 Every request gets an HTTP status that fits: 400 malformed (Content-Length missing or not a number), 403 a Host
 header that is not this server's (DNS rebinding against a loopback server), 404, 405 a method other than GET and
 POST, 411/413 empty or too large, 415 a file type no loaded adapter handles (before the body is read), 422 a file
-that does not decode, 503 all workers busy, 500 anything else (with a short id, logged with its traceback). Sockets
-time out (`--timeout`), at most `--workers` requests are handled at once, and uploads stream to a temporary file;
-the model reads it under its lock, one request at a time.
+that does not decode, 503 all workers busy (with Retry-After), 500 anything else (with a short id, logged with its
+traceback). Sockets time out (`--timeout`), at most `--workers` requests are handled at once, and uploads stream
+to a temporary file; the model reads it under its lock, one request at a time.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class BoundedServer(ThreadingHTTPServer):
                 request.recv(65536)  # the request head: closing with it unread would reset the connection
                 body = b'{"error": "busy: too many requests at once, try again"}'
                 request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
                 )
             except OSError:
