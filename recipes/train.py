@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,9 +30,11 @@ from mm_llama.adapters.registry import MODALITIES
 from mm_llama.assets import resolve
 from mm_llama.config import ConfigError
 from mm_llama.engine import exit_process
+from mm_llama.engine.dist import launched_distributed
 from mm_llama.engine.trainer import Callback, Trainer
 from mm_llama.llama import Tokenizer, Transformer, load_pretrained, random_tower, random_tower_source
 from mm_llama.llama.checkpoint import CheckpointError
+from mm_llama.llama.slices import TowerRows, fill_sharded, tower_skeleton
 
 # absolute (the installed package): this file also runs as a script (`torchrun recipes/train.py`)
 from mm_llama.recipes.train_config import (
@@ -69,13 +72,28 @@ __all__ = [  # the recipe's pieces, importable from here (tests, other recipes)
 ]
 
 
-def build_tower(cfg) -> Transformer:
+def sharded_rows(cfg) -> TowerRows | None:
+    """The tower's files read row by row, when each rank should read only the rows it keeps: `parallel.tower=fsdp`
+    on several processes with a Hugging Face or Meta checkpoint (a GGUF or Llama 3.2 Vision folder loads whole)."""
+    if cfg.parallel.tower != "fsdp" or not cfg.tower.path or not launched_distributed():
+        return None
+    path = resolve(cfg.tower.path)
+    if is_mllama_folder(path):
+        return None
+    try:
+        return TowerRows(path)
+    except NotImplementedError:
+        return None
+
+
+def build_tower(cfg, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The config's tower, its weights read straight into `dtype` (a bf16 tower never exists in fp32 first)."""
     if cfg.tower.path:
         path = resolve(cfg.tower.path)
         if is_mllama_folder(path):  # Llama 3.2 Vision: its text model (model.image.release: its image part)
-            return load_hf_mllama(Path(path), text_only=True)
-        return load_pretrained(path)
-    return random_tower(cfg.tower.preset, cfg.tower.vocab_size, cfg.tower.seed)
+            return load_hf_mllama(Path(path), dtype=dtype, text_only=True)
+        return load_pretrained(path, dtype=dtype)
+    return random_tower(cfg.tower.preset, cfg.tower.vocab_size, cfg.tower.seed).to(dtype)
 
 
 def tower_source(cfg) -> str:
@@ -122,23 +140,33 @@ def build_model(cfg, tower: Transformer) -> ComposedModel:
     return model
 
 
-def model_for(cfg, dtype: torch.dtype) -> ComposedModel:
-    """The config's model with its tower's weights in `dtype` (the parts stay fp32)."""
-    return build_model(cfg, build_tower(cfg).to(dtype=dtype))
+def model_for(cfg, dtype: torch.dtype, rows: TowerRows | None = None) -> ComposedModel:
+    """The config's model with its tower's weights in `dtype` (the parts stay fp32); with `rows`, the tower is a
+    skeleton (embeddings only) that `fill_sharded` fills once it is sharded."""
+    tower = tower_skeleton(rows, dtype) if rows is not None else build_tower(cfg, dtype)
+    return build_model(cfg, tower)
 
 
 def trainer_for(cfg, callbacks=(), **loader_kw) -> Trainer:
     run_kinds(cfg)  # a bad modality list is a config error before the run folder is looked at
     tok = Tokenizer.from_pretrained(resolve(cfg.model.tokenizer))
+    rows = sharded_rows(cfg)
     return Trainer(
         cfg,
-        build_model=lambda dtype: model_for(cfg, dtype),
+        build_model=lambda dtype: model_for(cfg, dtype, rows),
+        after_place=(lambda model: _fill(model, rows)) if rows is not None else None,
         make_loader=lambda model, info: loader_for(cfg, tok, model, info, **loader_kw),
         save_model=lambda model, path: save_trained(cfg, model, path),
         config=cfg,
         callbacks=callbacks,
         make_eval=lambda info: InLoopEval(cfg, tok, info),
     )
+
+
+def _fill(model, rows: TowerRows) -> None:
+    read = fill_sharded(model.tower, rows)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"parallel.tower=fsdp: tower read shard by shard, {read / 1e6:.1f} MB on this rank", file=sys.stderr)
 
 
 def save_trained(cfg, model, path: Path) -> None:

@@ -75,7 +75,8 @@ class Trainer:
     `data.loader.StreamingLoader`); `save_model(model, path)`: the trained weights as a file (called on every rank
     when adapter blocks are sharded). `config`: what is saved as RUN/config.yaml (default: `cfg`).
     `make_eval(info)` (with `eval.every`): a callable `(model, autocast_dtype) -> {eval_...: value}` that every rank
-    calls every `eval.every` steps (recipes/train_eval.py)."""
+    calls every `eval.every` steps (recipes/train_eval.py). `after_place(model)`: runs once the model is placed
+    (a tower built as a skeleton reads its shards there: towers loaded shard by shard)."""
 
     def __init__(
         self,
@@ -87,9 +88,10 @@ class Trainer:
         config=None,
         callbacks: Sequence[Callback] = (),
         make_eval: Callable | None = None,
+        after_place: Callable[[nn.Module], object] | None = None,
     ):
         check_config(cfg)
-        self.make_eval = make_eval
+        self.make_eval, self.after_place = make_eval, after_place
         self.cfg, self.save_model, self.callbacks = cfg, save_model, list(callbacks)
         self.info = info = init_distributed(device="cpu" if not torch.cuda.is_available() else None)
         torch.manual_seed(cfg.seed)
@@ -136,6 +138,8 @@ class Trainer:
         self.units = place(
             model, info, cfg.parallel, activation_checkpointing=cfg.activation_checkpointing, compute_dtype=self.amp
         )
+        if self.after_place is not None:  # e.g. a tower built as a skeleton gets this rank's shards
+            self.after_place(model)
         model.train()
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -222,10 +222,8 @@ def _global_batches(index, steps, layout, state_per_rank=None, **kw):
     world, bs, accum, workers = layout
     loaders = []
     for r in range(world):
-        loader = StreamingLoader(
-            index, map_fn=key_and_epoch, batch_size=bs, num_workers=workers, batches_per_epoch=10**6, rank=r,
-            world_size=world, split="interleave", **kw,
-        )  # fmt: skip
+        opts = dict(batch_size=bs, num_workers=workers, batches_per_epoch=10**6, split="interleave")
+        loader = StreamingLoader(index, map_fn=key_and_epoch, rank=r, world_size=world, **opts, **kw)
         if state_per_rank is not None:
             loader.load_state_dicts(state_per_rank)
         loaders.append((loader, iter(loader)))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from recipes.train import main
@@ -149,3 +150,26 @@ def test_bad_parallel_values_name_the_key(tmp_path, capsys):
     assert main(["--config", "recipes/configs/debug_image.yaml", "parallel.tower=fsdp", "engine=torch"]) == 2
     assert "needs engine=ours" in capsys.readouterr().err
     assert not (tmp_path / "config.yaml").exists()  # stopped before the run wrote anything
+
+
+def test_tower_read_shard_by_shard_equals_the_tower_read_whole(tmp_path):
+    """`parallel.tower=fsdp` with a tower from files: each rank builds it on the meta device and reads only the rows
+    it keeps (an HF folder in several safetensors shards, q/k rows in HF's rotary order); the losses equal one process
+    that read it whole."""
+    shape = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(vocab_size=49152, num_hidden_layers=3, tie_word_embeddings=False, **shape)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf", safe_serialization=True, max_shard_size="4MB")
+    args = [
+        "--config",
+        "recipes/configs/debug_speech.yaml",
+        "steps=2",
+        "data.split=interleave",
+        f"tower.path={tmp_path / 'hf'}",
+    ]
+    whole, _ = train(*args, f"run_dir={tmp_path / 'whole'}", "data.batch_size=2")
+    rows, r = train(
+        *args, f"run_dir={tmp_path / 'rows'}", "data.batch_size=1", "parallel.tower=fsdp", launcher=_torchrun(2)
+    )
+    assert "tower read shard by shard" in r.stderr and "MB on this rank" in r.stderr
+    assert rows == pytest.approx(whole, rel=1e-5)

@@ -6,11 +6,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 from gguf.quants import dequantize, quantize
 from safetensors.torch import load_file, save_file
 
 from mm_llama.llama import CheckpointError, RopeScaling, load_pretrained, save_meta
 from mm_llama.llama.model import rope_inv_freq
+from mm_llama.llama.slices import TowerRows
 from tests import tiny
 
 Q = gguf.GGMLQuantizationType
@@ -281,3 +283,24 @@ def test_load_dtype_and_frozen(tmp_path):
     assert m.inv_freq.dtype == torch.float32
     logits = m(torch.randint(0, 512, (1, 8)))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta2"])
+def test_rows_read_from_the_files_equal_the_loaded_tower(tmp_path, fmt):
+    """Towers loaded shard by shard read rows [a, b) of each weight from the files (mm_llama/llama/slices.py):
+    HF safetensors (q/k rows reordered from HF's rotary layout, ranges cutting through heads) and a Meta folder of
+    two model-parallel parts (rows split across them, or columns): equal to the rows of the tower loaded whole."""
+    if fmt == "hf":
+        shape = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+        cfg = transformers.LlamaConfig(vocab_size=300, num_hidden_layers=2, tie_word_embeddings=False, **shape)
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True, max_shard_size="50KB")
+    else:
+        save_meta(tiny.tower(n_layers=2), tmp_path, model_parallel=2)
+    whole = load_pretrained(tmp_path)
+    rows = TowerRows(tmp_path)
+    for name, p in whole.named_parameters():
+        n = p.shape[0]
+        for a, b in ((0, n), (3, n - 5), (n // 3, n // 3 + 7)):
+            assert torch.equal(rows.rows(name, a, b).float(), p[a:b]), (name, a, b)
+    rows.close()
