@@ -17,7 +17,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,7 @@ def load_checkpoint(path: str | Path, rank: int) -> tuple[dict, dict, list[dict]
 
 
 @contextlib.contextmanager
-def _cleaned_up_on_failure(tmp: Path):
+def _cleaned_up_on_failure(tmp: Path) -> Iterator[None]:
     """A checkpoint write that fails (a full disk, a read-only folder) removes its partial folder and is one
     CheckpointError naming what could not be written."""
     try:
