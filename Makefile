@@ -38,7 +38,16 @@ $(VENV)/.installed: $(LOCK) $(ASSETS_LOCK) pyproject.toml | $(PY)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@echo "$(LOCK) sha256 $$(sha256sum $(LOCK) | cut -d' ' -f1)" > $@
 
-install-dev: apt $(VENV)/.installed
+# The installed names of the top-level folders (pyproject's [tool.setuptools.package-dir]) for the type checker:
+# setuptools' editable import hook maps mm_llama.adapters to adapters/ at run time, which a static checker cannot
+# run, so relative links under $(VENV)/typing/mm_llama (pyproject's [tool.basedpyright] extraPaths) say the same.
+TYPING := $(VENV)/typing/mm_llama
+$(TYPING)/__init__.py: | $(PY)
+	mkdir -p $(TYPING)
+	for d in adapters data recipes; do ln -sfn ../../../$$d $(TYPING)/$$d; done
+	ln -sfn ../../../mm_llama/__init__.py $@
+
+install-dev: apt $(VENV)/.installed $(TYPING)/__init__.py
 install: apt $(VENV)/.installed
 
 # Regenerate the locks from pyproject (needs the package index; commit the result). Existing pins are kept where
@@ -59,9 +68,11 @@ check-fresh:
 check-wheel: install-dev
 	bash .ci/check-wheel
 
+# ruff, then the type checker on the core and the plug-in contract (pyproject's [tool.basedpyright])
 lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/basedpyright -p pyproject.toml  # -p: never a pyrightconfig.json in a folder above
 
 format: install-dev
 	$(VENV)/bin/ruff check --fix .

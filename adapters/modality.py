@@ -25,15 +25,27 @@ without this modality's media must come out exactly as the bare tower.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from mm_llama.data.badsamples import SampleError
+from mm_llama.data.conversation import Part
 from mm_llama.data.media import Medium
+from mm_llama.llama.model import Transformer
+from mm_llama.llama.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .composed import ComposedModel
+    from .plan import PlanPieces
+
+P = TypeVar("P", bound=nn.Module)  # a plug-in's part
+S = TypeVar("S")  # a plug-in's forward state (what `prepare` makes of its batch inputs)
+Block = Callable[[torch.Tensor], torch.Tensor]  # h -> h, run before a tower layer
 
 
 @dataclass
@@ -47,27 +59,39 @@ class AnswerOptions:
     top_p: float = 1.0
     seed: int | None = None
     language: str = "English"
-    on_token: Callable | None = None
+    on_token: Callable[[int, int], None] | None = None  # (sequence index, token id) as each is decoded
 
 
-def _none(*_args, **_kw):
+class MediaMaker(Protocol):
+    """What `DataHooks.media` returns: turns a medium into what a sample holds (picklable: DataLoader workers get
+    it). `decode(data, name, ext)`: a file's bytes -> the decoded medium; `plain(raw, ext)`: the medium of a plain
+    shard sample; `splice(value)`: (the ids a medium part becomes, its payload)."""
+
+    def decode(self, data: bytes, name: str, ext: str, /) -> Any: ...
+
+    def plain(self, raw: dict[str, Any], ext: str, /) -> Any: ...
+
+    def splice(self, value: Any, /) -> tuple[list[int], Any]: ...
+
+
+def _none(*_args: object, **_kw: object) -> None:
     return None
 
 
-def _unchanged(_model, h_BTD, _input_ids, _state):
+def _unchanged(_model: object, h_BTD: torch.Tensor, _input_ids: object, _state: object) -> torch.Tensor:
     return h_BTD
 
 
-def _no_blocks(_model, _state) -> dict:
+def _no_blocks(_model: object, _state: object) -> dict[int, list[Block]]:
     return {}
 
 
-def _same_state(state, _start: int, _n: int):
+def _same_state(state: S, _start: int, _n: int) -> S:
     return state
 
 
 @dataclass(frozen=True)
-class PartHooks:
+class PartHooks(Generic[P, S]):
     """The model concern. `build(tower, cfg, parts)`: a fresh part (cfg: the training config's `model` section;
     parts: those already built, in registry order); `base_parts(tower, cfg)`: the parts it `requires` when a run
     trains it alone (video: its image part), each a module or an adapter file's path (the caller loads it; frozen);
@@ -76,18 +100,22 @@ class PartHooks:
     the first id reads)."""
 
     Config: type
-    build: Callable[..., nn.Module]
-    meta: Callable[[nn.Module], dict]
-    from_meta: Callable[..., nn.Module]
+    build: Callable[[Transformer, Any, dict[str, nn.Module]], P]
+    meta: Callable[[P], dict[str, Any]]
+    from_meta: Callable[[Transformer, dict[str, Any], dict[str, nn.Module], str], P]
     row_table: Callable[[Mapping[str, nn.Module]], tuple[nn.Embedding, int]]
     inputs: tuple[str, ...]  # the batch keys it consumes (ComposedModel.forward keyword arguments)
-    prepare: Callable[..., Any]  # (model, input_ids, inputs, cache_kv) -> state, or None when there is nothing to do
-    input_rows: Callable[..., torch.Tensor] = _unchanged  # (model, h_BTD, input_ids, state) -> h_BTD
-    blocks: Callable[..., dict] = _no_blocks  # (model, state) -> {tower layer: [h -> h]}
-    step_state: Callable[[Any, int, int], Any] = _same_state  # the state for layout positions [start, start + n)
-    aux_loss: Callable[..., torch.Tensor | None] = _none  # (model, state, input_ids, labels): summed, or None
-    base_parts: Callable[..., dict] = lambda tower, cfg: {}
-    encoders: Callable[[nn.Module], list[nn.Module]] = lambda part: []  # its media encoders (optim.encoder_lr_scale)
+    # (model, input_ids, inputs, cache_kv) -> state, or None when there is nothing to do
+    prepare: Callable[[ComposedModel, torch.Tensor, dict[str, Any], bool], S | None]
+    # (model, h_BTD, input_ids, state) -> h_BTD
+    input_rows: Callable[[ComposedModel, torch.Tensor, torch.Tensor, S], torch.Tensor] = _unchanged
+    # (model, state) -> {tower layer: [h -> h]}
+    blocks: Callable[[ComposedModel, S], Mapping[int, Sequence[Block]]] = _no_blocks
+    step_state: Callable[[S, int, int], S | None] = _same_state  # the state for layout positions [start, start + n)
+    # (model, state, input_ids, labels): summed, or None
+    aux_loss: Callable[[ComposedModel, S, torch.Tensor, torch.Tensor], torch.Tensor | None] = _none
+    base_parts: Callable[[Transformer, Any], Mapping[str, nn.Module | str]] = lambda tower, cfg: {}
+    encoders: Callable[[P], list[nn.Module]] = lambda part: []  # its media encoders (optim.encoder_lr_scale)
 
 
 @dataclass(frozen=True)
@@ -101,9 +129,9 @@ class DataHooks:
     (`item[name]`), nothing when no item has any."""
 
     medium: Medium
-    media: Callable[..., Any]
-    turn: Callable[..., list]
-    collate: Callable[[list[dict]], dict]
+    media: Callable[[ComposedModel, Tokenizer, AnswerOptions, Any], MediaMaker]
+    turn: Callable[[Part, AnswerOptions], list[Part]]
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -114,39 +142,44 @@ class InferenceHooks:
     that end an answer; `finish(text)`: an answer's last clean-up. Bad bytes raise a SampleError naming `name`."""
 
     what: str  # what an answer is called ("caption", "transcript")
-    requests: Callable[..., tuple[list[dict], float | None]]
+    requests: Callable[
+        [ComposedModel, Tokenizer, bytes, str, str, AnswerOptions], tuple[list[dict[str, Any]], float | None]
+    ]
     join: Callable[[list[str]], str] = lambda texts: " ".join(t for t in texts if t)
-    stop_ids: Callable[[Any], set[int]] = lambda tok: set()
+    stop_ids: Callable[[Tokenizer], AbstractSet[int]] = lambda tok: set()
     finish: Callable[[str], str] = str.strip
 
 
 @dataclass(frozen=True)
 class EvalHooks:
-    metrics: Callable[[list[str], list[str]], dict]
+    metrics: Callable[[list[str], list[str]], dict[str, Any]]  # (references, hypotheses) -> corpus metrics
 
 
 @dataclass(frozen=True)
-class ScaleHooks:
+class ScaleHooks(Generic[P]):
     """`shard_units(part)`: large repeated blocks, one FSDP2 unit each under `parallel.adapters=fsdp` (and what
     activation checkpointing recomputes); `plan_pieces(part, parts, batch, seq_len, dtype, cfg)`: the memory plan's
     view of its training forward (adapters/plan.py); `file_options`: its config options that name weight files (the
     plan, which needs shapes only, leaves them out)."""
 
-    shard_units: Callable[[nn.Module], list[nn.Module]] = lambda part: []
-    plan_pieces: Callable[..., Any] | None = None
+    shard_units: Callable[[P], list[nn.Module]] = lambda part: []
+    plan_pieces: Callable[[P, dict[str, nn.Module], int, int, torch.dtype, Any], PlanPieces] | None = None
     file_options: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class Modality:
+class Modality(Generic[P, S]):
+    """A plug-in: its name, adapter-file format, token ids, and one group of hooks per concern (`P`: its part's
+    type, `S`: its forward state's)."""
+
     name: str
     format: str  # the adapter file's metadata "format"
     rows: int  # token ids it needs after the tower's vocabulary (ranges allocated by the registry)
-    part: PartHooks
+    part: PartHooks[P, S]
     data: DataHooks
     inference: InferenceHooks
     evaluation: EvalHooks
-    scale: ScaleHooks = field(default_factory=ScaleHooks)
+    scale: ScaleHooks[P] = field(default_factory=lambda: ScaleHooks())
     requires: tuple[str, ...] = ()  # parts it sits on (registered before it)
 
     @property
@@ -169,7 +202,7 @@ def require_member(raw: dict, medium: Medium) -> str:
     return ext
 
 
-def decode_member(raw: dict, medium: Medium, **kw):
+def decode_member(raw: dict, medium: Medium, **kw: Any) -> Any:
     """The sample's medium, decoded (a SampleError naming the sample when it does not decode)."""
     ext = require_member(raw, medium)
     return medium.decode(raw[ext], raw["__key__"], ext, **kw)

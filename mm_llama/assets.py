@@ -41,5 +41,7 @@ def resolve(path: str) -> str:
         return str(asset_path(path[6:]))
     if path.startswith("config:"):
         recipes = importlib.util.find_spec("mm_llama.recipes")  # located, not imported (the core imports no recipe)
+        if recipes is None or not recipes.submodule_search_locations:
+            raise AssetMissing(f"{path}: the package mm_llama.recipes, which ships the configs, is not installed")
         return str(Path(recipes.submodule_search_locations[0]) / "configs" / path[7:])
     return path

@@ -32,7 +32,7 @@ from .llama import Tokenizer, load_pretrained
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16"}
 
 
-def _dtype(name: str):
+def _dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name])
 
 
@@ -52,7 +52,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     model = load_pretrained(args.model, dtype=_dtype(args.dtype), device=args.device, quantize=args.quantize)
     tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     for prompt in args.prompt:
@@ -88,7 +88,7 @@ DEMO_PROMPTS = [
 ]
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     """The real SmolLM2-135M tower answering prompts (the multimodal demo is `python -m recipes.demo`)."""
 
     path = asset_path("smollm2_gguf")
@@ -115,7 +115,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_shards_write(args) -> int:
+def cmd_shards_write(args: argparse.Namespace) -> int:
     samples = read_source(args.source_format, args.input, args.media_root)
     rep = write_shards(
         samples,
@@ -144,7 +144,7 @@ def cmd_shards_write(args) -> int:
     return 0
 
 
-def cmd_shards_verify(args) -> int:
+def cmd_shards_verify(args: argparse.Namespace) -> int:
     urls = expand_urls(args.urls, allow_pipe=args.allow_pipe)
     rep = verify_shards(urls, allow_pipe=args.allow_pipe, options={"video": {"num_frames": args.video_frames}})
     print(_json.dumps(rep.summary()))
@@ -153,7 +153,7 @@ def cmd_shards_verify(args) -> int:
     return 1 if rep.bad else 0
 
 
-def cmd_shards_encode(args) -> int:
+def cmd_shards_encode(args: argparse.Namespace) -> int:
     rep = cache_encoder_outputs(load_encoder(args.encoder), args.encoder, args.index, args.out, replace=args.replace)
     print(
         _json.dumps(
@@ -169,7 +169,7 @@ def cmd_shards_encode(args) -> int:
     return 0
 
 
-def _add_shards(sub) -> None:
+def _add_shards(sub: argparse._SubParsersAction[Parser]) -> None:
     sh = sub.add_parser("shards", help="write or verify webdataset shards")
     shsub = sh.add_subparsers(dest="shards_command", required=True)
     w = shsub.add_parser("write", help="your data (manifest, chat messages, LLaVA, COCO, LibriSpeech) -> shards")
@@ -268,7 +268,7 @@ def run_recipe(module: str, argv: list[str], prog: str) -> int:
     return main_fn(argv, prog=prog) if "prog" in inspect.signature(main_fn).parameters else main_fn(argv)
 
 
-def cmd_configs(args) -> int:
+def cmd_configs(args: argparse.Namespace) -> int:
     if args.configs_command == "copy":
         print(f"{catalog.copy(args.name, args.dest)}")
         return 0

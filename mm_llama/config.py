@@ -11,35 +11,40 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 T = TypeVar("T")
+D = TypeVar("D", bound="DataclassInstance")  # a config class
 
 
 class ConfigError(ValueError):
     pass
 
 
-def choice(default, *options):
+def choice(default: T, *options: T) -> T:
     """A dataclass field whose value must be one of `options` (the default among them)."""
     assert default in options, (default, options)
     return dataclasses.field(default=default, metadata={"choices": tuple(options)})
 
 
-def bounded(default, lo=None, hi=None):
+def bounded(default: T, lo: float | None = None, hi: float | None = None) -> T:
     """A numeric dataclass field with lo <= value <= hi (None: open; a None value passes where the type allows)."""
     return dataclasses.field(default=default, metadata={"min": lo, "max": hi})
 
 
-def auto_or_bounded(default, lo=None, hi=None):
+def auto_or_bounded(default: T, lo: float | None = None, hi: float | None = None) -> T:
     """A numeric field that also takes the string "auto" (the code picks the value), e.g. a bucket cap."""
     return dataclasses.field(default=default, metadata={"min": lo, "max": hi, "auto": True})
 
 
-def _check(value, meta, where):
+def _check(value: Any, meta: Mapping[str, Any], where: str) -> None:
     if value is None:
         return
     if isinstance(value, str) and meta.get("auto"):
@@ -54,7 +59,7 @@ def _check(value, meta, where):
         raise ConfigError(f"{where}: {value!r} is out of range; it must be {rng}")
 
 
-def _build(cls, data: dict, where: str):
+def _build(cls: type[D], data: object, where: str) -> D:
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -67,7 +72,7 @@ def _build(cls, data: dict, where: str):
     for name, value in data.items():
         hint = hints[name]
         sub = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a section
             kwargs[name] = _build(hint, value or {}, sub)
         else:
             kwargs[name] = _coerce(value, hint, sub)
@@ -75,7 +80,7 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
-def _coerce(value, hint, where):
+def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if value is None:
@@ -88,7 +93,7 @@ def _coerce(value, hint, where):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         item = args[0] if args else typing.Any
-        if dataclasses.is_dataclass(item):
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
             return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return [v if item is typing.Any else _coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if float in (hint, *args) and isinstance(value, int) and not isinstance(value, bool):
@@ -112,7 +117,7 @@ def set_path(data: dict, dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+def load_config(cls: type[D], path: str | Path | None = None, overrides: list[str] | None = None) -> D:
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -132,9 +137,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return _build(cls, data, "")
 
 
-def to_dict(cfg) -> dict:
+def to_dict(cfg: DataclassInstance) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg, path: str | Path) -> None:
+def save_config(cfg: DataclassInstance, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

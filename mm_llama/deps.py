@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import re
 from importlib import metadata
+from types import ModuleType
 
 FIX = (
     "install the matched releases, e.g. `pip install -c requirements/lock.txt torch torchvision torchaudio` "
@@ -61,7 +62,7 @@ def triple_problems(versions: dict[str, str | None] | None = None) -> list[str]:
     return problems
 
 
-def import_torchaudio(what: str = "audio features"):
+def import_torchaudio(what: str = "audio features") -> ModuleType:
     """`import torchaudio`, or one DependencyError naming the versions and the fix."""
     versions = {n: _installed(n) for n in ("torch", "torchaudio", "torchvision")}
     if versions["torchaudio"] is None:

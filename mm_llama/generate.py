@@ -11,25 +11,53 @@ Shape legend: B batch, T new tokens this step, S filled cache length, L layers, 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
-from .llama.model import Transformer
+from .llama.config import ModelArgs, head_dim_of
+from .llama.tokenizer import Tokenizer
+
+
+class Decoder(Protocol):
+    """What generation asks of a model: the tower (`Transformer`) or a composed model over it, called as the tower
+    is (`tokens, positions=, mask=, cache=, last_only=`) and returning logits or an output object holding them."""
+
+    @property
+    def args(self) -> ModelArgs: ...
+
+    @property
+    def tok_embeddings(self) -> nn.Embedding: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class HasLogits(Protocol):
+    @property
+    def logits(self) -> torch.Tensor | None: ...
 
 
 class KVCache:
     """Preallocated per-layer key/value cache [L, B, G, max_len, K]; `update` appends at `self.pos`."""
 
-    def __init__(self, model: Transformer, batch_size: int, max_len: int, dtype=None, device=None):
+    def __init__(
+        self,
+        model: Decoder,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         a = model.args
         p = model.tok_embeddings.weight
-        shape = (a.n_layers, batch_size, a.n_kv_heads, max_len, a.head_dim)
+        shape = (a.n_layers, batch_size, a.n_kv_heads, max_len, head_dim_of(a))
         self.k = torch.zeros(shape, dtype=dtype or p.dtype, device=device or p.device)
         self.v = torch.zeros_like(self.k)
         self.pos = 0
         self.max_len = max_len
 
-    def update(self, layer_idx: int, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor):
+    def update(self, layer_idx: int, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k_BGTK.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} > max_len {self.max_len}")
@@ -80,7 +108,7 @@ def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, new_tokens: int =
 
 @torch.inference_mode()
 def generate_ids(
-    model: Transformer,
+    model: Decoder,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 32,
@@ -157,22 +185,28 @@ def generate_ids(
     return out
 
 
-def _logits(out) -> torch.Tensor:
+def _logits(out: torch.Tensor | HasLogits) -> torch.Tensor:
     """The tower returns logits; a composed model returns an output object holding them."""
-    return out if torch.is_tensor(out) else out.logits
+    if isinstance(out, torch.Tensor):
+        return out
+    if out.logits is None:
+        raise ValueError("the model's output holds no logits")
+    return out.logits
 
 
-def bos_prefix(tok) -> list[int]:
+def bos_prefix(tok: Tokenizer) -> list[int]:
     """[BOS] when the tokenizer's model expects one, else []."""
     return [tok.bos_id] if (tok.add_bos and tok.bos_id is not None) else []
 
 
-def padding_id(tok) -> int:
+def padding_id(tok: Tokenizer) -> int:
     """The id used to left-pad batched prompts (never attended to): pad, else EOS, else 0."""
     return tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
 
 
-def encode_prompts(tok, prompts: Sequence[str], *, chat: bool = False, system: str | None = None) -> list[list[int]]:
+def encode_prompts(
+    tok: Tokenizer, prompts: Sequence[str], *, chat: bool = False, system: str | None = None
+) -> list[list[int]]:
     if chat:
         msgs = [[{"role": "system", "content": system}] if system else [] for _ in prompts]
         return [tok.format_chat(m + [{"role": "user", "content": p}]) for m, p in zip(msgs, prompts)]
@@ -180,8 +214,8 @@ def encode_prompts(tok, prompts: Sequence[str], *, chat: bool = False, system: s
 
 
 def generate(
-    model: Transformer,
-    tok,
+    model: Decoder,
+    tok: Tokenizer,
     prompts: Sequence[str],
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -216,7 +250,7 @@ def generate(
 class StreamPrinter:
     """Turns token ids into text chunks for a terminal, holding back incomplete UTF-8 sequences."""
 
-    def __init__(self, tok, write: Callable[[str], None]):
+    def __init__(self, tok: Tokenizer, write: Callable[[str], object]) -> None:
         self.tok, self.write = tok, write
         self.ids: list[int] = []
         self.printed = 0

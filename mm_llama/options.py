@@ -10,22 +10,25 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (`PROG: error: ...`, exit 2); its subparsers are Parsers too."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def ranged(kind: type, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], object]:
+def ranged(
+    kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[str], object]:
     """An argparse `type` reading `kind` and checking lo <= value <= hi (`*_open`: strict); None: unbounded."""
     left = "(" if lo_open else "["
     right = ")" if hi_open else "]"
     span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
 
-    def parse(text: str):
+    def parse(text: str) -> object:
         try:
             value = kind(text)
         except ValueError:

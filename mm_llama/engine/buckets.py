@@ -9,6 +9,7 @@ buckets are sorted by their smallest tensor index; with one (the gradient-ready 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -125,7 +126,7 @@ def trainable_parameters(module: nn.Module) -> tuple[list[str], list[nn.Paramete
     return names, params
 
 
-def iter_tensors(obj) -> Iterator[torch.Tensor]:
+def iter_tensors(obj: object) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (list, tuple)):
@@ -134,6 +135,6 @@ def iter_tensors(obj) -> Iterator[torch.Tensor]:
     elif isinstance(obj, dict):
         for o in obj.values():
             yield from iter_tensors(o)
-    elif hasattr(obj, "__dataclass_fields__"):
+    elif dataclasses.is_dataclass(obj):
         for f in obj.__dataclass_fields__:
             yield from iter_tensors(getattr(obj, f))

@@ -17,11 +17,14 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LRScheduler
 
 from mm_llama.llama.errors import CheckpointError
 from mm_llama.rng import py_rng_state_from_list, py_rng_state_to_list
@@ -29,12 +32,17 @@ from mm_llama.rng import py_rng_state_from_list, py_rng_state_to_list
 _STEP_DIR = re.compile(r"step_(\d{8})$")
 
 
+def _step_of(folder: Path) -> int | None:
+    m = _STEP_DIR.search(folder.name)
+    return int(m.group(1)) if m else None
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.search(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.search(p.name).group(1)))
+    found = [(step, p) for p in root.iterdir() if p.is_dir() and (step := _step_of(p)) is not None]
+    return [p for _, p in sorted(found, key=lambda sp: sp[0])]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -115,20 +123,20 @@ def set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(
-    run_dir,
+    run_dir: str | Path,
     step: int,
     *,
-    weights: dict,
-    optimizer,
-    scheduler,
-    extra: dict,
+    weights: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    extra: dict[str, Any],
     data_states: dict,
     rank: int,
     is_main: bool,
     keep: int = 3,
-    barrier=None,
+    barrier: Callable[[], object] | None = None,
     world_size: int = 1,
-    before_publish=None,
+    before_publish: Callable[[], None] | None = None,
     optimizer_shard: dict | None = None,
     config: dict | None = None,
 ) -> Path:
@@ -206,7 +214,7 @@ def load_checkpoint(path: str | Path, rank: int) -> tuple[dict, dict, list[dict]
 
 
 @contextlib.contextmanager
-def _cleaned_up_on_failure(tmp: Path):
+def _cleaned_up_on_failure(tmp: Path) -> Iterator[None]:
     """A checkpoint write that fails (a full disk, a read-only folder) removes its partial folder and is one
     CheckpointError naming what could not be written."""
     try:

@@ -5,13 +5,29 @@ timed once to size the buckets)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup, Work
 
 from .buckets import trainable_bytes
 
 MiB = 1024 * 1024
+H = TypeVar("H")
+
+
+class CommHook(Protocol[H]):
+    """How the engine reduces a bucket: `launch` starts the (asynchronous) reduction of the flat gradient buffer and
+    returns a handle; `finish(handle, buffer)` waits for it and leaves the averaged gradients in `buffer`.
+    `prescale`: the engine divides the gradients by the world size while copying them into the bucket."""
+
+    prescale: bool
+
+    def launch(self, buffer: torch.Tensor, group: ProcessGroup | None, world_size: int) -> H: ...
+
+    def finish(self, handle: H, buffer: torch.Tensor) -> None: ...
 
 
 class AllReduceHook:
@@ -19,11 +35,12 @@ class AllReduceHook:
 
     prescale = True
 
-    def launch(self, buffer: torch.Tensor, group, world_size: int):
-        return dist.all_reduce(buffer, group=group, async_op=True)
+    def launch(self, buffer: torch.Tensor, group: ProcessGroup | None, world_size: int) -> Work | None:
+        return dist.all_reduce(buffer, group=group, async_op=True)  # None: this rank is not in the group
 
-    def finish(self, handle, buffer: torch.Tensor) -> None:
-        handle.wait()
+    def finish(self, handle: Work | None, buffer: torch.Tensor) -> None:
+        if handle is not None:
+            handle.wait()
 
 
 class CompressHook:
@@ -32,27 +49,30 @@ class CompressHook:
 
     prescale = False
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
 
-    def launch(self, buffer, group, world_size):
+    def launch(
+        self, buffer: torch.Tensor, group: ProcessGroup | None, world_size: int
+    ) -> tuple[Work | None, torch.Tensor]:
         compressed = buffer.to(self.dtype).div_(world_size)
         return dist.all_reduce(compressed, group=group, async_op=True), compressed
 
-    def finish(self, handle, buffer):
+    def finish(self, handle: tuple[Work | None, torch.Tensor], buffer: torch.Tensor) -> None:
         work, compressed = handle
-        work.wait()
+        if work is not None:  # None: this rank is not in the group (nothing to wait for, as AllReduceHook)
+            work.wait()
         buffer.copy_(compressed)
 
 
-def resolve_comm_hook(hook) -> AllReduceHook | CompressHook:
+def resolve_comm_hook(hook: str | CommHook[Any] | None) -> CommHook[Any]:
     if hook is None or hook == "allreduce":
         return AllReduceHook()
     if hook in ("bf16", "bfloat16"):
         return CompressHook(torch.bfloat16)
     if hook in ("fp16", "float16"):
         return CompressHook(torch.float16)
-    if hasattr(hook, "launch") and hasattr(hook, "finish"):
+    if not isinstance(hook, str) and hasattr(hook, "launch") and hasattr(hook, "finish"):
         return hook
     raise ValueError(
         f"unknown comm_hook {hook!r}: use None/'allreduce', 'bf16', 'fp16' or an object with launch/finish"
@@ -62,7 +82,7 @@ def resolve_comm_hook(hook) -> AllReduceHook | CompressHook:
 # ----------------------------------------------------------------------------------------------
 
 
-def probe_link(params: list[torch.Tensor], group, probe_bytes: int = 16 * MiB) -> float:
+def probe_link(params: Sequence[torch.Tensor], group: ProcessGroup | None, probe_bytes: int = 16 * MiB) -> float:
     """Seconds to all-reduce every trainable gradient on this link, extrapolated from the best of 3 all-reduces
     of one probe buffer (after a warm-up); the slowest rank's estimate, so every rank plans the same buckets."""
     total = trainable_bytes(params)
@@ -84,11 +104,13 @@ def probe_link(params: list[torch.Tensor], group, probe_bytes: int = 16 * MiB) -
     return float(est.item())
 
 
-def global_rank(group, group_rank: int) -> int:
+def global_rank(group: ProcessGroup | None, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank) if group is not None else 0
 
 
-def verify_same_parameters(names: list[str], params: list[torch.Tensor], group, world_size: int) -> None:
+def verify_same_parameters(
+    names: Sequence[str], params: Sequence[torch.Tensor], group: ProcessGroup | None, world_size: int
+) -> None:
     """Every rank trains the same tensors (names, shapes, dtypes), or an error names the first difference."""
     mine = [(name, tuple(p.shape), str(p.dtype)) for name, p in zip(names, params)]
     gathered: list = [None] * world_size
@@ -109,7 +131,7 @@ def verify_same_parameters(names: list[str], params: list[torch.Tensor], group, 
 
 
 @torch.no_grad()
-def broadcast(tensors: list[torch.Tensor], group, chunk_bytes: int = 256 * MiB) -> None:
+def broadcast(tensors: Sequence[torch.Tensor], group: ProcessGroup | None, chunk_bytes: int = 256 * MiB) -> None:
     """Rank 0's values of `tensors` on every rank (flat chunks per dtype and device)."""
     src = global_rank(group, 0)
     kinds: dict[tuple, list[torch.Tensor]] = {}

@@ -48,15 +48,19 @@ World size 1 runs the same code without communication.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd import Variable
+from torch.distributed import ProcessGroup
 
 from .buckets import auto_bucket_caps, iter_tensors, plan_buckets, trainable_parameters
 from .comm import (
+    CommHook,
     broadcast,
     global_rank,
     probe_link,
@@ -70,12 +74,12 @@ MiB = 1024 * 1024
 class _Bucket:
     __slots__ = ("index", "param_indices", "buffer", "pending", "handle")
 
-    def __init__(self, index: int, param_indices: list[int], buffer: torch.Tensor):
+    def __init__(self, index: int, param_indices: list[int], buffer: torch.Tensor) -> None:
         self.index = index
         self.param_indices = param_indices
         self.buffer = buffer
         self.pending = len(param_indices)
-        self.handle = None
+        self.handle: Any = None  # the comm hook's handle of the bucket's reduction in flight
 
 
 class DistributedDataParallel(nn.Module):
@@ -85,15 +89,15 @@ class DistributedDataParallel(nn.Module):
         self,
         module: nn.Module,
         *,
-        process_group=None,
+        process_group: ProcessGroup | None = None,
         bucket_cap_mb: float | str = "auto",
         first_bucket_cap_mb: float | None = None,
         gradient_as_bucket_view: bool = True,
         find_unused_parameters: bool = False,
         broadcast_buffers: bool = False,
-        comm_hook=None,
+        comm_hook: str | CommHook[Any] | None = None,
         rebuild_buckets: bool = True,
-    ):
+    ) -> None:
         # long: the engine's set-up in the DDP paper's order (parameters, rank-0 broadcast, link probe, buckets, hooks)
         super().__init__()
         self.module = module
@@ -155,7 +159,7 @@ class DistributedDataParallel(nn.Module):
         )
         self.buckets: list[_Bucket] = []
         self._bucket_of = [0] * len(self.params)
-        self._view_of: list[torch.Tensor] = [None] * len(self.params)  # type: ignore[list-item]
+        views: dict[int, torch.Tensor] = {}  # every parameter is in one bucket
         for bi, idxs in enumerate(plan):
             ref = self.params[idxs[0]]
             buf = torch.zeros(sum(self.params[i].numel() for i in idxs), dtype=ref.dtype, device=ref.device)
@@ -165,11 +169,12 @@ class DistributedDataParallel(nn.Module):
                 view = buf[offset : offset + p.numel()].view(p.shape)
                 offset += p.numel()
                 self._bucket_of[i] = bi
-                self._view_of[i] = view
+                views[i] = view
                 if self.gradient_as_bucket_view and p.grad is not None:
                     view.copy_(p.grad)
                     p.grad = view
             self.buckets.append(_Bucket(bi, idxs, buf))
+        self._view_of = [views[i] for i in range(len(self.params))]
 
     def remove_hooks(self) -> None:
         """Detach the engine from the module's parameters (the module can then be wrapped again)."""
@@ -183,7 +188,7 @@ class DistributedDataParallel(nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     @contextmanager
-    def no_sync(self):
+    def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally; put both forward and backward inside the context."""
         old = self.require_backward_grad_sync
         self.require_backward_grad_sync = False
@@ -197,7 +202,7 @@ class DistributedDataParallel(nn.Module):
             if fsdp is not None:
                 fsdp(True)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         grad = torch.is_grad_enabled()
         if grad and self.require_backward_grad_sync and not self._rebuilt and self._ready_order:
             self._rebuild_from_ready_order()
@@ -211,8 +216,9 @@ class DistributedDataParallel(nn.Module):
             self._reached = self._reachable_params(out)
         return out
 
-    def _reachable_params(self, out) -> set[int]:
-        seen, reached = set(), set()
+    def _reachable_params(self, out: object) -> set[int]:
+        seen: set[Any] = set()  # autograd nodes
+        reached: set[int] = set()
         stack = [t.grad_fn for t in iter_tensors(out) if t.grad_fn is not None]
         for t in iter_tensors(out):  # an output that is itself a trainable leaf
             if t.requires_grad and t.grad_fn is None and id(t) in self._index:
@@ -233,6 +239,7 @@ class DistributedDataParallel(nn.Module):
         if self.world_size > 1:
             box = [order if self.rank == 0 else None]
             dist.broadcast_object_list(box, src=global_rank(self.process_group, 0), group=self.process_group)
+            assert box[0] is not None  # rank 0's order, now on every rank
             order = box[0]
         self._build_buckets(order=list(order))
         self._rebuilt = True

@@ -80,10 +80,13 @@ def init_distributed(
             raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun or accelerate launch")
     backend = backend or os.environ.get("MM_LLAMA_BACKEND") or ("nccl" if use_cuda else "gloo")
     timeout = float(timeout_s or os.environ.get("MM_LLAMA_PG_TIMEOUT", DEFAULT_TIMEOUT_S))
-    kwargs = dict(backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
-    if backend == "nccl":
-        kwargs["device_id"] = dev
-    dist.init_process_group(**kwargs)
+    dist.init_process_group(
+        backend=backend,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout),
+        device_id=dev if backend == "nccl" else None,  # None: torch's default
+    )
     atexit.register(destroy_distributed)
     return DistInfo(rank, world, local_rank, local_world, dev, backend)
 

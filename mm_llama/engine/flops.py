@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,25 +34,29 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(x.shape[-1], 1)
 
 
-def _needs(t) -> bool:
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+
+
+def _needs(t: object) -> bool:
     return torch.is_tensor(t) and t.requires_grad
 
 
-def _linear(args, kwargs, out):
+def _linear(args: Args, kwargs: Kwargs, out: torch.Tensor) -> tuple[int, int]:
     x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
     f = 2 * _rows(x) * w.shape[0] * w.shape[1]
     return f, f * (_needs(x) + _needs(w))
 
 
-def _matmul(args, kwargs, out):
-    a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+def _matmul(args: Args, kwargs: Kwargs, out: torch.Tensor) -> tuple[int, int]:
+    a, b = args[0], args[1] if len(args) > 1 else kwargs["other"] if "other" in kwargs else kwargs["mat2"]
     if a.dim() < 2 or b.dim() < 2:  # vector products are negligible and not what we train with
         return 0, 0
     f = 2 * out.numel() * a.shape[-1]
     return f, f * (_needs(a) + _needs(b))
 
 
-def _sdpa(args, kwargs, out):
+def _sdpa(args: Args, kwargs: Kwargs, out: torch.Tensor) -> tuple[int, int]:
     q = args[0]
     k = args[1] if len(args) > 1 else kwargs["key"]
     v = args[2] if len(args) > 2 else kwargs["value"]
@@ -61,14 +67,15 @@ def _sdpa(args, kwargs, out):
     return f, 2 * f if (_needs(q) or _needs(k) or _needs(v)) else 0
 
 
-def _conv(args, kwargs, out):
+def _conv(args: Args, kwargs: Kwargs, out: torch.Tensor) -> tuple[int, int]:
     x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
     # each output element is a dot product of length in_channels/groups x kernel size: w.shape[1:] covers both
     f = 2 * out.numel() * math.prod(w.shape[1:])
     return f, f * (_needs(x) + _needs(w))
 
 
-_HANDLERS = {
+# forward FLOPs and the backward FLOPs they imply, from a call's arguments and output
+_HANDLERS: dict[Callable[..., Any], Callable[[Args, Kwargs, torch.Tensor], tuple[int, int]]] = {
     F.linear: _linear,
     torch.matmul: _matmul,
     torch.Tensor.matmul: _matmul,
@@ -87,7 +94,7 @@ _HANDLERS = {
 class StepFlops(TorchFunctionMode):
     """Counts forward and implied backward FLOPs of the matrix work run inside the `with` block."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.forward = 0
         self.backward = 0
@@ -97,7 +104,9 @@ class StepFlops(TorchFunctionMode):
     def total(self) -> int:
         return self.forward + self.backward
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Iterable[type], args: Args = (), kwargs: Kwargs | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         handler = _HANDLERS.get(func)
@@ -127,11 +136,11 @@ def measured_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repe
     g = torch.Generator().manual_seed(0)  # its own: measuring must not move the run's random stream
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
-    a @ b
+    _ = a @ b  # warm-up
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        _ = a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 

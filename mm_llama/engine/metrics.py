@@ -8,6 +8,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ TB_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_fraction
 class Metrics:
     """metrics.jsonl + TensorBoard (`tensorboard=True`), written by rank 0 only (`enabled`)."""
 
-    def __init__(self, run: Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run: Path, enabled: bool, tensorboard: bool = True) -> None:
         self.file = (run / "metrics.jsonl").open("a") if enabled else None
         self.tb = None
         if enabled and tensorboard:
@@ -52,7 +53,7 @@ class Progress:
     """Live progress on rank 0: a tqdm bar in a terminal; otherwise (a log file, CI, the demo's capture) one line
     `[train] step S/N loss L tok/s T eta M:SS` every `every_s` seconds and at the last step."""
 
-    def __init__(self, total: int, start: int, every_s: float):
+    def __init__(self, total: int, start: int, every_s: float) -> None:
         self.total, self.start, self.every_s = total, start, every_s
         self.t0 = self.last = time.perf_counter()
         self.bar = None
@@ -89,7 +90,7 @@ def peak_mem_mb() -> float:
 
 
 @contextlib.contextmanager
-def profiler(run: Path, enabled: bool):
+def profiler(run: Path, enabled: bool) -> Iterator[Callable[[], object]]:
     """A torch profiler trace of steps 2-4 into RUN/profile/ (with a table of the ops by their own time over those
     steps in RUN/profile/ops.txt); yields a per-step callback (a no-op when not `enabled`)."""
     if not enabled:
@@ -97,7 +98,7 @@ def profiler(run: Path, enabled: bool):
         return
     trace = tensorboard_trace_handler(str(run / "profile"))
 
-    def ready(prof):
+    def ready(prof: profile) -> None:
         trace(prof)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         (run / "profile" / "ops.txt").write_text(table)

@@ -96,7 +96,7 @@ class RunLock:
     """Exclusive ownership of a run folder (rank 0 holds it). `acquire` creates the folder when needed (and says
     so: `created`) and refuses a folder another live run holds, naming its process and host."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path) -> None:
         self.run_dir, self.file, self.created = run_dir, None, False
 
     def acquire(self) -> None:

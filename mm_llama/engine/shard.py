@@ -20,10 +20,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -41,7 +42,7 @@ class Resident:
         return self.local / max(self.full, 1)
 
 
-def device_mesh(device: torch.device, world_size: int, local_world_size: int, layout: str = "flat"):
+def device_mesh(device: torch.device, world_size: int, local_world_size: int, layout: str = "flat") -> DeviceMesh:
     """The FSDP2 mesh: `flat` = one dimension over all ranks; `hybrid` = (machines, ranks per machine): shards
     within a machine, replicas across machines (HSDP). A world that does not split into whole machines is an
     error naming the sizes."""
@@ -62,7 +63,7 @@ def device_mesh(device: torch.device, world_size: int, local_world_size: int, la
 def shard_frozen(
     root: nn.Module,
     units: Iterable[nn.Module | list[nn.Module]],
-    mesh,
+    mesh: DeviceMesh,
     *,
     leave: set[nn.Parameter] | None = None,
     trained_units: Iterable[nn.Module] = (),
@@ -85,15 +86,16 @@ def shard_frozen(
     if stray:
         raise ValueError(f"shard_frozen: trainable parameters would be sharded: {stray[:5]} (pass them in leave)")
 
+    # without a compute dtype: FSDP2's default policy (no casts)
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else None
     for unit in trained_units:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True, **({"mp_policy": mp} if mp else {}))
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=mp or MixedPrecisionPolicy())
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
     fully_shard(root, mesh=mesh, reshard_after_forward=False, ignored_params=leave - in_trained)
 
 
-def is_sharded(t) -> bool:
+def is_sharded(t: object) -> TypeGuard[DTensor]:
     """A DTensor (an FSDP2 shard)? Without importing torch.distributed.tensor (over a second of start-up, dynamo
     included) when nothing was sharded: no DTensor can exist before that module is loaded."""
     mod = sys.modules.get("torch.distributed.tensor")
@@ -127,7 +129,7 @@ def load_full(param: torch.Tensor, full: torch.Tensor) -> None:
     param.copy_(full)
 
 
-def local_optimizer_state(state: dict) -> dict:
+def local_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     """An optimizer state_dict with every sharded state tensor replaced by this rank's shard (a plain tensor)."""
     return {
         **state,
@@ -137,7 +139,7 @@ def local_optimizer_state(state: dict) -> dict:
     }
 
 
-def reshard_optimizer_state(optimizer) -> None:
+def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """After `load_state_dict` of a `local_optimizer_state`: each sharded parameter's state tensors become DTensors
     laid out like the parameter again."""
 

@@ -18,9 +18,11 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LRScheduler
 
 from .shard import is_sharded
 
@@ -33,7 +35,7 @@ class StepResult:
     skipped: bool = False
 
 
-def _to(batch: dict, device) -> dict:
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
@@ -42,7 +44,7 @@ def labelled_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def _global_count(n: int, device) -> int:
+def _global_count(n: int, device: torch.device) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return n
     t = torch.tensor([n], device=device)
@@ -54,7 +56,7 @@ def forward_backward(
     wrapped: torch.nn.Module,
     micro_batches: Iterable[dict],
     *,
-    device,
+    device: torch.device,
     grad_accum: int,
     world_size: int = 1,
     autocast_dtype: torch.dtype | None = None,
@@ -69,7 +71,8 @@ def forward_backward(
     for i, batch in enumerate(micro):
         batch = _to(batch, device)
         last = i == grad_accum - 1
-        sync = contextlib.nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+        no_sync = getattr(wrapped, "no_sync", None)  # a data-parallel wrapper's
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with sync, amp:
             out = wrapped(**batch)
@@ -84,11 +87,11 @@ def forward_backward(
 def train_step(
     wrapped: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler,
+    scheduler: LRScheduler,
     micro_batches: Iterable[dict],
     trainable: list[torch.nn.Parameter],
     *,
-    device,
+    device: torch.device,
     grad_accum: int = 1,
     clip: float = 1.0,
     world_size: int = 1,
@@ -130,7 +133,7 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
     norms = []
     for group in groups:
         if group:
-            n = torch.nn.utils.get_total_norm([p.grad for p in group])
+            n = torch.nn.utils.get_total_norm([g for p in group if (g := p.grad) is not None])
             norms.append(n.full_tensor() if is_sharded(n) else n)
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
     for group in groups:

@@ -15,8 +15,9 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ from mm_llama.llama.checkpoint import CheckpointError
 
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .ddp import DistributedDataParallel
-from .dist import init_distributed
+from .dist import DistInfo, init_distributed
 from .flops import StepFlops, device_peak_flops
 from .metrics import Metrics, Progress, peak_mem_mb, profiler
 from .parallelize import param_groups, place, weight_dtype
@@ -44,6 +45,9 @@ from .train_config import (  # noqa: F401 - the config's classes, importable fro
     lower_is_better,
 )
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 
 class Callback:
     """Hooks into the loop (tests inject faults with them): each may be overridden."""
@@ -56,7 +60,7 @@ class Callback:
     def before_checkpoint_publish(self, trainer: Trainer, step: int) -> None: ...
 
 
-def load_trained_weights(model: nn.Module, weights: dict, source) -> None:
+def load_trained_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
     """Trainable weights of a training checkpoint into the model built from the same config: every key must be one
     of the model's (a checkpoint of another modality or layout is an error, not a silent no-op)."""
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -67,6 +71,26 @@ def load_trained_weights(model: nn.Module, weights: dict, source) -> None:
         if tuple(v.shape) != tuple(params[k].shape):
             raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)}, the model {tuple(params[k].shape)}")
         load_full(params[k], v)
+
+
+class BatchLoader(Protocol):
+    """What the trainer asks of its batch iterator (`mm_llama.data.loader.StreamingLoader` is one): batches, its
+    counts, the seconds spent waiting for data, and cursors to resume from (the saved ranks' cursors load on any
+    world size the loader can resume at)."""
+
+    data_wait_s: float
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dicts(self, states: list[dict[str, Any]], source: str = ...) -> None: ...
+
+
+MakeLoader = Callable[[nn.Module, DistInfo], BatchLoader]
+Evaluator = Callable[[nn.Module, torch.dtype | None], dict[str, Any]]  # (model, autocast dtype) -> {eval_...: value}
 
 
 class Trainer:
@@ -83,13 +107,13 @@ class Trainer:
         cfg: TrainerConfig,
         *,
         build_model: Callable[[torch.dtype], nn.Module],
-        make_loader: Callable,
+        make_loader: MakeLoader,
         save_model: Callable[[nn.Module, Path], None],
-        config=None,
+        config: DataclassInstance | None = None,
         callbacks: Sequence[Callback] = (),
-        make_eval: Callable | None = None,
+        make_eval: Callable[[DistInfo], Evaluator] | None = None,
         after_place: Callable[[nn.Module], object] | None = None,
-    ):
+    ) -> None:
         check_config(cfg)
         self.make_eval, self.after_place = make_eval, after_place
         self.cfg, self.save_model, self.callbacks = cfg, save_model, list(callbacks)
@@ -127,7 +151,9 @@ class Trainer:
             raise CheckpointError(outcome[1])
         return Path(outcome[0]) if outcome[0] else None
 
-    def _set_up(self, build_model, make_loader, ckpt: Path | None) -> None:
+    def _set_up(
+        self, build_model: Callable[[torch.dtype], nn.Module], make_loader: MakeLoader, ckpt: Path | None
+    ) -> None:
         cfg, info = self.cfg, self.info
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -157,7 +183,7 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
 
-    def _data_metrics(self) -> dict:
+    def _data_metrics(self) -> dict[str, Any]:
         """The loader's counts; a mixed run's per-source sample counts summed over all ranks (one small all-reduce,
         every rank calls it)."""
         out = self.loader.metrics()
@@ -197,7 +223,7 @@ class Trainer:
         self.best = state.get("best")
 
     # --- the step and the loop -----------------------------------------------------------------
-    def step(self, batches) -> StepResult:
+    def step(self, batches: Iterator[dict[str, Any]]) -> StepResult:
         """One optimizer step on the next `grad_accum` batches of the iterator `batches`."""
         cfg = self.cfg
 
@@ -259,7 +285,7 @@ class Trainer:
                 held_out = self._evaluate() if due else {}
                 if held_out and self.step_count % cfg.log_every:  # an evaluation is logged whatever log_every says
                     metrics.log({"step": self.step_count, "loss": res.loss, **held_out})
-                if self.step_count % cfg.log_every == 0:
+                if count is not None:  # a logging step: `(step_count + 1) % log_every == 0` before this step
                     wait, wait0 = self.loader.data_wait_s - wait0, self.loader.data_wait_s
                     rec = {
                         "step": self.step_count,
@@ -289,8 +315,9 @@ class Trainer:
             self.save_model(self.model, self.run_dir / "adapter.safetensors")
         return self.losses
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self) -> dict[str, Any]:
         """The held-out figures now (every rank), and the best adapter kept when `ckpt.keep_best` improved."""
+        assert self.evaluate is not None  # called only when the run evaluates (`eval.every` and `make_eval`)
         self.model.eval()
         try:
             out = self.evaluate(self.model, self.amp)
@@ -330,7 +357,7 @@ class Trainer:
         weights = gather_full({k: v for k, v in state.items() if k in self.trainable_names}, keep=info.is_main)
         opt_shard = local_optimizer_state(self.optimizer.state_dict()) if self.sharded else None
 
-        def before_publish():
+        def before_publish() -> None:
             for cb in self.callbacks:
                 cb.before_checkpoint_publish(self, step)
 

@@ -101,7 +101,15 @@ class ParamFiller:
     `put` checks the name and shape and assigns the tensor in its final dtype/device; `finish` names every
     parameter nothing was put into. Shared by every checkpoint loader (tower, Mllama HF and Meta formats)."""
 
-    def __init__(self, model: torch.nn.Module, *, source: str, dtype: torch.dtype, device, requires_grad=None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        source: str,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        requires_grad: bool | None = None,
+    ) -> None:
         """requires_grad: None keeps each parameter's flag from the meta model; a bool sets it on all."""
         self.model, self.source, self.dtype, self.device = model, source, dtype, device
         self.requires_grad = requires_grad
@@ -201,7 +209,9 @@ def random_tower_source(preset: str, vocab_size: int | None = None, seed: int = 
     return f"preset:{preset}?vocab_size={vocab_size or get_preset(preset).vocab_size}&seed={seed}"
 
 
-def load_source(source: str, dtype: torch.dtype = torch.float32, device="cpu", quantize: str | None = None):
+def load_source(
+    source: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", quantize: str | None = None
+) -> Transformer:
     """A tower from a path (Meta folder, HF folder, .gguf) or a `preset:NAME?vocab_size=V&seed=S` source."""
     if source.startswith("preset:"):
         name, _, query = source.removeprefix("preset:").partition("?")

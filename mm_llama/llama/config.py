@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, TypedDict
 
 
 @dataclass(frozen=True)
@@ -33,32 +34,40 @@ class ModelArgs:
     rope_theta: float = 500000.0
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
-    head_dim: int | None = None
+    head_dim: int | None = None  # None: dim // n_heads; always an int once constructed (__post_init__)
     max_seq_len: int = 8192
 
-    def __post_init__(self):
-        if self.head_dim is None:
+    def __post_init__(self) -> None:
+        head_dim = self.head_dim
+        if head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
-            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+            head_dim = self.dim // self.n_heads
+            object.__setattr__(self, "head_dim", head_dim)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if head_dim % 2:
+            raise ValueError(f"head_dim={head_dim} must be even for RoPE")
 
-    def replace(self, **kw) -> ModelArgs:
+    def replace(self, **kw: Any) -> ModelArgs:
         """A copy with fields changed; head_dim is re-derived when dim/n_heads change and it is not given."""
         if ("dim" in kw or "n_heads" in kw) and "head_dim" not in kw:
             kw["head_dim"] = None
         return dataclasses.replace(self, **kw)
 
     def num_params(self) -> int:
-        d, hd = self.dim, self.head_dim
+        d, hd = self.dim, head_dim_of(self)
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
         ffn = 3 * d * self.ffn_dim
         per_layer = attn + ffn + 2 * d
         emb = self.vocab_size * d
         return self.n_layers * per_layer + d + emb * (1 if self.tie_embeddings else 2)
+
+
+def head_dim_of(args: ModelArgs) -> int:
+    """`args.head_dim` as the int it always is once constructed (`__post_init__` resolves None)."""
+    assert args.head_dim is not None
+    return args.head_dim
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -69,7 +78,13 @@ def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
-_L3 = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0)
+class _Llama3Shared(TypedDict):
+    vocab_size: int
+    norm_eps: float
+    rope_theta: float
+
+
+_L3 = _Llama3Shared(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0)
 _S8 = RopeScaling(factor=8.0)
 _S32 = RopeScaling(factor=32.0)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, overload
 
 import torch
 
@@ -16,9 +18,14 @@ TensorStream = Iterator[tuple[str, torch.Tensor]]
 
 
 _REQUIRED = object()
+_D = TypeVar("_D")
 
 
-def positive_int(cfg: dict, key: str, source: str, default=_REQUIRED) -> int:
+@overload
+def positive_int(cfg: Mapping[str, Any], key: str, source: str) -> int: ...
+@overload
+def positive_int(cfg: Mapping[str, Any], key: str, source: str, default: _D) -> int | _D: ...
+def positive_int(cfg: Mapping[str, Any], key: str, source: str, default: object = _REQUIRED) -> object:
     """cfg[key] as a positive integer, or a CheckpointError naming the file and key (a config written by hand
     with `"hidden_size": "64"` or `0` must not end in a TypeError / ZeroDivisionError deep inside the loader)."""
     if key not in cfg or cfg[key] is None:
@@ -40,7 +47,7 @@ def check_heads(dim: int, n_heads: int, n_kv_heads: int, head_dim: int | None, s
         raise CheckpointError(f"{source}: head dimension {head_dim or dim // n_heads} is odd (RoPE needs pairs)")
 
 
-def read_json_object(path) -> dict:
+def read_json_object(path: Path) -> dict:
     """A checkpoint's JSON config as a dict, or a CheckpointError naming the file."""
 
     try:

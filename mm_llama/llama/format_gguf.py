@@ -7,6 +7,7 @@ import mmap
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 import gguf
 import torch
@@ -57,7 +58,7 @@ def gguf_to_meta_key(name: str) -> str | None:
 GGUF_SUPPORTED = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
-def _gguf_field(reader, key: str, default=None):
+def _gguf_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return default
@@ -76,7 +77,7 @@ def _scaling_from_rope_freqs(factors: torch.Tensor, head_dim: int, theta: float,
     raise CheckpointError(f"{source}: rope_freqs.weight does not match any llama3 RoPE scaling")
 
 
-def _dequantize_rows(t, dtype: torch.dtype, rows_per_chunk: int = 2048) -> torch.Tensor:
+def _dequantize_rows(t: gguf.ReaderTensor, dtype: torch.dtype, rows_per_chunk: int = 2048) -> torch.Tensor:
     """Dequantise a GGUF tensor straight into a `dtype` tensor, a block of rows at a time (bounded temporaries)."""
 
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
@@ -105,7 +106,7 @@ def _gguf_stream(path: Path, dtype: torch.dtype | None = None) -> tuple[ModelArg
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not 'llama'")
 
-    def need(key):
+    def need(key: str) -> Any:
         v = _gguf_field(reader, key)
         if v is None:
             raise CheckpointError(f"{path}: missing GGUF metadata key {key!r}")
@@ -182,11 +183,11 @@ def read_gguf_metadata(path: str | Path) -> dict:
                 _, n_kv = struct.unpack_from("<QQ", buf, 8)
                 pos = 24
 
-                def string(p):
+                def string(p: int) -> tuple[str, int]:
                     (n,) = struct.unpack_from("<Q", buf, p)
                     return str(buf[p + 8 : p + 8 + n], "utf-8", errors="replace"), p + 8 + n
 
-                def value(kind, p):
+                def value(kind: int, p: int) -> tuple[Any, int]:
                     if kind == 8:
                         return string(p)
                     if kind == 9:

@@ -18,16 +18,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelArgs, RopeScaling
+from .config import ModelArgs, RopeScaling, head_dim_of
+
+
+class AttentionCache(Protocol):
+    """What the attention layers ask of a generation cache (`mm_llama.generate.KVCache` is the one we ship)."""
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys/values [B, G, T, K] for one layer; return all of them so far [B, G, S, K]."""
+        ...
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
@@ -66,10 +75,12 @@ class Documents:
     padding, never read). Attention then runs per document (variable length, sum of len^2 work instead of
     rows x T^2 for a dense block-diagonal mask)."""
 
-    def __init__(self, spans: Sequence[Sequence[tuple[int, int]]]):
+    def __init__(self, spans: Sequence[Sequence[tuple[int, int]]]) -> None:
         self.spans = [list(s) for s in spans]
 
-    def attend(self, q_BHTK, k_BGTK, v_BGTK, enable_gqa: bool) -> torch.Tensor:
+    def attend(
+        self, q_BHTK: torch.Tensor, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, enable_gqa: bool
+    ) -> torch.Tensor:
         B, H, T, K = q_BHTK.shape
         rows = []
         for b in range(B):
@@ -86,8 +97,11 @@ class Documents:
         return torch.stack(rows)
 
 
+Mask = torch.Tensor | Documents | None  # boolean [B, 1, T, S] (True = attend), packed documents, or plain causal
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
@@ -95,7 +109,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def forward(self, x_BTD, freqs_BTK, mask=None, cache=None, layer_idx: int = 0):
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        freqs_BTK: torch.Tensor,
+        mask: Mask = None,
+        cache: AttentionCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q_BTHK = apply_rope(self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim), freqs_BTK)
         k_BTGK = apply_rope(self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), freqs_BTK)
@@ -119,25 +140,32 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.attention = Attention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim)
+        self.attention = Attention(args.dim, args.n_heads, args.n_kv_heads, head_dim_of(args))
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x_BTD, freqs_BTK, mask=None, cache=None, layer_idx: int = 0):
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        freqs_BTK: torch.Tensor,
+        mask: Mask = None,
+        cache: AttentionCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
         h = x_BTD + self.attention(self.attention_norm(x_BTD), freqs_BTK, mask, cache, layer_idx)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -145,7 +173,9 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Llama 3 decoder. `model(tokens)` -> logits [B, T, V] (causal, positions 0..T-1)."""
 
-    def __init__(self, args: ModelArgs):
+    inv_freq: torch.Tensor  # a non-persistent buffer
+
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
@@ -154,16 +184,16 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("inv_freq", torch.empty(args.head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(head_dim_of(args) // 2), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """(Re)compute non-persistent buffers, e.g. after building on the meta device."""
         device = self.tok_embeddings.weight.device
         if device.type == "meta":
-            self.inv_freq = torch.empty(self.args.head_dim // 2, device="meta")
+            self.inv_freq = torch.empty(head_dim_of(self.args) // 2, device="meta")
             return
-        self.inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta, self.args.rope_scaling).to(device)
+        self.inv_freq = rope_inv_freq(head_dim_of(self.args), self.args.rope_theta, self.args.rope_scaling).to(device)
 
     def tie_weights(self) -> None:
         if self.args.tie_embeddings:
@@ -190,8 +220,8 @@ class Transformer(nn.Module):
         *,
         embeds: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        cache=None,
+        mask: Mask = None,
+        cache: AttentionCache | None = None,
         last_only: bool = False,
         select: torch.Tensor | None = None,
         inject: Mapping[int, Sequence[Callable[[torch.Tensor], torch.Tensor]]] | None = None,
@@ -220,7 +250,7 @@ class Transformer(nn.Module):
             h_BTD = block(h_BTD)
         return self.logits(h_BTD, last_only, select)
 
-    def logits(self, h_BTD: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None):
+    def logits(self, h_BTD: torch.Tensor, last_only: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm + output projection of the chosen positions (all, the last, or `select`)."""
         if last_only:
             h_BTD = h_BTD[:, -1:]

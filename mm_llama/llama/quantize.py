@@ -21,7 +21,10 @@ QUANTIZE_MODES = ("int8",)
 class Int8WeightOnlyLinear(nn.Module):
     """`y = x @ (scale * q).T` with q int8 [out, in] and scale [out] in the compute dtype (no bias: Llama has none)."""
 
-    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype):
+    qweight: torch.Tensor  # buffers
+    scale: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype) -> None:
         super().__init__()
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
@@ -57,5 +60,6 @@ def quantize_int8(model: nn.Module, compute_dtype: torch.dtype | None = None) ->
         parent = model.get_submodule(parent_name) if parent_name else model
         q = Int8WeightOnlyLinear(lin.weight, compute_dtype or lin.weight.dtype).to(lin.weight.device)
         setattr(parent, attr, q)
-    model.quantized = "int8"
+    # torch types nn.Module.__setattr__'s value as a tensor or module; a plain attribute is stored as any object
+    model.quantized = "int8"  # pyright: ignore[reportArgumentType]
     return model

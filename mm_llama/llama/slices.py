@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -35,11 +36,11 @@ def _hf_q_rows(start: int, stop: int, out_dim: int, n_heads: int) -> torch.Tenso
 
 
 class TowerRows:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.format = detect_format(self.path)
         self.args, _, _ = read_checkpoint(self.path)
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, Any] = {}  # safetensors' handles (untyped)
         if self.format == "hf":
             index = self.path / "model.safetensors.index.json"
             if index.is_file():
@@ -141,7 +142,7 @@ def fill_sharded(tower: Transformer, rows: TowerRows) -> int:
         if shape[0] == 0:
             continue
         if tuple(shape[1:]) != tuple(p.shape[1:]) or any(offset[1:]):
-            raise NotImplementedError(f"{name}: sharded on a dim other than 0 ({p.placements})")
+            raise NotImplementedError(f"{name}: sharded on a dim other than 0 ({getattr(p, 'placements', None)})")
         t = rows.rows(name, offset[0], offset[0] + shape[0])
         if tuple(t.shape) != tuple(local.shape):
             raise CheckpointError(

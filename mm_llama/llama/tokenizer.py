@@ -8,8 +8,9 @@ are encoded as plain text unless `allow_special=True`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -70,6 +71,7 @@ class Tokenizer:
     eos_id: int | None
     pad_id: int | None
     stop_ids: set[int]
+    special_tokens: dict[str, int]  # special-token string -> id
     add_bos: bool
     chat_format: str  # "llama3" | "chatml"
     n_words: int
@@ -119,7 +121,19 @@ class Tokenizer:
             cache[prefix] = frozenset(i for i, b in self._token_bytes() if b.startswith(prefix))
         return cache[prefix]
 
-    def _token_bytes(self):
+    def _with_bos_eos(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        """`ids` with the BOS id before and/or the EOS id after (a ValueError for a tokenizer without one)."""
+        if bos:
+            if self.bos_id is None:
+                raise ValueError("this tokenizer has no BOS token")
+            ids = [self.bos_id, *ids]
+        if eos:
+            if self.eos_id is None:
+                raise ValueError("this tokenizer has no EOS token")
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def _token_bytes(self) -> Iterator[tuple[int, bytes]]:
         """(id, bytes) of every ordinary token; backends override it with a faster table walk."""
         specials = set(self.special_tokens.values())
         return ((i, self.decode_token_bytes([i])) for i in range(self.n_words) if i not in specials)
@@ -150,7 +164,7 @@ class Tokenizer:
 class TiktokenTokenizer(Tokenizer):
     """Meta's Llama 3 tokenizer: 128000 BPE ranks + 256 special tokens."""
 
-    def __init__(self, model_path: Path):
+    def __init__(self, model_path: Path) -> None:
         try:
             ranks = load_tiktoken_bpe(str(model_path))
         except Exception as e:
@@ -175,33 +189,33 @@ class TiktokenTokenizer(Tokenizer):
             return self.special_tokens[token]
         return self.model.encode_single_token(token)
 
-    def encode(self, text, *, bos=False, eos=False, allow_special=False):
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
         allowed = "all" if allow_special else set()
-        ids: list[int] = [self.bos_id] if bos else []
+        ids: list[int] = []
         for i in range(0, len(text), _MAX_CHARS):
             for piece in _split_whitespace_runs(text[i : i + _MAX_CHARS], _MAX_RUN):
                 ids += self.model.encode(piece, allowed_special=allowed, disallowed_special=())
-        if eos:
-            ids.append(self.eos_id)
-        return ids
+        return self._with_bos_eos(ids, bos, eos)
 
-    def decode(self, ids, *, skip_special=False):
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         ids = [int(i) for i in ids]
         if skip_special:
             ids = [i for i in ids if i < len(self.model._mergeable_ranks)]
         return self.model.decode(ids)
 
-    def decode_token_bytes(self, ids):
+    def decode_token_bytes(self, ids: Sequence[int]) -> bytes:
         return self.model.decode_bytes([int(i) for i in ids])
 
-    def _token_bytes(self):
+    def _token_bytes(self) -> Iterator[tuple[int, bytes]]:
         return ((rank, b) for b, rank in self.model._mergeable_ranks.items())
 
 
 class _TokenizersBackend(Tokenizer):
     """Shared code for backends built on HF `tokenizers`."""
 
-    def _setup(self, tk, specials: dict[str, int]):
+    tk: TK
+
+    def _setup(self, tk: TK, specials: dict[str, int]) -> None:
         self.tk = tk
         self.special_tokens = specials
         self.n_words = tk.get_vocab_size(with_added_tokens=True)
@@ -214,26 +228,18 @@ class _TokenizersBackend(Tokenizer):
             raise KeyError(f"token {token!r} is not in the vocabulary")
         return i
 
-    def encode(self, text, *, bos=False, eos=False, allow_special=False):
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
         self.tk.encode_special_tokens = not allow_special
         try:
             ids = self.tk.encode(text, add_special_tokens=False).ids
         finally:
             self.tk.encode_special_tokens = True
-        if bos:
-            if self.bos_id is None:
-                raise ValueError("this tokenizer has no BOS token")
-            ids = [self.bos_id, *ids]
-        if eos:
-            if self.eos_id is None:
-                raise ValueError("this tokenizer has no EOS token")
-            ids = [*ids, self.eos_id]
-        return ids
+        return self._with_bos_eos(ids, bos, eos)
 
-    def decode(self, ids, *, skip_special=False):
+    def decode(self, ids: Sequence[int], *, skip_special: bool = False) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
-    def decode_token_bytes(self, ids):
+    def decode_token_bytes(self, ids: Sequence[int]) -> bytes:
         # byte-level BPE: map each token string back through the GPT-2 byte alphabet
         table = _byte_decoder()
         out = bytearray()
@@ -244,7 +250,7 @@ class _TokenizersBackend(Tokenizer):
             out += tok.encode() if tok in self.special_tokens else _piece_bytes(tok, table)
         return bytes(out)
 
-    def _token_bytes(self):
+    def _token_bytes(self) -> Iterator[tuple[int, bytes]]:
         table, specials = _byte_decoder(), set(self.special_tokens)
         for tok, i in self.tk.get_vocab(with_added_tokens=False).items():
             if tok not in specials:
@@ -279,7 +285,7 @@ def _byte_decoder() -> dict[str, int]:
 class HFTokenizer(_TokenizersBackend):
     """A Hugging Face `tokenizer.json` (e.g. Llama-3.x's), with special ids from tokenizer_config.json."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         try:
             tk = TK.from_file(str(path))
         except Exception as e:
@@ -289,7 +295,7 @@ class HFTokenizer(_TokenizersBackend):
         cfg_path = path.parent / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
 
-        def tok_id(name, *fallbacks):
+        def tok_id(name: str, *fallbacks: str) -> int | None:
             v = cfg.get(name)
             if isinstance(v, dict):
                 v = v.get("content")
@@ -322,10 +328,10 @@ _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "
 class GGUFTokenizer(_TokenizersBackend):
     """The byte-level BPE tokenizer embedded in a GGUF file (`tokenizer.ggml.*`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         meta = read_gguf_metadata(path)
 
-        def field(key, default=None):
+        def field(key: str, default: Any = None) -> Any:
             return meta.get(key, default)
 
         kind = field("tokenizer.ggml.model")
