@@ -60,7 +60,7 @@ ADAPTER_PRESETS = {
 
 
 def _rope(T: int, head_dim: int, theta: float, device) -> torch.Tensor:
-    angles = torch.arange(T, device=device).float()[:, None] * rope_inv_freq(head_dim, theta).to(device)
+    angles = torch.arange(T, device=device).float()[:, None] * rope_inv_freq(head_dim, theta, device=device)
     return torch.polar(torch.ones_like(angles), angles)[None]  # [1, T, K/2]
 
 

@@ -46,9 +46,13 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    """RoPE inverse frequencies [K/2], with optional Llama 3.1 "llama3" scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: RopeScaling | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """RoPE inverse frequencies [K/2] (made on `device`: no copy in a step), with optional Llama 3.1 "llama3"
+    scaling."""
+    steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
+    inv_freq = 1.0 / (theta ** (steps / head_dim))
     if scaling is None:
         return inv_freq
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
@@ -193,7 +197,8 @@ class Transformer(nn.Module):
         if device.type == "meta":
             self.inv_freq = torch.empty(head_dim_of(self.args) // 2, device="meta")
             return
-        self.inv_freq = rope_inv_freq(head_dim_of(self.args), self.args.rope_theta, self.args.rope_scaling).to(device)
+        args = self.args
+        self.inv_freq = rope_inv_freq(head_dim_of(args), args.rope_theta, args.rope_scaling, device=device)
 
     def tie_weights(self) -> None:
         if self.args.tie_embeddings:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from mm_llama.engine.checkpoint import save_checkpoint
+from mm_llama.engine.checkpoint import save_checkpoint, verify_checkpoint
 from mm_llama.llama.errors import CheckpointError
 from tests.integration.test_train import BIN, FAULTS, _port, train
 
@@ -58,7 +58,18 @@ KINDS = [
 ]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_of_damage_is_found(reference, tmp_path):
+    """Each damage makes the checkpoint fail verification, naming the file (the resumes below run three of them)."""
+    ref_run, _ = reference
+    for kind in KINDS:
+        ckpt = tmp_path / kind
+        shutil.copytree(ref_run / "checkpoints" / "step_00000006", ckpt)
+        damage(ckpt, kind)
+        problem = verify_checkpoint(ckpt)
+        assert problem is not None and str(ckpt) in problem, kind
+
+
+@pytest.mark.parametrize("kind", ["adapter_truncated", "cursor_garbage", "manifest_deleted"])
 def test_resume_auto_skips_a_damaged_newest_checkpoint(reference, tmp_path, kind):
     ref_run, ref_losses = reference
     run = tmp_path / "run"

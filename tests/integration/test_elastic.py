@@ -95,6 +95,7 @@ def test_what_cannot_be_resumed_exactly_is_an_error_that_says_what_to_set(runs, 
     # a key that defines the run changed (the seed: another data order), or nothing left to train
     run = _from(runs, 1, 4, tmp_path / "seed")
     _refused(run, "seed=5", "data.batch_size=4", contains=["step_00000004", "seed: 0 -> 5"])
+    _refused(run, "model.modality=image", "data.batch_size=4", contains=["model.modality: 'speech' -> 'image'"])
     _refused(run, "steps=3", "data.batch_size=4", contains=["at step 4 and steps=3", "nothing to train"])
 
 
