@@ -61,7 +61,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, step: int, world_size: int, optimizer_shards: bool = False) -> None:
+DCP = "dcp"  # the manifest's optimizer_shards for state saved with torch.distributed.checkpoint (any world size)
+
+
+def write_manifest(folder: Path, step: int, world_size: int, optimizer_shards: bool | str = False) -> None:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
     manifest = {
         "step": step,
@@ -96,7 +99,9 @@ def verify_checkpoint(path: str | Path) -> str | None:
         if _sha256(f) != want["sha256"]:
             return f"{f}: checksum differs from the manifest (damaged)"
     needed = ["adapter.safetensors", "train_state.pt"] + [f"data_rank{r}.json" for r in range(saved_world)]
-    if manifest.get("optimizer_shards"):
+    if manifest.get("optimizer_shards") == DCP:  # torch.distributed.checkpoint's metadata and each rank's file
+        needed += [".metadata"] + [f"__{r}_0.distcp" for r in range(saved_world)]
+    elif manifest.get("optimizer_shards"):  # checkpoints written before: one optimizer file per rank
         needed += [f"optimizer_rank{r}.pt" for r in range(saved_world)]
     absent = [n for n in needed if n not in files]
     return f"{path}: the manifest lacks {absent}" if absent else None
@@ -127,7 +132,7 @@ def save_checkpoint(
     step: int,
     *,
     weights: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any] | None,
     scheduler: LRScheduler,
     extra: dict[str, Any],
     data_states: dict,
@@ -137,15 +142,16 @@ def save_checkpoint(
     barrier: Callable[[], object] | None = None,
     world_size: int = 1,
     before_publish: Callable[[], None] | None = None,
-    optimizer_shard: dict | None = None,
+    write_sharded: Callable[[Path], None] | None = None,
     config: dict | None = None,
 ) -> Path:
     """All ranks call this; rank-local data cursors go in data_rank{r}.json, the rest is written by rank 0, then the
     manifest, then the rename. `before_publish()` runs on every rank once its files are written (fault injection).
-    `optimizer_shard` (adapters sharded with FSDP2): this rank's optimizer state, written by every rank as
-    optimizer_rank{r}.pt instead of the optimizer in train_state.pt. `config`: the run's config, kept as config.yaml
-    (a resume checks it). A failed write (a full disk) removes the partial folder: the previous checkpoint stays the
-    newest, and the error names the file."""
+    `optimizer_state`: the optimizer's state keyed by parameter name (`optimizer_state_by_name`), which rank 0 keeps
+    in train_state.pt; or `write_sharded(folder)` (adapters sharded with FSDP2): every rank writes it into the folder
+    with torch.distributed.checkpoint (`save_sharded_optimizer`). `config`:
+    the run's config, kept as config.yaml (a resume checks it). A failed write (a full disk) removes the partial
+    folder: the previous checkpoint stays the newest, and the error names the file."""
 
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
@@ -158,21 +164,21 @@ def save_checkpoint(
         if barrier:
             barrier()
         (tmp / f"data_rank{rank}.json").write_text(json.dumps(data_states))
-        if optimizer_shard is not None:
-            torch.save(optimizer_shard, tmp / f"optimizer_rank{rank}.pt")
+        if write_sharded is not None:
+            write_sharded(tmp)
         if before_publish is not None:
             before_publish()
         if barrier:
             barrier()
         if is_main:
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
-            opt_state = optimizer.state_dict() if optimizer_shard is None else None
+            opt_state = optimizer_state if write_sharded is None else None
             sched = scheduler.state_dict()
             state = {"step": step, "optimizer": opt_state, "scheduler": sched, "rng": rng_state(), **extra}
             torch.save(state, tmp / "train_state.pt")
             if config is not None:
                 (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            write_manifest(tmp, step, world_size, optimizer_shards=optimizer_shard is not None)
+            write_manifest(tmp, step, world_size, optimizer_shards=DCP if write_sharded is not None else False)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -204,7 +210,9 @@ def load_checkpoint(path: str | Path, rank: int) -> tuple[dict, dict, list[dict]
         except Exception as e:  # noqa: BLE001 -- any failure to read a user's file becomes one named error
             raise CheckpointError(f"{path / name}: cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
     state = parts["train_state.pt"]
-    if state.get("optimizer") is None:  # sharded adapters: this rank's optimizer state
+    if state.get("optimizer") is None and (path / ".metadata").is_file():  # sharded adapters, any world size
+        state["optimizer"] = DCP  # the trainer loads it into its own layout (`load_sharded_optimizer`)
+    elif state.get("optimizer") is None:  # written before: this rank's optimizer state (the same world size)
         f = path / f"optimizer_rank{rank}.pt"
         try:
             state["optimizer"] = torch.load(f, weights_only=True)

@@ -27,7 +27,7 @@ import yaml
 
 from mm_llama.llama.errors import CheckpointError
 
-from .checkpoint import MANIFEST, checkpoint_dirs, find_resumable, verify_checkpoint
+from .checkpoint import DCP, MANIFEST, checkpoint_dirs, find_resumable, verify_checkpoint
 
 # keys a resumed run may change: how long and how it runs, how it reports, and its layout (the global batch is
 # checked on its own); every other key must equal the checkpoint's
@@ -197,10 +197,10 @@ def check_compatible(ckpt: Path, config: dict, world_size: int, steps: int) -> N
             f"run has {world_size}: resume with {saved_world} ranks (a run trained with data.split=interleave resumes "
             "on any number)"
         )
-    if manifest.get("optimizer_shards"):
+    if manifest.get("optimizer_shards") and manifest["optimizer_shards"] != DCP:  # per-rank files (before)
         raise CheckpointError(
-            f"{ckpt}: its optimizer state is in {saved_world} shards (parallel.adapters=fsdp): resume with "
-            f"{saved_world} ranks"
+            f"{ckpt}: its optimizer state is in {saved_world} per-rank files (written before version 0.2.0): "
+            f"resume with {saved_world} ranks"
         )
     if was.global_batch != now.global_batch:
         raise CheckpointError(

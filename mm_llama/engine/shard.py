@@ -20,10 +20,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeGuard
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -129,19 +133,9 @@ def load_full(param: torch.Tensor, full: torch.Tensor) -> None:
     param.copy_(full)
 
 
-def local_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer state_dict with every sharded state tensor replaced by this rank's shard (a plain tensor)."""
-    return {
-        **state,
-        "state": {
-            i: {k: (v.to_local() if is_sharded(v) else v) for k, v in st.items()} for i, st in state["state"].items()
-        },
-    }
-
-
 def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After `load_state_dict` of a `local_optimizer_state`: each sharded parameter's state tensors become DTensors
-    laid out like the parameter again."""
+    """After `load_state_dict` of a state saved with plain tensors: each sharded parameter's state tensors become
+    DTensors laid out like the parameter (a whole tensor: this rank's part of it; a local shard: as it is)."""
 
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -149,10 +143,54 @@ def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 continue
             st = optimizer.state.get(p, {})
             for k, v in st.items():
-                if torch.is_tensor(v) and not is_sharded(v) and v.shape == p.to_local().shape:
+                if not torch.is_tensor(v) or is_sharded(v) or v.dim() == 0:
+                    continue
+                if v.shape == p.shape:  # a whole state (saved by one process): this rank's part of it
+                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                elif v.shape == p.to_local().shape:
                     st[k] = DTensor.from_local(
                         v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
                     )
+
+
+def save_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The optimizer state of a model with FSDP2-sharded trainable blocks, written by every rank into `folder` with
+    torch.distributed.checkpoint (keyed by parameter name, each shard with its place in the whole tensor), so any
+    world size can load it (`load_sharded_optimizer`)."""
+    dcp_save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name (not by position in its groups), so a run whose parameters
+    are grouped differently (sharded apart from plain ones on another world size) can load it
+    (`load_optimizer_by_name`). Its parameters must be plain tensors (sharded ones: `save_sharded_optimizer`)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    sd = optimizer.state_dict()
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {order[i]: st for i, st in sd["state"].items()}, "param_groups": groups}
+
+
+def load_optimizer_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """A state from `optimizer_state_by_name` into this run's optimizer, whatever its grouping (the groups'
+    settings are this run's: the same config); sharded parameters take their part of each whole state tensor."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    missing = [n for n in order if n not in saved["state"]]
+    if missing and saved["state"]:
+        raise ValueError(f"the saved optimizer state has no entry for {missing[:3]} (another model?)")
+    current = optimizer.state_dict()
+    state = {i: saved["state"][n] for i, n in enumerate(order) if n in saved["state"]}
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+    reshard_optimizer_state(optimizer)
+
+
+def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The optimizer state saved by `save_sharded_optimizer` on any world size, read into this run's layout (each
+    rank reads the parts of the saved shards that make up its own)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # this layout, to be filled in
+    dcp_load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def resident_bytes(module: nn.Module) -> Resident:

@@ -148,3 +148,17 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: dict[str, Any]) -> None:
+    """A saved LambdaLR state into this run's scheduler. With another number of parameter groups (sharded blocks
+    apart from plain ones on another world size) only the step is restored and each group's rate recomputed from
+    the schedule: the schedule is a function of the step."""
+    if len(saved.get("base_lrs", [])) == len(scheduler.base_lrs):
+        scheduler.load_state_dict(saved)
+        return
+    scheduler.last_epoch = step = int(saved["last_epoch"])
+    groups = scheduler.optimizer.param_groups
+    for group, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [group["lr"] for group in groups]  # pyright: ignore[reportAttributeAccessIssue] - torch keeps it private

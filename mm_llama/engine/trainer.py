@@ -26,15 +26,24 @@ from torch import nn
 from mm_llama.config import ConfigError, save_config, to_dict
 from mm_llama.llama.checkpoint import CheckpointError
 
-from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import DCP, load_checkpoint, save_checkpoint, set_rng_state
 from .ddp import DistributedDataParallel
 from .dist import DistInfo, init_distributed
 from .flops import StepFlops, device_peak_flops
 from .metrics import Metrics, Progress, peak_mem_mb, profiler
 from .parallelize import param_groups, place, weight_dtype
 from .resume import RunLock, choose_checkpoint
-from .shard import gather_full, is_sharded, load_full, local_optimizer_state, reshard_optimizer_state
-from .step import StepResult, train_step, warmup_cosine
+from .shard import (
+    gather_full,
+    is_sharded,
+    load_full,
+    load_optimizer_by_name,
+    load_sharded_optimizer,
+    optimizer_state_by_name,
+    reshard_optimizer_state,
+    save_sharded_optimizer,
+)
+from .step import StepResult, restore_schedule, train_step, warmup_cosine
 from .train_config import (  # noqa: F401 - the config's classes, importable from here
     CkptConfig,
     EvalConfig,
@@ -211,9 +220,15 @@ class Trainer:
     def _restore(self, ckpt: Path) -> None:
         weights, state, data_states = load_checkpoint(ckpt, self.info.rank)
         load_trained_weights(self.model, weights, ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
-        reshard_optimizer_state(self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
+        opt = state["optimizer"]
+        if opt == DCP:  # sharded adapters: read into this run's layout, any saved world size
+            load_sharded_optimizer(self.model, self.optimizer, ckpt)
+        elif all(isinstance(k, str) for k in opt["state"]):  # keyed by parameter name: any grouping
+            load_optimizer_by_name(self.model, self.optimizer, opt)
+        else:  # keyed by position (checkpoints written before): the same grouping
+            self.optimizer.load_state_dict(opt)
+            reshard_optimizer_state(self.optimizer)
+        restore_schedule(self.scheduler, state["scheduler"])
         set_rng_state(state["rng"])
         try:  # the saved ranks' cursors: this rank's, or (the global stream) any world size's
             self.loader.load_state_dicts(data_states, source=str(ckpt))
@@ -355,7 +370,11 @@ class Trainer:
         info, step = self.info, self.step_count
         state = self.model.state_dict()
         weights = gather_full({k: v for k, v in state.items() if k in self.trainable_names}, keep=info.is_main)
-        opt_shard = local_optimizer_state(self.optimizer.state_dict()) if self.sharded else None
+        model, optimizer = self.model, self.optimizer
+        opt_state = None if self.sharded else optimizer_state_by_name(model, optimizer)  # every rank takes part
+
+        def write_sharded(folder: Path) -> None:
+            save_sharded_optimizer(model, optimizer, folder)
 
         def before_publish() -> None:
             for cb in self.callbacks:
@@ -365,7 +384,7 @@ class Trainer:
             self.run_dir,
             step,
             weights=weights,
-            optimizer=self.optimizer,
+            optimizer_state=opt_state,
             scheduler=self.scheduler,
             extra={"losses": self.losses, "nonfinite": self.nonfinite, "best": self.best},
             data_states=self.loader.state_dict(),
@@ -375,6 +394,6 @@ class Trainer:
             barrier=dist.barrier if info.distributed else None,
             world_size=info.world_size,
             before_publish=before_publish,
-            optimizer_shard=opt_shard,
+            write_sharded=write_sharded if self.sharded else None,
             config=self.config,
         )

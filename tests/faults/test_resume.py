@@ -146,7 +146,8 @@ def test_a_checkpoint_write_that_fails_leaves_no_partial_folder(tmp_path, monkey
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    kw = dict(weights=dict(model.state_dict()), optimizer=opt, scheduler=sched, extra={}, data_states={}, rank=0)
+    kw = dict(weights=dict(model.state_dict()), optimizer_state=opt.state_dict(), scheduler=sched, extra={})
+    kw |= dict(data_states={}, rank=0)
     save_checkpoint(tmp_path, 2, **kw, is_main=True)
 
     def disk_full(obj, f, *a, **k):

@@ -4,6 +4,7 @@ and speech, on 2 and 4 processes; each rank holds 1/N of the tower; a 2-"machine
 127.0.0.1) shards within a machine and replicates across."""
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -33,9 +34,8 @@ def reference(modality: str, tmp_path, accum: int = 1) -> tuple[list[float], Pat
     if (modality, accum) not in _REFERENCE:
         cfg = f"recipes/configs/debug_{modality}.yaml"
         run = tmp_path / f"one{accum}"
-        losses, _ = train(
-            "--config", cfg, f"run_dir={run}", "steps=3", f"data.batch_size={4 // accum}", f"optim.grad_accum={accum}"
-        )
+        batch = [f"data.batch_size={4 // accum}", f"optim.grad_accum={accum}", "ckpt_every=2", "data.split=interleave"]
+        losses, _ = train("--config", cfg, f"run_dir={run}", "steps=3", *batch)
         _REFERENCE[modality, accum] = losses, run
     return _REFERENCE[modality, accum]
 
@@ -57,7 +57,9 @@ def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality, ranks):
     recompute tower layers and adapter blocks in backward (activation checkpointing over FSDP2 units), as the video
     2-rank run does. `make test` runs each modality at 2 ranks; `make test-slow` adds 4 ranks. Image, 2 ranks:
     2 accumulated micro-batches of 1 (no_sync reaches FSDP2's units), then stopped at step 2 and resumed from its
-    checkpoint (one optimizer shard per rank): the same losses bitwise."""
+    checkpoint (the optimizer state saved with torch.distributed.checkpoint): the same losses bitwise, and the same
+    checkpoint resumed on 1 process, and the 1-process reference's checkpoint resumed on 2 sharded ranks (elastic
+    resume with parallel.adapters=fsdp), within fp32 rounding."""
     cfg = f"recipes/configs/debug_{modality}.yaml"
     one, one_dir = reference(modality, tmp_path)
     image2 = ["data.batch_size=1", "optim.grad_accum=2", "parallel.adapters=fsdp", "ckpt_every=2"]
@@ -93,10 +95,25 @@ def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality, ranks):
     # stopped at step 2 and resumed: each rank saved its optimizer shard; the uninterrupted run's losses, bitwise
     args = ["--config", cfg, "steps=3", "data.split=interleave", "parallel.tower=fsdp", *image2]
     first, _ = train(*args, f"run_dir={tmp_path / 'cut'}", "stop_after=2", launcher=_torchrun(2))
-    files = sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "step_00000002").iterdir())
-    assert "optimizer_rank0.pt" in files and "optimizer_rank1.pt" in files
+    ckpt = tmp_path / "cut" / "checkpoints" / "step_00000002"
+    files = sorted(p.name for p in ckpt.iterdir())  # torch.distributed.checkpoint: metadata + each rank's shards
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(files) and "train_state.pt" in files
+    elastic = tmp_path / "elastic"  # the same checkpoint on 1 process: the shards read back whole
+    (elastic / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "cut" / "config.yaml", elastic)
+    shutil.copytree(ckpt, elastic / "checkpoints" / ckpt.name)
     resumed, r = train(*args, f"run_dir={tmp_path / 'cut'}", launcher=_torchrun(2))
     assert "resume: from" in r.stderr and resumed == losses[2] and first == losses[2][:2]
+    one_rank, r = train(*args, f"run_dir={elastic}", "data.batch_size=2")  # the global batch kept: 1 x 2 x 2
+    assert f"resume: from {elastic}" in r.stderr and one_rank == pytest.approx(losses[2], rel=1e-5)
+    # and 1 -> 2: the one-process reference's step-2 checkpoint (whole optimizer state) on 2 ranks, sharded
+    ref_losses, ref_run = reference(modality, tmp_path, accum=2)
+    grown = tmp_path / "grown"
+    (grown / "checkpoints").mkdir(parents=True)
+    shutil.copy(ref_run / "config.yaml", grown)
+    shutil.copytree(ref_run / "checkpoints" / "step_00000002", grown / "checkpoints" / "step_00000002")
+    two_ranks, r = train(*args, f"run_dir={grown}", "ckpt_every=2", launcher=_torchrun(2))
+    assert "resume: from" in r.stderr and two_ranks == pytest.approx(ref_losses, rel=1e-5)
 
 
 def _torchrun(n: int) -> list[str]:
