@@ -151,14 +151,14 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, saved: dict[str, Any]) -> None:
-    """A saved LambdaLR state into this run's scheduler. With another number of parameter groups (sharded blocks
-    apart from plain ones on another world size) only the step is restored and each group's rate recomputed from
-    the schedule: the schedule is a function of the step."""
+    """A saved LambdaLR state into this run's scheduler, and each group's rate set for the saved step (what the
+    scheduler's last step set). With another number of parameter groups (sharded blocks apart from plain ones on
+    another world size) only the step is restored: the schedule is a function of the step."""
     if len(saved.get("base_lrs", [])) == len(scheduler.base_lrs):
         scheduler.load_state_dict(saved)
-        return
-    scheduler.last_epoch = step = int(saved["last_epoch"])
-    groups = scheduler.optimizer.param_groups
+    else:
+        scheduler.last_epoch = int(saved["last_epoch"])
+    groups, step = scheduler.optimizer.param_groups, scheduler.last_epoch
     for group, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
         group["lr"] = base * fn(step)
     scheduler._last_lr = [group["lr"] for group in groups]  # pyright: ignore[reportAttributeAccessIssue] - torch keeps it private

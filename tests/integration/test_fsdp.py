@@ -52,6 +52,7 @@ def reference(modality: str, tmp_path, accum: int = 1) -> tuple[list[float], Pat
     ],
 )
 def test_sharded_tower_equals_one_unsharded_process(tmp_path, modality, ranks):
+    # long: one set of sharded runs checked against the unsharded reference, then resumed on 2 ranks and elastically
     """2 and 4 ranks with the tower sharded == 1 rank unsharded, same global batch, the adapters' blocks sharded too
     (`parallel.adapters=fsdp`: FSDP2 reduce-scatters their gradients, our engine the rest); the 4-rank runs also
     recompute tower layers and adapter blocks in backward (activation checkpointing over FSDP2 units), as the video
