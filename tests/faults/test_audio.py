@@ -82,6 +82,10 @@ def test_long_recordings_are_cut_in_pauses(max_seconds):
     cuts = [b for _, b in pieces[:-1]]
     assert not any(s < c < e for c in cuts for s, e in bursts)  # never inside an utterance
     assert all(any(a <= s and e <= b for a, b in pieces) for s, e in bursts)  # every utterance whole in a piece
+    # about one utterance per piece (a gap under min_pause joins two), shaped like a training clip: each piece
+    # starts within a few frames of an utterance
+    assert len(pieces) >= 0.75 * len(bursts)
+    assert all(any(0 <= s - a <= 0.05 * 16000 for s, _ in bursts) for a, _ in pieces)
     assert pieces[-1][1] < wave.numel() - 4 * 16000  # the silent tail is left out
 
 
