@@ -200,10 +200,7 @@ class StreamingLoader:
     def metrics(self) -> dict:
         out = {**self.tracker.metrics(), "data_wait_s": self.data_wait_s, "batches": self.consumed}
         if len(self.dataset.sources) > 1:  # samples each source gave this rank so far
-            counts = list(self.base.sources) or [0] * len(self.dataset.sources)
-            for st in self.worker_states.values():
-                counts = [a + b for a, b in zip(counts, st["sources_now"], strict=True)]
-            out["source_samples"] = counts
+            out["source_samples"] = self._counts().sources or [0] * len(self.dataset.sources)
         return out
 
     def state_dict(self) -> dict:

@@ -153,7 +153,6 @@ class ShardStream(IterableDataset):
         cursors = [(0, 0, 0)] * S  # per source: (epoch, shard position, next index)
         used = [0] * S  # samples of each source this worker handed to map_fn successfully
         skip = 0
-        emitted = 0  # samples out of the shuffle buffer so far (interleave split)
         if state is not None:
             rng.setstate(py_rng_state_from_list(state["rng"]))
             cursors, ids = _source_cursors(state, S)
@@ -162,7 +161,6 @@ class ShardStream(IterableDataset):
             buffer = [(i, fetched[i]) for i in ids if i in fetched]
             tracker.merge(state["seen"], state["bad"], state["reasons"])
             skip = state["skip"]
-            emitted = state.get("emitted", 0)
         streams = None
         while True:
             # snapshot at the start of a batch group: restoring it regenerates the same group
@@ -175,30 +173,13 @@ class ShardStream(IterableDataset):
                 "seen": tracker.seen,
                 "bad": tracker.bad,
                 "reasons": dict(tracker.reasons),
-                "emitted": emitted,
             }
             if streams is None:
                 streams = [self._raw_stream(g, k, *cursors[k], tracker) for k in range(S)]
             items = []
             want = self.batch_size * self.bucket_batches
             while len(items) < want:
-                src = 0 if S == 1 else rng.choices(range(S), weights=self.weights)[0]
-                sid, raw, cursors[src] = next(streams[src])
-                if self.shuffle_buffer > 1:
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append((sid, raw))
-                        continue
-                    j = rng.randrange(len(buffer))
-                    (sid, raw), buffer[j] = buffer[j], (sid, raw)
-                emitted += 1
-                if (emitted - 1) % self.keep_world != self.keep_rank:
-                    continue
-                try:
-                    items.append(self.map_fn(raw))
-                    tracker.ok()
-                    used[raw["__src__"]] += 1
-                except SampleError as e:
-                    tracker.skip(e.reason, raw.get("__shard__", "?"), raw.get("__key__"), str(e))
+                self._make(self._emit(rng, streams, cursors, buffer), tracker, used, items)
             if self.length_fn is not None:
                 items.sort(key=self.length_fn)
             groups = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
@@ -211,6 +192,31 @@ class ShardStream(IterableDataset):
                 now["sources_now"] = list(used)
                 yield self.collate_fn(group), {**snap, **now, "skip": j + 1}
             skip = 0
+
+    def _emit(self, rng: random.Random, streams: list, cursors: list, buffer: list) -> dict:
+        """The next raw sample out of the shuffle buffer (filled first): each sample drawn from a source chosen by
+        the seeded `rng` (advancing that source's cursor in `cursors`), swapped with a random buffered one."""
+        S = len(streams)
+        while True:
+            src = 0 if S == 1 else rng.choices(range(S), weights=self.weights)[0]
+            sid, raw, cursors[src] = next(streams[src])
+            if self.shuffle_buffer <= 1:
+                return raw
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append((sid, raw))
+                continue
+            j = rng.randrange(len(buffer))
+            (_, out), buffer[j] = buffer[j], (sid, raw)
+            return out
+
+    def _make(self, raw: dict, tracker: BadSampleTracker, used: list[int], items: list) -> None:
+        """`map_fn(raw)` appended to `items` and counted (per source in `used`); a bad sample counted and skipped."""
+        try:
+            items.append(self.map_fn(raw))
+            tracker.ok()
+            used[raw["__src__"]] += 1
+        except SampleError as e:
+            tracker.skip(e.reason, raw.get("__shard__", "?"), raw.get("__key__"), str(e))
 
     def _iter_global(self, physical: int):
         """The global stream's rounds (module docstring): worker `physical` decodes rounds physical, physical +
@@ -235,24 +241,10 @@ class ShardStream(IterableDataset):
             mine = rounds % self.num_workers == physical
             rounds += 1
             for i in range(self.batch_size * W):
-                src = 0 if S == 1 else rng.choices(range(S), weights=self.weights)[0]
-                sid, raw, cursors[src] = next(streams[src])
-                if self.shuffle_buffer > 1:
-                    while len(buffer) < self.shuffle_buffer:  # fill first: the round counts emitted samples only
-                        buffer.append((sid, raw))
-                        src = 0 if S == 1 else rng.choices(range(S), weights=self.weights)[0]
-                        sid, raw, cursors[src] = next(streams[src])
-                    j = rng.randrange(len(buffer))
-                    (sid, raw), buffer[j] = buffer[j], (sid, raw)
+                raw = self._emit(rng, streams, cursors, buffer)
                 emitted += 1
-                if not mine or i % W != self.keep_rank:
-                    continue
-                try:
-                    items.append(self.map_fn(raw))
-                    tracker.ok()
-                    used[raw["__src__"]] += 1
-                except SampleError as e:
-                    tracker.skip(e.reason, raw.get("__shard__", "?"), raw.get("__key__"), str(e))
+                if mine and i % W == self.keep_rank:
+                    self._make(raw, tracker, used, items)
             if not mine or not items:
                 continue
             stream = {

@@ -145,9 +145,8 @@ class Audit(TorchDispatchMode):
         """The op on the real values when every tensor input is known integer/boolean data (cheap: ids, masks)."""
         if any(self._real(t) is None for t in tensors):
             return None
-        on_cpu = {**kwargs, "device": torch.device("cpu")} if "device" in kwargs else kwargs
-        with _disable_current_modes(), contextlib.suppress(Exception):
-            return func(*tree_map(self._real_or_same, args), **tree_map(self._real_or_same, on_cpu))
+        with contextlib.suppress(Exception):
+            return _on_cpu(func, self._real_or_same, args, kwargs)
         return None
 
     def _with_zeros(self, func, args, kwargs):
@@ -159,9 +158,7 @@ class Audit(TorchDispatchMode):
                 raise RuntimeError(f"dry run: {func} needs the values of a {t.dtype} tensor it cannot know")
             return r if r is not None else torch.zeros(t.shape, dtype=t.dtype)
 
-        with _disable_current_modes():
-            on_cpu = {**kwargs, "device": torch.device("cpu")} if "device" in kwargs else kwargs
-            return func(*tree_map(real, args), **tree_map(real, on_cpu))
+        return _on_cpu(func, real, args, kwargs)
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """`t` as a fake tensor on the device (a real one: its value kept as the shadow when it is data)."""
@@ -170,6 +167,13 @@ class Audit(TorchDispatchMode):
         if r is not None:
             self.shadow[f] = r
         return f
+
+
+def _on_cpu(func, real, args, kwargs):
+    """`func` run for real on the CPU (no fake or audit mode), each tensor argument replaced by `real(tensor)`."""
+    on_cpu = {**kwargs, "device": torch.device("cpu")} if "device" in kwargs else kwargs
+    with _disable_current_modes():
+        return func(*tree_map(real, args), **tree_map(real, on_cpu))
 
 
 _COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}

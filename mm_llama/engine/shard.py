@@ -160,12 +160,17 @@ def save_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, f
     dcp_save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
 
 
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters in its own order (the positions its state_dict uses)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
 def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer's state keyed by parameter name (not by position in its groups), so a run whose parameters
     are grouped differently (sharded apart from plain ones on another world size) can load it
     (`load_optimizer_by_name`). Its parameters must be plain tensors (sharded ones: `save_sharded_optimizer`)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    order = _param_names(model, optimizer)
     sd = optimizer.state_dict()
     groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
     return {"state": {order[i]: st for i, st in sd["state"].items()}, "param_groups": groups}
@@ -174,8 +179,7 @@ def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) 
 def load_optimizer_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """A state from `optimizer_state_by_name` into this run's optimizer, whatever its grouping (the groups'
     settings are this run's: the same config); sharded parameters take their part of each whole state tensor."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    order = _param_names(model, optimizer)
     missing = [n for n in order if n not in saved["state"]]
     if missing and saved["state"]:
         raise ValueError(f"the saved optimizer state has no entry for {missing[:3]} (another model?)")

@@ -371,7 +371,7 @@ class Trainer:
         state = self.model.state_dict()
         weights = gather_full({k: v for k, v in state.items() if k in self.trainable_names}, keep=info.is_main)
         model, optimizer = self.model, self.optimizer
-        opt_state = None if self.sharded else optimizer_state_by_name(model, optimizer)  # every rank takes part
+        opt_state = optimizer_state_by_name(model, optimizer) if info.is_main and not self.sharded else None
 
         def write_sharded(folder: Path) -> None:
             save_sharded_optimizer(model, optimizer, folder)

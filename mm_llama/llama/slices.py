@@ -44,13 +44,13 @@ class TowerRows:
         if self.format == "hf":
             index = self.path / "model.safetensors.index.json"
             if index.is_file():
-                files = json.loads(index.read_text())["weight_map"]
-                self.where = {hf_to_meta_key(k): (self.path / f, k) for k, f in files.items() if hf_to_meta_key(k)}
+                files = {k: self.path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
             else:
-                self.where = {}
+                files = {}
                 for f in sorted(self.path.glob("*.safetensors")):
                     with safe_open(str(f), framework="pt") as sf:
-                        self.where |= {hf_to_meta_key(k): (f, k) for k in sf.keys() if hf_to_meta_key(k)}
+                        files |= dict.fromkeys(sf.keys(), f)
+            self.where = {key: (f, k) for k, f in files.items() if (key := hf_to_meta_key(k))}
         elif self.format == "meta":
             shards = sorted(self.path.glob("consolidated.*.pth"))
             self.parts = [torch.load(s, map_location="cpu", weights_only=True, mmap=True) for s in shards]
