@@ -99,18 +99,27 @@ def cmd_ask(args) -> int:
     model, tok = load_model(args)
     samples = samples_for(model, tok, args)
     try:
-        parts = [media_part(model, samples, p) for p in args.inputs]
+        messages = ask_messages(model, samples, args.inputs, args.prompt, args.system)
     except SampleError as e:
         print(f"mm-llama ask: {e}", file=sys.stderr)
         return 2
-    if args.prompt:
-        parts.append(Part("text", args.prompt))
-    if not parts:
+    if messages is None:
         print("mm-llama ask: error: nothing to ask: give files and/or --prompt", file=sys.stderr)
         return 2
-    messages = ([Message("system", [Part("text", args.system)])] if args.system else []) + [Message("user", parts)]
     print(answer(model, tok, samples, messages, args), flush=True)
     return 0
+
+
+def ask_messages(model, samples: Samples, files: list[str], prompt: str = "", system: str | None = None):
+    """The conversation `mm-llama ask FILES --prompt PROMPT` answers: one user turn holding the files in order, then
+    the prompt (after the system message, if any); None when there is nothing to ask. The demo's dialogue figures
+    are scored through this too."""
+    parts = [media_part(model, samples, p) for p in files]
+    if prompt:
+        parts.append(Part("text", prompt))
+    if not parts:
+        return None
+    return ([Message("system", [Part("text", system)])] if system else []) + [Message("user", parts)]
 
 
 def cmd_chat(args) -> int:

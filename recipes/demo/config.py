@@ -58,6 +58,10 @@ class DemoConfig:
     piper_train: int = 100  # of speech_train, read by the neural piper voice
     speech_open_train: int = 0  # open-vocabulary fortune sentences mixed into the speech training set
     speech_open_test: int = 200  # the open-vocabulary row: held-out fortune sentences, unseen voices
+    # the dialogue stage's conversations (recipes/demo/dialogue.py): training ones, shared out over the four kinds
+    # (DIALOGUE_SHARES), and held-out questions of each kind
+    dialogue_train: int = bounded(5000, 0)
+    dialogue_test: int = bounded(250, 0)
     # encoder pretraining (plain classifier): the captioners read it frozen, so its accuracy caps their item figures.
     # 6,000 steps: 92.4% on AMD seed 2 (bf16; 3,000: 91.1%) and 92.0% on an Intel Xeon, seed 0 (fp32; 3,000: 90.7%),
     # where image items rose from 89.6% to 91.0%; it costs about 200 s on the AMD EPYC, 520 s on the Xeon (issue 21)
@@ -73,6 +77,7 @@ class DemoConfig:
     # None: the precision the adapters were trained in (bf16 tower weights + autocast on capable CPUs)
     eval_dtype: str | None = choice(None, None, "bfloat16", "float32")
     max_new_tokens: int = 40
+    dialogue_max_new_tokens: int = 12  # answers are a few words
     # stage -> key=value overrides of its training config (recipes/configs/demo/STAGE.yaml, the one source of how
     # each stage trains), e.g. {"image": ["steps=8", "data.batch_size=4"]} (the reduced demo)
     stages: dict = field(default_factory=dict)
@@ -140,6 +145,14 @@ def adapter_files(run: Path) -> list[Path]:
     return [
         f for n in ("image", "video", "speech", "conformer") if (f := Path(run) / n / "adapter.safetensors").exists()
     ]
+
+
+def dialogue_files(run: Path) -> list[Path]:
+    """The adapters the dialogue is answered with (`mm-llama ask --adapter ...` of each): the dialogue stage's image
+    and video parts and the speech stage's adapter (frozen in the dialogue stage)."""
+    run = Path(run)
+    return [run / "dialogue/adapter-image.safetensors", run / "dialogue/adapter-video.safetensors",
+            run / "speech/adapter.safetensors"]  # fmt: skip
 
 
 def eval_dtype(cfg, run: Path | None = None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -12,15 +13,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mm_llama.adapters.chat import ask_messages
 from mm_llama.adapters.describe import describe
 from mm_llama.adapters.files import load_composed
-from mm_llama.adapters.generation import answer_samples
+from mm_llama.adapters.generation import answer_samples, generate_items
 from mm_llama.adapters.modality import AnswerOptions
+from mm_llama.adapters.samples import Samples
 from mm_llama.text import normalize_text, wer_cer, wer_cer_by
 
-from . import scenes
+from . import dialogue, scenes
 from .classifier import classifier_video_accuracy, load_classifier
-from .config import adapter_files, eval_dtype, load_tower, shard_samples
+from .config import adapter_files, dialogue_files, eval_dtype, load_tower, shard_samples
 from .figures import flat
 
 
@@ -100,6 +103,35 @@ def eval_speech(cfg, run, model, tok, shards: str = "speech_test") -> dict:
     return res
 
 
+def eval_dialogue(cfg, run, model, tok, batch: int = 32) -> dict:
+    """Answer every held-out question of RUN/shards/dialogue_test/dialogue_test.jsonl (copied to
+    RUN/eval/dialogue_test.jsonl) as `mm-llama ask` does (adapters/chat.py `ask_messages`: the files in order, then
+    the question as the prompt; a spoken question is its audio alone), greedy, batched; an answer is right when its
+    words equal the reference's (dialogue.right). -> {KIND_right, n_KIND, rows}."""
+    src = run / "shards/dialogue_test/dialogue_test.jsonl"
+    lines = dialogue.read_test_set(src)
+    if cfg.eval_limit:  # the first questions of each kind
+        lines = [x for k in dialogue.KINDS for x in [x for x in lines if x["kind"] == k][: cfg.eval_limit]]
+    (run / "eval").mkdir(exist_ok=True)
+    shutil.copyfile(src, run / "eval/dialogue_test.jsonl")
+    samples = Samples.of(model, tok, answer=AnswerOptions(frames=8))
+    requests = []
+    for x in lines:
+        prompt = "" if x["kind"] == "spoken" else x["question"]
+        requests.append(samples.request(ask_messages(model, samples, x["media"], prompt)))
+    hyps = []
+    for i in range(0, len(requests), batch):
+        out = generate_items(model, tok, requests[i : i + batch], max_new_tokens=cfg.dialogue_max_new_tokens)
+        hyps += [" ".join(h.split()) for h in out]
+    rows = [{**x, "hyp": h, "right": dialogue.right(h, x["answer"])} for x, h in zip(lines, hyps, strict=True)]
+    res: dict = {}
+    for kind in dialogue.KINDS:
+        got = [r["right"] for r in rows if r["kind"] == kind]
+        if got:
+            res[f"{kind}_right"], res[f"n_{kind}"] = sum(got) / len(got), len(got)
+    return {**res, "rows": rows}
+
+
 def eval_speech_open(cfg, run, model, tok) -> dict:
     """The same adapter on held-out open-vocabulary fortune sentences (unseen voices)."""
     return eval_speech(cfg, run, model, tok, "speech_open_test")
@@ -115,6 +147,8 @@ EVALS = {
     "speech": ("main", "speech", eval_speech),
     "speech_open": ("main", "speech", eval_speech_open),
     "conformer": ("conformer", "speech", eval_speech),
+    # contract: dialogue.image_right, dialogue.two_images_right, dialogue.video_right, dialogue.spoken_right
+    "dialogue": ("dialogue", "image", eval_dialogue),
 }
 
 
@@ -135,6 +169,8 @@ def _load_models(cfg, run, tower) -> tuple[dict, str]:
     models = {}
     if files:
         models["main"] = load_composed(tower, files).float()
+    if all(f.exists() for f in dialogue_files(run)):
+        models["dialogue"] = load_composed(tower, dialogue_files(run)).float()
     if (run / "conformer/adapter.safetensors").exists():
         models["conformer"] = load_composed(tower, [run / "conformer/adapter.safetensors"]).float()
     tower.to(getattr(torch, dtype))  # the shared tower only (a validated choice): the adapters stay fp32

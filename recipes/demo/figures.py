@@ -3,7 +3,8 @@ fraction), its target and which way is better. summary.json, the report's result
 (`make demo-seeds`) and the test's checks are generated from it.
 
 Contract figures (their keys are read outside this repository): image.count_and_layout_right, image.items_right,
-video.direction_right, video.item_right, speech.wer, speech.distinct_fraction, speech_open.wer. A stretch target is
+video.direction_right, video.item_right, speech.wer, speech.distinct_fraction, speech_open.wer, dialogue.image_right,
+dialogue.two_images_right, dialogue.video_right, dialogue.spoken_right. A stretch target is
 tabulated but does not decide the exit status; a reference row (no target) is what the captioners are compared
 with (the plain classifier reads the same frozen encoder: their ceiling).
 """
@@ -56,6 +57,10 @@ FIGURES = [
     Figure("speech.cer", "ASR, spoken-language domain: CER", better="max"),
     Figure("speech.distinct_fraction", "ASR: distinct transcripts / distinct references", 0.95),
     Figure("speech_open.wer", "ASR, open vocabulary (held-out fortune sentences): WER", 0.60, "max", stretch=True),
+    Figure("dialogue.image_right", "dialogue: questions about a picture answered right", 0.90),
+    Figure("dialogue.two_images_right", "dialogue: questions about two pictures answered right", 0.90),
+    Figure("dialogue.video_right", "dialogue: questions about a clip answered right", 0.90),
+    Figure("dialogue.spoken_right", "dialogue: spoken questions about a picture answered right", 0.85),
     Figure("conformer.wer", "ASR, domain, from-scratch Conformer + adapter (conformer=true): WER", better="max"),
 ]
 TARGETS = [f for f in FIGURES if f.target is not None]

@@ -15,7 +15,8 @@ from mm_llama.assets import resolve
 from mm_llama.data.image import decode_image
 from mm_llama.text import normalize_text
 
-from .config import BF16_MIN_SPEEDUP, cpu_kernel_path, eval_dtype, shard_samples
+from .config import BF16_MIN_SPEEDUP, cpu_kernel_path, dialogue_files, eval_dtype, shard_samples
+from .dialogue import KINDS
 from .figures import FIGURES
 
 
@@ -41,25 +42,107 @@ def _pyplot():
     return plt
 
 
-def _plot_losses(run: Path, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(1, 1, figsize=(7, 4))
-    for name in ("image", "video", "speech_ctc", "speech", "conformer_ctc", "conformer"):
-        f = run / name / "losses.json"
+LOSS_PANELS = ("encoder", "image", "video", "speech_ctc", "speech", "dialogue", "conformer_ctc", "conformer")
+
+
+def _stage_losses(run: Path) -> dict[str, list[float]]:
+    """Each trained stage's loss per optimizer step (the encoder's from its classifier record)."""
+    out = {}
+    for name in LOSS_PANELS:
+        f = run / name / ("classifier.json" if name == "encoder" else "losses.json")
         if f.exists():
-            label = f"{name.removesuffix('_ctc')} (CTC phase: CTC loss per token)" if name.endswith("_ctc") else name
-            ax.plot(json.loads(f.read_text()), label=label, lw=1, ls=":" if name.endswith("_ctc") else "-")
-    f = run / "encoder/classifier.json"
-    if f.exists():
-        ax.plot(json.loads(f.read_text())["losses"], label="encoder (classifier pretraining)", lw=1, ls="--")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (token cross-entropy)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
+            rec = json.loads(f.read_text())
+            out[name] = rec["losses"] if name == "encoder" else rec
+    return out
+
+
+def _plot_losses(run: Path, path: Path) -> None:
+    """One panel per stage, each on its own step axis (the encoder's 6,000 steps would squeeze the others)."""
+    plt = _pyplot()
+    losses = _stage_losses(run)
+    if not losses:
+        return
+    cols = min(4, len(losses))
+    rows = (len(losses) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(losses) :]:
+        ax.axis("off")
+    for ax, (name, ys) in zip(axes.flat, losses.items()):
+        ax.plot(range(1, len(ys) + 1), ys, lw=1)
+        what = "CTC phase (CTC loss)" if name.endswith("_ctc") else "token loss"
+        what = {"encoder": "classifier pretraining", "dialogue": "questions + captions"}.get(name, what)
+        ax.set_title(f"{name}: {what}", fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.set_yscale("log")
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("training loss per stage")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _media_picture(paths: list[str]):
+    """What a held-out question was about, as one picture: the composites side by side; a clip's first and last
+    frames side by side; audio files left out."""
+    import numpy as np  # noqa: PLC0415 - only the report draws
+
+    from mm_llama.data.video import decode_video  # noqa: PLC0415 - only the report draws
+
+    panels = []
+    for m in paths:
+        data = Path(m).read_bytes()
+        if m.endswith(".png"):
+            panels.append(np.asarray(decode_image(data).convert("L"), dtype=np.float64))
+        elif m.endswith(".mp4"):
+            frames = decode_video(data, m, num_frames=8).float()
+            panels += [frames[0].mean(0).numpy(), frames[-1].mean(0).numpy()]
+    gap = np.full((panels[0].shape[0], 4), 128.0)
+    return np.concatenate([x for p in panels for x in (p, gap)][:-1], axis=1)
+
+
+def _exchange_grid(rows: list[dict], path: Path, per_kind: int = 3) -> list[dict]:
+    """A few held-out exchanges of each kind (the first of the file): the picture, the question, the answer. ->
+    the exchanges shown."""
+    shown = [r for k in KINDS for r in [r for r in rows if r["kind"] == k][:per_kind]]
+    if not shown:
+        return []
+    plt = _pyplot()
+    cols = per_kind
+    rows_ = (len(shown) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.3 * rows_), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, shown):
+        ax.imshow(_media_picture(r["media"]), cmap="gray", vmin=0, vmax=255)
+        q = ("(spoken) " if r["kind"] == "spoken" else "") + r["question"]
+        ax.set_title(_wrap(f"Q: {q}\nA: {r['hyp']}", 44), fontsize=8, color="green" if r["right"] else "red")
+    fig.suptitle("held-out dialogue: question and answer (green = right)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return shown
+
+
+def _dialogue_section(run: Path, rows: list[dict]) -> list[str]:
+    shown = _exchange_grid(rows, run / "dialogue_grid.png")
+    L = [
+        "## Dialogue: held-out exchanges",
+        "",
+        "Each question is answered as `mm-llama ask` answers it (the files, then the question; a spoken question is "
+        "its audio alone), from `eval/dialogue_test.jsonl`.",
+        "",
+        "![held-out exchanges](dialogue_grid.png)",
+        "",
+        "| kind | question | reference | answer |",
+        "|---|---|---|---|",
+    ]
+    L += [f"| {r['kind']} | {r['question']} | {r['answer']} | {r['hyp']} |" for r in shown]
+    wrong = [r for r in rows if not r["right"]][:8]
+    if wrong:
+        L += ["", "Some wrong answers:", "", "| kind | question | reference | answer |", "|---|---|---|---|"]
+        L += [f"| {r['kind']} | {r['question']} | {r['answer']} | {r['hyp']} |" for r in wrong]
+    return [*L, ""]
 
 
 def _distinct(rows: list[dict]) -> str:
@@ -152,14 +235,18 @@ def stage_report(cfg, run) -> dict:
         f"{', '.join(corp.get('speech_voices', {}).get('test', []))}.",
         "",
     ]
-    L += results_table(summ, timings, {"image": img, "video": vid, "speech": sp, "speech_open": ev("speech_open")})
+    dlg = ev("dialogue")
+    sections = {"image": img, "video": vid, "speech": sp, "speech_open": ev("speech_open")}
+    L += results_table(summ, timings, sections | {f"dialogue {k}": {"n": dlg.get(f"n_{k}")} for k in KINDS})
     for name, ref in (("domain", ev("asr_reference")), ("open-vocabulary", ev("asr_reference_open"))):
         if ref:
             L += [
                 f"Reference: the complete pretrained Whisper tiny.en with its own decoder on the same {name} clips "
                 f"(`make asr-reference`): WER {_pct(ref['wer'])}."
             ]
-    L += ["", "![loss curves](loss_curves.png)", ""]
+    L += ["", "![loss curves: one panel per stage](loss_curves.png)", ""]
+    if dlg.get("rows"):
+        L += _dialogue_section(run, dlg["rows"])
     if img.get("rows"):
         L += [
             "## Image captions",
@@ -193,6 +280,7 @@ def stage_report(cfg, run) -> dict:
         L += [""]
     tp = resolve(cfg.tower)
     a = {n: f"--adapter {run}/{n}/adapter.safetensors" for n in ("image", "video", "speech")}
+    d = " ".join(f"--adapter {f}" for f in dialogue_files(run))
     L += [
         "## Try it",
         "",
@@ -200,7 +288,14 @@ def stage_report(cfg, run) -> dict:
         "",
         "```bash",
         f"mm-llama caption --model {tp} {a['image']} {a['video']} {a['speech']} IMAGE.png CLIP.mp4 SPEECH.wav",
-        f"mm-llama serve --model {tp} {a['image']} {a['video']} {a['speech']}",
+        "```",
+        "",
+        "Questions, typed or spoken, go to the dialogue stage's adapters (the chat page: `mm-llama serve`):",
+        "",
+        "```bash",
+        f'mm-llama ask {d} IMAGE.png --prompt "what is at the top left?"',
+        f"mm-llama ask {d} IMAGE.png QUESTION.wav",
+        f"mm-llama serve {d}",
         "```",
         "",
     ]

@@ -28,6 +28,7 @@ from mm_llama.config import load_config
 
 from .config import ROOT, DemoConfig, device_ok_dtype, stage_config
 from .data_stages import stage_corpora, stage_encoder, stage_speech_cache
+from .dialogue import stage_dialogue_data
 from .evaluation import stage_evaluate
 from .report import stage_report
 
@@ -43,21 +44,28 @@ class Stage:
 
 @dataclass(frozen=True)
 class Training:
-    """A training stage: recipes/configs/demo/NAME.yaml on RUN/shards/DATA, `inputs` {config key: a file of an
-    earlier stage, relative to the run folder}."""
+    """A training stage: recipes/configs/demo/NAME.yaml on RUN/shards/DATA (a shard folder, or {folder: weight} for
+    several sources mixed), `inputs` {config key: a file of an earlier stage, relative to the run folder}."""
 
     name: str
-    data: str
+    data: str | dict[str, float]
     inputs: dict = field(default_factory=dict)
 
     def __call__(self, cfg: DemoConfig, run: Path) -> dict:
-        args = [f"data.train={run / 'shards' / self.data / 'index.json'}"]
+        def index(folder: str) -> str:
+            return str(run / "shards" / folder / "index.json")
+
+        if isinstance(self.data, dict):
+            sources = [{"train": index(k), "weight": w} for k, w in self.data.items()]
+            args = ["data.train=", f"data.sources={json.dumps(sources)}"]
+        else:
+            args = [f"data.train={index(self.data)}"]
         args += [f"{key}={run / rel}" for key, rel in self.inputs.items()]
         return train(cfg, run, self.name, args)
 
 
-def training(name: str, data: str, inputs: dict | None = None, switch: str = "") -> Stage:
-    return Stage(name, Training(name, data, inputs or {}), f"{name}/adapter.safetensors", switch, training=True)
+def training(name: str, data, inputs: dict | None = None, switch: str = "", done: str = "adapter.safetensors"):
+    return Stage(name, Training(name, data, inputs or {}), f"{name}/{done}", switch, training=True)
 
 
 STAGE_TABLE = [
@@ -71,6 +79,19 @@ STAGE_TABLE = [
     training("speech", "speech_train_enc", {"init_adapter": "speech_ctc/adapter.safetensors"}),
     training("conformer_ctc", "speech_train_enc", switch="conformer"),
     training("conformer", "speech_train_enc", {"init_adapter": "conformer_ctc/adapter.safetensors"}, "conformer"),
+    # the dialogue: the three adapters on one tower, the image and video parts trained on questions mixed with their
+    # captions (the speech part frozen)
+    Stage("dialogue_data", stage_dialogue_data, "shards/dialogue_test/dialogue_test.jsonl"),
+    training(
+        "dialogue",
+        {"dialogue_train": 6, "image_train": 1, "video_train": 1},
+        {
+            "model.image.init": "image/adapter.safetensors",
+            "model.video.init": "video/adapter.safetensors",
+            "model.speech.init": "speech/adapter.safetensors",
+        },
+        done="adapter-video.safetensors",
+    ),
     Stage("evaluate", stage_evaluate, "eval/summary.json"),
     Stage("report", stage_report, "report.md"),
 ]

@@ -2,7 +2,9 @@
 few steps of 2-process DDP training through `accelerate launch`, run ONCE for this module; each test checks one
 concern of that run. The full demo is not part of `make test`."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -13,10 +15,12 @@ import pytest
 import torch
 
 from mm_llama.adapters.files import trained_tower_dtype
+from mm_llama.cli import main as cli_main
 from mm_llama.config import load_config
 from recipes.demo import DONE, STAGES, DemoConfig
 from recipes.demo import config as dc
-from recipes.demo.config import BF16_MIN_SPEEDUP, adapter_files, eval_dtype, load_tower
+from recipes.demo.config import BF16_MIN_SPEEDUP, adapter_files, dialogue_files, eval_dtype, load_tower
+from recipes.demo.dialogue import KINDS, read_test_set
 from recipes.demo.evaluation import _load_models
 from recipes.demo.figures import CONTRACT, FIGURES, TARGETS, seed_markdown, tabulate
 from recipes.demo.scenes import parse_composite_caption
@@ -89,10 +93,14 @@ def test_summary_holds_every_figure_of_the_table(demo):
         "speech.wer",
         "speech.distinct_fraction",
         "speech_open.wer",
+        "dialogue.image_right",
+        "dialogue.two_images_right",
+        "dialogue.video_right",
+        "dialogue.spoken_right",
     }
     for f in TARGETS:
         assert isinstance(f.value(summary), float), f.key
-    assert {"image", "video", "speech", "speech_open", "conformer", "classifier"} <= set(summary)
+    assert {"image", "video", "speech", "speech_open", "conformer", "classifier", "dialogue"} <= set(summary)
     assert summary["image"]["n"] == 4 and summary["speech"]["n"] == 4 and summary["speech_open"]["n"] == 4
     assert (folder / "encoder/heads.safetensors").exists() and "classifier_item_right" in summary["video"]
 
@@ -107,6 +115,25 @@ def test_figures_are_what_the_rows_say(demo):
     ]
     assert [r["items_right"] for r in rows] == hits
     assert summary["image"]["items_right"] == sum(hits) / sum(len(t) for t in truths)
+
+
+def test_dialogue_figures_are_what_mm_llama_ask_answers(demo):
+    """The held-out questions are a file `mm-llama ask` reads (contract: eval/dialogue_test.jsonl); asking it a
+    question of each kind through the CLI gives the answer the figures were scored on."""
+    folder, _, summary = demo
+    lines = read_test_set(folder / "eval/dialogue_test.jsonl")
+    rows = json.loads((folder / "eval/dialogue.json").read_text())["rows"]
+    assert [{k: r[k] for k in lines[0]} for r in rows] == lines and {x["kind"] for x in lines} == set(KINDS)
+    for kind in KINDS:
+        got = [r["right"] for r in rows if r["kind"] == kind]
+        assert summary["dialogue"][f"{kind}_right"] == sum(got) / len(got)
+    adapters = [f"--adapter={f}" for f in dialogue_files(folder)]
+    for r in [next(r for r in rows if r["kind"] == k) for k in ("two_images", "spoken")]:
+        prompt = [] if r["kind"] == "spoken" else ["--prompt", r["question"]]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert cli_main(["ask", *adapters, *r["media"], *prompt, "--max-new-tokens", "12"]) == 0
+        assert (out.getvalue().splitlines() or [""])[-1] == r["hyp"], r
 
 
 def test_evaluation_uses_the_precision_the_files_record(demo):
@@ -137,7 +164,8 @@ def test_report_states_the_figures(demo):
     for f in FIGURES:
         if f.value(summary) is not None:
             assert f"| `{f.key}` | {f.what} | {f.target_text()} |" in report, f.key
-    for png in ("loss_curves.png", "caption_grid.png"):
+    assert "## Dialogue: held-out exchanges" in report and "mm-llama ask --adapter" in report
+    for png in ("loss_curves.png", "caption_grid.png", "dialogue_grid.png"):
         assert (folder / png).read_bytes()[:4] == b"\x89PNG"
 
 
