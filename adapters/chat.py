@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from mm_llama.assets import resolve
 from mm_llama.data.badsamples import SampleError
 from mm_llama.data.conversation import Message, Part
+from mm_llama.generate import StreamPrinter
 from mm_llama.options import RANGES
 
 from .cli import check_inputs, load_model
@@ -28,6 +30,8 @@ from .generation import generate_items
 from .modality import AnswerOptions
 from .registry import MODALITIES
 from .samples import SampleOptions, Samples
+
+TextSink = Callable[[str], object]  # receives an answer's text, chunk by chunk, as it is decoded
 
 
 def recorded_source(files: list[str], key: str) -> str | None:
@@ -64,10 +68,17 @@ def fill_model(args) -> None:
 
 def media_part(model, samples: Samples, path: str) -> Part:
     """A file as a conversation part, decoded by its modality's maker (errors name the file)."""
-    kind = check_handled(model, path)
-    ext = path.rsplit(".", 1)[-1].lower()
-    value = samples.makers[kind].decode(Path(path).read_bytes(), path, ext)
-    return Part(MODALITIES[kind].data.medium.name, ref=value, name=Path(path).name)
+    return media_value(model, samples, Path(path).name, Path(path).read_bytes(), where=path)
+
+
+def media_value(model, samples: Samples, name: str, data: bytes, where: str = "") -> Part:
+    """A file's bytes as a conversation part: its kind from `name`'s extension, decoded by the kind's maker (errors
+    name `where`, default `name`)."""
+    where = where or name
+    kind = check_handled(model, where)
+    ext = name.rsplit(".", 1)[-1].lower()
+    value = samples.makers[kind].decode(data, where, ext)
+    return Part(MODALITIES[kind].data.medium.name, ref=value, name=name)
 
 
 def samples_for(model, tok, args) -> Samples:
@@ -75,8 +86,14 @@ def samples_for(model, tok, args) -> Samples:
     return Samples.of(model, tok, options=SampleOptions(template=args.template), answer=options(args))
 
 
-def answer(model, tok, samples: Samples, messages: list[Message], args) -> str:
-    request = samples.request(messages)
+def answer(model, tok, samples: Samples, messages: list[Message], args, on_text: TextSink | None = None) -> str:
+    """The answer to a conversation ending with a user turn; `on_text(chunk)` receives the text as it is decoded."""
+    return answer_request(model, tok, samples.request(messages), args, on_text)
+
+
+def answer_request(model, tok, request: dict, args, on_text: TextSink | None = None) -> str:
+    """The answer to a laid-out request (`Samples.request`), streamed to `on_text` when given; the returned answer
+    has its whitespace runs joined to single spaces."""
     (text,) = generate_items(
         model,
         tok,
@@ -85,6 +102,7 @@ def answer(model, tok, samples: Samples, messages: list[Message], args) -> str:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        on_token=StreamPrinter(tok, on_text) if on_text is not None else None,
     )
     return " ".join(text.split())
 

@@ -164,3 +164,99 @@ def test_stalled_upload_times_out_and_workers_are_bounded(server):
         assert time.monotonic() - t0 < 9 and (data == b"" or b"400" in data.split(b"\r\n")[0])
         s.close()
     assert post(server, b"hello", "notes.txt")[0] == 415  # the workers are free again
+
+
+# --- the chat: POST /api/upload, POST /api/chat, GET /api/info ---------------------------------------------------
+def request(port, method: str, path: str, body: bytes = b"", headers=None):
+    """(status, body bytes) of one request (503 retried, as post does)."""
+    for _ in range(20):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        h = {"Content-Length": str(len(body))} if method == "POST" else {}
+        h |= headers or {}
+        c.putrequest(method, path, skip_host="Host" in h, skip_accept_encoding=True)
+        for k, v in h.items():
+            c.putheader(k, v)
+        c.endheaders()
+        c.send(body)
+        r = c.getresponse()
+        status, out = r.status, r.read()
+        c.close()
+        if status != 503:
+            break
+        time.sleep(0.25)
+    return status, out
+
+
+def upload(port, data: bytes, name: str) -> tuple[int, dict]:
+    status, out = request(port, "POST", "/api/upload", data, {"X-Filename": name})
+    return status, json.loads(out)
+
+
+def chat(port, messages, headers=None) -> tuple[int, list[dict]]:
+    """(status, the JSON lines of the answer, or [the error body])."""
+    body = json.dumps({"messages": messages}).encode() if not isinstance(messages, bytes) else messages
+    status, out = request(port, "POST", "/api/chat", body, {"Content-Type": "application/json"} | (headers or {}))
+    return status, [json.loads(line) for line in out.splitlines() if line]
+
+
+def user(*parts) -> dict:
+    return {
+        "role": "user",
+        "parts": [{"type": "media", "id": p[1:]} if p.startswith("@") else {"type": "text", "text": p} for p in parts],
+    }
+
+
+def test_chat_answers_a_conversation_with_uploads(server):
+    status, info = request(server, "GET", "/api/info")
+    assert status == 200 and [a["kind"] for a in json.loads(info)["adapters"]] == ["image", "speech"]
+    png = io.BytesIO()
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(png, format="PNG")
+    status, got = upload(server, png.getvalue(), "photo.png")
+    assert status == 200 and got["kind"] == "image" and got["name"] == "photo.png" and len(got["id"]) == 32
+    status, heard = upload(server, wav_bytes(0.5), "q.wav")
+    assert status == 200 and heard["kind"] == "speech" and heard["id"] != got["id"]
+    history = [user("@" + got["id"], "What is it?"), {"role": "assistant", "parts": [{"type": "text", "text": "A"}]}]
+    status, lines = chat(server, [*history, user("@" + heard["id"])])
+    assert status == 200 and lines[-1]["done"] is True and isinstance(lines[-1]["text"], str), lines
+    assert all("delta" in x for x in lines[:-1])
+
+
+def test_chat_errors_name_what_is_wrong(server):
+    assert chat(server, b"{not json")[0] == 400
+    assert chat(server, [])[0] == 400
+    status, body = chat(server, [user("@" + "ab" * 16)])
+    assert status == 422 and "ab" * 16 in body[0]["error"] and "attach the file again" in body[0]["error"]
+    status, body = chat(server, [user("@../../etc/passwd")])
+    assert status == 400 and "../../etc/passwd" in body[0]["error"]
+    status, body = chat(server, [{"role": "assistant", "parts": [{"type": "text", "text": "hi"}]}])
+    assert status == 400 and "last message" in body[0]["error"]
+    status, body = chat(server, [{"role": "system", "parts": [{"type": "text", "text": "x"}]}, user("hi")])
+    assert status == 400 and "messages[0]" in body[0]["error"]
+    status, body = chat(server, [{"role": "user", "parts": [{"type": "image", "path": "/etc/passwd"}]}])
+    assert status == 400 and "messages[0].parts[0]" in body[0]["error"]
+    assert chat(server, [user("hi")], {"Content-Type": "text/plain"})[0] == 415
+    head = "POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+    assert raw_status(server, head) == 411
+    assert raw_status(server, head + f"\r\nContent-Length: {10**7}") == 413
+    status, body = chat(server, [user("word " * 10000)])  # longer than the tower's context with the answer
+    assert status == 413 and "start anew" in body[0]["error"]
+
+
+def test_upload_errors(server):
+    status, body = upload(server, b"hello", "notes.txt")
+    assert status == 415 and "unknown file type" in body["error"]
+    status, body = upload(server, b"\x89PNG garbage", "broken.png")
+    assert status == 422 and "broken.png" in body["error"]
+    status, body = upload(server, wav_bytes(0.01), "tiny.wav")
+    assert status == 422 and "too short" in body["error"]
+    head = "POST /api/upload HTTP/1.1\r\nHost: localhost\r\nX-Filename: a.png"
+    assert raw_status(server, head + f"\r\nContent-Length: {10**7}") == 413
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/api/info"), ("POST", "/api/upload"), ("POST", "/api/chat")])
+@pytest.mark.parametrize(
+    "header", [{"Host": "evil.example.com"}, {"Origin": "http://evil.example.com"}, {"Origin": "null"}]
+)
+def test_chat_endpoints_refuse_other_sites(server, method, path, header):
+    h = {"X-Filename": "a.png", "Content-Type": "application/json"} | header
+    assert request(server, method, path, b"{}", h)[0] == 403

@@ -97,6 +97,16 @@ def test_web_page_answers_every_modality(setup, trained, dtype, tmp_path):
         assert status == 200 and body["kind"] == what and isinstance(body["text"], str), body
 
 
+def test_web_page_takes_the_old_adapter_options(setup):
+    """--video-adapter / --speech-adapter are more --adapter files (each loaded once)."""
+    files = setup["adapters"]["float32"]
+    argv = ["serve", "--model", setup["tower"], "--tokenizer", setup["tok"], "--adapter", str(files["image"])]
+    argv += ["--video-adapter", str(files["video"]), "--speech-adapter", str(files["speech"])]
+    app = App(build_parser().parse_args(argv))
+    assert app.model.kinds == list(KINDS) and [a["kind"] for a in app.info["adapters"]] == list(KINDS)
+    app.close()
+
+
 @pytest.mark.parametrize("trained", ["float32", "bfloat16"])
 def test_one_adapter_per_call_equals_the_composed_call(setup, trained, capsys):
     """Each file's answer in the three-adapter call is the answer of a call with only its adapter(s)."""

@@ -1,10 +1,13 @@
 """Generation through the one composed forward: media encoded and keys/values computed once per request, the
 tower's KV cache, left-padded batches; the same tokens as recomputing the whole sequence at every step."""
 
+import argparse
+
 import pytest
 import torch
 from PIL import Image
 
+from mm_llama.adapters.chat import answer, samples_for
 from mm_llama.adapters.generation import Collate, generate_items
 from mm_llama.adapters.modality import AnswerOptions
 from mm_llama.adapters.samples import Samples, plain_requests
@@ -76,3 +79,16 @@ def test_image_batch_with_none_one_and_two_images(tiny_model, char_tok):
     got = generate_items(tiny_model, char_tok, items, max_new_tokens=6)
     want = [char_tok.decode(greedy_by_recompute(tiny_model, char_tok, it, 6)) for it in items]
     assert got == want
+
+
+def test_a_chat_answer_streams_the_text_it_returns(tiny_model, char_tok):
+    """adapters/chat.py's answer (mm-llama ask / chat, the web page's chat): the chunks given to on_text, as the
+    tokens are decoded, make the answer it returns (whitespace runs joined) and change nothing in it."""
+    args = argparse.Namespace(template="auto", prompt="", frames=8, language="English", max_new_tokens=6)
+    args.__dict__ |= {"temperature": 0.0, "top_p": 1.0, "seed": None}
+    samples = samples_for(tiny_model, char_tok, args)
+    messages = [Message("user", [Part("image", ref=Image.new("RGB", (40, 30), (200, 20, 20))), Part("text", "it?")])]
+    chunks: list[str] = []
+    got = answer(tiny_model, char_tok, samples, messages, args, on_text=chunks.append)
+    assert len(chunks) > 1 and " ".join("".join(chunks).split()) == got
+    assert got == answer(tiny_model, char_tok, samples, messages, args)
