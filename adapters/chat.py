@@ -137,7 +137,24 @@ def ask_messages(model, samples: Samples, files: list[str], prompt: str = "", sy
         parts.append(Part("text", prompt))
     if not parts:
         return None
-    return ([Message("system", [Part("text", system)])] if system else []) + [Message("user", parts)]
+    return ([Message("system", [Part("text", system)])] if system else []) + [Message("user", spaced(parts))]
+
+
+MEDIA_GAP = "\n"
+
+
+def spaced(parts: list[Part]) -> list[Part]:
+    """A user turn's parts with a line break between media that would stand side by side. Under Llama 3.2 Vision's
+    cross-attention rule a run of adjacent images is seen as one group by all the text after it, in no order, so
+    "the first or the second picture?" could not be told apart; with text between them, that text sees the first
+    image alone and the text after the second sees the second (the tower's self-attention carries both on).
+    `mm-llama ask`, the chat page and the demo's dialogue lay out turns this way."""
+    out: list[Part] = []
+    for p in parts:
+        if out and p.kind != "text" and out[-1].kind != "text":
+            out.append(Part("text", MEDIA_GAP))
+        out.append(p)
+    return out
 
 
 def cmd_chat(args) -> int:

@@ -9,6 +9,8 @@ rows and, with `ctc_weight` > 0, a CTC head over the tower's own token table (tr
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,7 +72,7 @@ class CTCHead(nn.Module):
         super().__init__()
         self.weight, self.negatives = weight, negatives
         self.blank = nn.Parameter(torch.randn(dim) / dim**0.5)
-        self.log_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(10.0)))))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self._keys: tuple | None = None  # ((data_ptr, version, device) of the frozen table, its rows unit-normalised)
 
     def _table_keys(self, table: torch.Tensor) -> torch.Tensor:

@@ -181,7 +181,8 @@ def load_whisper_encoder(path: str | Path, dtype=torch.float32, device="cpu") ->
                             state[k[len(prefix) :]] = sf.get_tensor(k)
     else:
         raise CheckpointError(f"{p}: neither a CTranslate2 model.bin nor a Hugging Face Whisper folder")
-    enc = WhisperEncoder(a)
+    with torch.device(device):  # its own device even under a meta-device context (the plan, `data preview`)
+        enc = WhisperEncoder(a)
     missing, unexpected = enc.load_state_dict({k: t.float() for k, t in state.items()}, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{p}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")

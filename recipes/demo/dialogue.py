@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mm_llama.adapters.chat import spaced
 from mm_llama.data.conversation import Message, Part
 
 from . import corpora, scenes
@@ -104,7 +105,9 @@ class Asker:
 
     @staticmethod
     def cell_answer(layout: dict[int, int], pos: int) -> str:
-        return item_phrase(layout[pos]) if pos in layout else "nothing"
+        """ "at the top left there is a sandal" / "... there is nothing": the place first, as the captions name it
+        before the item they see there"""
+        return f"at the {POSITIONS[pos]} there is " + (item_phrase(layout[pos]) if pos in layout else "nothing")
 
     def followup(self, layout: dict[int, int]) -> tuple[str, str]:
         pos = int(self.rng.integers(4))
@@ -123,7 +126,7 @@ class Asker:
 
     def about_clip(self, label: int, direction: str) -> tuple[str, str]:
         if self.rng.random() < 0.5:
-            return self.phrase("direction"), direction
+            return self.phrase("direction"), f"it moves {direction}"  # "moves" then the way, as the captions
         return self.phrase("mover"), item_phrase(label)
 
 
@@ -131,7 +134,7 @@ def _turns(media: list[Part], qa: list[tuple[str, str]], spoken: Part | None = N
     """The conversation: the media (+ the spoken question, or the first question's text), the answer, then any
     follow-up turns."""
     first = [*media, spoken] if spoken is not None else [*media, Part("text", qa[0][0])]
-    out = [Message("user", first), Message("assistant", [Part("text", qa[0][1])])]
+    out = [Message("user", spaced(first)), Message("assistant", [Part("text", qa[0][1])])]
     for q, a in qa[1:]:
         out += [Message("user", [Part("text", q)]), Message("assistant", [Part("text", a)])]
     return out
