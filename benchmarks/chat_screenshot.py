@@ -89,7 +89,8 @@ def exchange(drv, args) -> None:
     if args.image or args.question:
         print("answer 1:", turn(drv, [args.image] if args.image else [], args.question, args.turn_timeout))
     if args.audio:
-        print("answer 2:", turn(drv, [args.audio], args.audio_question, args.turn_timeout))
+        files = [args.audio_image, args.audio] if args.audio_image else [args.audio]
+        print("answer 2:", turn(drv, files, args.audio_question, args.turn_timeout))
 
 
 def screenshot(drv, out: Path, width: int) -> None:
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
     p.add_argument("--image", default=None, help="the first turn's image (with --question)")
     p.add_argument("--question", default="", help="the first turn's text")
     p.add_argument("--audio", default=None, help="the second turn's audio file")
+    p.add_argument("--audio-image", default=None, help="an image sent before --audio (a spoken question about it)")
     p.add_argument("--audio-question", default="", help="text sent with --audio (default: none, the clip alone)")
     p.add_argument("--out", type=Path, default=Path("docs/img/chat.png"))
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not (args.image or args.question or args.audio):
         p.error("nothing to ask: give --image/--question and/or --audio")
-    for f in [args.image, args.audio, *args.adapter]:
+    for f in [args.image, args.audio, args.audio_image, *args.adapter]:
         if f and not Path(f).is_file():
             p.error(f"{f}: no such file")
     fill_model(args)
