@@ -67,6 +67,19 @@ def right(answer: str, reference: str) -> bool:
     return words(answer) == words(reference)
 
 
+def _template_re(template: str) -> re.Pattern:
+    parts = re.split(r"(\{\w+\})", template)
+    return re.compile("^" + "".join(".+?" if re.fullmatch(r"\{\w+\}", x) else re.escape(x) for x in parts) + "$")
+
+
+_QUESTION_RES = [(key, _template_re(t)) for key, pools in PHRASES.items() for pool in pools for t in pool]
+
+
+def question_key(question: str) -> str:
+    """Which question a text asks (a PHRASES key: cell, count, has, where, which, more, direction, mover, ...)."""
+    return next((key for key, rx in _QUESTION_RES if rx.match(question)), "other")
+
+
 def item_phrase(label: int) -> str:
     name = FASHION_CLASSES[label]
     return ("an " if name[0] in "aeiou" else "a ") + name

@@ -129,7 +129,11 @@ def eval_dialogue(cfg, run, model, tok, batch: int = 32) -> dict:
         got = [r["right"] for r in rows if r["kind"] == kind]
         if got:
             res[f"{kind}_right"], res[f"n_{kind}"] = sum(got) / len(got), len(got)
-    return {**res, "rows": rows}
+    by: dict = {}  # kind -> question -> [right, asked]
+    for r in rows:
+        n = by.setdefault(r["kind"], {}).setdefault(dialogue.question_key(r["question"]), [0, 0])
+        n[0], n[1] = n[0] + r["right"], n[1] + 1
+    return {**res, "by_question": by, "rows": rows}
 
 
 def eval_speech_open(cfg, run, model, tok) -> dict:

@@ -124,7 +124,7 @@ def _exchange_grid(rows: list[dict], path: Path, per_kind: int = 3) -> list[dict
     return shown
 
 
-def _dialogue_section(run: Path, rows: list[dict]) -> list[str]:
+def _dialogue_section(run: Path, rows: list[dict], by_question: dict) -> list[str]:
     shown = _exchange_grid(rows, run / "dialogue_grid.png")
     L = [
         "## Dialogue: held-out exchanges",
@@ -138,6 +138,8 @@ def _dialogue_section(run: Path, rows: list[dict]) -> list[str]:
         "|---|---|---|---|",
     ]
     L += [f"| {r['kind']} | {r['question']} | {r['answer']} | {r['hyp']} |" for r in shown]
+    L += ["", "Right answers by question:", "", "| kind | question | right | asked |", "|---|---|---:|---:|"]
+    L += [f"| {k} | {q} | {_pct(a / n)} | {n} |" for k, qs in by_question.items() for q, (a, n) in qs.items()]
     wrong = [r for r in rows if not r["right"]][:8]
     if wrong:
         L += ["", "Some wrong answers:", "", "| kind | question | reference | answer |", "|---|---|---|---|"]
@@ -246,7 +248,7 @@ def stage_report(cfg, run) -> dict:
             ]
     L += ["", "![loss curves: one panel per stage](loss_curves.png)", ""]
     if dlg.get("rows"):
-        L += _dialogue_section(run, dlg["rows"])
+        L += _dialogue_section(run, dlg["rows"], dlg.get("by_question", {}))
     if img.get("rows"):
         L += [
             "## Image captions",

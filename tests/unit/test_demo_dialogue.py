@@ -70,3 +70,10 @@ def test_the_held_out_file_is_what_ask_takes(tmp_path):
         ends = {"spoken": ".wav", "video": ".mp4"}.get(x["kind"], ".png")
         assert x["media"][-1].endswith(ends) and len(x["media"]) == (2 if x["kind"] in ("spoken", "two_images") else 1)
     assert json.loads((tmp_path / "dialogue_test.jsonl").read_text().splitlines()[0])["kind"] == "image"
+
+
+def test_every_phrasing_is_recognised():
+    for key, pools in PHRASES.items():
+        for t in pools[0] + pools[1]:
+            q = t.format(pos="top left", item="bag", a="a bag")
+            assert dialogue.question_key(q) == key or (key, dialogue.question_key(q)) == ("followup", "cell"), q
