@@ -59,7 +59,7 @@ class DemoConfig:
     speech_open_train: int = 0  # open-vocabulary fortune sentences mixed into the speech training set
     speech_open_test: int = 200  # the open-vocabulary row: held-out fortune sentences, unseen voices
     # the dialogue stage's conversations (recipes/demo/dialogue.py): training ones, shared out over the four kinds
-    # (DIALOGUE_SHARES), and held-out questions of each kind
+    # (dialogue.TRAIN_SHARES), and held-out questions of each kind
     dialogue_train: int = bounded(5000, 0)
     dialogue_test: int = bounded(250, 0)
     # encoder pretraining (plain classifier): the captioners read it frozen, so its accuracy caps their item figures.

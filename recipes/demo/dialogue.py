@@ -28,6 +28,7 @@ import numpy as np
 
 from mm_llama.adapters.chat import spaced
 from mm_llama.data.conversation import Message, Part
+from mm_llama.data.writer import write_shards
 
 from . import corpora, scenes
 from .scenes import FASHION_CLASSES, POSITIONS
@@ -162,15 +163,12 @@ class World:
         self.ask = Asker(self.rng, split)
 
     def composite(self, name: str) -> tuple[Part, dict[int, int], bytes]:
-        where = scenes.sample_layout(self.rng, len(self.images))
-        png = scenes._png(scenes.composite_image(self.images, where))
-        return Part("image", ref=(name, png), name=name), {c: int(self.labels[j]) for c, j in where.items()}, png
+        layout, png = scenes.draw_composite(self.rng, self.images, self.labels)
+        return Part("image", ref=(name, png), name=name), layout, png
 
     def clip(self, name: str) -> tuple[Part, int, str, bytes]:
-        j = int(self.rng.integers(len(self.images)))
-        d = list(scenes.DIRECTIONS)[int(self.rng.integers(len(scenes.DIRECTIONS)))]
-        mp4 = scenes.encode_mp4(scenes.motion_frames(self.images[j], d, scenes.CELL * int(self.rng.integers(2))))
-        return Part("video", ref=(name, mp4), name=name), int(self.labels[j]), d, mp4
+        label, d, mp4 = scenes.draw_clip(self.rng, self.images, self.labels)
+        return Part("video", ref=(name, mp4), name=name), label, d, mp4
 
 
 def plan(split: str, counts: dict[str, int], seed: int) -> list[dict]:
@@ -261,8 +259,6 @@ TRAIN_SHARES = {"image": 0.4, "two_images": 0.2, "video": 0.15, "spoken": 0.25}
 def stage_dialogue_data(cfg, run: Path) -> dict:
     """Training conversations -> RUN/shards/dialogue_train; the held-out questions -> RUN/shards/dialogue_test (media
     files + dialogue_test.jsonl)."""
-    from mm_llama.data.writer import write_shards  # noqa: PLC0415 - kept out of the scoring helpers' imports
-
     train = plan("train", {k: round(cfg.dialogue_train * s) for k, s in TRAIN_SHARES.items()}, cfg.seed + 7)
     # kinds mixed through the shards: in plan order (kind after kind) each shard held one or two kinds, and the
     # stream (a shard per rank at a time, a 256-sample shuffle buffer) met them one after another; the run that met

@@ -146,15 +146,21 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def draw_composite(
+    rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, two_item_share: float | None = None
+) -> tuple[dict[int, int], bytes]:
+    """One composite drawn from `images`: ({cell: label}, its PNG bytes); `two_item_share`: see `sample_layout`."""
+    where = sample_layout(rng, len(images), two_item_share)
+    return {c: int(labels[j]) for c, j in where.items()}, _png(composite_image(images, where))
+
+
 def composite_records(split: str, n: int, seed: int, two_item_share: float | None = None) -> Iterator[dict]:
     """Composites built only from `split`'s images; json carries {cell: label} for evaluation; `two_item_share`:
     see `sample_layout` (None: 2, 3 and 4 items equally often)."""
     images, labels = load_fashion_mnist(split)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        where = sample_layout(rng, len(images), two_item_share)
-        layout = {c: int(labels[j]) for c, j in where.items()}
-        png = _png(composite_image(images, where))
+        layout, png = draw_composite(rng, images, labels, two_item_share)
         meta = {"layout": {str(c): v for c, v in layout.items()}}
         yield {"image": (f"{split}{i:06d}.png", png), "text": composite_caption(layout), "json": meta}
 
@@ -210,15 +216,21 @@ def encode_mp4(frames_THW: np.ndarray, fps: int = 8) -> bytes:
     return buf.getvalue()
 
 
+def draw_clip(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, frames: int = 8):
+    """One moving-item clip drawn from `images`: (its item's label, its direction, its MP4 bytes)."""
+    names = list(DIRECTIONS)
+    j, d = int(rng.integers(len(images))), names[int(rng.integers(len(names)))]
+    clip = motion_frames(images[j], d, CELL * int(rng.integers(2)), frames)
+    return int(labels[j]), d, encode_mp4(clip)
+
+
 def motion_records(split: str, n: int, seed: int, frames: int = 8) -> Iterator[dict]:
     images, labels = load_fashion_mnist(split)
     rng = np.random.default_rng(seed)
-    names = list(DIRECTIONS)
     for i in range(n):
-        j, d = int(rng.integers(len(images))), names[int(rng.integers(len(names)))]
-        clip = motion_frames(images[j], d, CELL * int(rng.integers(2)), frames)
+        label, d, mp4 = draw_clip(rng, images, labels, frames)
         yield {
-            "video": (f"{split}{i:06d}.mp4", encode_mp4(clip)),
-            "text": motion_caption(int(labels[j]), d),
-            "json": {"label": int(labels[j]), "direction": d},
+            "video": (f"{split}{i:06d}.mp4", mp4),
+            "text": motion_caption(label, d),
+            "json": {"label": label, "direction": d},
         }
