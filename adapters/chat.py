@@ -104,6 +104,11 @@ def answer_request(model, tok, request: dict, args, on_text: TextSink | None = N
         seed=args.seed,
         on_token=StreamPrinter(tok, on_text) if on_text is not None else None,
     )
+    return one_line(text)
+
+
+def one_line(text: str) -> str:
+    """An answer as `mm-llama ask` prints it: its whitespace runs joined to single spaces."""
     return " ".join(text.split())
 
 
@@ -137,24 +142,24 @@ def ask_messages(model, samples: Samples, files: list[str], prompt: str = "", sy
         parts.append(Part("text", prompt))
     if not parts:
         return None
-    return ([Message("system", [Part("text", system)])] if system else []) + [Message("user", spaced(parts))]
+    return ([Message("system", [Part("text", system)])] if system else []) + [user_turn(parts)]
 
 
 MEDIA_GAP = "\n"
 
 
-def spaced(parts: list[Part]) -> list[Part]:
-    """A user turn's parts with a line break between media that would stand side by side. Under Llama 3.2 Vision's
-    cross-attention rule a run of adjacent images is seen as one group by all the text after it, in no order, so
-    "the first or the second picture?" could not be told apart; with text between them, that text sees the first
-    image alone and the text after the second sees the second (the tower's self-attention carries both on).
-    `mm-llama ask`, the chat page and the demo's dialogue lay out turns this way."""
+def user_turn(parts: list[Part]) -> Message:
+    """A user turn of these parts, with a line break between media that would stand side by side. Under Llama 3.2
+    Vision's cross-attention rule a run of adjacent images is seen as one group by all the text after it, in no
+    order, so "the first or the second picture?" could not be told apart; with text between them, that text sees
+    the first image alone and the text after the second sees the second (the tower's self-attention carries both
+    on). `mm-llama ask`, `mm-llama chat`, the chat page and the demo's dialogue make their user turns here."""
     out: list[Part] = []
     for p in parts:
         if out and p.kind != "text" and out[-1].kind != "text":
             out.append(Part("text", MEDIA_GAP))
         out.append(p)
-    return out
+    return Message("user", out)
 
 
 def cmd_chat(args) -> int:
@@ -179,7 +184,7 @@ def cmd_chat(args) -> int:
             continue
         if not line and not pending:
             continue
-        history.append(Message("user", [*pending, *([Part("text", line)] if line else [])]))
+        history.append(user_turn([*pending, *([Part("text", line)] if line else [])]))
         pending = []
         reply = answer(model, tok, samples, history, args)
         history.append(Message("assistant", [Part("text", reply)]))

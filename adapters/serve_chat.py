@@ -21,7 +21,7 @@ from pathlib import Path
 from mm_llama.data.badsamples import SampleError
 from mm_llama.data.conversation import Message, Part
 
-from .chat import TextSink, answer_request, media_value, samples_for, spaced
+from .chat import TextSink, answer_request, media_value, samples_for, user_turn
 
 MEDIA_FILES = 64  # uploads kept at once
 MEDIA_UPLOADS = 8  # and at most this many --max-upload-mb worth of bytes
@@ -151,8 +151,8 @@ class Chat:
 
     def messages(self, parsed: list[dict]) -> list[Message]:
         """The checked messages (parse_chat) with their media read and decoded; --system first."""
-        turns = [Message(m["role"], [self._part(p) for p in m["parts"]]) for m in parsed]
-        return self.system + [Message(m.role, spaced(m.parts) if m.role == "user" else m.parts) for m in turns]
+        turns = [(m["role"], [self._part(p) for p in m["parts"]]) for m in parsed]
+        return self.system + [user_turn(parts) if role == "user" else Message(role, parts) for role, parts in turns]
 
     def _part(self, p: dict) -> Part:
         if p["type"] == "text":

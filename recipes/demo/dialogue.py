@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mm_llama.adapters.chat import spaced
+from mm_llama.adapters.chat import user_turn
 from mm_llama.data.conversation import Message, Part
 from mm_llama.data.writer import write_shards
 
@@ -148,7 +148,7 @@ def _turns(media: list[Part], qa: list[tuple[str, str]], spoken: Part | None = N
     """The conversation: the media (+ the spoken question, or the first question's text), the answer, then any
     follow-up turns."""
     first = [*media, spoken] if spoken is not None else [*media, Part("text", qa[0][0])]
-    out = [Message("user", spaced(first)), Message("assistant", [Part("text", qa[0][1])])]
+    out = [user_turn(first), Message("assistant", [Part("text", qa[0][1])])]
     for q, a in qa[1:]:
         out += [Message("user", [Part("text", q)]), Message("assistant", [Part("text", a)])]
     return out

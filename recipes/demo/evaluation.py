@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mm_llama.adapters.chat import ask_messages
+from mm_llama.adapters.chat import ask_messages, one_line
 from mm_llama.adapters.describe import describe
 from mm_llama.adapters.files import load_composed
 from mm_llama.adapters.generation import answer_samples, generate_items
@@ -122,7 +122,7 @@ def eval_dialogue(cfg, run, model, tok, batch: int = 32) -> dict:
     hyps = []
     for i in range(0, len(requests), batch):
         out = generate_items(model, tok, requests[i : i + batch], max_new_tokens=cfg.dialogue_max_new_tokens)
-        hyps += [" ".join(h.split()) for h in out]
+        hyps += [one_line(h) for h in out]
     rows = [{**x, "hyp": h, "right": dialogue.right(h, x["answer"])} for x, h in zip(lines, hyps, strict=True)]
     res: dict = {}
     for kind in dialogue.KINDS:

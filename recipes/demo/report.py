@@ -137,14 +137,18 @@ def _dialogue_section(run: Path, rows: list[dict], by_question: dict) -> list[st
         "| kind | question | reference | answer |",
         "|---|---|---|---|",
     ]
-    L += [f"| {r['kind']} | {r['question']} | {r['answer']} | {r['hyp']} |" for r in shown]
+    L += [_exchange_row(r) for r in shown]
     L += ["", "Right answers by question:", "", "| kind | question | right | asked |", "|---|---|---:|---:|"]
     L += [f"| {k} | {q} | {_pct(a / n)} | {n} |" for k, qs in by_question.items() for q, (a, n) in qs.items()]
     wrong = [r for r in rows if not r["right"]][:8]
     if wrong:
         L += ["", "Some wrong answers:", "", "| kind | question | reference | answer |", "|---|---|---|---|"]
-        L += [f"| {r['kind']} | {r['question']} | {r['answer']} | {r['hyp']} |" for r in wrong]
+        L += [_exchange_row(r) for r in wrong]
     return [*L, ""]
+
+
+def _exchange_row(r: dict) -> str:
+    return f"| {r['kind']} | {r['question']} | {r['answer']} | {r['hyp']} |"
 
 
 def _distinct(rows: list[dict]) -> str:

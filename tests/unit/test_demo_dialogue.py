@@ -53,7 +53,7 @@ def test_phrasings_and_voices_by_split(split):
     voices = {r["voice"][1] for r in recs if r["kind"] == "spoken"}
     assert (voices <= set(ESPEAK_TEST_VOICES)) == (split == "test")
     assert all(r["kind"] != "two_images" or len(r["media"]) == 2 for r in recs)
-    # media never stand side by side in a turn (adapters/chat.py spaced: the first picture's text sees it alone)
+    # media never stand side by side in a turn (adapters/chat.py user_turn: the first picture's text sees it alone)
     turn = next(dialogue.training_records([r for r in recs if r["kind"] == "two_images"]))["messages"][0]
     assert [p.kind for p in turn.parts] == ["image", "text", "image", "text"] and turn.parts[1].text == "\n"
 
