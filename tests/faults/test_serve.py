@@ -116,12 +116,7 @@ def test_statuses(server):
     assert raw_status(server, head) == 411
     assert raw_status(server, head + "\r\nContent-Length: 0") == 413
     assert raw_status(server, head + f"\r\nContent-Length: {10**8}") == 413
-    status, body = post(server, b"hello", "notes.txt")
-    assert status == 415 and "unknown file type" in body["error"]
-    status, body = post(server, b"\x89PNG garbage", "broken.png")
-    assert status == 422 and "broken.png" in body["error"]
-    status, body = post(server, wav_bytes(0.01), "tiny.wav")
-    assert status == 422 and "too short" in body["error"]
+    refuses_bad_files(server, post)
 
 
 @pytest.mark.parametrize("method", ["HEAD", "PUT", "OPTIONS", "DELETE"])
@@ -242,13 +237,19 @@ def test_chat_errors_name_what_is_wrong(server):
     assert status == 413 and "start anew" in body[0]["error"]
 
 
-def test_upload_errors(server):
-    status, body = upload(server, b"hello", "notes.txt")
+def refuses_bad_files(server, send) -> None:
+    """A file of a type no adapter reads: 415; one that does not decode or is too short: 422 naming why (the same
+    checks on /api/process and /api/upload)."""
+    status, body = send(server, b"hello", "notes.txt")
     assert status == 415 and "unknown file type" in body["error"]
-    status, body = upload(server, b"\x89PNG garbage", "broken.png")
+    status, body = send(server, b"\x89PNG garbage", "broken.png")
     assert status == 422 and "broken.png" in body["error"]
-    status, body = upload(server, wav_bytes(0.01), "tiny.wav")
+    status, body = send(server, wav_bytes(0.01), "tiny.wav")
     assert status == 422 and "too short" in body["error"]
+
+
+def test_upload_errors(server):
+    refuses_bad_files(server, upload)
     head = "POST /api/upload HTTP/1.1\r\nHost: localhost\r\nX-Filename: a.png"
     assert raw_status(server, head + f"\r\nContent-Length: {10**7}") == 413
 
