@@ -1,0 +1,157 @@
+"""Why the demo's dialogue misses its "search" questions ("is there a bag?", "where is the sneaker?"): what the image
+adapter's cross-attention blocks see at the token where the answer is decided, on held-out composites.
+
+For place questions ("what is at the top left?", which the captions taught) and search questions ("where is the
+X?"), after the answer's first words ("at the"), for each cross-attention block:
+  - `attn_on_cell`: the attention mass on the asked cell (place) or on the item's cell (search), mean over heads and
+    the best head (5 media tokens: the class token + 4 cells, so 0.2 is uniform);
+  - `item_from_query`: how well a linear probe reads the asked item from the block's input at that token (the query
+    side: does the text state carry what to look for?);
+  - `cell_from_output`: how well a linear probe reads the item's cell from the block's attention output (the value
+    side: does what it reads carry where?). Probes train on 2/3 of the questions and are scored on the rest.
+
+    python benchmarks/dialogue_search.py runs/demo [--adapter FILE ...] [--n 400]
+
+With `--write-search DIR` it also writes training conversations of the search questions alone, for the search-only
+run docs/demo.md measures (the dialogue stage's config on those shards, from the stage's adapters).
+Prints a table and a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mm_llama.adapters.chat import ask_messages
+from mm_llama.adapters.files import load_composed
+from mm_llama.adapters.generation import Collate
+from mm_llama.adapters.samples import Samples
+from mm_llama.adapters.xattn import GatedCrossAttentionBlock
+from mm_llama.data.writer import write_shards
+from mm_llama.recipes.demo import dialogue
+from mm_llama.recipes.demo.config import DemoConfig, dialogue_files, load_tower
+from mm_llama.recipes.demo.scenes import FASHION_CLASSES, POSITIONS
+
+
+def probe_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> float:
+    """A linear probe (standardised inputs, L2) trained on the first 2/3 -> its accuracy on the rest."""
+    n = len(y) * 2 // 3
+    mu, sd = x[:n].mean(0), x[:n].std(0) + 1e-5
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    opt = torch.optim.Adam([w], 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z[:n] @ w, y[:n]) + 1e-3 * w.pow(2).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float(((z[n:] @ w).argmax(-1) == y[n:]).float().mean())
+
+
+class Recorder:
+    """Per cross-attention block, at the last position: the block's input, its attention weights [H, S] and its
+    attention output (before the gate)."""
+
+    def __init__(self, blocks: list[GatedCrossAttentionBlock]):
+        self.rows: list[list[tuple]] = [[] for _ in blocks]
+        for k, b in enumerate(blocks):
+            b.register_forward_hook(lambda mod, args, out, k=k: self.rows[k].append(self.read(mod, *args[:3])))
+
+    @staticmethod
+    def read(block, x, kv, mask) -> tuple:
+        a, xn = block.attention, block.attention_norm(x)
+        B, T, _ = x.shape
+        k, v = a.media_kv(kv) if torch.is_tensor(kv) else kv
+        q = a.q_norm(a.wq(xn).view(B, T, a.n_heads, a.head_dim)).transpose(1, 2)
+        scores = q @ k.repeat_interleave(a.n_heads // a.n_kv_heads, 1).transpose(-1, -2) / a.head_dim**0.5 + mask
+        return x[0, -1], scores[0, :, -1].softmax(-1), a(xn, (k, v), mask)[0, -1]
+
+
+def questions(n: int, seed: int, folder: Path) -> list[dict]:
+    """Held-out composites, alternately a place question and a search question about an item seen once."""
+    world, out = dialogue.World("test", seed), []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        part, layout, png = world.composite(f"probe_{i:04d}.png")
+        (folder / part.name).write_bytes(png)
+        if i % 2:
+            cell = i // 2 % 4
+            out.append({"kind": "place", "q": f"what is at the {POSITIONS[cell]}?", "cell": cell, "file": part.name})
+            continue
+        once = [c for c, v in layout.items() if list(layout.values()).count(v) == 1]
+        if once:
+            cell = once[i // 2 % len(once)]
+            item = layout[cell]
+            out.append({"kind": "search", "q": f"where is the {FASHION_CLASSES[item]}?", "cell": cell, "item": item,
+                        "file": part.name})  # fmt: skip
+    return out
+
+
+def write_search(folder: Path, seed: int, n: int = 3000) -> int:
+    """Training conversations ("is there X?", "where is the X?", one turn each) -> shards in `folder`."""
+    recs = [
+        r
+        for r in dialogue.plan("train", {"image": n}, seed)
+        if dialogue.question_key(r["question"]) in ("has", "where")
+    ]
+    for r in recs:
+        r["qa"] = r["qa"][:1]
+    return write_shards(dialogue.training_records(recs), folder, prefix="search", maxcount=1000, progress=False,
+                        replace=True).written  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--adapter", action="append", type=Path, help="default: the run's dialogue adapters")
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--write-search", type=Path, help="also write search-only training shards here")
+    args = ap.parse_args()
+    if args.write_search:
+        print(
+            f"search-only training conversations: {write_search(args.write_search, args.seed)} in {args.write_search}"
+        )
+    cfg = DemoConfig(run_dir=str(args.run))
+    tower, tok = load_tower(cfg)
+    model = load_composed(tower, args.adapter or dialogue_files(args.run)).float().eval()
+    samples = Samples.of(model, tok)
+    blocks = [m for m in model.image.modules() if isinstance(m, GatedCrossAttentionBlock)]
+    rec = Recorder(blocks)
+    folder = args.run / "eval/search_probe"
+    qs = questions(args.n, args.seed, folder)
+    for x in qs:
+        item = samples.request(ask_messages(model, samples, [str(folder / x["file"])], x["q"]))
+        ids = list(item["input_ids"]) + tok.encode("at the")
+        with torch.inference_mode():
+            model(torch.tensor([ids]), **Collate(model.kinds).inputs([{**item, "input_ids": ids}]))
+    kinds = np.array([x["kind"] for x in qs])
+    cells = torch.tensor([x["cell"] for x in qs])
+    search = torch.tensor(kinds == "search")
+    items = torch.tensor([x.get("item", 0) for x in qs])[search]
+    out = []
+    print(f"{len(qs)} held-out questions ({int(search.sum())} search); 0.2 = uniform attention over 5 media tokens")
+    print("block  gate  attn_on_cell place (mean/best head)  search (mean/best)  item_from_query  cell_from_output")
+    for k, rows in enumerate(rec.rows):
+        xs, att, outs = (torch.stack([r[j] for r in rows]).float() for j in range(3))
+        on = att[torch.arange(len(qs)), :, cells + 1]  # [n, H]: the cell tokens follow the class token
+        row = {"block": k, "gate": round(float(blocks[k].gate_attn.tanh()), 4)}
+        for kind, sel in (("place", ~search), ("search", search)):
+            row[f"attn_{kind}"] = round(float(on[sel].mean()), 3)
+            row[f"attn_{kind}_best_head"] = round(float(on[sel].mean(0).max()), 3)
+        row["item_from_query"] = round(probe_accuracy(xs[search], items, len(FASHION_CLASSES)), 3)
+        row["cell_from_output"] = round(probe_accuracy(outs[search], cells[search], 4), 3)
+        out.append(row)
+        print(f"{k:5d} {row['gate']:6.3f}  {row['attn_place']:.2f}/{row['attn_place_best_head']:.2f}"
+              f"{'':23s}{row['attn_search']:.2f}/{row['attn_search_best_head']:.2f}{'':11s}"
+              f"{row['item_from_query']:.2f}{'':15s}{row['cell_from_output']:.2f}")  # fmt: skip
+    print(json.dumps({"questions": len(qs), "blocks": out}))
+
+
+if __name__ == "__main__":
+    main()
