@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 LOCK := requirements/lock.txt
 ASSETS_LOCK := requirements/assets.lock.txt
 # Debian packages the tests and demo use (installed when running as root).
-APT_PKGS := chromium chromium-driver espeak-ng dataset-fashion-mnist fortunes fortunes-min
+APT_PKGS := chromium chromium-driver espeak-ng dataset-fashion-mnist fortunes fortunes-min flite pocketsphinx-testdata
 PYTEST_ARGS ?=
 
 .PHONY: all test test-slow demo demo-seeds install install-dev lint format style bench asr-reference clean apt lock lock-info check-fresh check-wheel
@@ -106,6 +106,8 @@ asr-reference: install
 	$(PY) -m recipes.demo --stages corpora
 	$(PY) benchmarks/asr_reference.py --shards runs/demo/shards/speech_test/index.json
 	$(PY) benchmarks/asr_reference.py --shards runs/demo/shards/speech_open_test/index.json
+	$(PY) benchmarks/asr_reference.py --shards runs/demo/shards/speech_unseen_test/index.json
+	$(PY) benchmarks/asr_reference.py --shards runs/demo/shards/speech_real_test/index.json
 
 bench: install-dev
 	$(PY) benchmarks/generate.py

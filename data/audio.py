@@ -131,15 +131,12 @@ def speech_pieces(
     trimmed to its voiced frames with `LEAD_MARGIN_S` before and `TRAIL_MARGIN_S` after."""
     n, frame = wave.numel(), 480  # 30 ms frames, 10 ms hop
     limit = int(max_seconds * SAMPLE_RATE)
-    if n <= limit:
-        return [(0, n)] if n else []
-    x = torch.nn.functional.pad(wave.float(), (0, max(0, frame - n)))
-    db = 10 * torch.log10(x.unfold(0, frame, HOP).pow(2).mean(1) + 1e-10)  # frame f covers [f*HOP, f*HOP + frame)
-    floor, top = torch.quantile(db, 0.1).item(), torch.quantile(db, 0.95).item()
-    if top - floor >= 10.0:
-        quiet = db < floor + max(6.0, (top - floor) / 3)
-    else:  # no contrast between loud and quiet parts: all of it is sound (or all silence, below -50 dBFS)
-        quiet = torch.full_like(db, top < -50.0, dtype=torch.bool)
+    if n == 0:
+        return []
+    db = _frame_db(wave, frame)
+    quiet = _quiet_frames(db)
+    if n <= limit:  # one piece, trimmed to its voice like the pieces of a long recording
+        return [_trim(quiet, 0, n, n)] if _voiced(quiet, 0, n) else []
     pause_at = _pause_centres(quiet, int(min_pause * SAMPLE_RATE / HOP))  # frame index -> centre sample
     pieces, start = [], 0
     target = int(target_seconds * SAMPLE_RATE)
@@ -161,6 +158,35 @@ def speech_pieces(
         start = cut
     pieces = [_trim(quiet, a, b, n) for a, b in pieces if _voiced(quiet, a, b)]
     return [(a, b) for a, b in pieces if b - a >= min_seconds * SAMPLE_RATE]
+
+
+def trim_to_voice(wave: torch.Tensor) -> torch.Tensor:
+    """A clip cut to the shape of a training clip (`speech_pieces`' one piece): `LEAD_MARGIN_S` before its first
+    voiced frame, `TRAIL_MARGIN_S` after its last; a clip with no quiet stretch, or no voice, is kept whole. Every
+    clip a speech adapter reads passes here once (training, cached encoder outputs, chat audio, `asr`)."""
+    if wave.numel() == 0:
+        return wave
+    quiet = _quiet_frames(_frame_db(wave))
+    if not _voiced(quiet, 0, wave.numel()):
+        return wave
+    a, b = _trim(quiet, 0, wave.numel(), wave.numel())
+    return wave[a:b]
+
+
+def _frame_db(wave: torch.Tensor, frame: int = 480) -> torch.Tensor:
+    """Energy (dB) of 30 ms frames at a 10 ms hop: frame f covers samples [f*HOP, f*HOP + frame)."""
+    x = torch.nn.functional.pad(wave.float(), (0, max(0, frame - wave.numel())))
+    return 10 * torch.log10(x.unfold(0, frame, HOP).pow(2).mean(1) + 1e-10)
+
+
+def _quiet_frames(db: torch.Tensor) -> torch.Tensor:
+    """Voice activity from frame energies: quiet below the recording's noise floor + a third of its range (at
+    least 6 dB)."""
+    floor, top = torch.quantile(db, 0.1).item(), torch.quantile(db, 0.95).item()
+    if top - floor >= 10.0:
+        return db < floor + max(6.0, (top - floor) / 3)
+    # no contrast between loud and quiet parts: all of it is sound (or all silence, below -50 dBFS)
+    return torch.full_like(db, top < -50.0, dtype=torch.bool)
 
 
 def _pause_centres(quiet: torch.Tensor, min_frames: int) -> list[int]:
@@ -188,3 +214,47 @@ def _trim(quiet: torch.Tensor, a: int, b: int, n: int) -> tuple[int, int]:
 
 def _voiced(quiet: torch.Tensor, a: int, b: int) -> bool:
     return bool((~quiet[a // HOP : max(a // HOP + 1, b // HOP)]).any())
+
+
+# --- augmentation (for training corpora written to shards) ------------------------------------------------------
+def augment_speech(wave: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+    """A 16 kHz clip as another recording of it might sound: speed (tempo and pitch together, x0.9-1.1),
+    sometimes a telephone band (through 8 kHz), a room (a synthetic reverberation tail, RT60 0.15-0.6 s), noise
+    (white or low-passed, 10-30 dB SNR) and a level (peak 0.2-0.9). -> (clip, what was done). Deterministic for
+    a given `rng` state; meant for clips written to training shards (their frozen-encoder outputs can be cached)."""
+    F = import_torchaudio("speech augmentation").functional
+    x, done = wave.float(), {}
+    speed = round(float(rng.uniform(0.9, 1.1)) * SAMPLE_RATE / 200) * 200 / SAMPLE_RATE  # small resampling kernels
+    x = F.resample(x, int(round(SAMPLE_RATE * speed)), SAMPLE_RATE)
+    done["speed"] = round(speed, 3)
+    if rng.random() < 0.3:
+        x = F.resample(F.resample(x, SAMPLE_RATE, 8000), 8000, SAMPLE_RATE)
+        done["band"] = "8k"
+    if rng.random() < 0.5:
+        rt60 = float(rng.uniform(0.15, 0.6))
+        t = torch.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
+        rir = torch.from_numpy(rng.standard_normal(t.numel())).float() * torch.exp(-6.9 * t / rt60)
+        rir[0] = 0.0
+        rir = rir / rir.norm() * float(rng.uniform(0.3, 1.0))  # reverberant energy vs the direct path
+        rir[0] = 1.0
+        x = F.fftconvolve(x, rir)[: x.numel() + int(0.2 * SAMPLE_RATE)]
+        done["rt60"] = round(rt60, 2)
+    if rng.random() < 0.7:
+        noise = torch.from_numpy(rng.standard_normal(x.numel())).float()
+        if rng.random() < 0.5:  # low-passed ("brown-ish") noise: a hum rather than a hiss
+            noise = F.lowpass_biquad(noise, SAMPLE_RATE, float(rng.uniform(200, 2000)))
+        snr = float(rng.uniform(10, 30))
+        p_sig, p_noise = x.pow(2).mean().clamp(min=1e-10), noise.pow(2).mean().clamp(min=1e-10)
+        x = x + noise * torch.sqrt(p_sig / (p_noise * 10 ** (snr / 10)))
+        done["snr_db"] = round(snr, 1)
+    peak = float(rng.uniform(0.2, 0.9))
+    x = x / x.abs().max().clamp(min=1e-6) * peak
+    done["peak"] = round(peak, 2)
+    return x, done
+
+
+def wav_bytes(wave: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A mono float clip in [-1, 1] -> 16-bit PCM WAV bytes."""
+    buf = io.BytesIO()
+    sf.write(buf, wave.clamp(-1, 1).numpy(), sample_rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()

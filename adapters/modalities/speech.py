@@ -20,7 +20,7 @@ import torch
 
 from mm_llama.assets import resolve
 from mm_llama.config import ConfigError, bounded, choice
-from mm_llama.data.audio import speech_pieces
+from mm_llama.data.audio import speech_pieces, trim_to_voice
 from mm_llama.data.badsamples import SampleError
 from mm_llama.data.collate import segment_bounds
 from mm_llama.data.conversation import Part
@@ -238,12 +238,12 @@ class SpeechMedia:
         self.max_seconds = CHUNK_SECONDS if count.whisper else None
 
     def decode(self, data: bytes, name: str, ext: str) -> torch.Tensor:
-        return AUDIO.decode(data, name, ext, min_seconds=MIN_SECONDS, max_seconds=self.max_seconds)
+        return trim_to_voice(AUDIO.decode(data, name, ext, min_seconds=MIN_SECONDS, max_seconds=self.max_seconds))
 
     def plain(self, raw: dict, ext: str):
         if self.cached_encoder and raw.get(CACHE_ID_MEMBER, b"").decode(errors="replace") == self.cached_encoder:
             return Encoded(read_cached(raw))
-        return decode_member(raw, AUDIO, min_seconds=MIN_SECONDS, max_seconds=self.max_seconds)
+        return trim_to_voice(decode_member(raw, AUDIO, min_seconds=MIN_SECONDS, max_seconds=self.max_seconds))
 
     def splice(self, value) -> tuple[list[int], dict]:
         if isinstance(value, Encoded):
@@ -309,6 +309,7 @@ def cache_encoder_outputs(encoder, encoder_id: str, index, out_dir, *, batch: in
                 continue
             try:
                 wave = AUDIO.decode(s[ext], s["__key__"], ext, min_seconds=MIN_SECONDS, max_seconds=CHUNK_SECONDS)
+                wave = trim_to_voice(wave)  # as SpeechMedia.plain reads the clip without a cache
             except Exception:  # noqa: BLE001 - left for the loader to count and skip, as without a cache
                 continue
             feats.append(clip_features(wave, whisper))

@@ -11,14 +11,17 @@ import io
 import re
 import shutil
 import subprocess
+import tempfile
 import wave
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from mm_llama.data.audio import augment_speech, decode_audio, wav_bytes
 from mm_llama.text import normalize_text, number_words
 
 from .scenes import DIRECTIONS, CorpusError, need
@@ -209,6 +212,19 @@ ESPEAK_TRAIN_VOICES = [
     "en-us+Andy",
     "en-us+klatt",
     "en-gb+paul",
+    # more speakers, so that the adapter hears voices rather than a voice (none of the test voices' variants)
+    "en-us+Annie",
+    "en-us+david",
+    "en-us+linda",
+    "en-us+robert",
+    "en-gb+steph",
+    "en-gb+edward",
+    "en-gb-x-rp+m5",
+    "en-us+f5",
+    "en-gb-scotland+f1",
+    "en-029+f4",
+    "en-us+m6",
+    "en-gb+john",
 ]
 ESPEAK_TEST_VOICES = ["en-us+m2", "en-us+f2", "en-gb+m3", "en-gb-x-rp+m4", "en-gb+f3", "en-us+michel"]
 
@@ -248,6 +264,60 @@ def espeak_wav(text: str, voice: str, speed: int = 160, pitch: int = 50) -> byte
     if r.returncode != 0 or len(r.stdout) < 1000:
         raise CorpusError(f"espeak-ng -v {voice} failed on {text!r}: {r.stderr.decode(errors='replace')[:200]}")
     return r.stdout
+
+
+# flite (Debian package flite): a third TTS engine, used in no training set; the domain's test sentences read by it
+# measure whether the speech adapter learned speech or its training engines' acoustics. awb_time is left out: a
+# limited-domain voice that only speaks times of day.
+FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
+
+
+@lru_cache(maxsize=1)
+def _flite_voices(exe: str) -> tuple[str, ...]:
+    out = subprocess.run([exe, "-lv"], capture_output=True, text=True, check=False).stdout
+    return tuple(out.partition(":")[2].split())
+
+
+def flite_wav(text: str, voice: str) -> bytes:
+    exe = shutil.which("flite")
+    if exe is None:
+        raise CorpusError("flite not found: install the Debian package flite (make demo does, as root)")
+    if voice not in _flite_voices(exe):  # flite reads an unknown voice name as its default voice, silently
+        raise CorpusError(f"flite -voice {voice}: no such voice (`flite -lv` lists them)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.wav"
+        r = subprocess.run([exe, "-voice", voice, "-t", text, "-o", str(out)], capture_output=True, check=False)
+        if r.returncode != 0 or not out.exists() or out.stat().st_size < 1000:
+            raise CorpusError(f"flite -voice {voice} failed on {text!r}: {r.stderr.decode(errors='replace')[:200]}")
+        return out.read_bytes()
+
+
+def flite_plan(plan: list[tuple], seed: int) -> list[tuple]:
+    """The same sentences read by flite voices (drawn at random): (sentence, "flite", voice, 0, 0)."""
+    rng = np.random.default_rng(seed)
+    return [(p[0], "flite", FLITE_VOICES[int(rng.integers(len(FLITE_VOICES)))], 0, 0) for p in plan]
+
+
+# Real human speech that ships in a Debian package (pocketsphinx-testdata): five LibriVox sentences (Sense and
+# Sensibility, one reader) and five read playing-card names. Too few for a figure to lean on; beside the complete
+# Whisper tiny.en on the same clips it says whether an adapter hears people at all.
+POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
+
+
+def real_speech_records() -> Iterator[dict]:
+    """The pocketsphinx test utterances with their transcripts ({"audio", "text", "json": {"engine": "human",
+    "voice": SET}}), in a fixed order."""
+    for sub, listing in (("librivox", "transcription"), ("cards", "cards.transcription")):
+        path = need(POCKETSPHINX_DATA / sub / listing, "pocketsphinx-testdata (Debian)")
+        for line in path.read_text().splitlines():
+            m = re.match(r"^<s>(.*)</s>\s*\((\S+)\)$", line.strip())
+            if m is None:
+                continue
+            words, utt = m[1].split(), m[2]
+            wav = need(POCKETSPHINX_DATA / sub / f"{utt}.wav", "pocketsphinx-testdata (Debian)")
+            text = " ".join(words).capitalize() + "."
+            yield {"audio": (f"{sub}_{utt}.wav", wav.read_bytes()), "text": text,
+                   "json": {"engine": "human", "voice": sub}}  # fmt: skip
 
 
 class PiperTTS:
@@ -311,22 +381,40 @@ def spoken_plan(n_train: int, n_test: int, seed: int, piper_train: int = 0):
     )
 
 
-def speech_records(plan: list[tuple], prefix: str, threads: int = 2) -> Iterator[dict]:
-    """Synthesise `plan` (from speech_plan) in order; espeak-ng runs as `threads` parallel processes."""
+def speech_records(
+    plan: list[tuple], prefix: str, threads: int = 2, augment: dict[int, int] | None = None
+) -> Iterator[dict]:
+    """Synthesise `plan` (from speech_plan) in order; espeak-ng runs as `threads` parallel processes. `augment`
+    {plan index: seed}: those clips as another recording might sound (data.audio.augment_speech; written as 16 kHz
+    WAV, what was done in the sample's json under "augment")."""
+    augment = augment or {}
 
     piper = PiperTTS() if any(p[1] == "piper" for p in plan) else None
 
     def synth(p):
         text, engine, voice, speed, pitch = p
+        if engine == "flite":
+            return flite_wav(text, voice)
         return piper.wav(text, length_scale=speed) if engine == "piper" else espeak_wav(text, voice, speed, pitch)
+
+    def make(i, p):
+        data, info = synth(p), {}
+        if i in augment:
+            wave, info = augment_speech(
+                decode_audio(data, f"{prefix}{i:06d}.wav", "wav"), np.random.default_rng(augment[i])
+            )
+            data, info = wav_bytes(wave), {"augment": info}
+        return data, info
 
     with ThreadPoolExecutor(threads) as pool:
         for start in range(0, len(plan), 64):  # a bounded window of clips in memory
             chunk = plan[start : start + 64]
-            for i, (p, data) in enumerate(zip(chunk, pool.map(synth, chunk)), start):
+            for i, (p, (data, info)) in enumerate(
+                zip(chunk, pool.map(make, range(start, start + len(chunk)), chunk)), start
+            ):
                 text, engine, voice, speed, pitch = p
                 yield {
                     "audio": (f"{prefix}{i:06d}.wav", data),
                     "text": text,
-                    "json": {"engine": engine, "voice": voice, "speed": speed, "pitch": pitch},
+                    "json": {"engine": engine, "voice": voice, "speed": speed, "pitch": pitch, **info},
                 }

@@ -34,9 +34,15 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
     )
     mixed = train_plan + open_train
     mixed = [mixed[i] for i in np.random.default_rng(cfg.seed + 6).permutation(len(mixed))]
-    jobs["speech_train"] = lambda: corpora.speech_records(mixed, "tr")
+    rng = np.random.default_rng(cfg.seed + 12)
+    picked = rng.permutation(len(mixed))[: round(cfg.speech_augment * len(mixed))]
+    augment = {int(i): int(s) for i, s in zip(picked, rng.integers(2**31, size=len(picked)), strict=True)}
+    unseen = corpora.flite_plan(test_plan[: cfg.speech_unseen_test], cfg.seed + 13)
+    jobs["speech_train"] = lambda: corpora.speech_records(mixed, "tr", augment=augment)
     jobs["speech_test"] = lambda: corpora.speech_records(test_plan, "te")
     jobs["speech_open_test"] = lambda: corpora.speech_records(open_test, "to")
+    jobs["speech_unseen_test"] = lambda: corpora.speech_records(unseen, "tu")
+    jobs["speech_real_test"] = corpora.real_speech_records
     for name, make in jobs.items():
         rep = write_shards(make(), out / name, prefix=name, maxcount=1000, progress=False, replace=True)
         if rep.skipped:
@@ -58,7 +64,9 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
     info["speech_voices"] = {
         "train": sorted({f"{e}:{v}" for _, e, v, *_ in mixed}),
         "test": sorted({f"{e}:{v}" for _, e, v, *_ in test_plan}),
+        "unseen_engine_test": sorted({f"{e}:{v}" for _, e, v, *_ in unseen}),
     }
+    info["speech_augmented"] = len(augment)
     info["speech_sentence_overlap"] = len({p[0] for p in mixed} & {p[0] for p in test_plan + open_test})
     (out / "corpora.json").write_text(json.dumps(info, indent=1))
     return info

@@ -91,7 +91,10 @@ def eval_video(cfg, run, model, tok) -> dict:
 def eval_speech(cfg, run, model, tok, shards: str = "speech_test") -> dict:
     """Transcribe the held-out clips (unseen voices and sentences); WER/CER overall and per voice, and the
     distinct transcripts as a fraction of the distinct references (a model that ignores the audio repeats itself)."""
-    samples = shard_samples(run / f"shards/{shards}/index.json", cfg.eval_limit)
+    index = run / f"shards/{shards}/index.json"
+    if not index.exists():
+        raise FileNotFoundError(f"{index}: no such corpus (a run written before it): redo `--stages corpora --force`")
+    samples = shard_samples(index, cfg.eval_limit)
     samples.sort(key=lambda s: len(s["wav"]))  # similar lengths per batch
     hyps = _answers(model, "speech", tok, samples, AnswerOptions(max_new_tokens=cfg.max_new_tokens))
     refs = [s["txt"].decode() for s in samples]
@@ -141,6 +144,16 @@ def eval_speech_open(cfg, run, model, tok) -> dict:
     return eval_speech(cfg, run, model, tok, "speech_open_test")
 
 
+def eval_speech_unseen(cfg, run, model, tok) -> dict:
+    """The same adapter on the domain's held-out sentences read by flite, an engine used in no training set."""
+    return eval_speech(cfg, run, model, tok, "speech_unseen_test")
+
+
+def eval_speech_real(cfg, run, model, tok) -> dict:
+    """The same adapter on real human speech (corpora.real_speech_records: ten utterances, off the domain)."""
+    return eval_speech(cfg, run, model, tok, "speech_real_test")
+
+
 # summary section -> (the model that answers: "main" = image + video + speech composed on one tower, or
 # "conformer", the comparison speech adapter on the same tower), the modality it is scored as, the scorer.
 # summary.json keeps each section's figures (contract: image.count_and_layout_right, image.items_right,
@@ -150,6 +163,8 @@ EVALS = {
     "video": ("main", "video", eval_video),
     "speech": ("main", "speech", eval_speech),
     "speech_open": ("main", "speech", eval_speech_open),
+    "speech_unseen": ("main", "speech", eval_speech_unseen),
+    "speech_real": ("main", "speech", eval_speech_real),
     "conformer": ("conformer", "speech", eval_speech),
     # contract: dialogue.image_right, dialogue.two_images_right, dialogue.video_right, dialogue.spoken_right
     "dialogue": ("dialogue", "image", eval_dialogue),

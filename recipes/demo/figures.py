@@ -56,6 +56,15 @@ FIGURES = [
     Figure("speech.wer", "ASR, spoken-language domain (unseen sentences and voices): WER", 0.10, "max"),
     Figure("speech.cer", "ASR, spoken-language domain: CER", better="max"),
     Figure("speech.distinct_fraction", "ASR: distinct transcripts / distinct references", 0.95),
+    Figure(
+        "speech_unseen.wer",
+        "ASR, domain test sentences read by flite (an engine used in no training): WER",
+        0.25,
+        "max",
+    ),
+    Figure(
+        "speech_real.wer", "ASR, real human speech (10 pocketsphinx test utterances, off the domain): WER", better="max"
+    ),
     Figure("speech_open.wer", "ASR, open vocabulary (held-out fortune sentences): WER", 0.60, "max", stretch=True),
     Figure("dialogue.image_right", "dialogue: questions about a picture answered right", 0.90),
     Figure("dialogue.two_images_right", "dialogue: questions about two pictures answered right", 0.90),

@@ -242,9 +242,11 @@ def stage_report(cfg, run) -> dict:
         "",
     ]
     dlg = ev("dialogue")
-    sections = {"image": img, "video": vid, "speech": sp, "speech_open": ev("speech_open")}
+    speech_rows = ("speech_open", "speech_unseen", "speech_real")
+    sections = {"image": img, "video": vid, "speech": sp} | {k: ev(k) for k in speech_rows}
     L += results_table(summ, timings, sections | {f"dialogue {k}": {"n": dlg.get(f"n_{k}")} for k in KINDS})
-    for name, ref in (("domain", ev("asr_reference")), ("open-vocabulary", ev("asr_reference_open"))):
+    refs = {"domain": "", "open-vocabulary": "_open", "flite-read domain": "_unseen", "real-speech": "_real"}
+    for name, ref in ((name, ev(f"asr_reference{tag}")) for name, tag in refs.items()):
         if ref:
             L += [
                 f"Reference: the complete pretrained Whisper tiny.en with its own decoder on the same {name} clips "

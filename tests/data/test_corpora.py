@@ -114,6 +114,30 @@ def test_tts_engines_give_decodable_speech():
         corpora.espeak_wav("hello there", "no-such-voice")
 
 
+def test_flite_reads_the_unseen_engine_set_and_real_speech_ships():
+    """flite (used in no training set) reads the domain's test sentences; the real-speech set is the ten
+    pocketsphinx test utterances with their transcripts."""
+    plan = corpora.flite_plan([("The blue bag moves up.", "espeak", "en-us+m2", 160, 50)] * 2, seed=0)
+    assert all(p[1] == "flite" and p[2] in corpora.FLITE_VOICES for p in plan)
+    for rec in corpora.speech_records(plan, "u"):
+        wave = decode_audio(rec["audio"][1], rec["audio"][0], "wav")
+        assert 0.5 * 16000 < wave.shape[0] < 6 * 16000 and float(wave.abs().max()) > 0.05
+    with pytest.raises(scenes.CorpusError, match="flite -voice nobody"):
+        corpora.flite_wav("hello there", "nobody")
+    real = list(corpora.real_speech_records())
+    assert len(real) == 10 and {r["json"]["voice"] for r in real} == {"librivox", "cards"}
+    assert real[1]["text"] == "He was not an ill disposed young man."
+    assert all(decode_audio(r["audio"][1], r["audio"][0], "wav").shape[0] > 16000 for r in real)
+
+
+def test_augmented_training_clips_are_recorded_and_reproducible():
+    plan = [("A man paints with his brains.", "espeak", "en-us+m3", 160, 50)] * 2
+    a = list(corpora.speech_records(plan, "t", augment={1: 7}))
+    b = list(corpora.speech_records(plan, "t", augment={1: 7}))
+    assert "augment" not in a[0]["json"] and a[1]["json"]["augment"]["peak"] > 0
+    assert a[1]["audio"][1] == b[1]["audio"][1] != a[0]["audio"][1]  # the same seed, the same clip
+
+
 def test_spoken_domain_splits_vocabulary_and_determinism():
     """The spoken-language domain: test sentences never appear in any training draw (the split is a property of
     the sentence), at least 150 distinct words, everything spelled out, the same draw for the same seed."""

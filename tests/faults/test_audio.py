@@ -89,6 +89,20 @@ def test_long_recordings_are_cut_in_pauses(max_seconds):
     assert pieces[-1][1] < wave.numel() - 4 * 16000  # the silent tail is left out
 
 
+def test_a_short_clip_is_trimmed_to_the_trained_shape():
+    """A clip shorter than a piece is one piece, cut to its voice like the pieces of a long recording: 0.3 s of
+    leading silence alone took the demo adapter's WER from 4.5% to 33%, and a flite clip starts with 0.2 s."""
+    g = np.random.default_rng(0)
+    speech = 0.3 * np.sin(np.arange(16000) * 0.05) * (1 + 0.1 * g.standard_normal(16000))
+    quiet = 0.002 * g.standard_normal(8000)
+    wave = torch.tensor(np.concatenate([quiet, speech, quiet]), dtype=torch.float32)
+    [(a, b)] = speech_pieces(wave, 8.0)
+    assert 8000 - 0.05 * 16000 <= a <= 8000 and 24000 <= b <= 24000 + 0.35 * 16000
+    assert speech_pieces(torch.zeros(16000), 8.0) == [] and speech_pieces(torch.zeros(0), 8.0) == []
+    steady = torch.tensor(speech, dtype=torch.float32)  # no pause at all: kept whole
+    assert speech_pieces(steady, 8.0) == [(0, 16000)]
+
+
 def test_a_recording_without_pauses_is_still_cut():
     wave = torch.randn(40 * 16000) * 0.1
     pieces = speech_pieces(wave, 10.0)
