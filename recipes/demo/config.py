@@ -63,7 +63,7 @@ class DemoConfig:
     # of the speech training clips, the share that sounds like another recording (data.audio.augment_speech: speed,
     # telephone band, room, noise, level), so the adapter learns speech rather than its two engines' acoustics
     speech_augment: float = bounded(0.6, 0.0, 1.0)
-    # the domain's test sentences read by flite, a TTS engine used in no training set (corpora.FLITE_VOICES)
+    # the domain's test sentences read by flite, a TTS engine used in no training set (voices.FLITE_VOICES)
     speech_unseen_test: int = bounded(200, 0)
     # the dialogue stage's conversations (recipes/demo/dialogue.py): training ones, shared out over the four kinds
     # (dialogue.TRAIN_SHARES), and held-out questions of each kind

@@ -11,7 +11,7 @@ from mm_llama.adapters.modalities.speech import cache_encoder_outputs, load_enco
 from mm_llama.data.writer import write_shards
 
 from ..train import load_train_config
-from . import corpora, scenes
+from . import corpora, scenes, voices
 from .classifier import classifier_accuracy, save_classifier, train_classifier
 from .config import DemoConfig, device_ok_dtype, shard_samples, stage_config
 
@@ -42,7 +42,7 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
     jobs["speech_test"] = lambda: corpora.speech_records(test_plan, "te")
     jobs["speech_open_test"] = lambda: corpora.speech_records(open_test, "to")
     jobs["speech_unseen_test"] = lambda: corpora.speech_records(unseen, "tu")
-    jobs["speech_real_test"] = corpora.real_speech_records
+    jobs["speech_real_test"] = voices.real_speech_records
     for name, make in jobs.items():
         rep = write_shards(make(), out / name, prefix=name, maxcount=1000, progress=False, replace=True)
         if rep.skipped:

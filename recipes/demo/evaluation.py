@@ -150,7 +150,7 @@ def eval_speech_unseen(cfg, run, model, tok) -> dict:
 
 
 def eval_speech_real(cfg, run, model, tok) -> dict:
-    """The same adapter on real human speech (corpora.real_speech_records: ten utterances, off the domain)."""
+    """The same adapter on real human speech (voices.real_speech_records: ten utterances, off the domain)."""
     return eval_speech(cfg, run, model, tok, "speech_real_test")
 
 

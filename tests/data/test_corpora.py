@@ -12,7 +12,7 @@ from mm_llama.data.audio import decode_audio
 from mm_llama.data.shards import iter_samples, open_url, read_index
 from mm_llama.data.writer import write_shards
 from mm_llama.text import normalize_text
-from recipes.demo import corpora, scenes
+from recipes.demo import corpora, scenes, voices
 
 
 def test_every_layout_caption_parses_back():
@@ -111,20 +111,20 @@ def test_tts_engines_give_decodable_speech():
         wave = decode_audio(rec["audio"][1], rec["audio"][0], "wav")
         assert wave.ndim == 1 and 0.8 * 16000 < wave.shape[0] < 6 * 16000 and float(wave.abs().max()) > 0.05
     with pytest.raises(scenes.CorpusError, match="espeak-ng -v no-such-voice"):
-        corpora.espeak_wav("hello there", "no-such-voice")
+        voices.espeak_wav("hello there", "no-such-voice")
 
 
 def test_flite_reads_the_unseen_engine_set_and_real_speech_ships():
     """flite (used in no training set) reads the domain's test sentences; the real-speech set is the ten
     pocketsphinx test utterances with their transcripts."""
     plan = corpora.flite_plan([("The blue bag moves up.", "espeak", "en-us+m2", 160, 50)] * 2, seed=0)
-    assert all(p[1] == "flite" and p[2] in corpora.FLITE_VOICES for p in plan)
+    assert all(p[1] == "flite" and p[2] in voices.FLITE_VOICES for p in plan)
     for rec in corpora.speech_records(plan, "u"):
         wave = decode_audio(rec["audio"][1], rec["audio"][0], "wav")
         assert 0.5 * 16000 < wave.shape[0] < 6 * 16000 and float(wave.abs().max()) > 0.05
     with pytest.raises(scenes.CorpusError, match="flite -voice nobody"):
-        corpora.flite_wav("hello there", "nobody")
-    real = list(corpora.real_speech_records())
+        voices.flite_wav("hello there", "nobody")
+    real = list(voices.real_speech_records())
     assert len(real) == 10 and {r["json"]["voice"] for r in real} == {"librivox", "cards"}
     assert real[1]["text"] == "He was not an ill disposed young man."
     assert all(decode_audio(r["audio"][1], r["audio"][0], "wav").shape[0] > 16000 for r in real)

@@ -93,6 +93,7 @@ def test_summary_holds_every_figure_of_the_table(demo):
         "speech.wer",
         "speech.distinct_fraction",
         "speech_open.wer",
+        "speech_unseen.wer",
         "dialogue.image_right",
         "dialogue.two_images_right",
         "dialogue.video_right",
