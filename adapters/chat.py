@@ -112,6 +112,28 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+class OneLineStream:
+    """Text chunks as they are decoded -> `write`, shaped as `one_line` shapes the whole answer (whitespace runs
+    joined to one space, none at the ends): the streamed line equals the printed one."""
+
+    def __init__(self, write: TextSink):
+        self.write, self.started, self.space = write, False, False
+
+    def __call__(self, chunk: str) -> None:
+        out = []
+        for ch in chunk:
+            if ch.isspace():
+                self.space = self.started
+                continue
+            if self.space:
+                out.append(" ")
+                self.space = False
+            out.append(ch)
+            self.started = True
+        if out:
+            self.write("".join(out))
+
+
 def options(args) -> AnswerOptions:
     return AnswerOptions(prompt=args.prompt or "", frames=args.frames, language=args.language)
 
@@ -169,6 +191,7 @@ def cmd_chat(args) -> int:
     history = [Message("system", [Part("text", args.system)])] if args.system else []
     pending: list[Part] = []
     print("[chat: /attach FILE to add a file to your next message, /reset, /quit]", file=sys.stderr)
+    stream = sys.stdout.isatty()
     for line in sys.stdin:
         line = line.strip()
         if line in ("/quit", "/exit"):
@@ -186,10 +209,19 @@ def cmd_chat(args) -> int:
             continue
         history.append(user_turn([*pending, *([Part("text", line)] if line else [])]))
         pending = []
-        reply = answer(model, tok, samples, history, args)
+        if stream:  # in a terminal the answer appears as it is decoded; piped, each reply is one whole line
+            reply = answer(model, tok, samples, history, args, OneLineStream(_write_now))
+            print(flush=True)
+        else:
+            reply = answer(model, tok, samples, history, args)
+            print(reply, flush=True)
         history.append(Message("assistant", [Part("text", reply)]))
-        print(reply, flush=True)
     return 0
+
+
+def _write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -98,6 +98,25 @@ def test_chat_keeps_history_and_attachments(adapters):
     assert len(out.strip("\n").splitlines()) == 2  # one reply per message
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_chat_streams_in_a_terminal_the_lines_it_prints_piped(adapters):
+    """In a terminal `mm-llama chat` writes each answer as it is decoded; the lines are those printed piped."""
+    files, photo, _ = adapters
+    stdin = f"/attach {photo}\nWhat is this?\nAnd again?\n/quit\n"
+    _, piped, _ = run(cli_main, "chat", "--adapter", files[0], "--max-new-tokens", "6", stdin=stdin)
+    term, chunks = Terminal(), []
+    real_write = term.write
+    term.write = lambda text: chunks.append(text) or real_write(text)  # type: ignore[method-assign]
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(term), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.stdin", io.StringIO(stdin))
+        assert cli_main(["chat", "--adapter", files[0], "--max-new-tokens", "6"]) == 0
+    assert term.getvalue() == piped and len([c for c in chunks if c.strip()]) > 2  # token by token
+
+
 def test_ask_errors_are_clear(adapters, tmp_path):
     files, photo, question = adapters
     code, _, err = run(cli_main, "ask", "--adapter", files[0], question)
