@@ -113,25 +113,18 @@ def one_line(text: str) -> str:
 
 
 class OneLineStream:
-    """Text chunks as they are decoded -> `write`, shaped as `one_line` shapes the whole answer (whitespace runs
-    joined to one space, none at the ends): the streamed line equals the printed one."""
+    """Text chunks as they are decoded -> `write`: what `one_line` of the text so far adds to what was written, so
+    the streamed line equals the printed one (`one_line` of a prefix is a prefix of `one_line` of the whole)."""
 
     def __init__(self, write: TextSink):
-        self.write, self.started, self.space = write, False, False
+        self.write, self.text, self.shown = write, "", 0
 
     def __call__(self, chunk: str) -> None:
-        out = []
-        for ch in chunk:
-            if ch.isspace():
-                self.space = self.started
-                continue
-            if self.space:
-                out.append(" ")
-                self.space = False
-            out.append(ch)
-            self.started = True
-        if out:
-            self.write("".join(out))
+        self.text += chunk
+        line = one_line(self.text)
+        if len(line) > self.shown:
+            self.write(line[self.shown :])
+            self.shown = len(line)
 
 
 def options(args) -> AnswerOptions:

@@ -136,7 +136,8 @@ def speech_pieces(
     db = _frame_db(wave, frame)
     quiet = _quiet_frames(db)
     if n <= limit:  # one piece, trimmed to its voice like the pieces of a long recording
-        return [_trim(quiet, 0, n, n)] if _voiced(quiet, 0, n) else []
+        span = _voice_span(quiet, n)
+        return [span] if span else []
     pause_at = _pause_centres(quiet, int(min_pause * SAMPLE_RATE / HOP))  # frame index -> centre sample
     pieces, start = [], 0
     target = int(target_seconds * SAMPLE_RATE)
@@ -164,13 +165,13 @@ def trim_to_voice(wave: torch.Tensor) -> torch.Tensor:
     """A clip cut to the shape of a training clip (`speech_pieces`' one piece): `LEAD_MARGIN_S` before its first
     voiced frame, `TRAIL_MARGIN_S` after its last; a clip with no quiet stretch, or no voice, is kept whole. Every
     clip a speech adapter reads passes here once (training, cached encoder outputs, chat audio, `asr`)."""
-    if wave.numel() == 0:
-        return wave
-    quiet = _quiet_frames(_frame_db(wave))
-    if not _voiced(quiet, 0, wave.numel()):
-        return wave
-    a, b = _trim(quiet, 0, wave.numel(), wave.numel())
-    return wave[a:b]
+    span = _voice_span(_quiet_frames(_frame_db(wave)), wave.numel()) if wave.numel() else None
+    return wave[span[0] : span[1]] if span else wave
+
+
+def _voice_span(quiet: torch.Tensor, n: int) -> tuple[int, int] | None:
+    """[start, end) of a whole clip of n samples trimmed to its voice (`_trim`); None when nothing is voiced."""
+    return _trim(quiet, 0, n, n) if _voiced(quiet, 0, n) else None
 
 
 def _frame_db(wave: torch.Tensor, frame: int = 480) -> torch.Tensor:

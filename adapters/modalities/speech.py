@@ -28,7 +28,7 @@ from mm_llama.data.media import AUDIO
 from mm_llama.data.writer import derive_shards
 from mm_llama.text import collapse_loop, first_line, wer_cer
 
-from ..modality import DataHooks, EvalHooks, InferenceHooks, Modality, PartHooks, ScaleHooks, decode_member
+from ..modality import DataHooks, EvalHooks, InferenceHooks, Modality, PartHooks, ScaleHooks
 from ..plan import Piece, PlanPieces, tensor_bytes
 from ..samples import plain_requests
 from ..speech import ADAPTER_PRESETS, CONFORMER_PRESETS, AdapterArgs, ConformerArgs, ConformerEncoder, SpeechAdapter
@@ -229,6 +229,12 @@ def read_cached(raw: dict) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32))
 
 
+def decode_clip(data: bytes, name: str, ext: str, max_seconds: float | None) -> torch.Tensor:
+    """A clip as a speech adapter reads it, in training (with or without cached encoder outputs) and in answers:
+    16 kHz mono, cut to the shape of the training clips (data.audio.trim_to_voice)."""
+    return trim_to_voice(AUDIO.decode(data, name, ext, min_seconds=MIN_SECONDS, max_seconds=max_seconds))
+
+
 class SpeechMedia:
     """An audio part -> one `<|speech|>` id per adapter row + the clip's features, or, for a frozen encoder whose
     outputs are cached in the shard (`enc.npy` by this encoder), those; picklable."""
@@ -238,12 +244,12 @@ class SpeechMedia:
         self.max_seconds = CHUNK_SECONDS if count.whisper else None
 
     def decode(self, data: bytes, name: str, ext: str) -> torch.Tensor:
-        return trim_to_voice(AUDIO.decode(data, name, ext, min_seconds=MIN_SECONDS, max_seconds=self.max_seconds))
+        return decode_clip(data, name, ext, self.max_seconds)
 
     def plain(self, raw: dict, ext: str):
         if self.cached_encoder and raw.get(CACHE_ID_MEMBER, b"").decode(errors="replace") == self.cached_encoder:
             return Encoded(read_cached(raw))
-        return trim_to_voice(decode_member(raw, AUDIO, min_seconds=MIN_SECONDS, max_seconds=self.max_seconds))
+        return self.decode(raw[ext], raw["__key__"], ext)
 
     def splice(self, value) -> tuple[list[int], dict]:
         if isinstance(value, Encoded):
@@ -308,8 +314,7 @@ def cache_encoder_outputs(encoder, encoder_id: str, index, out_dir, *, batch: in
             if ext is None:
                 continue
             try:
-                wave = AUDIO.decode(s[ext], s["__key__"], ext, min_seconds=MIN_SECONDS, max_seconds=CHUNK_SECONDS)
-                wave = trim_to_voice(wave)  # as SpeechMedia.plain reads the clip without a cache
+                wave = decode_clip(s[ext], s["__key__"], ext, CHUNK_SECONDS)  # as SpeechMedia.plain without a cache
             except Exception:  # noqa: BLE001 - left for the loader to count and skip, as without a cache
                 continue
             feats.append(clip_features(wave, whisper))
