@@ -163,6 +163,18 @@ def test_gguf_wrong_arch(tmp_path):
         load_pretrained(tmp_path / "x.gguf")
 
 
+def test_gguf_cut_short_names_the_tensor(tmp_path):
+    """A GGUF file cut inside its tensor data: the tensor that runs past the end is named, nothing is read."""
+    write_gguf(tmp_path / "m.gguf", debug_model(), QTYPES)
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"cut\.gguf: tensor '.*' ends at byte \d+, past the end"):
+        load_pretrained(tmp_path / "cut.gguf")
+    (tmp_path / "head.gguf").write_bytes(data[:200])
+    with pytest.raises(CheckpointError, match=r"head\.gguf: GGUF header is damaged"):
+        load_pretrained(tmp_path / "head.gguf")
+
+
 @pytest.fixture()
 def hf_dir(tmp_path):
     transformers = pytest.importorskip("transformers")
