@@ -21,16 +21,16 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+# FSDP2, DTensor and distributed checkpointing are imported where they are used: together they cost every process
+# most of a second at start-up (dynamo included), and only a sharded run needs them.
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -50,6 +50,7 @@ def device_mesh(device: torch.device, world_size: int, local_world_size: int, la
     """The FSDP2 mesh: `flat` = one dimension over all ranks; `hybrid` = (machines, ranks per machine): shards
     within a machine, replicas across machines (HSDP). A world that does not split into whole machines is an
     error naming the sizes."""
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415 - heavy; sharded runs only
 
     if layout == "flat" or local_world_size >= world_size:
         return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
@@ -82,6 +83,8 @@ def shard_frozen(
     (averaged over ranks, as our engine averages the replicated rest). Every other trainable parameter must be in
     `leave`: it belongs to the DDP engine. `compute_dtype` (bf16 under autocast): the trained units are gathered in
     it and their gradients reduced in fp32 (FSDP2's mixed precision; their fp32 shards stay the optimizer's)."""
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: PLC0415 - heavy; sharded runs only
 
     leave = set(leave or ())
     trained_units = list(trained_units)
@@ -127,6 +130,8 @@ def gather_full(named: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.T
 def load_full(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter, sharded (this rank's shard of it, no communication) or not."""
     if is_sharded(param):
+        from torch.distributed.tensor import distribute_tensor  # noqa: PLC0415 - heavy; sharded runs only
+
         full = distribute_tensor(
             full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
         )
@@ -136,6 +141,9 @@ def load_full(param: torch.Tensor, full: torch.Tensor) -> None:
 def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """After `load_state_dict` of a state saved with plain tensors: each sharded parameter's state tensors become
     DTensors laid out like the parameter (a whole tensor: this rank's part of it; a local shard: as it is)."""
+    if not any(is_sharded(p) for group in optimizer.param_groups for p in group["params"]):
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor  # noqa: PLC0415 - heavy; sharded runs only
 
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -157,6 +165,9 @@ def save_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, f
     """The optimizer state of a model with FSDP2-sharded trainable blocks, written by every rank into `folder` with
     torch.distributed.checkpoint (keyed by parameter name, each shard with its place in the whole tensor), so any
     world size can load it (`load_sharded_optimizer`)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict  # noqa: PLC0415 - heavy; sharded runs only
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save  # noqa: PLC0415 - heavy; sharded runs only
+
     dcp_save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
 
 
@@ -192,6 +203,9 @@ def load_optimizer_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, s
 def load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """The optimizer state saved by `save_sharded_optimizer` on any world size, read into this run's layout (each
     rank reads the parts of the saved shards that make up its own)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict  # noqa: PLC0415 - heavy; sharded runs only
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load  # noqa: PLC0415 - heavy; sharded runs only
+
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # this layout, to be filled in
     dcp_load(state, checkpoint_id=str(folder))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
