@@ -132,11 +132,12 @@ def check_fits(meta: dict, kind: str, tower: Transformer, path) -> None:
         )
 
 
-def load_state(part: nn.Module, path, *, strict: bool = True) -> None:
-    """A part's weights from a file: the file must hold exactly the part's state_dict keys (`strict`), or a subset."""
+def load_state(part: nn.Module, path, *, strict: bool = True, may_lack: set[str] = frozenset()) -> None:
+    """A part's weights from a file: the file must hold exactly the part's state_dict keys (`strict`; `may_lack`: keys
+    the part may start without), or a subset."""
     state = load_file(str(path))
     expected = set(part.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    missing, unexpected = sorted(expected - set(state) - set(may_lack)), sorted(set(state) - expected)
     if unexpected or (missing and strict):
         raise CheckpointError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     for k, v in state.items():
@@ -191,4 +192,6 @@ def init_part_from_file(model: ComposedModel, kind: str, path) -> None:
     if found != kind:
         raise CheckpointError(f"{path} is a {found} adapter, this run trains {kind}")
     check_fits(read_adapter_meta(path), kind, model.tower, path)
-    load_state(model.part(kind), path)
+    part = model.part(kind)
+    fresh = part.fresh_keys() if hasattr(part, "fresh_keys") else set()  # e.g. a new input mode's own weights
+    load_state(part, path, may_lack=fresh)

@@ -23,6 +23,7 @@ from .speech import SpeechAdapter, adapter_frames, conformer_frames
 from .whisper import WhisperEncoder, whisper_log_mel
 
 ASR_PROMPT = "Repeat after me in {language}:"
+INPUTS = ("rows", "ctc_posterior")
 
 
 class SpeechTokenCount:
@@ -104,6 +105,13 @@ class CTCHead(nn.Module):
         nll = F.ctc_loss(logp, flat, n, tl, blank=keys.shape[0] - 1, reduction="none", zero_infinity=True)
         return self.weight * nll.sum()
 
+    def posterior_inputs(self, table: torch.Tensor, rows: torch.Tensor, blank_input: torch.Tensor) -> torch.Tensor:
+        """LegoSLM-style tower inputs: each row's CTC posterior over the whole table (and the blank) weighting the
+        tower's own token embeddings (and `blank_input`): [n, D] rows -> [n, D] mixtures of what the tower reads."""
+        keys = torch.cat([self._table_keys(table), F.normalize(self.blank.float(), dim=-1)[None]])
+        p = (self.log_scale.exp() * (F.normalize(rows.float(), dim=-1) @ keys.T)).softmax(-1)
+        return p[:, :-1] @ table.float() + p[:, -1:] * blank_input.float()[None]
+
     @torch.no_grad()
     def greedy(self, table: torch.Tensor, rows: torch.Tensor) -> list[int]:
         """Best-path CTC decoding of one clip's rows over the whole table (repeats merged, blanks dropped)."""
@@ -124,12 +132,22 @@ class SpeechPart(nn.Module):
         freeze_encoder: bool = False,
         ctc_weight: float = 0.0,
         piece_seconds: float = 30.0,
+        inputs: str = "rows",
     ):
         super().__init__()
         self.tower_args = tower_args
         self.piece_seconds = piece_seconds  # longer recordings are answered in pieces of at most this, cut in pauses
         self.encoder, self.adapter = encoder, adapter
         self.ctc = CTCHead(tower_args.dim, ctc_weight) if ctc_weight > 0 else None
+        # what the tower reads at the <|speech|> positions: the adapter's rows as they are ("rows"), or their CTC
+        # posteriors over the tower's token table weighting its token embeddings ("ctc_posterior", LegoSLM)
+        if inputs not in INPUTS:
+            raise ValueError(f"speech inputs {inputs!r}: use one of {INPUTS}")
+        if inputs == "ctc_posterior" and self.ctc is None:
+            raise ValueError("speech inputs 'ctc_posterior' read the CTC head's posteriors: set ctc_weight > 0")
+        self.inputs = inputs
+        # the input a blank-dominated row stands for (ctc_posterior only; set from the table by build_speech_part)
+        self.blank_input = nn.Parameter(torch.zeros(tower_args.dim)) if inputs == "ctc_posterior" else None
         self.learnable_embedding = nn.Embedding(NUM_EXTRA_TOKENS, tower_args.dim)  # row 0: <|speech|>
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:
@@ -158,6 +176,17 @@ class SpeechPart(nn.Module):
         out, out_len = self.adapter(h_BTD, enc_len)
         return [out[b, : int(n)] for b, n in enumerate(out_len)]
 
+    def fresh_keys(self) -> set[str]:
+        """Weights that an adapter file of the "rows" kind lacks and this part may start without (`init_adapter`
+        from a CTC phase trained with rows)."""
+        return {"blank_input"} if self.blank_input is not None else set()
+
+    def tower_inputs(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """One clip's adapter rows [n, D] -> what the tower reads at its n `<|speech|>` positions."""
+        if self.blank_input is None or self.ctc is None:
+            return rows
+        return self.ctc.posterior_inputs(table, rows, self.blank_input)
+
     def encode(self, features_BFM: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """Per clip [n_rows, D] (features: log-mel [B, F, n_mels]; Whisper's own features for Whisper)."""
         return self.adapt(*self.run_encoder(features_BFM, lengths))
@@ -171,4 +200,7 @@ def build_speech_part(tower, encoder: nn.Module, adapter_args, **kw) -> SpeechPa
         adapter.init_output_scale(float(table.detach().float().std()))
     part = SpeechPart(tower.args, encoder, adapter, **kw)
     init_token_rows(part.learnable_embedding, table)
+    if part.blank_input is not None and not table.is_meta:  # a blank row starts as the average token
+        with torch.no_grad():
+            part.blank_input.copy_(table.detach().float().mean(0))
     return part

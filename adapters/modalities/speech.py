@@ -32,7 +32,7 @@ from ..modality import DataHooks, EvalHooks, InferenceHooks, Modality, PartHooks
 from ..plan import Piece, PlanPieces, tensor_bytes
 from ..samples import plain_requests
 from ..speech import ADAPTER_PRESETS, CONFORMER_PRESETS, AdapterArgs, ConformerArgs, ConformerEncoder, SpeechAdapter
-from ..speech_part import SpeechPart, SpeechTokenCount, build_speech_part, clip_features, run_encoder
+from ..speech_part import INPUTS, SpeechPart, SpeechTokenCount, build_speech_part, clip_features, run_encoder
 from ..whisper import WhisperArgs, WhisperEncoder, load_whisper_encoder
 
 ASR_PROMPT = "Repeat after me in {language}:"
@@ -50,10 +50,18 @@ class SpeechConfig:
     # answering: a recording longer than this is cut in its pauses into pieces at most this long (the clip lengths
     # the adapter trained on; Whisper's window, 30 s, at most), each transcribed, the texts joined
     piece_seconds: float = bounded(30.0, 1.0, 30.0)
+    # what the tower reads at the <|speech|> positions: "rows", the adapter's output rows, or "ctc_posterior", each
+    # row's CTC posterior over the tower's token table weighting the tower's own token embeddings (LegoSLM; needs
+    # ctc_weight > 0)
+    inputs: str = choice("rows", *INPUTS)
 
     def __post_init__(self):
         kind, _, arg = self.encoder.partition(":")
         if kind == "conformer" and arg in CONFORMER_PRESETS or kind == "whisper" and arg:
+            if self.inputs == "ctc_posterior" and self.ctc_weight <= 0:
+                raise ConfigError(
+                    "model.speech.inputs: ctc_posterior reads the CTC head: set model.speech.ctc_weight > 0"
+                )
             return
         presets = ", ".join(f"conformer:{k}" for k in CONFORMER_PRESETS)
         raise ConfigError(f"model.speech.encoder: {self.encoder!r} is not allowed; use {presets} or whisper:PATH")
@@ -80,6 +88,7 @@ def build(tower, cfg, parts) -> SpeechPart:
         freeze_encoder=c.freeze_encoder,
         ctc_weight=c.ctc_weight,
         piece_seconds=c.piece_seconds,
+        inputs=c.inputs,
     )
 
 
@@ -91,6 +100,7 @@ def meta(part: SpeechPart) -> dict:
         "freeze_encoder": part.freeze_encoder,
         "ctc_weight": part.ctc.weight if part.ctc is not None else 0.0,
         "piece_seconds": part.piece_seconds,
+        "inputs": part.inputs,
     }
 
 
@@ -107,6 +117,7 @@ def from_meta(tower, meta: dict, parts: dict, source: str) -> SpeechPart:
         freeze_encoder=meta["freeze_encoder"],
         ctc_weight=meta.get("ctc_weight", 0.0),
         piece_seconds=meta.get("piece_seconds", CHUNK_SECONDS),  # files written before: Whisper's window
+        inputs=meta.get("inputs", "rows"),
     )
 
 
@@ -181,13 +192,14 @@ def input_rows(model, h_BTD, input_ids, state):
     """Adapter rows into the `<|speech|>` positions of each sample (None: a sample without audio)."""
     placeholder = model.token_id("speech")
     h_BTD = h_BTD.clone()
+    table = model.tower.tok_embeddings.weight
     for b, rows in enumerate(state):
         where = (input_ids[b] == placeholder).nonzero().squeeze(-1)
         n = 0 if rows is None else rows.shape[0]
         if len(where) != n:
             raise ValueError(f"sample {b}: {len(where)} <|speech|> placeholders but {n} speech rows")
         if n:
-            h_BTD[b, where] = rows.to(h_BTD.dtype)
+            h_BTD[b, where] = model.speech.tower_inputs(table, rows).to(h_BTD.dtype)
     return h_BTD
 
 

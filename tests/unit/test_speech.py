@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mm_llama.adapters.composed import ComposedModel
-from mm_llama.adapters.files import load_composed, save_part
+from mm_llama.adapters.files import init_part_from_file, load_composed, save_part
 from mm_llama.adapters.modalities.speech import cache_encoder_outputs, encode_speech
 from mm_llama.adapters.samples import SampleOptions, Samples
 from mm_llama.adapters.speech import (
@@ -209,3 +209,41 @@ def test_ctc_auxiliary_loss_trains_rows_towards_the_token_table(tmp_path):
     back = load_composed(model.tower, [tmp_path / "a.safetensors"]).speech
     assert back.ctc is not None and back.ctc.weight == 0.5
     assert torch.equal(back.ctc.blank, model.speech.ctc.blank)
+
+
+def test_ctc_posterior_inputs_are_mixtures_of_the_towers_own_embeddings(tmp_path):
+    """inputs=ctc_posterior (LegoSLM): the tower reads, at each <|speech|> position, the row's CTC posterior over
+    its token table weighting its own embeddings (+ a learned blank input); the token loss reaches the adapter
+    through the posteriors; the file records the mode, and a CTC-phase file trained with rows starts it."""
+
+    model = debug_models(freeze_encoder=True, ctc_weight=1.0, inputs="ctc_posterior")
+    part, table = model.speech, model.tower.tok_embeddings.weight
+    rows = torch.randn(6, table.shape[1])
+    got = part.tower_inputs(table, rows)
+    keys = torch.cat(
+        [torch.nn.functional.normalize(table, dim=-1), torch.nn.functional.normalize(part.ctc.blank, dim=-1)[None]]
+    )
+    p = (part.ctc.log_scale.exp() * torch.nn.functional.normalize(rows, dim=-1) @ keys.T).softmax(-1)
+    assert torch.allclose(got, p[:, :-1] @ table + p[:, -1:] * part.blank_input[None], atol=1e-5)
+    assert torch.allclose(part.blank_input, table.mean(0))
+    # one training step: the token loss reaches the adapter through the posteriors
+    feats = [torch.randn(40, 80)]
+    n = int(part.output_rows(torch.tensor([40])))
+    sp = model.token_id("speech")
+    ids = torch.tensor([[1] + [sp] * n + [5, 9, 2]])
+    labels = torch.tensor([[-100] * (1 + n) + [5, 9, 2]])
+    model.train()
+    out = model(input_ids=ids, labels=labels, speech_features=feats)
+    out.loss_sum.backward()
+    assert part.adapter.proj.weight.grad.abs().sum() > 0 and part.blank_input.grad is not None
+    model.eval()
+    save_part(model, "speech", tmp_path / "lego.safetensors")
+    back = load_composed(model.tower, [tmp_path / "lego.safetensors"]).speech
+    assert back.inputs == "ctc_posterior" and torch.equal(back.blank_input, part.blank_input)
+    # a rows-trained file (the CTC phase) initialises a ctc_posterior part; its blank input starts fresh
+    rows_model = debug_models(freeze_encoder=True, ctc_weight=1.0)
+    save_part(rows_model, "speech", tmp_path / "rows.safetensors")
+    init_part_from_file(model, "speech", tmp_path / "rows.safetensors")
+    assert torch.equal(model.speech.ctc.blank, rows_model.speech.ctc.blank)
+    with pytest.raises(ValueError, match="ctc_weight > 0"):
+        debug_models(inputs="ctc_posterior")
