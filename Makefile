@@ -14,7 +14,7 @@ ASSETS_LOCK := requirements/assets.lock.txt
 APT_PKGS := chromium chromium-driver espeak-ng dataset-fashion-mnist fortunes fortunes-min flite pocketsphinx-testdata
 PYTEST_ARGS ?=
 
-.PHONY: all test test-slow demo demo-seeds install install-dev lint format style bench asr-reference clean apt lock lock-info check-fresh check-wheel
+.PHONY: all test test-slow demo demo-seeds demo-speech-open install install-dev lint format style bench asr-reference clean apt lock lock-info check-fresh check-wheel
 
 all: test
 
@@ -99,6 +99,11 @@ demo: install
 # the demo's held-out figures over 3 seeds (one full demo per seed): mean, min, max, target at the worst seed
 demo-seeds: install
 	$(PY) -m recipes.demo.seeds --seeds 0 1 2
+
+# the open-vocabulary speech adapter (recipes/demo/speech_open.py): runs/demo-speech-open/speech/adapter.safetensors,
+# its figures in runs/demo-speech-open/eval/summary.json
+demo-speech-open: install
+	$(PY) -m recipes.demo.speech_open
 
 # the complete pretrained Whisper tiny.en on the demo's speech test set (a reference for the adapter's WER)
 asr-reference: install

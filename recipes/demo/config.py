@@ -80,6 +80,9 @@ class DemoConfig:
     # the from-scratch Conformer comparison (stages conformer_ctc, conformer and its evaluation, about 5 minutes on 2
     # cores with bf16 units): off by default so make demo fits its 30 minutes; conformer=true runs it
     conformer: bool = False
+    # make demo-speech-open: the LegoSLM ablation (stage speech_lego: phase 2 with the tower reading CTC posteriors
+    # over its token table instead of the rows; evaluated as lego_*)
+    speech_ablation: bool = False
     eval_limit: int | None = None  # cap each held-out set (reduced runs)
     # None: the precision the adapters were trained in (bf16 tower weights + autocast on capable CPUs)
     eval_dtype: str | None = choice(None, None, "bfloat16", "float32")

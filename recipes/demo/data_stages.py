@@ -43,7 +43,12 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
     jobs["speech_open_test"] = lambda: corpora.speech_records(open_test, "to")
     jobs["speech_unseen_test"] = lambda: corpora.speech_records(unseen, "tu")
     jobs["speech_real_test"] = voices.real_speech_records
+    counts = {"image_train": cfg.image_train, "image_test": cfg.image_test, "video_train": cfg.video_train}
+    counts |= {"video_test": cfg.video_test, "speech_open_test": cfg.speech_open_test}
+    counts |= {"speech_unseen_test": cfg.speech_unseen_test}
     for name, make in jobs.items():
+        if counts.get(name, 1) == 0:  # a set asked for with 0 samples is not written (the speech-only run)
+            continue
         rep = write_shards(make(), out / name, prefix=name, maxcount=1000, progress=False, replace=True)
         if rep.skipped:
             raise RuntimeError(f"corpus {name}: {rep.skipped} samples failed to decode: {rep.first_errors[:3]}")

@@ -18,8 +18,10 @@ from mm_llama.adapters.chat import ask_messages, one_line
 from mm_llama.adapters.describe import describe
 from mm_llama.adapters.files import load_composed
 from mm_llama.adapters.generation import answer_samples, generate_items
+from mm_llama.adapters.modalities.speech import CHUNK_SECONDS, decode_clip, encode_speech
 from mm_llama.adapters.modality import AnswerOptions
 from mm_llama.adapters.samples import Samples
+from mm_llama.adapters.speech_part import clip_features
 from mm_llama.text import normalize_text, wer_cer, wer_cer_by
 
 from . import dialogue, scenes
@@ -107,6 +109,28 @@ def eval_speech(cfg, run, model, tok, shards: str = "speech_test") -> dict:
     return res
 
 
+def eval_ctc_readout(cfg, run, model, tok, shards: str = "speech_test") -> dict:
+    """What the adapter's rows say before the tower reads them: best-path CTC over the tower's token table (the
+    speech part's CTC head, `CTCHead.greedy`) on the held-out clips, scored as eval_speech scores transcripts. Beside
+    the transcripts' WER it tells the acoustic side of an error from the tower's."""
+    part = getattr(model, "speech", None)
+    if part is None or part.ctc is None:
+        return {"n": 0, "note": "the speech adapter has no CTC head (trained with ctc_weight 0)"}
+    index = run / f"shards/{shards}/index.json"
+    samples = shard_samples(index, cfg.eval_limit)
+    table = model.tower.tok_embeddings.weight
+    dev = table.device
+    refs, hyps = [], []
+    for s in samples:
+        wave = decode_clip(s["wav"], s["__key__"], "wav", CHUNK_SECONDS)
+        (rows,) = encode_speech(part, [clip_features(wave, part.whisper)], None, dev)
+        hyps.append(tok.decode(part.ctc.greedy(table, rows)).strip())
+        refs.append(s["txt"].decode())
+    res = wer_cer(refs, hyps)
+    res["rows"] = [{"ref": r, "hyp": h} for r, h in zip(refs, hyps)]
+    return res
+
+
 def eval_dialogue(cfg, run, model, tok, batch: int = 32) -> dict:
     """Answer every held-out question of RUN/shards/dialogue_test/dialogue_test.jsonl (copied to
     RUN/eval/dialogue_test.jsonl) as `mm-llama ask` does (adapters/chat.py `ask_messages`: the files in order, then
@@ -180,20 +204,25 @@ def _load_models(cfg, run, tower) -> tuple[dict, str]:
         models["main"] = load_composed(tower, files).float()
     if all(f.exists() for f in dialogue_files(run)):
         models["dialogue"] = load_composed(tower, dialogue_files(run)).float()
+    if (run / "speech_lego/adapter.safetensors").exists():  # make demo-speech-open's ablation
+        models["lego"] = load_composed(tower, [run / "speech_lego/adapter.safetensors"]).float()
     if (run / "conformer/adapter.safetensors").exists():
         models["conformer"] = load_composed(tower, [run / "conformer/adapter.safetensors"]).float()
     tower.to(getattr(torch, dtype))  # the shared tower only (a validated choice): the adapters stay fp32
     return models, dtype
 
 
-def stage_evaluate(cfg, run) -> dict:
+def stage_evaluate(cfg, run, evals: dict | None = None) -> dict:
+    """Every evaluation of `evals` (default EVALS) whose model was trained -> RUN/eval/NAME.json each, and
+    RUN/eval/summary.json with their figures."""
+    evals = EVALS if evals is None else evals
     tower, tok = load_tower(cfg)
     models, dtype = _load_models(cfg, run, tower)
     print(f"  evaluating on a {dtype} tower (the adapters in float32)", flush=True)
     out = run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for name, (which, kind, fn) in EVALS.items():
+    for name, (which, kind, fn) in evals.items():
         model = models.get(which)
         if model is None or kind not in model.modalities:
             print(f"  {name}: no trained adapter, not evaluated", flush=True)

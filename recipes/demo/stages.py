@@ -163,16 +163,18 @@ def train(cfg: DemoConfig, run: Path, name: str, args: list[str]) -> dict:
     return {"steps": len(losses), "loss_first": first, "loss_last": last}
 
 
-def run_demo(cfg: DemoConfig, stages: list[str], force: bool = False) -> dict:
+def run_demo(cfg: DemoConfig, stages: list[str], force: bool = False, table: list[Stage] = STAGE_TABLE) -> dict:
+    """Run `stages` of `table` in the table's order (skipping finished ones unless `force`); -> the run's timings."""
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    unknown = sorted(set(cfg.stages) - {s.name for s in STAGE_TABLE if s.training})
+    trained = [s.name for s in table if s.training]
+    unknown = sorted(set(cfg.stages) - set(trained))
     if unknown:
-        raise ValueError(f"stages: {unknown} are not training stages ({[s.name for s in STAGE_TABLE if s.training]})")
+        raise ValueError(f"stages: {unknown} are not training stages ({trained})")
     tfile = run / "timings.json"
     timings = json.loads(tfile.read_text()) if tfile.exists() else {}
     t_all = time.perf_counter()
-    for stage in STAGE_TABLE:
+    for stage in table:
         s = stage.name
         if s not in stages:
             continue
@@ -195,20 +197,29 @@ def run_demo(cfg: DemoConfig, stages: list[str], force: bool = False) -> dict:
     return timings
 
 
-def main(argv=None) -> int:
-    doc = sys.modules[__package__].__doc__  # the package's docstring is its help
-    ap = argparse.ArgumentParser(
-        prog="python -m recipes.demo", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--config", default=None, help="YAML of DemoConfig values (defaults: the full demo)")
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+def main(
+    argv=None,
+    *,
+    prog: str = "python -m recipes.demo",
+    doc: str | None = None,
+    table: list[Stage] = STAGE_TABLE,
+    config: str | None = None,
+) -> int:
+    """The command line of a stage table: `--config` (default `config`: a YAML of DemoConfig values, else the
+    dataclass defaults), `--stages`, `--force`, key=value overrides."""
+    doc = doc or sys.modules[__package__].__doc__  # the package's docstring is its help
+    names = [s.name for s in table]
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = config or "the full demo"
+    ap.add_argument("--config", default=config, help=f"YAML of DemoConfig values (default: {what})")
+    ap.add_argument("--stages", default=",".join(names), help=f"comma-separated subset of {','.join(names)}")
     ap.add_argument("--force", action="store_true", help="redo the chosen stages even when their outputs exist")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. seed=1 or stages.image=[steps=200]")
     a = ap.parse_intermixed_args(argv)
     cfg = load_config(DemoConfig, a.config, a.overrides)
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
+    bad = [s for s in stages if s not in names]
     if bad:
-        ap.error(f"unknown stage(s) {bad}; choose from {STAGES}")
-    run_demo(cfg, stages, a.force)
+        ap.error(f"unknown stage(s) {bad}; choose from {names}")
+    run_demo(cfg, stages, a.force, table)
     return 0

@@ -25,6 +25,10 @@ from recipes.demo.evaluation import _load_models
 from recipes.demo.figures import CONTRACT, FIGURES, TARGETS, seed_markdown, tabulate
 from recipes.demo.scenes import parse_composite_caption
 from recipes.demo.seeds import main
+from recipes.demo.speech_open import CONFIG as OPEN_CONFIG
+from recipes.demo.speech_open import EVALS as OPEN_EVALS
+from recipes.demo.speech_open import TABLE as OPEN_TABLE
+from recipes.demo.voices import real_speech_records
 from recipes.train import load_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,3 +237,56 @@ def test_seed_table_takes_the_worst_seed(tmp_path):
     assert md == seed_markdown(
         tabulate({s: json.loads((tmp_path / f"seed_{s}/eval/summary.json").read_text()) for s in sums})
     )
+
+
+# --- make demo-speech-open (recipes/demo/speech_open.py), on the reduced demo's speech corpora and CTC adapter ---
+OPEN = [sys.executable, "-m", "recipes.demo.speech_open"]
+FEW = "data.batch_size=4,optim.warmup_steps=1,ckpt_every=2,data.num_workers=0,data.shuffle_buffer=8"
+
+
+def run_open(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([*OPEN, *args], capture_output=True, text=True, timeout=900, cwd=ROOT, env=ENV)
+
+
+def test_speech_open_settings_write_where_the_contract_says():
+    cfg = load_config(DemoConfig, OPEN_CONFIG)
+    assert cfg.run_dir == "runs/demo-speech-open" and cfg.image_train == cfg.video_train == 0
+    assert cfg.speech_open_train > cfg.speech_train and not cfg.speech_ablation
+    names = [s.name for s in OPEN_TABLE]
+    assert names == ["corpora", "speech_cache", "speech_ctc", "speech", "speech_lego", "evaluate"]
+    r = run_open("--stages", "image", "run_dir=/nonexistent")  # a stage of the main demo is refused
+    assert r.returncode == 2 and "unknown stage(s) ['image']" in r.stderr
+
+
+def test_speech_open_corpora_are_speech_only(tmp_path):
+    sizes = ["speech_train=8", "speech_open_train=8", "piper_train=0"]
+    sizes += ["speech_open_test=2", "speech_test=2", "speech_unseen_test=2"]
+    r = run_open("--stages", "corpora", f"run_dir={tmp_path}", *sizes)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    made = {p.parent.name for p in (tmp_path / "shards").glob("*/index.json")}
+    assert made == {"speech_train", "speech_test", "speech_open_test", "speech_unseen_test", "speech_real_test"}
+    assert json.loads((tmp_path / "shards/corpora.json").read_text())["speech_train"]["samples"] == 16
+
+
+def test_speech_open_ablation_and_figures_through_the_cli(demo, tmp_path, capsys):
+    """The LegoSLM stage trains from the CTC adapter, the evaluation writes every figure of the open run's table
+    (contract: open.wer, domain.wer, real.wer as fractions), and `mm-llama asr` reads with its adapter."""
+    folder, _, _ = demo
+    run = tmp_path / "open"
+    run.mkdir()
+    for name in ("shards", "speech_ctc", "speech", "precision.json"):
+        (run / name).symlink_to(folder / name)
+    args = ["speech_ablation=true", "eval_limit=1", "max_new_tokens=4", "nproc=1"]
+    args.append(f"stages.speech_lego=[steps=1,{FEW}]")
+    r = run_open("--stages", "speech_lego,evaluate", f"run_dir={run}", *args)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    summary = json.loads((run / "eval/summary.json").read_text())
+    assert set(summary) == set(OPEN_EVALS)
+    assert all(isinstance(summary[k]["wer"], float) for k in OPEN_EVALS)
+    assert summary["ctc_domain"]["n"] == 1 and summary["real"]["n"] == 1
+    wav = tmp_path / "real.wav"
+    wav.write_bytes(next(iter(real_speech_records()))["audio"][1])
+    adapter = run / "speech_lego/adapter.safetensors"  # (the rows adapter: tests/integration/test_asr.py)
+    args = ["asr", "--model", "asset:smollm2_gguf", "--adapter", str(adapter), str(wav), "--max-new-tokens=4"]
+    assert cli_main(args) == 0
+    assert capsys.readouterr().out.startswith(f"{wav}:")

@@ -8,6 +8,7 @@ import pytest
 from mm_llama.config import ConfigError, _coerce, load_config
 from recipes.demo import DemoConfig
 from recipes.demo.config import stage_config
+from recipes.demo.speech_open import TABLE as OPEN_TABLE
 from recipes.demo.stages import STAGE_TABLE
 from recipes.train import TrainConfig, load_train_config, main
 
@@ -67,8 +68,9 @@ def test_bucket_cap_is_auto_or_a_number():
 
 
 ROOT = Path(__file__).resolve().parents[2]
+DEMO_RUN_CONFIGS = ("tiny.yaml", "speech_open.yaml")  # DemoConfig files; the other demo/*.yaml train one stage
 TRAINING_CONFIGS = sorted((ROOT / "recipes/configs").glob("*.yaml")) + [
-    p for p in sorted((ROOT / "recipes/configs/demo").glob("*.yaml")) if p.name != "tiny.yaml"
+    p for p in sorted((ROOT / "recipes/configs/demo").glob("*.yaml")) if p.name not in DEMO_RUN_CONFIGS
 ]
 
 
@@ -77,10 +79,12 @@ def test_every_shipped_training_config_loads(path):
     assert load_train_config(path).steps > 0
 
 
-@pytest.mark.parametrize("path", [None, ROOT / "recipes/configs/demo/tiny.yaml"], ids=["defaults", "tiny"])
+@pytest.mark.parametrize(
+    "path", [None, *(ROOT / "recipes/configs/demo" / n for n in DEMO_RUN_CONFIGS)], ids=["defaults", *DEMO_RUN_CONFIGS]
+)
 def test_demo_configs_override_only_training_stages_and_their_keys(path):
     cfg = load_config(DemoConfig, path)
-    training = {s.name for s in STAGE_TABLE if s.training}
+    training = {s.name for s in [*STAGE_TABLE, *OPEN_TABLE] if s.training}
     assert set(cfg.stages) <= training and cfg.nproc >= 1
     for name in training:  # every stage's config, with the overrides this demo config gives it, loads
         assert load_train_config(stage_config(name), cfg.stages.get(name, [])).steps > 0
