@@ -74,14 +74,23 @@ class CTCHead(nn.Module):
         self.weight, self.negatives = weight, negatives
         self.blank = nn.Parameter(torch.randn(dim) / dim**0.5)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self._keys: tuple | None = None  # ((data_ptr, version, device) of the frozen table, its rows unit-normalised)
+        # ((data_ptr, version, device) of the frozen table, its rows unit-normalised, the table in fp32)
+        self._keys: tuple | None = None
 
-    def _table_keys(self, table: torch.Tensor) -> torch.Tensor:
+    def _cached(self, table: torch.Tensor) -> tuple:
         tag = (table.data_ptr(), table._version, table.device)
         if self._keys is None or self._keys[0] != tag:
             with torch.no_grad():
-                self._keys = (tag, F.normalize(table.float(), dim=-1))
-        return self._keys[1]
+                whole = table.float()  # the table itself when it is fp32; one copy of a bf16 table, not one per call
+                self._keys = (tag, F.normalize(whole, dim=-1), whole)
+        return self._keys
+
+    def _table_keys(self, table: torch.Tensor) -> torch.Tensor:
+        return self._cached(table)[1]
+
+    def _keys_and_blank(self, table: torch.Tensor) -> torch.Tensor:
+        """The unit-normalised table rows, then the blank's key: [V + 1, D] (the blank is the last class)."""
+        return torch.cat([self._table_keys(table), F.normalize(self.blank.float(), dim=-1)[None]])
 
     def loss_sum(self, table: torch.Tensor, rows: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
         """Summed CTC negative log-likelihood (x weight) of each clip's target token ids given its rows. The softmax
@@ -108,15 +117,15 @@ class CTCHead(nn.Module):
     def posterior_inputs(self, table: torch.Tensor, rows: torch.Tensor, blank_input: torch.Tensor) -> torch.Tensor:
         """LegoSLM-style tower inputs: each row's CTC posterior over the whole table (and the blank) weighting the
         tower's own token embeddings (and `blank_input`): [n, D] rows -> [n, D] mixtures of what the tower reads."""
-        keys = torch.cat([self._table_keys(table), F.normalize(self.blank.float(), dim=-1)[None]])
+        keys = self._keys_and_blank(table)
         p = (self.log_scale.exp() * (F.normalize(rows.float(), dim=-1) @ keys.T)).softmax(-1)
-        return p[:, :-1] @ table.float() + p[:, -1:] * blank_input.float()[None]
+        return p[:, :-1] @ self._cached(table)[2] + p[:, -1:] * blank_input.float()[None]
 
     @torch.no_grad()
     def greedy(self, table: torch.Tensor, rows: torch.Tensor) -> list[int]:
         """Best-path CTC decoding of one clip's rows over the whole table (repeats merged, blanks dropped)."""
 
-        keys = torch.cat([self._table_keys(table), F.normalize(self.blank.float(), dim=-1)[None]])
+        keys = self._keys_and_blank(table)
         ids = (F.normalize(rows.float(), dim=-1) @ keys.T).argmax(-1).tolist()
         blank = keys.shape[0] - 1
         return [t for i, t in enumerate(ids) if t != blank and (i == 0 or t != ids[i - 1])]

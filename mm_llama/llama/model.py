@@ -182,14 +182,13 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        table = torch.empty(args.vocab_size, args.dim)
         # on the meta device (checkpoint loading) nothing is initialised: nn.Embedding's normal_ there would import
-        # dynamo, a second of start-up for every process that loads a tower
-        self.tok_embeddings = (
-            nn.Embedding(args.vocab_size, args.dim, _weight=table)
-            if table.is_meta
-            else nn.Embedding(args.vocab_size, args.dim)
-        )
+        # dynamo, a second of start-up for every process that loads a tower (an empty tensor tells the device)
+        if torch.empty(0).is_meta:
+            table = torch.empty(args.vocab_size, args.dim)
+            self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=table)
+        else:
+            self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)

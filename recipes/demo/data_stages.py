@@ -15,6 +15,9 @@ from . import corpora, scenes, voices
 from .classifier import classifier_accuracy, save_classifier, train_classifier
 from .config import DemoConfig, device_ok_dtype, shard_samples, stage_config
 
+# the corpora a DemoConfig size of 0 leaves out (make demo-speech-open writes no image or video sets)
+SIZED = ("image_train", "image_test", "video_train", "video_test", "speech_open_test", "speech_unseen_test")
+
 
 def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
     out, info = run / "shards", {}
@@ -43,11 +46,8 @@ def stage_corpora(cfg: DemoConfig, run: Path) -> dict:
     jobs["speech_open_test"] = lambda: corpora.speech_records(open_test, "to")
     jobs["speech_unseen_test"] = lambda: corpora.speech_records(unseen, "tu")
     jobs["speech_real_test"] = voices.real_speech_records
-    counts = {"image_train": cfg.image_train, "image_test": cfg.image_test, "video_train": cfg.video_train}
-    counts |= {"video_test": cfg.video_test, "speech_open_test": cfg.speech_open_test}
-    counts |= {"speech_unseen_test": cfg.speech_unseen_test}
     for name, make in jobs.items():
-        if counts.get(name, 1) == 0:  # a set asked for with 0 samples is not written (the speech-only run)
+        if name in SIZED and getattr(cfg, name) == 0:  # a set asked for with 0 samples is not written
             continue
         rep = write_shards(make(), out / name, prefix=name, maxcount=1000, progress=False, replace=True)
         if rep.skipped:

@@ -91,13 +91,19 @@ def eval_video(cfg, run, model, tok) -> dict:
     return {**res, "rows": rows}
 
 
-def eval_speech(cfg, run, model, tok, shards: str = "speech_test") -> dict:
-    """Transcribe the held-out clips (unseen voices and sentences); WER/CER overall and per voice, and the
-    distinct transcripts as a fraction of the distinct references (a model that ignores the audio repeats itself)."""
+def _held_out(cfg, run, shards: str) -> list[dict]:
+    """The samples of the run's held-out corpus RUN/shards/SHARDS (at most `eval_limit`); a corpus the run's
+    corpora stage did not write is an error naming the redo."""
     index = run / f"shards/{shards}/index.json"
     if not index.exists():
         raise FileNotFoundError(f"{index}: no such corpus (a run written before it): redo `--stages corpora --force`")
-    samples = shard_samples(index, cfg.eval_limit)
+    return shard_samples(index, cfg.eval_limit)
+
+
+def eval_speech(cfg, run, model, tok, shards: str = "speech_test") -> dict:
+    """Transcribe the held-out clips (unseen voices and sentences); WER/CER overall and per voice, and the
+    distinct transcripts as a fraction of the distinct references (a model that ignores the audio repeats itself)."""
+    samples = _held_out(cfg, run, shards)
     samples.sort(key=lambda s: len(s["wav"]))  # similar lengths per batch
     hyps = _answers(model, "speech", tok, samples, AnswerOptions(max_new_tokens=cfg.max_new_tokens))
     refs = [s["txt"].decode() for s in samples]
@@ -116,8 +122,7 @@ def eval_ctc_readout(cfg, run, model, tok, shards: str = "speech_test") -> dict:
     part = getattr(model, "speech", None)
     if part is None or part.ctc is None:
         return {"n": 0, "note": "the speech adapter has no CTC head (trained with ctc_weight 0)"}
-    index = run / f"shards/{shards}/index.json"
-    samples = shard_samples(index, cfg.eval_limit)
+    samples = _held_out(cfg, run, shards)
     table = model.tower.tok_embeddings.weight
     dev = table.device
     refs, hyps = [], []
