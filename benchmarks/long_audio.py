@@ -4,8 +4,12 @@ Builds one recording from the held-out test utterances (`runs/demo/shards/speech
 voices) joined with 0.3-0.8 s pauses until it is --minutes long, transcribes it as `mm-llama asr` does (cut in its
 pauses into pieces of at most the adapter's piece_seconds, answered, joined), and transcribes the same utterances
 one by one. WER of each against the same words; the ratio is the long-audio figure.
-Usage: python benchmarks/long_audio.py [--run runs/demo] [--minutes 10] [--piece-seconds S]
-Last line (JSON): wer_one_by_one, wer_long, ratio, pieces, seconds, utterances, piece_seconds.
+
+With `--join K` it builds many short files instead, each of K utterances joined the same way and no longer than the
+adapter's piece_seconds, so each is answered as ONE piece (the case of two sentences in one short file): the
+figure is the WER of those files against the same utterances one by one.
+Usage: python benchmarks/long_audio.py [--run runs/demo] [--minutes 10] [--join K] [--piece-seconds S]
+Last line (JSON): wer_one_by_one, wer_long, ratio, pieces, seconds, utterances, piece_seconds, files.
 """
 
 from __future__ import annotations
@@ -31,11 +35,33 @@ from mm_llama.llama import Tokenizer, load_source
 from mm_llama.text import wer_cer
 
 
+def joined(waves: list[torch.Tensor], g: np.random.Generator) -> np.ndarray:
+    """The utterances one after another, each followed by a 0.3-0.8 s pause of faint noise."""
+    parts = []
+    for w in waves:
+        parts += [w.numpy(), g.normal(0, 1e-3, int(g.uniform(0.3, 0.8) * 16000)).astype(np.float32)]
+    return np.concatenate(parts)
+
+
+def files_of(waves: list[torch.Tensor], join: int, limit: float, g: np.random.Generator) -> list[tuple]:
+    """--join K: consecutive groups of K utterances whose joined recording fits in `limit` seconds ->
+    [(utterance indices, recording)]; 0: one recording of them all."""
+    if not join:
+        return [(list(range(len(waves))), joined(waves, g))]
+    out = []
+    for i in range(0, len(waves) - join + 1, join):
+        rec = joined(waves[i : i + join], g)
+        if len(rec) / 16000 <= limit:
+            out.append((list(range(i, i + join)), rec))
+    return out
+
+
 def main() -> None:
-    # long: a benchmark reads top to bottom: the recording, both transcriptions, the figures
+    # long: a benchmark reads top to bottom: the recordings, both transcriptions, the figures
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/demo")
     ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--join", type=int, default=0, help="files of K utterances, each under piece_seconds")
     ap.add_argument("--piece-seconds", type=float, default=None, help="override the adapter's piece length")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -45,51 +71,52 @@ def main() -> None:
     tok = Tokenizer.from_pretrained(resolve("asset:smollm2_gguf"))
     if args.piece_seconds:
         model.speech.piece_seconds = args.piece_seconds
+    limit = model.speech.piece_seconds
     samples = read_samples(expand_urls(str(run / "shards/speech_test/index.json")))
     g = np.random.default_rng(args.seed)
     waves, refs, total = [], [], 0.0
-    while total < args.minutes * 60:
+    while total < args.minutes * 60 and (not args.join or len(waves) < len(samples)):
         s = samples[len(waves) % len(samples)]
         waves.append(decode_audio(s["wav"], s["__key__"], "wav"))
         refs.append(s["txt"].decode())
         total += waves[-1].numel() / 16000 + 0.55
+    files = files_of(waves, args.join, limit, g)
+    used = [i for idx, _ in files for i in idx]
     t0 = time.perf_counter()
     one = []
-    for i in range(0, len(waves), 16):
-        one += transcribe(model, tok, waves[i : i + 16], max_new_tokens=48)
+    for i in range(0, len(used), 16):
+        one += transcribe(model, tok, [waves[j] for j in used[i : i + 16]], max_new_tokens=48)
     t_one = time.perf_counter() - t0
-    parts = []
-    for w in waves:
-        parts += [w.numpy(), g.normal(0, 1e-3, int(g.uniform(0.3, 0.8) * 16000)).astype(np.float32)]
-    recording = np.concatenate(parts)
-    buf = io.BytesIO()
-    sf.write(buf, recording, 16000, format="WAV")
-    t0 = time.perf_counter()
-    text, seconds = answer_file(model, tok, "speech", buf.getvalue(), "long.wav", AnswerOptions(max_new_tokens=160))
+    t0, texts, seconds, pieces = time.perf_counter(), [], 0.0, 0
+    for _, recording in files:
+        buf = io.BytesIO()
+        sf.write(buf, recording, 16000, format="WAV")
+        text, s = answer_file(model, tok, "speech", buf.getvalue(), "long.wav", AnswerOptions(max_new_tokens=160))
+        texts.append(text)
+        seconds += s
+        pieces += len(speech_pieces(torch.from_numpy(recording), limit))
     t_long = time.perf_counter() - t0
-    pieces = len(speech_pieces(torch.from_numpy(recording), model.speech.piece_seconds))
-    joined = " ".join(refs)
-    w_one = wer_cer([joined], [" ".join(one)])["wer"]
-    w_long = wer_cer([joined], [text])["wer"]
-    limit = model.speech.piece_seconds
-    print(
-        f"{len(waves)} utterances, {seconds / 60:.1f} min, {len(joined.split())} words; {pieces} pieces <= {limit:g} s"
-    )
+    ref_files = [" ".join(refs[i] for i in idx) for idx, _ in files]
+    w_one = wer_cer([" ".join(refs[i] for i in used)], [" ".join(one)])["wer"]
+    w_long = wer_cer(ref_files, texts)["wer"]
+    words = sum(len(r.split()) for r in ref_files)
+    print(f"{len(used)} utterances in {len(files)} file(s), {seconds / 60:.1f} min, {words} words; {pieces} pieces")
     ratio = w_long / max(w_one, 1e-9)
-    print(f"one by one: WER {w_one:.1%} ({t_one:.0f} s)   long: WER {w_long:.1%} ({t_long:.0f} s)   ratio {ratio:.2f}")
-    print(f"long transcript starts: {text[:200]!r}")
+    print(f"one by one: WER {w_one:.1%} ({t_one:.0f} s)  joined: WER {w_long:.1%} ({t_long:.0f} s)  ratio {ratio:.2f}")
+    print(f"first file's transcript: {texts[0][:200]!r}\n  reference: {ref_files[0][:200]!r}")
     print(
         json.dumps(
             {
                 "wer_one_by_one": round(w_one, 4),
                 "wer_long": round(w_long, 4),
-                "ratio": round(w_long / max(w_one, 1e-9), 3),
+                "ratio": round(ratio, 3),
                 "pieces": pieces,
                 "seconds": round(seconds, 1),
-                "utterances": len(waves),
-                "piece_seconds": model.speech.piece_seconds,
-                "words_long": len(text.split()),
-                "words_ref": len(joined.split()),
+                "utterances": len(used),
+                "files": len(files),
+                "piece_seconds": limit,
+                "words_long": sum(len(t.split()) for t in texts),
+                "words_ref": words,
             }
         )
     )

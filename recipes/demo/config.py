@@ -63,6 +63,11 @@ class DemoConfig:
     # of the speech training clips, the share that sounds like another recording (data.audio.augment_speech: speed,
     # telephone band, room, noise, level), so the adapter learns speech rather than its two engines' acoustics
     speech_augment: float = bounded(0.6, 0.0, 1.0)
+    # of the speech training clips, how often one goes on with a second sentence in the same voice after a pause
+    # (corpora.join_sentences: 0.4 -> 17% of the clips hold two, when their words fit in an 8 s piece), so a short
+    # file of two sentences is not answered as one (before: 75% WER on such files, 5% one by one; docs/demo.md)
+    speech_joined: float = bounded(0.4, 0.0, 1.0)
+    speech_joined_test: int = bounded(100, 0)  # held-out clips of two held-out sentences each, unseen voices
     # the domain's test sentences read by flite, a TTS engine used in no training set (voices.FLITE_VOICES)
     speech_unseen_test: int = bounded(200, 0)
     # the dialogue stage's conversations (recipes/demo/dialogue.py): training ones, shared out over the four kinds

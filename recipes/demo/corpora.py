@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from mm_llama.data.audio import augment_speech, decode_audio, wav_bytes
+from mm_llama.data.audio import SAMPLE_RATE, augment_speech, decode_audio, wav_bytes
 from mm_llama.text import normalize_text, number_words
 
 from .scenes import DIRECTIONS, CorpusError, need
@@ -267,29 +268,84 @@ def spoken_plan(n_train: int, n_test: int, seed: int, piper_train: int = 0):
     )
 
 
+# two sentences are read into one clip (`join_sentences`) when they have at most this many words together: about
+# 4-7 s of speech read at 140-180 words a minute, within the demo's 8 s pieces (the speech configs' piece_seconds)
+JOIN_WORDS = 16
+PAUSE_SECONDS = (0.3, 0.8)  # the silence between two sentences of one clip, drawn per clip
+
+
+def join_sentences(plan: list[tuple], share: float, rng: np.random.Generator, max_words: int = JOIN_WORDS):
+    """Some clips of `plan` hold two sentences: with probability `share` an entry is joined with the first of the
+    next 8 entries not yet used whose sentence fits with it in `max_words` words, read by the first one's voice. A
+    joined entry's text is the sentences with a newline between them (`speech_records` reads each and puts a pause
+    between them); every sentence of `plan` stays in it once."""
+    out, used = [], set()
+    for i, a in enumerate(plan):
+        if i in used:
+            continue
+        n = len(a[0].split())
+        fits = (
+            j for j in range(i + 1, min(i + 9, len(plan))) if j not in used and n + len(plan[j][0].split()) <= max_words
+        )
+        j = next(fits, None) if rng.random() < share else None
+        if j is None:
+            out.append(a)
+            continue
+        used.add(j)
+        out.append((a[0] + "\n" + plan[j][0], *a[1:]))
+    return out
+
+
+def sentences_of(plan: list[tuple]) -> list[str]:
+    """Every sentence of a plan (a joined entry holds two)."""
+    return [s for p in plan for s in p[0].split("\n")]
+
+
+def joined_test_plan(n: int, seed: int) -> list[tuple]:
+    """`n` held-out clips of two held-out sentences each (as `join_sentences` pairs them), read by held-out voices:
+    the sentences are drawn from the test split as the domain's test set draws them, more of them, since only
+    short pairs fit."""
+    rng = np.random.default_rng([seed, 3])
+    plan = _assign_voices(spoken_sentences("test", 8 * n, seed), ESPEAK_TEST_VOICES, 0, rng)
+    return [p for p in join_sentences(plan, 1.0, rng) if "\n" in p[0]][:n]
+
+
 def speech_records(
     plan: list[tuple], prefix: str, threads: int = 2, augment: dict[int, int] | None = None
 ) -> Iterator[dict]:
     """Synthesise `plan` (from speech_plan) in order; espeak-ng runs as `threads` parallel processes. `augment`
     {plan index: seed}: those clips as another recording might sound (data.audio.augment_speech; written as 16 kHz
-    WAV, what was done in the sample's json under "augment")."""
+    WAV, what was done in the sample's json under "augment"). An entry of two sentences (`join_sentences`) is read
+    one sentence at a time, the two joined with a pause (PAUSE_SECONDS); its transcript is both, with a space."""
     augment = augment or {}
 
     piper = PiperTTS() if any(p[1] == "piper" for p in plan) else None
 
-    def synth(p):
-        text, engine, voice, speed, pitch = p
+    def synth_one(text, engine, voice, speed, pitch):
         if engine == "flite":
             return flite_wav(text, voice)
         return piper.wav(text, length_scale=speed) if engine == "piper" else espeak_wav(text, voice, speed, pitch)
 
+    def synth(i, p):
+        sentences = p[0].split("\n")
+        if len(sentences) == 1:
+            return synth_one(*p)
+        g, parts = np.random.default_rng([i, 7]), []
+        for s in sentences:
+            if parts:
+                parts.append(torch.zeros(int(g.uniform(*PAUSE_SECONDS) * SAMPLE_RATE)))
+            parts.append(decode_audio(synth_one(s, *p[1:]), f"{prefix}{i:06d}.wav", "wav"))
+        return wav_bytes(torch.cat(parts))
+
     def make(i, p):
-        data, info = synth(p), {}
+        data, info = synth(i, p), {}
+        if "\n" in p[0]:
+            info["sentences"] = p[0].count("\n") + 1
         if i in augment:
-            wave, info = augment_speech(
+            wave, done = augment_speech(
                 decode_audio(data, f"{prefix}{i:06d}.wav", "wav"), np.random.default_rng(augment[i])
             )
-            data, info = wav_bytes(wave), {"augment": info}
+            data, info = wav_bytes(wave), {**info, "augment": done}
         return data, info
 
     with ThreadPoolExecutor(threads) as pool:
@@ -301,6 +357,6 @@ def speech_records(
                 text, engine, voice, speed, pitch = p
                 yield {
                     "audio": (f"{prefix}{i:06d}.wav", data),
-                    "text": text,
+                    "text": text.replace("\n", " "),
                     "json": {"engine": engine, "voice": voice, "speed": speed, "pitch": pitch, **info},
                 }

@@ -180,10 +180,12 @@ EVALS = {
     "speech": ("main", "speech", eval_speech),
     # the same speech adapter on other held-out sets: open-vocabulary fortune sentences (unseen voices); the
     # domain's sentences read by flite, an engine used in no training set; real human speech (ten utterances of
-    # voices.real_speech_records, off the domain)
+    # voices.real_speech_records, off the domain); two of the domain's held-out sentences in one clip
     "speech_open": ("main", "speech", partial(eval_speech, shards="speech_open_test")),
     "speech_unseen": ("main", "speech", partial(eval_speech, shards="speech_unseen_test")),
     "speech_real": ("main", "speech", partial(eval_speech, shards="speech_real_test")),
+    # two held-out sentences in one short clip (one piece): read whole, not one sentence of the two
+    "speech_joined": ("main", "speech", partial(eval_speech, shards="speech_joined_test")),
     "conformer": ("conformer", "speech", eval_speech),
     # contract: dialogue.image_right, dialogue.two_images_right, dialogue.video_right, dialogue.spoken_right
     "dialogue": ("dialogue", "image", eval_dialogue),

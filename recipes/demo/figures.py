@@ -65,6 +65,7 @@ FIGURES = [
     Figure(
         "speech_real.wer", "ASR, real human speech (10 pocketsphinx test utterances, off the domain): WER", better="max"
     ),
+    Figure("speech_joined.wer", "ASR, two held-out sentences in one clip of at most 8 s: WER", better="max"),
     Figure("speech_open.wer", "ASR, open vocabulary (held-out fortune sentences): WER", 0.60, "max", stretch=True),
     Figure("dialogue.image_right", "dialogue: questions about a picture answered right", 0.90),
     Figure("dialogue.two_images_right", "dialogue: questions about two pictures answered right", 0.90),

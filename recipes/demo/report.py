@@ -242,7 +242,7 @@ def stage_report(cfg, run) -> dict:
         "",
     ]
     dlg = ev("dialogue")
-    speech_rows = ("speech_open", "speech_unseen", "speech_real")
+    speech_rows = ("speech_open", "speech_unseen", "speech_real", "speech_joined")
     sections = {"image": img, "video": vid, "speech": sp} | {k: ev(k) for k in speech_rows}
     L += results_table(summ, timings, sections | {f"dialogue {k}": {"n": dlg.get(f"n_{k}")} for k in KINDS})
     refs = {"domain": "", "open-vocabulary": "_open", "flite-read domain": "_unseen", "real-speech": "_real"}

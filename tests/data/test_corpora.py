@@ -164,3 +164,24 @@ def test_spoken_plan_voices_disjoint():
     assert {v for _, e, v, *_ in test} <= set(corpora.ESPEAK_TEST_VOICES)
     assert {v for _, e, v, *_ in train if e == "espeak"} <= set(corpora.ESPEAK_TRAIN_VOICES)
     assert sum(e == "piper" for _, e, *_ in train) == 5 and not {p[0] for p in train} & {p[0] for p in test}
+
+
+def test_two_sentences_in_one_clip():
+    """A joined clip is both sentences in one voice with a pause between them, its transcript both; joining keeps
+    every sentence once, only pairs within the word budget, and the held-out joined set uses held-out sentences."""
+    train, _ = corpora.spoken_plan(400, 0, seed=0)
+    joined = corpora.join_sentences(train, 0.5, np.random.default_rng(0))
+    assert sorted(corpora.sentences_of(joined)) == sorted(p[0] for p in train)
+    pairs = [p for p in joined if "\n" in p[0]]
+    assert 0.1 * len(joined) < len(pairs) and all(len(p[0].split()) <= corpora.JOIN_WORDS for p in pairs)
+    assert corpora.join_sentences(train, 0.0, np.random.default_rng(0)) == train
+    test = corpora.joined_test_plan(5, seed=0)
+    assert len(test) == 5 and all(corpora.spoken_split(s) == "test" for s in corpora.sentences_of(test))
+    one, two = (
+        ("Fold two red bags.", "espeak", "en-us+m3", 160, 50),
+        ("The coat walks up.", "espeak", "en-us+m3", 160, 50),
+    )
+    a, b, both = corpora.speech_records([one, two, ("Fold two red bags.\nThe coat walks up.", *one[1:])], "j")
+    assert both["text"] == "Fold two red bags. The coat walks up." and both["json"]["sentences"] == 2
+    n = [decode_audio(r["audio"][1], r["audio"][0], "wav").shape[0] for r in (a, b, both)]
+    assert n[0] + n[1] + 0.3 * 16000 <= n[2] <= n[0] + n[1] + 0.8 * 16000 + 1
