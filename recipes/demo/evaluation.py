@@ -180,7 +180,7 @@ EVALS = {
     "speech": ("main", "speech", eval_speech),
     # the same speech adapter on other held-out sets: open-vocabulary fortune sentences (unseen voices); the
     # domain's sentences read by flite, an engine used in no training set; real human speech (ten utterances of
-    # voices.real_speech_records, off the domain); two of the domain's held-out sentences in one clip
+    # voices.real_speech_records, off the domain)
     "speech_open": ("main", "speech", partial(eval_speech, shards="speech_open_test")),
     "speech_unseen": ("main", "speech", partial(eval_speech, shards="speech_unseen_test")),
     "speech_real": ("main", "speech", partial(eval_speech, shards="speech_real_test")),
