@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from mm_llama.adapters.chat import ask_messages
-from mm_llama.adapters.files import load_composed
+from mm_llama.adapters.files import load_composed, trained_tower_dtype
 from mm_llama.adapters.generation import Collate
 from mm_llama.adapters.samples import Samples
 from mm_llama.adapters.xattn import GatedCrossAttentionBlock
@@ -226,7 +226,9 @@ def main() -> None:
             f"search-only training conversations: {write_search(args.write_search, args.seed)} in {args.write_search}"
         )
     tower, tok = load_tower(DemoConfig(run_dir=str(args.run)))
-    model = load_composed(tower, args.adapter or dialogue_files(args.run)).float().eval()
+    files = args.adapter or dialogue_files(args.run)
+    model = load_composed(tower, files).float().eval()
+    tower.to(getattr(torch, trained_tower_dtype(files)))  # the tower the adapters were trained on (as `ask`)
     if args.reverse:
         res = reverse_lookup(model, tok)
         print(f"item-first captions, teacher-forced: place words right {res['place_words_right']:.1%}, "

@@ -8,8 +8,9 @@ one by one. WER of each against the same words; the ratio is the long-audio figu
 With `--join K` it builds many short files instead, each of K utterances joined the same way and no longer than the
 adapter's piece_seconds, so each is answered as ONE piece (the case of two sentences in one short file): the
 figure is the WER of those files against the same utterances one by one.
-Usage: python benchmarks/long_audio.py [--run runs/demo] [--minutes 10] [--join K] [--piece-seconds S]
-Last line (JSON): wer_one_by_one, wer_long, ratio, pieces, seconds, utterances, piece_seconds, files.
+Usage: python benchmarks/long_audio.py [--run runs/demo] [--minutes 10] [--join K] [--piece-seconds S] [--dtype D]
+The tower is in the dtype the adapter was trained on (`--dtype auto`, as `mm-llama asr`), the adapter in fp32.
+Last line (JSON): wer_one_by_one, wer_long, ratio, pieces, seconds, utterances, piece_seconds, tower_dtype, files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import soundfile as sf
 import torch
 
 from mm_llama.adapters.asr import transcribe
-from mm_llama.adapters.files import load_composed
+from mm_llama.adapters.files import load_composed, trained_tower_dtype
 from mm_llama.adapters.generation import answer_file
 from mm_llama.adapters.modality import AnswerOptions
 from mm_llama.assets import resolve
@@ -64,10 +65,12 @@ def main() -> None:
     ap.add_argument("--join", type=int, default=0, help="files of K utterances, each under piece_seconds")
     ap.add_argument("--piece-seconds", type=float, default=None, help="override the adapter's piece length")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="the tower's (as asr)")
     args = ap.parse_args()
     run = Path(args.run)
-    tower = load_source(resolve("asset:smollm2_gguf"))
-    model = load_composed(tower, [run / "speech/adapter.safetensors"])
+    files = [run / "speech/adapter.safetensors"]
+    dtype = trained_tower_dtype(files) if args.dtype == "auto" else args.dtype  # a bf16-trained adapter: bf16 tower
+    model = load_composed(load_source(resolve("asset:smollm2_gguf"), dtype=getattr(torch, dtype)), files)
     tok = Tokenizer.from_pretrained(resolve("asset:smollm2_gguf"))
     if args.piece_seconds:
         model.speech.piece_seconds = args.piece_seconds
@@ -115,6 +118,7 @@ def main() -> None:
                 "utterances": len(used),
                 "files": len(files),
                 "piece_seconds": limit,
+                "tower_dtype": dtype,
                 "words_long": sum(len(t.split()) for t in texts),
                 "words_ref": words,
             }
