@@ -4,6 +4,7 @@ precision when answering, or the adapters that training produced?
     python benchmarks/dialogue_precision.py runs/demo --dtype float32 [--adapter FILE ...] [--limit 60]
     python benchmarks/dialogue_precision.py runs/demo --checkpoint runs/demo/dialogue/checkpoints/step_00000100
     python benchmarks/dialogue_precision.py runs/demo --residual 16
+    python benchmarks/dialogue_precision.py runs/demo --via-captions
 
 `--dtype`: the frozen tower's weights for answering (the adapters stay fp32, as in the demo's evaluation; by default
 the dtype the adapter files record). The held-out questions are answered by the demo's own evaluation
@@ -11,6 +12,8 @@ the dtype the adapter files record). The held-out questions are answered by the 
 `--adapter` (repeat): other adapter files than the run's dialogue adapters; `--checkpoint`: a training checkpoint's
 trainable weights loaded over them (the dialogue stage's `checkpoints/step_N`).
 
+`--via-captions`: the typed place questions ("what is at the top left?") answered directly and read off the caption
+the same adapters write of the same picture; and how many wrong direct answers name an item of another cell.
 `--packing K`: the summed loss of K training conversations each alone, padded together and packed, in fp32 and
 bf16. `--residual K`: on K training conversations, for each cross-attention block, the size of what it adds to the
 tower's residual stream (relative to the stream) and the share of that addition a bf16 cast of the stream loses (the
@@ -27,20 +30,24 @@ import torch
 from safetensors.torch import load_file
 
 from mm_llama.adapters.files import load_composed, trained_tower_dtype
-from mm_llama.adapters.generation import Collate
+from mm_llama.adapters.generation import Collate, answer_samples
+from mm_llama.adapters.modality import AnswerOptions
 from mm_llama.adapters.xattn import GatedCrossAttentionBlock
 from mm_llama.assets import resolve
 from mm_llama.config import load_config
 from mm_llama.data.shards import expand_urls, read_samples
 from mm_llama.llama import Tokenizer
+from mm_llama.recipes.demo import dialogue, scenes
 from mm_llama.recipes.demo.config import DemoConfig, dialogue_files, load_tower
 from mm_llama.recipes.demo.evaluation import eval_dialogue
+from mm_llama.recipes.demo.scenes import POSITIONS
 from mm_llama.recipes.train import load_train_config, model_for
 from mm_llama.recipes.train_data import model_kinds, samples_for
 
 
-def answers(run: Path, files: list[Path], dtype: str | None, limit: int, checkpoint: Path | None) -> dict:
-    """The held-out dialogue figures of `files` on a tower of `dtype` (the run's trained dtype when None)."""
+def dialogue_model(run: Path, files: list[Path], dtype: str | None, limit: int, checkpoint: Path | None):
+    """The demo config (`eval_limit`), `files` composed on the tower in `dtype` (as trained when None), a checkpoint's
+    weights over them, and the tokenizer -> (cfg, model, tok, dtype)."""
     cfg = load_config(DemoConfig, None, [f"run_dir={run}", f"eval_limit={limit}"])
     dtype = dtype or trained_tower_dtype(files)
     tower, tok = load_tower(cfg)
@@ -51,9 +58,36 @@ def answers(run: Path, files: list[Path], dtype: str | None, limit: int, checkpo
             raise SystemExit(f"{checkpoint}: {len(unknown)} weights this model does not have, e.g. {unknown[0]}")
         model.load_state_dict(weights, strict=False)
     tower.to(getattr(torch, dtype))
+    return cfg, model, tok, dtype
+
+
+def answers(run: Path, loaded: tuple) -> tuple[dict, list[dict]]:
+    """The held-out dialogue figures of a `dialogue_model`, and the answered rows."""
+    cfg, model, tok, dtype = loaded
     with torch.inference_mode():
         res = eval_dialogue(cfg, run, model, tok)
-    return {"dtype": dtype, **{k: v for k, v in res.items() if k.endswith("_right")}, "by_question": res["by_question"]}
+    figures = {k: v for k, v in res.items() if k.endswith("_right")}
+    return {"dtype": dtype, **figures, "by_question": res["by_question"]}, res["rows"]
+
+
+def via_captions(loaded: tuple, rows: list[dict]) -> dict:
+    """The typed place questions ("what is at the top left?") answered two ways by the same adapters: directly
+    (`rows`), and from the caption they write of the same picture (the caption's item in the asked cell). For the
+    wrong direct answers: does the named item stand in another cell of the caption?"""
+    cfg, model, tok, _ = loaded
+    asked = [r for r in rows if r["kind"] == "image" and dialogue.question_key(r["question"]) == "cell"]
+    samples = [{"png": Path(r["media"][0]).read_bytes(), "__key__": r["media"][0]} for r in asked]
+    with torch.inference_mode():
+        captions = answer_samples(model, tok, "image", samples, AnswerOptions(max_new_tokens=cfg.max_new_tokens))
+    out = {"questions": len(asked), "direct_right": 0, "from_caption_right": 0, "wrong_naming_another_cell": 0}
+    for r, caption in zip(asked, captions, strict=True):
+        layout = scenes.parse_composite_caption(caption) or {}
+        cell = next(i for i, p in enumerate(POSITIONS) if r["answer"].startswith(f"at the {p} there"))
+        out["direct_right"] += r["right"]
+        out["from_caption_right"] += dialogue.right(dialogue.Asker.cell_answer(layout, cell), r["answer"])
+        named = [c for c, v in layout.items() if r["hyp"].endswith(dialogue.item_phrase(v))]
+        out["wrong_naming_another_cell"] += not r["right"] and bool(named) and cell not in named
+    return out
 
 
 def training_items(run: Path, n: int, dtype: torch.dtype):
@@ -124,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=250, help="held-out questions of each kind")
     ap.add_argument("--residual", type=int, default=0, help="measure the bf16 stream on this many conversations")
     ap.add_argument("--packing", type=int, default=0, help="packed vs alone losses of this many conversations")
+    ap.add_argument("--via-captions", action="store_true", help="place questions: direct vs from the caption")
     a = ap.parse_args(argv)
     if a.packing:
         out = {"packing": packing(a.run, a.packing)}
@@ -136,10 +171,16 @@ def main(argv=None) -> int:
             added, lost = r["added_over_stream"], r["lost_by_bf16_cast"]
             print(f"block {r['block']}: adds {added:.4f} of the stream; a bf16 cast loses {lost:.3f} of it")
     else:
-        out = answers(a.run, a.adapter or dialogue_files(a.run), a.dtype, a.limit, a.checkpoint)
+        loaded = dialogue_model(a.run, a.adapter or dialogue_files(a.run), a.dtype, a.limit, a.checkpoint)
+        out, rows = answers(a.run, loaded)
         for kind, qs in out["by_question"].items():
             asked = "  ".join(f"{q} {r}/{n}" for q, (r, n) in qs.items())
             print(f"{kind:10s} right {out[f'{kind}_right']:.3f}  {asked}")
+        if a.via_captions:
+            out["via_captions"] = v = via_captions(loaded, rows)
+            n, direct, caption, other = (v[k] for k in v)
+            print(f"place questions: {direct}/{n} answered right, {caption}/{n} right from the same adapters' captions")
+            print(f"  wrong direct answers that name an item of another cell: {other}")
     print(json.dumps(out))
     return 0
 
