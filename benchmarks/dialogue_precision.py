@@ -92,7 +92,7 @@ def via_captions(loaded: tuple, rows: list[dict]) -> dict:
 
 def training_items(run: Path, n: int, dtype: torch.dtype):
     """The run's dialogue model as its stage trained it (the dialogue adapters on a tower of `dtype`), the first `n`
-    training conversations as training items, and the collate of the run's parts (-> model, items, kinds)."""
+    training conversations as training items, and the stage's training config (-> model, items, cfg)."""
     cfg = load_train_config(
         run / "dialogue/config.yaml",
         [f"model.{k}.init={run}/dialogue/adapter-{k}.safetensors" for k in ("image", "video")],

@@ -48,6 +48,11 @@ from mm_llama.recipes.demo.scenes import FASHION_CLASSES, POSITIONS
 
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> float:
     """A linear probe (standardised inputs, L2) trained on the first 2/3 -> its accuracy on the rest."""
+    with torch.autocast(x.device.type, enabled=False):  # in fp32 whatever the model computed in
+        return _probe(x.float(), y, classes, steps)
+
+
+def _probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int) -> float:
     n = len(y) * 2 // 3
     mu, sd = x[:n].mean(0), x[:n].std(0) + 1e-5
     z = (x - mu) / sd
@@ -229,6 +234,12 @@ def main() -> None:
     files = args.adapter or dialogue_files(args.run)
     model = load_composed(tower, files).float().eval()
     tower.to(getattr(torch, trained_tower_dtype(files)))  # the tower the adapters were trained on (as `ask`)
+    with model.compute_context():  # and computing as they were trained (autocast of a bf16 tower's dtype)
+        measure(args, model, tok)
+
+
+def measure(args, model, tok) -> None:
+    """--reverse, or the token probes and the attention table; prints them and a final JSON line."""
     if args.reverse:
         res = reverse_lookup(model, tok)
         print(f"item-first captions, teacher-forced: place words right {res['place_words_right']:.1%}, "
